@@ -1,0 +1,226 @@
+"""Mask math: pure tensor code, no FX, testable and benchmarkable alone.
+
+:func:`weight_norm_mask` reproduces ``torch.ao.pruning.WeightNormSparsifier``
+bit for bit on 2-D weights (same block scores, same block choice, ties
+included) and goes beyond it: weights of any rank are viewed as
+``[out_channels, -1]`` (Conv), and shapes that do not divide into blocks get a
+mask of the weight's own shape instead of a padded one.
+
+Speed comes from never sorting: the ``k`` lowest-scoring blocks are found with
+a threshold (see :func:`smallest_k_mask`) instead of ``topk(sorted=True)``
+followed by ``scatter`` and ``fold`` over the whole tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NormFn",
+    "resolve_norm",
+    "smallest_k_mask",
+    "weight_norm_mask",
+    "nearly_diagonal_mask",
+    "validate_block",
+]
+
+NormFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Below this many scores a plain topk is as fast as anything else.
+_TOPK_CUTOFF = 1 << 16
+_SAMPLE_SIZE = 1 << 16
+
+
+def resolve_norm(norm: int | NormFn | None) -> NormFn:
+    """The element-wise score of a weight: ``None``/``2`` squares, ``1`` takes ``abs``."""
+    if norm is None or (not callable(norm) and norm == 2):
+        return lambda t: t * t
+    if callable(norm):
+        return norm
+    if norm == 1:
+        return torch.abs
+    raise ValueError(f"norm must be 1, 2, None or a callable, got {norm!r}")
+
+
+def validate_block(sparse_block_shape: object, zeros_per_block: object) -> tuple[tuple[int, int], int]:
+    """Check a block shape and zeros-per-block pair; return them normalised.
+
+    Raises:
+        TypeError / ValueError naming the argument, the value and what is allowed.
+    """
+    shape = sparse_block_shape
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
+        raise TypeError(f"sparse_block_shape must be a pair of ints (rows, cols), got {shape!r}")
+    if min(shape) < 1:
+        raise ValueError(f"sparse_block_shape must be positive, got {tuple(shape)}")
+    values_per_block = shape[0] * shape[1]
+    zpb = values_per_block if zeros_per_block is None else zeros_per_block
+    if not isinstance(zpb, int) or isinstance(zpb, bool):
+        raise TypeError(f"zeros_per_block must be an int or None, got {zeros_per_block!r}")
+    if zpb > values_per_block:
+        raise ValueError(
+            "Number of zeros per block cannot be more than the total number of elements in that "
+            f"block: zeros_per_block={zpb}, sparse_block_shape={tuple(shape)} has {values_per_block}"
+        )
+    if zpb < 0:
+        raise ValueError(f"Number of zeros per block should be positive, got zeros_per_block={zpb}")
+    return (shape[0], shape[1]), zpb
+
+
+def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of 1-D ``scores``.
+
+    The chosen set is exactly the one ``torch.topk(scores, k, largest=False)``
+    picks, including which of several tied values it takes: when the k-th
+    smallest value is unique at the boundary the set is determined by value
+    alone and is found with a sampled threshold and counting (a few linear
+    passes); when ties straddle the boundary the answer comes from ``topk``.
+    """
+    n = scores.numel()
+    picked = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return picked
+    if n <= _TOPK_CUTOFF or torch.isnan(scores).any():
+        picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+        return picked
+    sample = scores[:: max(1, n // _SAMPLE_SIZE)]
+    m = sample.numel()
+    q = k / n
+    slack = 4.0 / math.sqrt(m)
+    lo = torch.kthvalue(sample, max(1, math.floor((q - slack) * m))).values
+    hi = torch.kthvalue(sample, min(m, math.ceil((q + slack) * m))).values
+    below = int(torch.count_nonzero(scores < lo))
+    window = (scores >= lo) & (scores <= hi)
+    inside = scores[window]
+    if below < k <= below + inside.numel():
+        kth = torch.kthvalue(inside, k - below).values
+        chosen = scores <= kth
+        if int(torch.count_nonzero(chosen)) == k:
+            return chosen
+    # The sample missed the k-th value, or ties straddle it: let topk decide.
+    picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    return picked
+
+
+def _block_scores(scores: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Mean score of each block (partial edge blocks average what they hold)."""
+    if block == (1, 1):
+        return scores
+    return F.avg_pool2d(scores[None, None], kernel_size=block, stride=block, ceil_mode=True)[0, 0]
+
+
+def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    out = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return out[: shape[0], : shape[1]]
+
+
+def _tensor_level_keep(scores: torch.Tensor, level: float, block: tuple[int, int]) -> torch.Tensor:
+    """Keep-mask zeroing the ``round(level * blocks)`` blocks with the lowest mean score."""
+    if level >= 1.0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    block_scores = _block_scores(scores, block)
+    num_blocks = block_scores.numel()
+    # Python's round (half to even) and the clamp are torch.ao.pruning's.
+    k = max(0, min(num_blocks - 1, round(level * num_blocks)))
+    keep = ~smallest_k_mask(block_scores.flatten(), k)
+    return _expand_blocks(keep.view(block_scores.shape), block, scores.shape)
+
+
+def _block_level_keep(scores: torch.Tensor, block: tuple[int, int], zeros: int) -> torch.Tensor:
+    """Keep-mask zeroing the ``zeros`` lowest scores inside every block.
+
+    Edge blocks are padded with NaN, which ``topk`` ranks above every number,
+    so padding is chosen last (torch.ao.pruning's rule).
+    """
+    h, w = scores.shape
+    bh, bw = block
+    nbh, nbw = -(-h // bh), -(-w // bw)
+    padded = scores.new_full((nbh * bh, nbw * bw), float("nan"))
+    padded[:h, :w] = scores
+    blocks = padded.view(nbh, bh, nbw, bw).permute(0, 2, 1, 3).reshape(nbh * nbw, bh * bw)
+    idx = torch.topk(blocks, zeros, dim=1, largest=False, sorted=False).indices
+    keep = torch.ones(blocks.shape, dtype=torch.bool, device=scores.device).scatter_(1, idx, False)
+    keep = keep.view(nbh, nbw, bh, bw).permute(0, 2, 1, 3).reshape(nbh * bh, nbw * bw)
+    return keep[:h, :w]
+
+
+def weight_norm_mask(
+    weight: torch.Tensor,
+    sparsity_level: float,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm_fn: NormFn | None = None,
+) -> torch.Tensor:
+    """The WeightNormSparsifier mask of ``weight``, with the weight's shape and dtype.
+
+    ``sparsity_level`` is the fraction of blocks (``sparse_block_shape``) that get
+    ``zeros_per_block`` zeros (the lowest scores of the block); the blocks chosen
+    are those with the lowest mean score. ``zeros_per_block=None`` zeroes whole blocks.
+
+    Args:
+        weight: a Linear (2-D) or Conv (3-5-D, viewed as ``[out, -1]``) weight.
+        sparsity_level: clamped to [0, 1] in effect.
+        sparse_block_shape: (rows, cols) of a block.
+        zeros_per_block: 0 .. rows * cols, or ``None`` for rows * cols.
+        norm_fn: element-wise score, ``weight * weight`` by default.
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, -4.0, 2.0, 3.0]])
+        >>> weight_norm_mask(w, 1.0, (1, 4), zeros_per_block=2)
+        tensor([[0., 1., 0., 1.]])
+    """
+    block, zeros = validate_block(sparse_block_shape, zeros_per_block)
+    values_per_block = block[0] * block[1]
+    if sparsity_level <= 0 or zeros == 0:
+        return torch.ones_like(weight)
+    if sparsity_level >= 1.0 and zeros == values_per_block:
+        return torch.zeros_like(weight)
+    scores = (norm_fn or resolve_norm(None))(weight.detach().reshape(weight.shape[0], -1))
+    keep = _tensor_level_keep(scores, float(sparsity_level), block)
+    if zeros != values_per_block:
+        keep |= _block_level_keep(scores, block, zeros)
+    return keep.reshape(weight.shape).to(weight.dtype)
+
+
+def nearly_diagonal_mask(weight: torch.Tensor, nearliness: int) -> torch.Tensor:
+    """Mask keeping the ``nearliness`` diagonals closest to the main one.
+
+    Entry (i, j) of the ``[out, -1]`` view is kept when ``|i - j| <= nearliness // 2``;
+    ``nearliness <= 0`` keeps nothing.
+
+    Raises:
+        ValueError: ``nearliness`` is even, or reaches past the smaller dimension.
+
+    Example::
+
+        >>> nearly_diagonal_mask(torch.ones(3, 3), 3)
+        tensor([[1., 1., 0.],
+                [1., 1., 1.],
+                [0., 1., 1.]])
+    """
+    if isinstance(nearliness, bool) or not isinstance(nearliness, int):
+        raise TypeError(f"nearliness must be an int, got {nearliness!r}")
+    if nearliness <= 0:
+        return torch.zeros_like(weight)
+    height, width = weight.shape[0], weight[0].numel()
+    if nearliness % 2 == 0:
+        raise ValueError(f"nearliness can only be an odd number, got {nearliness}")
+    reach = nearliness // 2
+    if reach >= min(height, width):
+        raise ValueError(
+            f"nearliness cannot be larger than the dimensions of tensor: nearliness={nearliness} "
+            f"reaches {reach} off the diagonal of a {height}x{width} weight (at most {min(height, width) - 1})"
+        )
+    rows = torch.arange(height, device=weight.device)[:, None]
+    cols = torch.arange(width, device=weight.device)[None, :]
+    keep = (rows - cols).abs() <= reach
+    return keep.reshape(weight.shape).to(weight.dtype)

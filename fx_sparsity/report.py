@@ -1,0 +1,129 @@
+"""Inspection printouts: a per-layer sparsity table and a graph table (tabulate).
+
+Functions return strings; ``print_*`` wrappers print them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import fx
+
+from passes import find_weights, get_sparse_target, masked_targets
+
+from .sparsifier import BaseSparsifier, get_sparsifier
+
+__all__ = ["sparsity_table", "graph_table", "print_sparsity_table", "print_graph_table"]
+
+_GROUP_KEYS = ("tensor_fqn", "module_fqn", "tensor_name", "module")
+
+
+def _format_params(group: dict[str, Any]) -> str:
+    return " ".join(f"{k}={group[k]}" for k in sorted(group) if k not in _GROUP_KEYS)
+
+
+def _kinds(gm: fx.GraphModule) -> dict[str, str]:
+    kinds = {m.tensor_fqn: m.kind for m in find_weights(gm)}
+    kinds.update({t.tensor_fqn: t.kind for t in masked_targets(gm)})
+    return kinds
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None, tablefmt: str = "simple") -> str:
+    """Per-layer table: module (and tensor name when not ``weight``), op kind, weight shape,
+    sparsifier and its arguments,
+    target and achieved sparsity, nonzeros / total; plus a total row.
+
+    Achieved sparsity is read from the mask while there is one, else from the
+    (squashed) weight itself.
+
+    Args:
+        gm: a module returned by ``prepare`` (masked or squashed).
+        sparsifier: defaults to ``get_sparsifier(gm)``.
+        tablefmt: any tabulate format (``"github"`` for Markdown).
+    """
+    sparsifier = sparsifier or get_sparsifier(gm)
+    kinds = _kinds(gm)
+    name = type(sparsifier).__name__
+    rows, nnz_sum, total_sum, target_sum = [], 0, 0, 0.0
+    targets_known = True
+    for group in sparsifier.groups:
+        owner, tensor_name = group["module"], group["tensor_name"]
+        weight = getattr(owner, tensor_name)
+        mask = getattr(owner, f"{tensor_name}_mask", None)
+        values = mask if mask is not None else weight
+        total = values.numel()
+        nnz = int(torch.count_nonzero(values))
+        target_fn = getattr(sparsifier, "target_sparsity", None)
+        target = target_fn(group) if target_fn is not None else None
+        label = group["module_fqn"] or "(root)"
+        if tensor_name != "weight":
+            label += f" [{tensor_name}]"
+        rows.append([
+            label,
+            kinds.get(group["tensor_fqn"], "?"),
+            "x".join(map(str, weight.shape)),
+            name,
+            _format_params(group),
+            _percent(target),
+            _percent(1 - nnz / total),
+            f"{nnz:,} / {total:,}",
+        ])
+        nnz_sum, total_sum = nnz_sum + nnz, total_sum + total
+        if target is None:
+            targets_known = False
+        else:
+            target_sum += target * total
+    rows.append([
+        "total", "", "", "", "",
+        _percent(target_sum / total_sum if targets_known and total_sum else None),
+        _percent(1 - nnz_sum / total_sum if total_sum else None),
+        f"{nnz_sum:,} / {total_sum:,}",
+    ])
+    headers = ["module", "op", "weight shape", "sparsifier", "arguments", "target", "achieved", "nonzeros / total"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+
+def _format_target(node: fx.Node) -> str:
+    if node.op in ("call_module", "get_attr", "placeholder", "output"):
+        return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _format_args(node: fx.Node, width: int = 60) -> str:
+    text = ", ".join(
+        [str(a) for a in node.args] + [f"{k}={v}" for k, v in node.kwargs.items()]
+    )
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def graph_table(gm: fx.GraphModule, tablefmt: str = "simple") -> str:
+    """Table of the graph's nodes (node, op, target, args) with a ``sparsity`` column
+    that marks ``mul(weight, mask)`` nodes (``>> MASK``) and the ops reading them."""
+    rows = []
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        mark = ""
+        if target is not None and target.role == "mask_mul":
+            mark = f">> MASK {target.mask_fqn}"
+        elif target is not None and target.role == "op":
+            mark = f"masked {target.kind}"
+        rows.append([node.name, node.op, _format_target(node), _format_args(node), mark])
+    return tabulate(rows, headers=["node", "op", "target", "args", "sparsity"], tablefmt=tablefmt)
+
+
+def print_sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None, tablefmt: str = "simple") -> None:
+    """Print :func:`sparsity_table`."""
+    print(sparsity_table(gm, sparsifier, tablefmt))
+
+
+def print_graph_table(gm: fx.GraphModule, tablefmt: str = "simple") -> None:
+    """Print :func:`graph_table`."""
+    print(graph_table(gm, tablefmt))

@@ -1,0 +1,145 @@
+"""Capture an ``nn.Module`` as an FX ``GraphModule``.
+
+Symbolic tracing (``torch.fx``) is tried first: it keeps ``nn.Linear``/``nn.Conv``
+calls as ``call_module`` nodes, so FQNs read exactly like the user's model. When
+it fails (Python control flow on tensors, unsupported built-ins, ...) and
+``example_inputs`` are given, the model is captured with
+``torch.export.export(...).module()`` instead, which turns such models (for
+example Hugging Face transformers) into ATen-level graphs. When both fail, a
+:class:`CaptureError` names the failing construct and the remedies.
+
+The returned module never shares a module object with the user's model, only
+its parameters and buffers (see :func:`passes.utils.clone_sharing_tensors`), so
+later passes may add buffers and rewrite the graph freely.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .utils import clone_sharing_tensors
+
+__all__ = ["capture", "CaptureError"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class CaptureError(RuntimeError):
+    """Neither symbolic tracing nor ``torch.export`` could capture the model."""
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str]) -> None:
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _failing_construct(exc: BaseException) -> str:
+    """``file:line in func: source`` of the innermost frame outside torch, if any."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    source = f" `{f.line.strip()}`" if f.line else ""
+    return f" at {f.filename}:{f.lineno} in {f.name}{source}"
+
+
+def _check_args(model: Any, example_inputs: Any, leaf_modules: Any) -> tuple | None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for m in leaf_modules:
+        if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
+            raise TypeError(
+                f"leaf_modules entries must be module FQNs (str) or nn.Module subclasses, got {m!r}"
+            )
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of positional inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def capture(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture ``model`` as a new ``GraphModule`` sharing its parameters.
+
+    Args:
+        model: the module to capture. It is not modified.
+        example_inputs: a tensor or tuple of positional inputs. Only used when
+            symbolic tracing fails, to capture with ``torch.export`` instead.
+        leaf_modules: module types or FQNs that symbolic tracing keeps as
+            ``call_module`` nodes instead of tracing through them.
+        concrete_args: passed to the tracer, to fix arguments (flags, ``None``
+            masks) that would otherwise reach Python control flow.
+
+    Returns:
+        A ``GraphModule``; ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
+
+    Raises:
+        CaptureError: when symbolic tracing fails and there are no
+            ``example_inputs``, or when ``torch.export`` fails too.
+
+    Example::
+
+        >>> gm = capture(nn.Sequential(nn.Linear(4, 4)))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+    leaf_modules = tuple(leaf_modules)
+    example_args = _check_args(model, example_inputs, leaf_modules)
+    name = type(model).__name__
+    try:
+        tracer = _Tracer(leaf_modules)
+        graph = tracer.trace(model, concrete_args=concrete_args)
+        traced = fx.GraphModule(tracer.root, graph, name)
+    except Exception as trace_exc:
+        where = _failing_construct(trace_exc)
+        trace_msg = f"{type(trace_exc).__name__}: {trace_exc}"
+        if example_args is None:
+            raise CaptureError(
+                f"symbolic tracing of {name} failed{where}: {trace_msg}\n"
+                "Remedies: pass example_inputs=(...) so the model is captured with torch.export "
+                "instead, or mark the module holding that code as a leaf (leaf_modules=[...]) "
+                "or fix the offending argument with concrete_args={...}."
+            ) from trace_exc
+        try:
+            gm = torch.export.export(model, example_args).module()
+        except Exception as export_exc:
+            raise CaptureError(
+                f"could not capture {name}.\n"
+                f"symbolic tracing failed{where}: {trace_msg}\n"
+                f"torch.export failed{_failing_construct(export_exc)}: "
+                f"{type(export_exc).__name__}: {str(export_exc).splitlines()[0]}\n"
+                "Remedies: mark the module holding the failing code as a leaf "
+                "(leaf_modules=[...]) or fix the offending argument with concrete_args={...}; "
+                "for torch.export, rewrite data-dependent control flow with torch.cond."
+            ) from export_exc
+        gm.meta["capture"] = "export"
+        return gm
+    gm = clone_sharing_tensors(traced)
+    gm.meta["capture"] = "symbolic_trace"
+    return gm

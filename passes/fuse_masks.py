@@ -1,0 +1,107 @@
+"""Fuse masks into weights and undo the rewrite of :mod:`passes.insert_masks`.
+
+Each ``mul(weight, mask)`` node is removed: the weight becomes a *new* tensor
+``weight * mask`` registered under every FQN the old weight had (so tied weights
+stay tied), the mask buffer is deleted, and each op reads the fused weight
+directly. Ops that were ``call_module`` before masking are turned back into
+``call_module`` nodes on their module, so the graph reads like the captured one
+and module swaps (``convert``) take effect.
+
+The old weight tensor is never written to: when it is shared with the user's
+model, the user keeps the dense values. The pass mutates and returns ``gm``.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
+from .utils import split_fqn, tensor_aliases
+
+__all__ = ["fuse_masks", "masked_targets"]
+
+
+def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
+    """The :class:`SparseTarget` of every ``mul(weight, mask)`` node of ``gm``, in graph order."""
+    targets = [get_sparse_target(n) for n in gm.graph.nodes]
+    return [t for t in targets if t is not None and t.role == "mask_mul"]
+
+
+def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget) -> None:
+    owner = gm.get_submodule(target.module_fqn)
+    weight = getattr(owner, target.tensor_name)
+    mask = getattr(owner, target.mask_name)
+    fused = (weight * mask).detach()
+    if isinstance(weight, nn.Parameter):
+        fused = nn.Parameter(fused, requires_grad=weight.requires_grad)
+    for alias in tensor_aliases(gm)[id(weight)]:
+        module_fqn, name = split_fqn(alias)
+        module = gm.get_submodule(module_fqn)
+        if isinstance(fused, nn.Parameter):
+            module._parameters[name] = fused
+        else:
+            module._buffers[name] = fused
+    del owner._buffers[target.mask_name]
+
+
+def _erase_if_unused(graph: fx.Graph, nodes) -> None:
+    for node in nodes:
+        if isinstance(node, fx.Node) and node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+
+
+def _restore_call_module(graph: fx.Graph, op: fx.Node, target: SparseTarget) -> None:
+    x = op.args[0]
+    pad = None
+    if isinstance(x, fx.Node) and (t := get_sparse_target(x)) is not None and t.role == "pad":
+        pad, x = x, x.args[0]
+    with graph.inserting_before(op):
+        new = graph.call_module(target.call_module_fqn, (x,))
+    new.meta.update({k: v for k, v in op.meta.items() if k != SPARSITY_META_KEY})
+    op.replace_all_uses_with(new)
+    inputs = op.all_input_nodes
+    graph.erase_node(op)
+    if pad is not None and not pad.users:
+        graph.erase_node(pad)
+    _erase_if_unused(graph, inputs)
+
+
+def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphModule:
+    """Fold every mask of ``gm`` into its weight and remove the mask nodes and buffers.
+
+    Args:
+        gm: a module prepared by :func:`passes.insert_masks.insert_masks` (mutated in place).
+        restore_modules: turn ops that were ``call_module`` before masking back
+            into ``call_module`` nodes; with ``False`` they stay functional.
+
+    Returns:
+        ``gm``, recompiled.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+        >>> gm = insert_masks(gm, find_weights(gm))
+        >>> [n.op for n in fuse_masks(gm).graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+    graph = gm.graph
+    for mul in list(graph.nodes):
+        target = get_sparse_target(mul)
+        if target is None or target.role != "mask_mul":
+            continue
+        _set_fused_weight(gm, target)
+        with graph.inserting_before(mul):
+            weight = graph.get_attr(target.tensor_fqn)
+        mul.replace_all_uses_with(weight)
+        weight_inputs = mul.all_input_nodes
+        graph.erase_node(mul)
+        _erase_if_unused(graph, weight_inputs)
+        for op in list(weight.users):
+            op_target = get_sparse_target(op)
+            if restore_modules and op_target is not None and op_target.call_module_fqn is not None:
+                _restore_call_module(graph, op, op_target)
+            else:
+                op.meta.pop(SPARSITY_META_KEY, None)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,131 @@
+"""Rewrite Linear/Conv ops so the graph shows an explicit ``mul(weight, mask)``.
+
+For each selected weight tensor a mask buffer of ones (same shape, dtype and
+device as the weight) is registered on the module that owns the weight as
+``<tensor_name>_mask``, and one ``mul`` node is inserted before the weight's
+first use. Every use then reads the masked weight:
+
+* a ``call_module`` on ``nn.Linear``/``nn.ConvNd`` becomes the equivalent
+  ``F.linear``/``F.convNd`` call (with an explicit ``F.pad`` for convs whose
+  ``padding_mode`` is not ``"zeros"``), so the multiply is visible in the graph;
+* a functional/ATen linear or conv gets its weight argument replaced.
+
+Every node created or rewritten is tagged with a :class:`SparseTarget` under
+``SPARSITY_META_KEY`` so :mod:`passes.fuse_masks` can undo the rewrite.
+The pass mutates and returns ``gm``; callers that must keep their module
+(``fx_sparsity.prepare``) hand it a fresh capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .match import WeightMatch
+from .meta import SPARSITY_META_KEY, SparseTarget
+from .utils import get_tensor
+
+__all__ = ["insert_masks"]
+
+_CONV_FUNCS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+def _check_mask_names(gm: fx.GraphModule, matches: list[WeightMatch]) -> None:
+    for match in matches:
+        owner = gm.get_submodule(match.module_fqn)
+        name = f"{match.tensor_name}_mask"
+        if hasattr(owner, name):
+            raise ValueError(
+                f"cannot add mask buffer {match.module_fqn or '<root>'}.{name}: the module already "
+                f"has an attribute {name!r} (is {match.tensor_fqn} masked already?)"
+            )
+
+
+def _functional_call(graph: fx.Graph, node: fx.Node, module: nn.Module, masked: fx.Node, target: SparseTarget) -> fx.Node:
+    """A call_function equivalent of ``call_module`` ``node``, reading ``masked`` as its weight."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    name = f"{node.name}_{target.kind}"
+    if target.kind == "linear":
+        return graph.create_node("call_function", F.linear, (x, masked, bias), name=name)
+    if module.padding_mode != "zeros":
+        x = graph.call_function(
+            F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode}
+        )
+        x.meta[SPARSITY_META_KEY] = dataclasses.replace(target, role="pad")
+        padding = (0,) * (module.weight.dim() - 2)
+    else:
+        padding = module.padding
+    args = (x, masked, bias, module.stride, padding, module.dilation, module.groups)
+    return graph.create_node("call_function", _CONV_FUNCS[target.kind], args, name=name)
+
+
+def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.GraphModule:
+    """Insert a mask buffer and a ``mul(weight, mask)`` node for each match.
+
+    Args:
+        gm: the captured graph module (mutated in place).
+        matches: the weights to mask, from :func:`passes.match.find_weights`.
+
+    Returns:
+        ``gm``, recompiled, with masks at ``<module_fqn>.<tensor_name>_mask``.
+
+    Raises:
+        ValueError: a mask name is already taken; nothing is modified then.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+        >>> gm = insert_masks(gm, find_weights(gm))
+        >>> gm.get_buffer("0.weight_mask").sum().item()
+        16.0
+    """
+    matches = list(matches)
+    _check_mask_names(gm, matches)
+    by_node = {name: m for m in matches for name in m.nodes}
+    graph = gm.graph
+    masked_weight: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        match = by_node.get(node.name)
+        if match is None:
+            continue
+        base = SparseTarget(match.module_fqn, match.tensor_name, match.kind, match.weight_shape)
+        if match.tensor_fqn not in masked_weight:
+            weight = get_tensor(gm, match.tensor_fqn)
+            owner = gm.get_submodule(match.module_fqn)
+            owner.register_buffer(base.mask_name, torch.ones_like(weight, requires_grad=False))
+            with graph.inserting_before(node):
+                w = graph.get_attr(match.tensor_fqn)
+                m = graph.get_attr(base.mask_fqn)
+                name = f"masked_{match.tensor_fqn.replace('.', '_')}"
+                mul = graph.create_node("call_function", operator.mul, (w, m), name=name)
+            mul.meta[SPARSITY_META_KEY] = dataclasses.replace(base, role="mask_mul")
+            masked_weight[match.tensor_fqn] = mul
+        mul = masked_weight[match.tensor_fqn]
+        if node.op == "call_module":
+            target = dataclasses.replace(base, call_module_fqn=node.target)
+            with graph.inserting_before(node):
+                new = _functional_call(graph, node, gm.get_submodule(node.target), mul, target)
+            new.meta.update(node.meta)
+            new.meta[SPARSITY_META_KEY] = target
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            continue
+        old_weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        if len(node.args) > 1:
+            node.update_arg(1, mul)
+        else:
+            node.update_kwarg("weight", mul)
+        node.meta[SPARSITY_META_KEY] = base
+        # Only the get_attr this pass made dead is erased: a global dead-code sweep
+        # could drop nodes the capture keeps on purpose (export's guard calls).
+        if not old_weight.users:
+            graph.erase_node(old_weight)
+    graph.lint()
+    gm.recompile()
+    return gm

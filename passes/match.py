@@ -1,0 +1,167 @@
+"""Find the Linear and Conv weights of a captured graph.
+
+Both forms the captures produce are recognised:
+
+* ``call_module`` nodes on ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (symbolic tracing);
+* ``call_function`` nodes on ``F.linear`` / ``F.conv*`` or their ATen ops
+  (``torch.export``, or user code calling the functional API) whose weight is a
+  ``get_attr`` node.
+
+Matches are grouped by weight *tensor* (by identity, not by name), so a weight
+used by several nodes, or tied between modules, is one :class:`WeightMatch`
+with several uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .utils import get_tensor, split_fqn, tensor_aliases
+
+__all__ = ["WeightMatch", "find_weights", "op_kind"]
+
+aten = torch.ops.aten
+
+_FUNCTION_KINDS: dict[object, str] = {
+    F.linear: "linear",
+    aten.linear.default: "linear",
+    F.conv1d: "conv1d",
+    F.conv2d: "conv2d",
+    F.conv3d: "conv3d",
+    aten.conv1d.default: "conv1d",
+    aten.conv2d.default: "conv2d",
+    aten.conv3d.default: "conv3d",
+    aten.conv1d.padding: "conv1d",
+    aten.conv2d.padding: "conv2d",
+    aten.conv3d.padding: "conv3d",
+    aten.convolution.default: "conv",
+}
+
+_MODULE_KINDS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d",
+}
+
+
+@dataclass(frozen=True)
+class WeightMatch:
+    """One Linear/Conv weight tensor and the graph nodes that use it as a weight.
+
+    Attributes:
+        tensor_fqn: canonical FQN of the weight (the first name ``named_parameters`` gives).
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        weight_shape: shape of the weight.
+        aliases: every FQN under which the tensor is reachable (tied weights have several).
+        nodes: names of the nodes using it as their weight, in graph order.
+        call_module_fqns: FQNs of the modules called by ``call_module`` uses.
+    """
+
+    tensor_fqn: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    aliases: tuple[str, ...]
+    nodes: tuple[str, ...]
+    call_module_fqns: tuple[str, ...]
+
+    @property
+    def module_fqn(self) -> str:
+        return split_fqn(self.tensor_fqn)[0]
+
+    @property
+    def tensor_name(self) -> str:
+        return split_fqn(self.tensor_fqn)[1]
+
+    @property
+    def module_fqns(self) -> tuple[str, ...]:
+        """Every module FQN that names this weight: owners of its aliases and called modules."""
+        owners = [split_fqn(a)[0] for a in self.aliases]
+        return tuple(dict.fromkeys(owners + list(self.call_module_fqns)))
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    for cls, kind in _MODULE_KINDS.items():
+        # A subclass that overrides forward computes something else: not a match.
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+def _weight_arg(node: fx.Node) -> object:
+    if len(node.args) > 1:
+        return node.args[1]
+    return node.kwargs.get("weight")
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """``"linear"``/``"convNd"`` when ``node`` is a Linear or Conv op, else ``None``."""
+    if node.op == "call_module":
+        return _module_kind(gm.get_submodule(node.target))
+    if node.op != "call_function":
+        return None
+    kind = _FUNCTION_KINDS.get(node.target)
+    if kind != "conv":
+        return kind
+    # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, ...)
+    transposed = node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed", False)
+    if transposed:
+        return None
+    weight = _weight_arg(node)
+    ndim = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
+    return f"conv{ndim - 2}d" if ndim in (3, 4, 5) else None
+
+
+def _weight_of(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).weight
+    weight = _weight_arg(node)
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    tensor = get_tensor(gm, weight.target)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def find_weights(gm: fx.GraphModule) -> list[WeightMatch]:
+    """Every Linear/Conv weight of ``gm``, one entry per tensor, in graph order.
+
+    Ops whose weight is not a plain attribute (computed inside the graph) are
+    not matched: there is no single tensor to mask.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+        >>> [(m.tensor_fqn, m.kind) for m in find_weights(gm)]
+        [('0.weight', 'linear')]
+    """
+    aliases = tensor_aliases(gm)
+    found: dict[int, dict] = {}
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if kind is None:
+            continue
+        weight = _weight_of(node, gm)
+        if weight is None:
+            continue
+        entry = found.setdefault(
+            id(weight),
+            {"kind": kind, "shape": tuple(weight.shape), "aliases": aliases[id(weight)], "nodes": [], "mods": []},
+        )
+        entry["nodes"].append(node.name)
+        if node.op == "call_module":
+            entry["mods"].append(node.target)
+    return [
+        WeightMatch(
+            tensor_fqn=e["aliases"][0],
+            kind=e["kind"],
+            weight_shape=e["shape"],
+            aliases=tuple(e["aliases"]),
+            nodes=tuple(e["nodes"]),
+            call_module_fqns=tuple(dict.fromkeys(e["mods"])),
+        )
+        for e in found.values()
+    ]

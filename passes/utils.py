@@ -1,0 +1,60 @@
+"""Small helpers shared by the passes: FQN handling and tensor-sharing clones."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import fx, nn
+
+__all__ = ["split_fqn", "clone_sharing_tensors", "tensor_aliases", "get_tensor"]
+
+
+def split_fqn(fqn: str) -> tuple[str, str]:
+    """Split ``"a.b.weight"`` into ``("a.b", "weight")``; ``"weight"`` into ``("", "weight")``."""
+    owner, _, name = fqn.rpartition(".")
+    return owner, name
+
+
+def get_tensor(module: nn.Module, fqn: str) -> torch.Tensor:
+    """The parameter or buffer at ``fqn`` below ``module``."""
+    owner, name = split_fqn(fqn)
+    return getattr(module.get_submodule(owner), name)
+
+
+def tensor_aliases(module: nn.Module) -> dict[int, list[str]]:
+    """Map ``id(tensor)`` to every FQN under which a parameter or buffer is reachable.
+
+    The first FQN of each list is the canonical one: the name ``named_parameters()``
+    (with duplicates removed) gives it, which is also the name ``symbolic_trace``
+    uses in ``get_attr`` nodes.
+    """
+    aliases: dict[int, list[str]] = {}
+    named = itertools.chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    )
+    for fqn, tensor in named:
+        aliases.setdefault(id(tensor), []).append(fqn)
+    return aliases
+
+
+def clone_sharing_tensors(module: nn.Module) -> nn.Module:
+    """Deep-copy ``module`` (submodules, graph, hooks) but share its parameters and buffers.
+
+    This is how the passes return a new module without copying weights, in the
+    way ``torch.compile`` shares parameters with the model it compiles: writing
+    to the clone's module attributes never touches the original, while the
+    tensors themselves are the same objects.
+    """
+    memo: dict[int, object] = {}
+    tensors = itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+    )
+    for _, tensor in tensors:
+        memo[id(tensor)] = tensor
+    clone = copy.deepcopy(module, memo)
+    if isinstance(clone, fx.GraphModule):
+        clone.recompile()
+    return clone

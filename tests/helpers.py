@@ -1,0 +1,156 @@
+"""Tiny models and the one numerics helper the tests share."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.ao.pruning import BaseSparsifier as AOBaseSparsifier
+
+from fx_sparsity import BaseSparsifier
+
+__all__ = [
+    "SimpleLinear",
+    "MixedNet",
+    "ConvNet1d3d",
+    "ControlFlowNet",
+    "ImplementedSparsifier",
+    "AOImplementedSparsifier",
+    "MockSparseLinear",
+    "masked_reference",
+    "check_against_eager",
+    "count_nodes",
+    "snapshot",
+]
+
+
+class SimpleLinear(nn.Module):
+    """torch.ao.pruning's test model: Linears without bias, some inside a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(7, 5, bias=False), nn.Linear(5, 6, bias=False), nn.Linear(6, 4, bias=False))
+        self.linear1 = nn.Linear(4, 4, bias=False)
+        self.linear2 = nn.Linear(4, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.linear1(self.seq(x)))
+
+
+class MixedNet(nn.Module):
+    """A Conv, a reflect-padded Conv, a Linear used twice, a tied Linear and a functional F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False)
+        self.fc = nn.Linear(8, 12)
+        self.shared = nn.Linear(12, 12)
+        self.tied = nn.Linear(12, 12, bias=False)
+        self.tied.weight = self.shared.weight
+        self.head_weight = nn.Parameter(torch.randn(5, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = self.conv_reflect(x).mean(dim=(2, 3))
+        x = torch.tanh(self.fc(x))
+        x = torch.tanh(self.shared(x))
+        x = torch.tanh(self.shared(x))
+        x = self.tied(x)
+        return F.linear(x, self.head_weight)
+
+
+class ConvNet1d3d(nn.Module):
+    """Conv1d and Conv3d (with stride, dilation, groups) called as modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, stride=2, dilation=2, groups=2, padding_mode="circular", padding=2)
+        self.c3 = nn.Conv3d(2, 4, (2, 3, 3), padding="same")
+
+    def forward(self, x1: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.c1(x1), self.c3(x3)
+
+
+class ControlFlowNet(nn.Module):
+    """Shape-dependent Python control flow: symbolic tracing fails, torch.export works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class ImplementedSparsifier(BaseSparsifier):
+    """torch.ao.pruning's test sparsifier on our API: zero row 0 of each mask."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(defaults=kwargs)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
+        self.get_mask(module, tensor_name)[0] = 0
+
+
+class AOImplementedSparsifier(AOBaseSparsifier):
+    """The same, on torch.ao.pruning, for differential tests."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(defaults=kwargs)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
+        module.parametrizations[tensor_name][0].mask[0] = 0
+
+
+class MockSparseLinear(nn.Linear):
+    """A Linear of another type with ``from_dense``, to check ``convert``."""
+
+    @classmethod
+    def from_dense(cls, mod: nn.Linear) -> MockSparseLinear:
+        new = cls(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(mod.weight)
+            if mod.bias is not None:
+                new.bias.copy_(mod.bias)
+        return new
+
+
+def masked_reference(model: nn.Module, gm: fx.GraphModule, sparsifier: BaseSparsifier) -> nn.Module:
+    """An eager copy of ``model`` whose selected weights are multiplied by the masks of ``gm``."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in sparsifier.groups:
+            mask = gm.get_buffer(f"{group['tensor_fqn']}_mask")
+            reference.get_parameter(group["tensor_fqn"]).mul_(mask)
+    return reference
+
+
+def check_against_eager(gm: fx.GraphModule, reference: nn.Module, *inputs: torch.Tensor) -> None:
+    """Lint ``gm``'s graph and check its outputs equal ``reference``'s on ``inputs``."""
+    gm.graph.lint()
+    torch.testing.assert_close(gm(*inputs), reference(*inputs))
+
+
+def count_nodes(gm: fx.GraphModule) -> dict[tuple[str, object], int]:
+    """Count nodes by (op, target)."""
+    counts: dict[tuple[str, object], int] = {}
+    for node in gm.graph.nodes:
+        counts[(node.op, node.target)] = counts.get((node.op, node.target), 0) + 1
+    return counts
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a pass must leave alone on the user's model."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "modules": {k: (type(m), id(m), sorted(vars(m).get("_buffers", {}))) for k, m in model.named_modules()},
+        "attrs": {k: sorted(vars(m)) for k, m in model.named_modules()},
+    }
