@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from torch import fx, nn
+from torch import nn
 
 from .match import WeightMatch
 from .utils import split_fqn
@@ -69,6 +69,9 @@ class FqnRule:
 
 def _describe(model: nn.Module, key: str, matches: Sequence[WeightMatch]) -> str:
     """Why ``key`` selects no Linear/Conv weight, for the error message."""
+    for match in matches:
+        if key in match.aliases:
+            return f"{key!r} is a weight tensor, not a module: select it with tensor_fqn={key!r}"
     modules = dict(model.named_modules())
     if key in modules:
         return f"{key!r} is a {type(modules[key]).__name__} module, not a Linear or Conv layer"
@@ -88,12 +91,14 @@ def _describe(model: nn.Module, key: str, matches: Sequence[WeightMatch]) -> str
 
 
 def select_weights(
-    model: fx.GraphModule, matches: Sequence[WeightMatch], rules: Sequence[FqnRule] | None
+    model: nn.Module, matches: Sequence[WeightMatch], rules: Sequence[FqnRule] | None
 ) -> list[tuple[WeightMatch, dict[str, Any]]]:
     """The weights the rules select, each with the overrides of its winning rule.
 
     Args:
-        model: the graph module the matches come from (for error messages).
+        model: the module whose FQNs the rules name, to describe a name that
+            selects nothing: best the user's model, whose containers the
+            captured graph module may have flattened.
         matches: output of :func:`passes.match.find_weights`.
         rules: ``None`` selects every match with no overrides.
 

@@ -162,7 +162,7 @@ class BaseSparsifier(abc.ABC):
         """
         rules = parse_config(config)
         gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        selected = select_weights(gm, find_weights(gm), rules)
+        selected = select_weights(model, find_weights(gm), rules)
         if not selected:
             raise ValueError(f"{type(model).__name__} has no Linear or Conv weight to sparsify")
         groups = []

@@ -1,0 +1,97 @@
+"""Capture: symbolic tracing by default, torch.export fallback, clear errors, no shared modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from passes import CaptureError, capture
+
+from helpers import ControlFlowNet, MixedNet, snapshot
+
+
+def test_symbolic_trace_shares_parameters_not_modules():
+    """MixedNet: the capture's parameters are the model's objects; no module object is shared."""
+    model = MixedNet()
+    before = snapshot(model)
+    gm = capture(model)
+    assert gm.meta["capture"] == "symbolic_trace"
+    model_params = {id(p) for p in model.parameters()}
+    assert {id(p) for p in gm.parameters()} == model_params
+    assert not {id(m) for m in gm.modules()} & {id(m) for m in model.modules()}
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+    assert snapshot(model)["ids"] == before["ids"]
+
+
+def test_leaf_modules_and_concrete_args():
+    """leaf_modules keeps a module as call_module; concrete_args fixes a flag reaching control flow."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x, double: bool = False):
+            y = self.block(x)
+            return y * 2 if double else y
+
+    gm = capture(Net(), leaf_modules=[Block], concrete_args={"double": True})
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["block"]
+    gm = capture(Net(), leaf_modules=["block"], concrete_args={"double": False})
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["block"]
+
+
+def test_export_fallback_when_tracing_fails():
+    """ControlFlowNet: symbolic tracing fails, example_inputs switch to torch.export; outputs match."""
+    model = ControlFlowNet()
+    x = torch.randn(3, 6)
+    gm = capture(model, example_inputs=(x,))
+    assert gm.meta["capture"] == "export"
+    torch.testing.assert_close(gm(x), model(x))
+    assert gm.get_parameter("fc1.weight") is model.fc1.weight
+
+
+def test_error_without_example_inputs_names_construct_and_remedies():
+    """No example_inputs: CaptureError names the failing line and both remedies."""
+    with pytest.raises(CaptureError) as info:
+        capture(ControlFlowNet())
+    message = str(info.value)
+    assert "if x.shape[0] > 1" in message
+    assert "example_inputs" in message and "leaf_modules" in message
+
+
+def test_error_when_both_captures_fail():
+    """Data-dependent control flow: both failures are reported."""
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(CaptureError, match="symbolic tracing failed.*\n.*torch.export failed"):
+        capture(DataDependent(), example_inputs=torch.randn(2, 4))
+
+
+def test_bad_arguments():
+    """Non-modules and bad example_inputs / leaf_modules raise TypeError."""
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        capture(lambda x: x)
+    with pytest.raises(TypeError, match="example_inputs"):
+        capture(nn.Linear(2, 2), example_inputs={"x": 1})
+    with pytest.raises(TypeError, match="leaf_modules"):
+        capture(nn.Linear(2, 2), leaf_modules=[3])

@@ -1,0 +1,83 @@
+"""The CLI: the whole flow on the built-in model, file models, and argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fx_sparsity import cli
+from fx_sparsity.models import DemoNet, load_model
+
+
+def test_default_run_prints_tables_and_verdict(capsys):
+    """No arguments: both tables and an OK verdict, exit 0."""
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "nonzeros / total" in out and ">> MASK conv1.weight_mask" in out
+    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked and squashed")
+
+
+def test_options_and_file_model(tmp_path, capsys):
+    """A file.py:ClassName model with 2:4 blocks and an input shape."""
+    path = tmp_path / "mymodel.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(16, 8)
+            def forward(self, x):
+                return self.fc(x)
+    """))
+    argv = [f"--model={path}:Net", "--input-shape=4,16", "--sparsity-level=1", "--block-shape=1x4",
+            "--zeros-per-block=2", "--no-graph"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "50.0%" in out and ">> MASK" not in out and "OK: 1 weights" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model=nope"], "--model must be"),
+        (["--model=missing.py:Net", "--input-shape=1,2"], "no such file"),
+        (["--zeros-per-block=9"], "zeros_per_block=9"),
+    ],
+)
+def test_errors_exit_2(argv, message, capsys):
+    """Bad models and arguments print an error naming them and exit 2."""
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_block_shape_is_an_argparse_error():
+    """--block-shape needs ROWSxCOLS."""
+    with pytest.raises(SystemExit):
+        cli.main(["--block-shape=1x2x3"])
+
+
+def test_torchvision_error_is_clear(monkeypatch):
+    """Without a usable torchvision, --model torchvision:<name> says so."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ValueError, match="needs a working torchvision"):
+        load_model("torchvision:resnet18")
+
+
+def test_module_entry_point():
+    """python -m fx_sparsity runs the main job."""
+    result = subprocess.run([sys.executable, "-m", "fx_sparsity", "--no-graph"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "OK:" in result.stdout
+    assert isinstance(load_model("demo"), DemoNet)
