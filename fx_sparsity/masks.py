@@ -23,6 +23,7 @@ __all__ = [
     "NormFn",
     "resolve_norm",
     "smallest_k_mask",
+    "weight_norm_keep",
     "weight_norm_mask",
     "nearly_diagonal_mask",
     "validate_block",
@@ -88,7 +89,9 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     picked = torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k <= 0:
         return picked
-    if n <= _TOPK_CUTOFF or torch.isnan(scores).any():
+    # NaN needs no check: topk ranks it above every number, and comparisons
+    # below never choose it, so "exactly k chosen" means topk's set either way.
+    if n <= _TOPK_CUTOFF:
         picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
         return picked
     sample = scores[:: max(1, n // _SAMPLE_SIZE)]
@@ -152,6 +155,27 @@ def _block_level_keep(scores: torch.Tensor, block: tuple[int, int], zeros: int) 
     return keep[:h, :w]
 
 
+def weight_norm_keep(
+    weight: torch.Tensor,
+    sparsity_level: float,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm_fn: NormFn | None = None,
+) -> torch.Tensor:
+    """:func:`weight_norm_mask` as a boolean tensor (``True`` = kept)."""
+    block, zeros = validate_block(sparse_block_shape, zeros_per_block)
+    values_per_block = block[0] * block[1]
+    if sparsity_level <= 0 or zeros == 0:
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    if sparsity_level >= 1.0 and zeros == values_per_block:
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    scores = (norm_fn or resolve_norm(None))(weight.detach().reshape(weight.shape[0], -1))
+    keep = _tensor_level_keep(scores, float(sparsity_level), block)
+    if zeros != values_per_block:
+        keep |= _block_level_keep(scores, block, zeros)
+    return keep.reshape(weight.shape)
+
+
 def weight_norm_mask(
     weight: torch.Tensor,
     sparsity_level: float,
@@ -178,17 +202,7 @@ def weight_norm_mask(
         >>> weight_norm_mask(w, 1.0, (1, 4), zeros_per_block=2)
         tensor([[0., 1., 0., 1.]])
     """
-    block, zeros = validate_block(sparse_block_shape, zeros_per_block)
-    values_per_block = block[0] * block[1]
-    if sparsity_level <= 0 or zeros == 0:
-        return torch.ones_like(weight)
-    if sparsity_level >= 1.0 and zeros == values_per_block:
-        return torch.zeros_like(weight)
-    scores = (norm_fn or resolve_norm(None))(weight.detach().reshape(weight.shape[0], -1))
-    keep = _tensor_level_keep(scores, float(sparsity_level), block)
-    if zeros != values_per_block:
-        keep |= _block_level_keep(scores, block, zeros)
-    return keep.reshape(weight.shape).to(weight.dtype)
+    return weight_norm_keep(weight, sparsity_level, sparse_block_shape, zeros_per_block, norm_fn).to(weight.dtype)
 
 
 def nearly_diagonal_mask(weight: torch.Tensor, nearliness: int) -> torch.Tensor:

@@ -83,8 +83,10 @@ def test_large_weight_threshold_path_matches_torch_ao(level):
 def test_smallest_k_mask_equals_topk(seed):
     """smallest_k_mask picks exactly topk's set, with and without ties, on both code paths."""
     torch.manual_seed(seed)
-    for scores in (torch.rand(300_000), torch.randint(0, 1000, (300_000,)).float(), torch.rand(1000)):
-        for k in (0, 1, scores.numel() // 3, scores.numel() // 2, scores.numel() - 1):
+    with_nan = torch.rand(300_000)
+    with_nan[::7] = float("nan")  # topk ranks NaN above every number
+    for scores in (torch.rand(300_000), torch.randint(0, 1000, (300_000,)).float(), torch.rand(1000), with_nan):
+        for k in (0, 1, scores.numel() // 3, scores.numel() // 2, scores.numel() * 9 // 10, scores.numel() - 1):
             expected = torch.zeros(scores.numel(), dtype=torch.bool)
             if k:
                 expected[torch.topk(scores, k, largest=False).indices] = True

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..masks import NormFn, resolve_norm, validate_block, weight_norm_mask
+from ..masks import NormFn, resolve_norm, validate_block, weight_norm_keep
 from .base import BaseSparsifier
 
 __all__ = ["WeightNormSparsifier"]
@@ -76,11 +76,10 @@ class WeightNormSparsifier(BaseSparsifier):
         zeros_per_block: int | None,
         **kwargs: Any,
     ) -> None:
-        mask = self.get_mask(module, tensor_name)
-        new = weight_norm_mask(
+        keep = weight_norm_keep(
             self.masked_tensor(module, tensor_name), sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn
         )
-        mask.copy_(new)
+        self.get_mask(module, tensor_name).copy_(keep)
 
 
 def _validate(args: dict[str, Any]) -> None:
