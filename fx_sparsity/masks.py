@@ -86,14 +86,10 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     passes); when ties straddle the boundary the answer comes from ``topk``.
     """
     n = scores.numel()
-    picked = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return picked
     # NaN needs no check: topk ranks it above every number, and comparisons
     # below never choose it, so "exactly k chosen" means topk's set either way.
-    if n <= _TOPK_CUTOFF:
-        picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
-        return picked
+    if k <= 0 or n <= _TOPK_CUTOFF:
+        return _topk_mask(scores, k)
     sample = scores[:: max(1, n // _SAMPLE_SIZE)]
     m = sample.numel()
     q = k / n
@@ -109,7 +105,14 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         if int(torch.count_nonzero(chosen)) == k:
             return chosen
     # The sample missed the k-th value, or ties straddle it: let topk decide.
-    picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    return _topk_mask(scores, k)
+
+
+def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the entries ``torch.topk(scores, k, largest=False)`` picks."""
+    picked = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
     return picked
 
 
