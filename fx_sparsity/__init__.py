@@ -6,28 +6,43 @@ Example::
     >>> gm = fx_sparsity.prepare(model)              # new GraphModule, model untouched
     >>> fx_sparsity.get_sparsifier(gm).step()        # compute masks
     >>> fx_sparsity.print_sparsity_table(gm)
+    >>> lowered = fx_sparsity.lower(gm, "csr")         # no masks; sparse kernels; exportable
 """
 
 from passes import CaptureError
 
 from .api import prepare
+from .lower import BACKENDS, LayerLowering, get_lowering, lower
 from .config import SparsityConfig, parse_config
 from .masks import nearly_diagonal_mask, weight_norm_mask
-from .report import graph_table, print_graph_table, print_sparsity_table, sparsity_table
+from .report import (
+    graph_table,
+    lowering_table,
+    print_graph_table,
+    print_lowering_table,
+    print_sparsity_table,
+    sparsity_table,
+)
 from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier, get_sparsifier
 
 __all__ = [
+    "BACKENDS",
     "BaseSparsifier",
     "CaptureError",
+    "LayerLowering",
     "NearlyDiagonalSparsifier",
     "SparsityConfig",
     "WeightNormSparsifier",
+    "get_lowering",
     "get_sparsifier",
     "graph_table",
+    "lower",
+    "lowering_table",
     "nearly_diagonal_mask",
     "parse_config",
     "prepare",
     "print_graph_table",
+    "print_lowering_table",
     "print_sparsity_table",
     "sparsity_table",
     "weight_norm_mask",

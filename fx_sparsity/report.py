@@ -13,9 +13,17 @@ from torch import fx
 
 from passes import find_weights, get_sparse_target, masked_targets
 
+from .lower import get_lowering
 from .sparsifier import BaseSparsifier, get_sparsifier
 
-__all__ = ["sparsity_table", "graph_table", "print_sparsity_table", "print_graph_table"]
+__all__ = [
+    "sparsity_table",
+    "graph_table",
+    "lowering_table",
+    "print_sparsity_table",
+    "print_graph_table",
+    "print_lowering_table",
+]
 
 _GROUP_KEYS = ("tensor_fqn", "module_fqn", "tensor_name", "module")
 
@@ -115,6 +123,8 @@ def graph_table(gm: fx.GraphModule, tablefmt: str = "simple") -> str:
             mark = f">> MASK {target.mask_fqn}"
         elif target is not None and target.role == "op":
             mark = f"masked {target.kind}"
+        elif node.op == "call_function" and getattr(node.target, "namespace", None) == "fx_sparsity":
+            mark = f"SPARSE {node.target.__name__.split('.')[0]}"
         rows.append([node.name, node.op, _format_target(node), _format_args(node), mark])
     return tabulate(rows, headers=["node", "op", "target", "args", "sparsity"], tablefmt=tablefmt)
 
@@ -127,3 +137,55 @@ def print_sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None =
 def print_graph_table(gm: fx.GraphModule, tablefmt: str = "simple") -> None:
     """Print :func:`graph_table`."""
     print(graph_table(gm, tablefmt))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.3f}"
+
+
+def lowering_table(lowered: fx.GraphModule, tablefmt: str = "simple") -> str:
+    """Per-layer table of what :func:`fx_sparsity.lower` did: backend (and block size),
+    sparsity, weight bytes dense and lowered, and, when ``example_inputs`` were given,
+    milliseconds per call of the masked layer (before) and the lowered one (after);
+    plus a total row.
+
+    Args:
+        lowered: a module returned by ``lower``.
+        tablefmt: any tabulate format (``"github"`` for Markdown).
+    """
+    records = get_lowering(lowered)
+    rows = []
+    for r in records:
+        backend = r.backend + (f" {r.blocksize[0]}x{r.blocksize[1]}" if r.blocksize else "")
+        if r.requested != r.backend:
+            backend += f" (asked {r.requested})"
+        speedup = "-" if r.time_before is None else f"{r.time_before / r.time_after:.2f}x"
+        rows.append([
+            r.tensor_fqn, r.kind, "x".join(map(str, r.weight_shape)), backend, _percent(r.sparsity),
+            _bytes(r.dense_bytes), _bytes(r.lowered_bytes), f"{r.lowered_bytes / r.dense_bytes:.2f}",
+            _ms(r.time_before), _ms(r.time_after), speedup, r.note,
+        ])
+    dense, low = sum(r.dense_bytes for r in records), sum(r.lowered_bytes for r in records)
+    timed = all(r.time_before is not None for r in records)
+    before = sum(r.time_before for r in records) if timed else None
+    after = sum(r.time_after for r in records) if timed else None
+    rows.append([
+        "total", "", "", "", "", _bytes(dense), _bytes(low), f"{low / dense:.2f}" if dense else "-",
+        _ms(before), _ms(after), f"{before / after:.2f}x" if timed else "-", "",
+    ])
+    headers = ["weight", "op", "shape", "backend", "sparsity", "bytes dense", "bytes lowered", "ratio",
+               "ms before", "ms after", "speedup", "note"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+
+def print_lowering_table(lowered: fx.GraphModule, tablefmt: str = "simple") -> None:
+    """Print :func:`lowering_table`."""
+    print(lowering_table(lowered, tablefmt))

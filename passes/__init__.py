@@ -2,12 +2,15 @@
 
 Each pass takes a ``GraphModule`` and returns one; none of them imports
 ``fx_sparsity``. ``capture`` is the exception that takes an ``nn.Module``.
+Importing the package registers the ``fx_sparsity::*_linear`` custom operators
+(:mod:`passes.sparse_ops`) that lowered modules and exported programs call.
 """
 
 from .capture import CaptureError, capture
 from .fuse_masks import fuse_masks, masked_targets
 from .insert_masks import insert_masks
-from .match import WeightMatch, find_weights
+from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
+from .match import WeightMatch, find_masked_weights, find_weights, op_arguments, op_kind
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors
@@ -15,16 +18,24 @@ from .utils import clone_sharing_tensors
 __all__ = [
     "CaptureError",
     "FqnRule",
+    "SPARSE_OPS",
     "SPARSITY_META_KEY",
+    "SparseFormat",
     "SparseTarget",
     "WeightMatch",
     "capture",
     "clone_sharing_tensors",
+    "find_masked_weights",
     "find_weights",
     "fuse_masks",
     "get_sparse_target",
     "insert_masks",
     "is_pattern",
+    "lower_sparse",
+    "lowering_blocker",
     "masked_targets",
+    "op_arguments",
+    "op_kind",
     "select_weights",
+    "sparse_layer_forward",
 ]

@@ -2,8 +2,9 @@
 
 Each ``mul(weight, mask)`` node is removed: the weight becomes a *new* tensor
 ``weight * mask`` registered under every FQN the old weight had (so tied weights
-stay tied), the mask buffer is deleted, and each op reads the fused weight
-directly. Ops that were ``call_module`` before masking are turned back into
+stay tied, unless an unmasked op such as a tied embedding still reads one of
+those FQNs: that one keeps the dense weight, as it had in the masked module),
+the mask buffer is deleted, and each op reads the fused weight directly. Ops that were ``call_module`` before masking are turned back into
 ``call_module`` nodes on their module, so the graph reads like the captured one
 and module swaps (``convert``) take effect.
 
@@ -27,14 +28,42 @@ def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
     return [t for t in targets if t is not None and t.role == "mask_mul"]
 
 
-def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget) -> None:
+def _dense_reads(gm: fx.GraphModule, aliases: list[str], skip: list[fx.Node]) -> set[str]:
+    """The aliases that nodes other than ``skip`` read: get_attr on them, or call_module on their owners."""
+    read = set()
+    for node in gm.graph.nodes:
+        if node in skip:
+            continue
+        if node.op == "get_attr" and node.target in aliases:
+            read.add(node.target)
+        elif node.op == "call_module":
+            read.update(a for a in aliases if a.startswith(node.target + "."))
+    return read
+
+
+def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) -> list[str]:
+    """Register ``weight * mask`` and delete the mask; return the FQNs that hold the fused weight.
+
+    Every alias of the weight gets the fused tensor, except aliases that unmasked
+    nodes still read (an embedding tied to a masked head, say): those keep the
+    dense weight, as in the masked module. When every alias is read that way, the
+    fused weight goes to a new ``<tensor_name>_fused`` attribute.
+    """
     owner = gm.get_submodule(target.module_fqn)
     weight = getattr(owner, target.tensor_name)
     mask = getattr(owner, target.mask_name)
     fused = (weight * mask).detach()
     if isinstance(weight, nn.Parameter):
         fused = nn.Parameter(fused, requires_grad=weight.requires_grad)
-    for alias in tensor_aliases(gm)[id(weight)]:
+    aliases = tensor_aliases(gm)[id(weight)]
+    dense = _dense_reads(gm, aliases, mul.all_input_nodes)
+    fused_fqns = [a for a in aliases if a not in dense]
+    if not fused_fqns:
+        name = f"{target.tensor_name}_fused"
+        if hasattr(owner, name):
+            raise ValueError(f"cannot add {target.module_fqn or '<root>'}.{name}: the module already has it")
+        fused_fqns = [f"{target.module_fqn}.{name}" if target.module_fqn else name]
+    for alias in fused_fqns:
         module_fqn, name = split_fqn(alias)
         module = gm.get_submodule(module_fqn)
         if isinstance(fused, nn.Parameter):
@@ -42,6 +71,7 @@ def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget) -> None:
         else:
             module._buffers[name] = fused
     del owner._buffers[target.mask_name]
+    return fused_fqns
 
 
 def _erase_if_unused(graph: fx.Graph, nodes) -> None:
@@ -89,16 +119,17 @@ def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphM
         target = get_sparse_target(mul)
         if target is None or target.role != "mask_mul":
             continue
-        _set_fused_weight(gm, target)
+        fused_fqns = _set_fused_weight(gm, target, mul)
         with graph.inserting_before(mul):
-            weight = graph.get_attr(target.tensor_fqn)
+            weight = graph.get_attr(target.tensor_fqn if target.tensor_fqn in fused_fqns else fused_fqns[0])
         mul.replace_all_uses_with(weight)
         weight_inputs = mul.all_input_nodes
         graph.erase_node(mul)
         _erase_if_unused(graph, weight_inputs)
         for op in list(weight.users):
             op_target = get_sparse_target(op)
-            if restore_modules and op_target is not None and op_target.call_module_fqn is not None:
+            module_fqn = op_target.call_module_fqn if op_target is not None else None
+            if restore_modules and module_fqn is not None and f"{module_fqn}.weight" in fused_fqns:
                 _restore_call_module(graph, op, op_target)
             else:
                 op.meta.pop(SPARSITY_META_KEY, None)

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .meta import get_sparse_target
 from .utils import get_tensor, split_fqn, tensor_aliases
 
-__all__ = ["WeightMatch", "find_weights", "op_kind"]
+__all__ = ["WeightMatch", "find_weights", "find_masked_weights", "op_kind", "op_arguments"]
 
 aten = torch.ops.aten
 
@@ -92,10 +93,35 @@ def _module_kind(module: nn.Module) -> str | None:
     return None
 
 
+_PARAMETERS = {
+    "linear": ("input", "weight", "bias"),
+    "convNd": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def op_arguments(target: object, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The arguments of a linear/conv call by name, defaults filled in.
+
+    ``target`` is a key of the functional/ATen ops :func:`find_weights` matches;
+    ``args`` and ``kwargs`` may hold nodes or values.
+
+    Example::
+
+        >>> op_arguments(F.conv2d, ("x", "w"), {"stride": 2})["stride"]
+        2
+    """
+    kind = _FUNCTION_KINDS[target]
+    names = _PARAMETERS[kind if kind in ("linear", "conv") else "convNd"]
+    bound = dict(_DEFAULTS)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
 def _weight_arg(node: fx.Node) -> object:
-    if len(node.args) > 1:
-        return node.args[1]
-    return node.kwargs.get("weight")
+    return op_arguments(node.target, node.args, node.kwargs).get("weight")
 
 
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
@@ -165,3 +191,32 @@ def find_weights(gm: fx.GraphModule) -> list[WeightMatch]:
         )
         for e in found.values()
     ]
+
+
+def find_masked_weights(gm: fx.GraphModule) -> list[WeightMatch]:
+    """Every weight masked by :func:`passes.insert_masks.insert_masks`, as :class:`WeightMatch` entries.
+
+    ``nodes`` are the linear/conv ops reading the masked weight, so rules of
+    :func:`passes.select.select_weights` can select among masked weights.
+    """
+    aliases = tensor_aliases(gm)
+    matches = []
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        if target is None or target.role != "mask_mul":
+            continue
+        ops = [u for u in node.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
+        weight = get_tensor(gm, target.tensor_fqn)
+        matches.append(
+            WeightMatch(
+                tensor_fqn=target.tensor_fqn,
+                kind=target.kind,
+                weight_shape=target.weight_shape,
+                aliases=tuple(aliases[id(weight)]),
+                nodes=tuple(op.name for op in ops),
+                call_module_fqns=tuple(dict.fromkeys(
+                    t.call_module_fqn for op in ops if (t := get_sparse_target(op)).call_module_fqn
+                )),
+            )
+        )
+    return matches

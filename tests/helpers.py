@@ -17,6 +17,9 @@ __all__ = [
     "MixedNet",
     "ConvNet1d3d",
     "ControlFlowNet",
+    "LinearNet",
+    "PointwiseConvNet",
+    "TiedEmbeddingNet",
     "ImplementedSparsifier",
     "AOImplementedSparsifier",
     "MockSparseLinear",
@@ -87,6 +90,52 @@ class ControlFlowNet(nn.Module):
         if x.shape[0] > 1:
             x = x * 2
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class LinearNet(nn.Module):
+    """Two Linears with shapes that 16x16 and 32x32 blocks divide."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96, bias=bias)
+        self.fc2 = nn.Linear(96, 32, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class PointwiseConvNet(nn.Module):
+    """1x1 convs (1d, 2d with and without bias, 3d), a 3x3 conv, a strided 1x1 conv and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1d = nn.Conv1d(16, 16, 1)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.strided = nn.Conv2d(32, 32, 1, stride=2, bias=False)
+        self.pw3d = nn.Conv3d(32, 16, 1)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = self.pw1d(x.flatten(2)).view(n, c, h, w)
+        x = self.strided(torch.relu(self.conv(torch.relu(self.pw(x)))))
+        x = self.pw3d(x.unsqueeze(2)).squeeze(2)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class TiedEmbeddingNet(nn.Module):
+    """A language-model head whose weight is tied to the input embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(self.embed(tokens))))
 
 
 class ImplementedSparsifier(BaseSparsifier):

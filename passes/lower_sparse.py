@@ -1,0 +1,253 @@
+"""Replace masked Linear (and 1x1 Conv) ops by sparse-kernel custom operators.
+
+For each weight named in ``formats`` the pass computes ``weight * mask``,
+compresses it to the requested layout (:mod:`passes.sparse_ops`) and registers
+the components as buffers on the module that owns the weight:
+
+* ``csr``/``bsr``: ``<tensor_name>_crow_indices``, ``<tensor_name>_col_indices``
+  (int32) and ``<tensor_name>_values``;
+* ``semi_structured``: ``<tensor_name>_packed`` and ``<tensor_name>_meta``.
+
+Every op reading the masked weight becomes a call to the matching
+``torch.ops.fx_sparsity.*_linear`` operator. A 1x1 conv (stride 1, no padding,
+one group) is a linear over channels: its input is moved channels-last, run
+through the operator and moved back (contiguous). The ``mul(weight, mask)``
+node and the mask buffer are removed, and the dense weight too when nothing
+else in the graph reads it (a tied embedding, say). Masked weights not named
+in ``formats`` are left for :func:`passes.fuse_masks.fuse_masks`.
+
+Everything is validated before the module is touched. The pass mutates and
+returns ``gm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, fx
+
+from .match import op_arguments
+from .meta import SparseTarget, get_sparse_target
+from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured_components
+from .utils import split_fqn, tensor_aliases
+
+__all__ = ["SparseFormat", "lower_sparse", "lowering_blocker", "sparse_layer_forward", "SPARSE_OPS"]
+
+Layout = Literal["csr", "bsr", "semi_structured"]
+
+SPARSE_OPS = {
+    "csr": torch.ops.fx_sparsity.csr_linear.default,
+    "bsr": torch.ops.fx_sparsity.bsr_linear.default,
+    "semi_structured": torch.ops.fx_sparsity.semi_structured_linear.default,
+}
+_COMPONENT_NAMES = {
+    "csr": ("crow_indices", "col_indices", "values"),
+    "bsr": ("crow_indices", "col_indices", "values"),
+    "semi_structured": ("packed", "meta"),
+}
+
+
+@dataclass(frozen=True)
+class SparseFormat:
+    """How to store one weight: ``layout`` and, for ``"bsr"``, the ``blocksize`` (rows, cols)."""
+
+    layout: Layout
+    blocksize: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in SPARSE_OPS:
+            raise ValueError(f"SparseFormat.layout must be one of {sorted(SPARSE_OPS)}, got {self.layout!r}")
+        if self.layout == "bsr":
+            size = self.blocksize
+            if not (
+                isinstance(size, Sequence) and len(size) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+            ):
+                raise ValueError(f"bsr needs blocksize=(rows, cols) of positive ints, got {size!r}")
+            object.__setattr__(self, "blocksize", tuple(size))
+        elif self.blocksize is not None:
+            raise ValueError(f"blocksize applies to 'bsr' only, got blocksize={self.blocksize!r} for {self.layout!r}")
+
+    def components(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """The strided tensors the operator of this layout takes for a dense 2-D ``weight``."""
+        if self.layout == "csr":
+            return to_csr_components(weight)
+        if self.layout == "bsr":
+            return to_bsr_components(weight, self.blocksize)
+        return to_semi_structured_components(weight)
+
+
+def _mask_muls(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    found = {}
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        if target is not None and target.role == "mask_mul":
+            found[target.tensor_fqn] = node
+    return found
+
+
+def _ops(mul: fx.Node) -> list[fx.Node]:
+    return [u for u in mul.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
+
+
+def _as_tuple(value: object, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
+    """Why the ops using masked weight ``tensor_fqn`` cannot run as a sparse linear; ``None`` if they can.
+
+    Linear ops always can; a conv can when it is 1x1 with stride 1, no padding
+    and one group.
+    """
+    mul = _mask_muls(gm).get(tensor_fqn)
+    if mul is None:
+        raise ValueError(f"{tensor_fqn!r} is not a masked weight of the module")
+    return _blocker(mul)
+
+
+def _blocker(mul: fx.Node) -> str | None:
+    for op in _ops(mul):
+        target: SparseTarget = get_sparse_target(op)
+        if target.kind == "linear":
+            continue
+        nd = len(target.weight_shape) - 2
+        args = op_arguments(op.target, op.args, op.kwargs)
+        kernel = target.weight_shape[2:]
+        if any(k != 1 for k in kernel):
+            return f"{'x'.join(map(str, kernel))} conv: only 1x1 convs run as sparse linears"
+        if _as_tuple(args["stride"], nd) != (1,) * nd:
+            return f"1x1 conv with stride {args['stride']}: only stride 1 runs as a sparse linear"
+        if args["padding"] != "valid" and _as_tuple(args["padding"], nd) != (0,) * nd:
+            return f"1x1 conv with padding {args['padding']}: only unpadded convs run as sparse linears"
+        if args["groups"] != 1:
+            return f"grouped conv (groups={args['groups']}): only groups=1 runs as a sparse linear"
+    return None
+
+
+def sparse_layer_forward(
+    layout: Layout, x: Tensor, components: Sequence[Tensor], bias: Tensor | None, channel_dim: int | None
+) -> Tensor:
+    """Eager equivalent of the nodes the pass emits for one op (used to time layers).
+
+    ``channel_dim`` is ``None`` for a linear, else the channel dim of a 1x1 conv's input.
+    """
+    op = SPARSE_OPS[layout]
+    if channel_dim is None:
+        return op(x, *components, bias)
+    y = op(torch.movedim(x, channel_dim, -1), *components, bias)
+    return torch.movedim(y, -1, channel_dim).contiguous()
+
+
+def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node]) -> fx.Node:
+    target: SparseTarget = get_sparse_target(op)
+    args = op_arguments(op.target, op.args, op.kwargs)
+    x, bias = args["input"], args["bias"]
+    sparse_op = SPARSE_OPS[layout]
+    with graph.inserting_before(op):
+        if target.kind == "linear":
+            new = graph.call_function(sparse_op, (x, *components, bias))
+        else:
+            channel_dim = -(len(target.weight_shape) - 1)
+            x_last = graph.call_function(torch.movedim, (x, channel_dim, -1))
+            y = graph.call_function(sparse_op, (x_last, *components, bias))
+            y = graph.call_function(torch.movedim, (y, -1, channel_dim))
+            new = graph.call_method("contiguous", (y,))
+    new.meta.update({k: v for k, v in op.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    return new
+
+
+def _in_use(gm: fx.GraphModule, fqns: Sequence[str]) -> bool:
+    """Whether any node reads one of ``fqns``: a get_attr on it, or a call_module on a module holding it."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in fqns:
+            return True
+        if node.op == "call_module" and any(f.startswith(node.target + ".") for f in fqns):
+            return True
+    return False
+
+
+def _check_names(gm: fx.GraphModule, tensor_fqn: str, layout: Layout) -> None:
+    module_fqn, name = split_fqn(tensor_fqn)
+    owner = gm.get_submodule(module_fqn)
+    for part in _COMPONENT_NAMES[layout]:
+        if hasattr(owner, f"{name}_{part}"):
+            raise ValueError(
+                f"cannot add buffer {tensor_fqn}_{part}: module {module_fqn or '<root>'!r} already has it"
+            )
+
+
+def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.GraphModule:
+    """Run the masked weights named in ``formats`` through sparse-kernel operators.
+
+    Args:
+        gm: a module with mask nodes from :func:`passes.insert_masks.insert_masks` (mutated in place).
+        formats: canonical tensor FQN (``"fc.weight"``) -> :class:`SparseFormat`.
+
+    Returns:
+        ``gm``, recompiled.
+
+    Raises:
+        ValueError: an FQN is not a masked weight, an op cannot run as a sparse
+            linear (:func:`lowering_blocker`), or the weight does not fit the
+            layout; ``gm`` is unchanged then.
+
+    Example::
+
+        >>> gm = insert_masks(torch.fx.symbolic_trace(nn.Linear(8, 8)), ...)
+        >>> gm = lower_sparse(gm, {"weight": SparseFormat("csr")})
+        >>> [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        [torch.ops.fx_sparsity.csr_linear.default]
+    """
+    muls = _mask_muls(gm)
+    plans = []
+    for fqn, fmt in formats.items():
+        if fqn not in muls:
+            raise ValueError(f"{fqn!r} is not a masked weight; masked weights are: {', '.join(muls) or 'none'}")
+        if not isinstance(fmt, SparseFormat):
+            raise TypeError(f"formats[{fqn!r}] must be a SparseFormat, got {type(fmt).__name__}")
+        blocker = _blocker(muls[fqn])
+        if blocker is not None:
+            raise ValueError(f"cannot lower {fqn} to {fmt.layout}: {blocker}")
+        _check_names(gm, fqn, fmt.layout)
+        target: SparseTarget = get_sparse_target(muls[fqn])
+        owner = gm.get_submodule(target.module_fqn)
+        weight, mask = getattr(owner, target.tensor_name), getattr(owner, target.mask_name)
+        fused = (weight * mask).detach().reshape(weight.shape[0], -1)
+        try:
+            components = fmt.components(fused)
+        except ValueError as e:
+            raise ValueError(f"cannot lower {fqn} to {fmt.layout}: {e}") from None
+        plans.append((target, fmt, components))
+
+    graph = gm.graph
+    aliases = tensor_aliases(gm)
+    for target, fmt, components in plans:
+        owner = gm.get_submodule(target.module_fqn)
+        weight_aliases = aliases[id(getattr(owner, target.tensor_name))]
+        names = []
+        for part, tensor in zip(_COMPONENT_NAMES[fmt.layout], components):
+            owner.register_buffer(f"{target.tensor_name}_{part}", tensor)
+            names.append(f"{target.tensor_fqn}_{part}")
+        mul = muls[target.tensor_fqn]
+        for op in _ops(mul):
+            with graph.inserting_before(op):
+                nodes = [graph.get_attr(name) for name in names]
+            op.replace_all_uses_with(_emit(graph, op, fmt.layout, nodes))
+            graph.erase_node(op)
+        inputs = mul.all_input_nodes
+        graph.erase_node(mul)
+        for node in inputs:
+            if not node.users:
+                graph.erase_node(node)
+        del owner._buffers[target.mask_name]
+        if not _in_use(gm, weight_aliases):
+            for alias in weight_aliases:
+                module_fqn, name = split_fqn(alias)
+                delattr(gm.get_submodule(module_fqn), name)
+    graph.lint()
+    gm.recompile()
+    return gm

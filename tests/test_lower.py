@@ -1,0 +1,262 @@
+"""fx_sparsity.lower: backends, per-layer config, numerics against the prepared module, errors, report."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fx_sparsity
+from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
+from fx_sparsity.lower import AUTO_MIN_SPEEDUP, _choose
+
+from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, count_nodes, snapshot
+
+CSR = torch.ops.fx_sparsity.csr_linear.default
+BSR = torch.ops.fx_sparsity.bsr_linear.default
+
+
+def prepared(model: nn.Module, level: float = 0.9, block=(1, 1), seed: int = 0, **kwargs):
+    """``prepare`` with a WeightNormSparsifier, one step taken."""
+    torch.manual_seed(seed)
+    gm = prepare(model, sparsifier=WeightNormSparsifier(sparsity_level=level, sparse_block_shape=block), **kwargs)
+    get_sparsifier(gm).step()
+    return gm
+
+
+def mask_free(gm) -> bool:
+    no_mul = ("call_function", operator.mul) not in count_nodes(gm)
+    return no_mul and not any(name.endswith("_mask") for name, _ in gm.named_buffers())
+
+
+def test_fuse_is_identical_to_prepared_and_restores_modules():
+    """fuse on MixedNet (conv, reflect conv, reused, tied and functional Linear): same output bit for bit,
+    no mask nodes or buffers, call_module nodes back, tied weights still tied."""
+    model = MixedNet()
+    gm = prepared(model, level=0.6, block=(1, 2))
+    x = torch.randn(2, 3, 8, 8)
+    lowered = lower(gm)
+    assert mask_free(lowered)
+    assert torch.equal(lowered(x), gm(x))
+    counts = count_nodes(lowered)
+    for fqn in ("conv", "conv_reflect", "fc", "tied"):
+        assert counts[("call_module", fqn)] == 1
+    assert counts[("call_module", "shared")] == 2
+    assert counts[("call_function", F.linear)] == 1  # the functional head stays functional
+    assert lowered.shared.weight is lowered.tied.weight
+    assert [r.backend for r in get_lowering(lowered)] == ["fuse"] * 5
+
+
+def test_lower_leaves_prepared_module_and_model_alone():
+    """Every backend: the prepared module (graph, masks, weights) and the user's model are unchanged."""
+    model = LinearNet()
+    before_model = snapshot(model)
+    gm = prepared(model, block=(16, 16))
+    before_gm, code = snapshot(gm), gm.code
+    for backend in ("fuse", "csr", "bsr"):
+        lower(gm, backend)
+    assert snapshot(gm).keys() == before_gm.keys()
+    for key in ("ids", "modules", "attrs"):
+        assert snapshot(gm)[key] == before_gm[key]
+    for name, value in before_gm["state"].items():
+        assert torch.equal(gm.state_dict()[name], value)
+    assert gm.code == code
+    after_model = snapshot(model)
+    assert after_model["ids"] == before_model["ids"] and after_model["modules"] == before_model["modules"]
+    for name, value in before_model["state"].items():
+        assert torch.equal(model.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_csr_linear_numerics_and_graph(bias):
+    """csr: each Linear calls fx_sparsity::csr_linear on int32 index buffers; output matches the prepared one;
+    the dense weights are gone."""
+    gm = prepared(LinearNet(bias=bias))
+    lowered = lower(gm, "csr")
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(lowered(x), gm(x))
+    assert count_nodes(lowered)[("call_function", CSR)] == 2
+    assert mask_free(lowered)
+    assert {n for n, _ in lowered.named_parameters()} == ({"fc1.bias", "fc2.bias"} if bias else set())
+    assert lowered.get_buffer("fc1.weight_crow_indices").dtype == torch.int32
+    assert lowered.get_buffer("fc1.weight_values").numel() == int(gm.get_buffer("fc1.weight_mask").sum())
+
+
+def test_bsr_blocksize_from_sparsifier_and_per_layer():
+    """bsr takes the sparsifier's square block shape by default, or a per-layer blocksize."""
+    gm = prepared(LinearNet(), level=0.75, block=(16, 16))
+    x = torch.randn(5, 64)
+    lowered = lower(gm, "bsr")
+    torch.testing.assert_close(lowered(x), gm(x))
+    assert lowered.get_buffer("fc1.weight_values").shape[1:] == (16, 16)
+    # 16x16 blocks at 75%: a quarter of the blocks are stored.
+    assert lowered.get_buffer("fc1.weight_values").shape[0] == (96 // 16) * (64 // 16) // 4
+    lowered = lower(gm, {"fc1": {"backend": "bsr", "blocksize": 8}})
+    assert lowered.get_buffer("fc1.weight_values").shape[1:] == (8, 8)
+    assert [r.backend for r in get_lowering(lowered)] == ["bsr", "fuse"]
+    torch.testing.assert_close(lowered(x), gm(x))
+
+
+def test_pointwise_convs_lower_others_fuse():
+    """1x1 convs (1d, 2d, 3d) run through csr_linear; the 3x3 and the strided 1x1 conv are fused and say why."""
+    gm = prepared(PointwiseConvNet())
+    lowered = lower(gm, "csr")
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(lowered(x), gm(x))
+    records = {r.tensor_fqn: r for r in get_lowering(lowered)}
+    assert {k: r.backend for k, r in records.items()} == {
+        "pw1d.weight": "csr", "pw.weight": "csr", "conv.weight": "fuse",
+        "strided.weight": "fuse", "pw3d.weight": "csr", "head.weight": "csr",
+    }
+    assert "3x3 conv" in records["conv.weight"].note
+    assert "stride" in records["strided.weight"].note
+    assert count_nodes(lowered)[("call_function", CSR)] == 4
+    assert count_nodes(lowered)[("call_module", "conv")] == 1
+
+
+def test_tied_weights_one_set_of_buffers():
+    """A weight reused and tied (MixedNet.shared / .tied) is compressed once and every use calls csr_linear."""
+    gm = prepared(MixedNet(), level=0.5)
+    lowered = lower(gm, {"shared": "csr"})
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(lowered(x), gm(x))
+    assert count_nodes(lowered)[("call_function", CSR)] == 3
+    assert not hasattr(lowered.shared, "weight") and not hasattr(lowered.tied, "weight")
+    assert sum("crow_indices" in name for name, _ in lowered.named_buffers()) == 1
+
+
+@pytest.mark.parametrize("backend", ["fuse", "csr"])
+def test_tied_embedding_keeps_dense_weight(backend):
+    """A head tied to an embedding: the embedding still reads the dense weight, as in the prepared module."""
+    gm = prepared(TiedEmbeddingNet())
+    tokens = torch.randint(0, 64, (2, 5))
+    lowered = lower(gm, backend)
+    torch.testing.assert_close(lowered(tokens), gm(tokens), rtol=0, atol=1e-6)
+    assert torch.equal(lowered.embed.weight, gm.embed.weight)
+    if backend == "fuse":
+        assert torch.equal(lowered.head.weight, gm.embed.weight * gm.get_buffer("embed.weight_mask"))
+
+
+def test_per_layer_config_forms_and_precedence():
+    """Dict with string or dict values and torch.ao list form select layers; exact names beat patterns;
+    unselected layers are fused."""
+    gm = prepared(LinearNet(), block=(16, 16))
+    forms = [
+        {"fc1": "csr"},
+        {"fc1": {"backend": "csr"}},
+        [{"tensor_fqn": "fc1.weight", "backend": "csr"}],
+        {"fc*": "bsr", "fc1": "csr", "fc2": "fuse"},
+    ]
+    for config in forms:
+        assert [r.backend for r in get_lowering(lower(gm, config))] == ["csr", "fuse"], config
+
+
+@pytest.mark.parametrize(
+    "backend, error, match",
+    [
+        ("dense", ValueError, r"backend must be one of 'fuse', 'csr', 'bsr', 'semi_structured', 'auto', got 'dense'"),
+        ({"fc1": "sparse"}, ValueError, r"backend for fc1.weight must be one of .* got 'sparse'"),
+        ({"fc3": "csr"}, ValueError, r"'fc3' selects no Linear or Conv weight: 'fc3' names nothing in the model; closest FQNs: fc2, fc1"),
+        ({"fc1": {"backend": "bsr", "blocksize": (0, 4)}}, ValueError, r"blocksize for fc1.weight must be .* got \(0, 4\)"),
+        ({"fc1": {"backend": "csr", "level": 2}}, ValueError, r"sets \['level'\]; only 'backend' and 'blocksize'"),
+        ({"fc1": {"backend": "bsr", "blocksize": (4, 8)}}, ValueError, r"square blocks only, got blocksize \(4, 8\)"),
+        ({"fc1": {"backend": "bsr", "blocksize": 5}}, ValueError, r"blocksize \(5, 5\) does not divide the weight \(96x64"),
+        ("bsr", ValueError, r"square blocks only, got blocksize \(1, 4\)"),
+        ("semi_structured", ValueError, r"2:4 kernels run on CUDA GPUs only, the weight is on cpu; use 'fuse' or 'auto'"),
+        ("auto", ValueError, r"backend 'auto' times each layer on its input: pass example_inputs"),
+        (3, TypeError, r"backend must be a string like 'csr' or a per-layer config"),
+    ],
+)
+def test_bad_backends_raise_and_change_nothing(backend, error, match):
+    """Each bad backend argument names the value and the fix; the prepared module is unchanged."""
+    gm = prepared(LinearNet(), block=(1, 4))
+    code, state = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(error, match=match):
+        lower(gm, backend)
+    assert gm.code == code
+    assert all(torch.equal(gm.state_dict()[k], v) for k, v in state.items())
+
+
+def test_bad_modules_raise():
+    """Not a GraphModule: TypeError; a squashed module (no masks): ValueError saying to lower before squash."""
+    with pytest.raises(TypeError, match="gm must be the GraphModule prepare"):
+        lower(LinearNet())
+    gm = prepared(LinearNet())
+    get_sparsifier(gm).squash_mask()
+    with pytest.raises(ValueError, match="no mask nodes.*before squash_mask"):
+        lower(gm)
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        lower(prepared(LinearNet()), repeats=0)
+
+
+def test_bfloat16_csr_on_cpu_is_refused_and_auto_fuses():
+    """bf16 weights: csr names the dtype limit of CPU torch.sparse; auto fuses; fuse stays exact."""
+    gm = prepared(LinearNet().to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 and float64 only, the weight is torch.bfloat16"):
+        lower(gm, "csr")
+    lowered = lower(gm, "auto", example_inputs=x, repeats=1)
+    assert [r.backend for r in get_lowering(lowered)] == ["fuse", "fuse"]
+    assert all("no sparse kernel fits" in r.note for r in get_lowering(lowered))
+    assert torch.equal(lowered(x), gm(x))
+
+
+def test_auto_matches_prepared_and_records_timings():
+    """auto on a conv+linear model: output matches, every layer has times before/after and a note."""
+    gm = prepared(PointwiseConvNet(), level=0.95)
+    x = torch.randn(2, 16, 8, 8)
+    lowered = lower(gm, "auto", example_inputs=(x,), repeats=2)
+    torch.testing.assert_close(lowered(x), gm(x))
+    for record in get_lowering(lowered):
+        assert record.requested == "auto" and record.backend in ("fuse", "csr")
+        assert record.time_before > 0 and record.time_after > 0 and record.note.startswith(("auto", "fused"))
+
+
+def test_auto_decision_rule():
+    """auto keeps a sparse kernel only when it beats the fused op by AUTO_MIN_SPEEDUP; else fuses."""
+    assert _choose(1.0, {"csr": 0.5, "bsr": 0.4})[0] == "bsr"
+    assert _choose(1.0, {"csr": 1.0 / AUTO_MIN_SPEEDUP})[0] == "csr"
+    assert _choose(1.0, {"csr": 0.95})[0] == "fuse"
+    assert _choose(1.0, {"csr": 2.0})[1] == "auto: fused (csr 0.50x)"
+    assert _choose(1.0, {})[0] == "fuse"
+
+
+def test_lowering_table_bytes_and_times():
+    """The table lists backend, sparsity, bytes and the total; at 90% csr stores at most 0.21x the dense bytes."""
+    gm = prepared(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 128)))
+    lowered = lower(gm, {"0": "csr"}, example_inputs=torch.randn(4, 256), repeats=2)
+    records = get_lowering(lowered)
+    assert records[0].lowered_bytes / records[0].dense_bytes <= 0.21
+    assert records[1].lowered_bytes == records[1].dense_bytes == 256 * 128 * 4
+    table = lowering_table(lowered)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["weight", "op", "shape", "backend"]
+    assert lines[2].split()[:5] == ["0.weight", "linear", "256x256", "csr", "90.0%"]
+    assert lines[3].split()[3] == "fuse" and lines[-1].startswith("total")
+    assert "x" in lines[2].split()[-1]  # speedup column
+    untimed = lowering_table(lower(gm, "csr"))
+    assert untimed.splitlines()[2].split()[-3:] == ["-", "-", "-"]
+    with pytest.raises(ValueError, match="not returned by fx_sparsity.lower"):
+        get_lowering(gm)
+
+
+def test_export_captured_model_lowers():
+    """A model captured with torch.export (aten.linear nodes) lowers to csr and matches."""
+    from helpers import ControlFlowNet
+
+    model = ControlFlowNet()
+    x = torch.randn(4, 6)
+    gm = prepared(model, level=0.5, example_inputs=(x,))
+    assert gm.meta["capture"] == "export"
+    lowered = lower(gm, "csr")
+    torch.testing.assert_close(lowered(x), gm(x))
+    assert count_nodes(lowered)[("call_function", CSR)] == 2
+
+
+def test_public_names():
+    """lower and its report are part of the package's public API."""
+    for name in ("lower", "get_lowering", "lowering_table", "print_lowering_table", "LayerLowering", "BACKENDS"):
+        assert name in fx_sparsity.__all__
