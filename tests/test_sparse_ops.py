@@ -124,12 +124,12 @@ def test_opcheck(name):
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
 def test_input_and_bias_gradients_match_dense(layout):
     """Backward through the operators gives F.linear's input and bias gradients; the weight components get
-    none, and asking for one is an error."""
-    weight = sparse_weight(32, 64, 0.3)
+    none, and asking for one is an error. float64, so that summation order does not matter."""
+    weight = sparse_weight(32, 64, 0.3, torch.float64)
     components = to_csr_components(weight) if layout == "csr" else to_bsr_components(weight, (16, 16))
     op = csr_linear if layout == "csr" else bsr_linear
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    bias = torch.randn(32, requires_grad=True)
+    x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
     grads = torch.autograd.grad(op(x, *components, bias).square().sum(), (x, bias))
     expected = torch.autograd.grad(F.linear(x, weight, bias).square().sum(), (x, bias))
     torch.testing.assert_close(grads, expected)
