@@ -1,7 +1,8 @@
 """``fx-sparsity`` / ``python -m fx_sparsity``: the whole flow on one model.
 
-capture -> match -> insert masks -> step -> print tables -> squash -> check the
-squashed output against the eager model with masked weights -> one-line verdict.
+capture -> match -> insert masks -> step -> print tables -> lower (and, with
+``--export``, torch.export.save and reload) -> squash -> check every stage's
+output against the eager model with masked weights -> one-line verdict.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Sequence
 import torch
 
 from .api import prepare
+from .lower import BACKENDS, lower
 from .models import load_model
-from .report import graph_table, sparsity_table
+from .report import graph_table, lowering_table, sparsity_table
 from .sparsifier import WeightNormSparsifier
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-shape", type=_block, default=(1, 4), help="sparse block ROWSxCOLS (default 1x4)")
     parser.add_argument("--zeros-per-block", type=int, default=None,
                         help="zeros in each sparse block (default: the whole block)")
+    parser.add_argument("--backend", choices=BACKENDS, default="fuse",
+                        help="lowering backend for every masked layer (default fuse; auto times each layer)")
+    parser.add_argument("--export", metavar="PATH", default=None,
+                        help="torch.export the lowered module and torch.export.save it to PATH (.pt2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-graph", action="store_true", help="do not print the graph table")
     return parser
@@ -100,6 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + graph_table(gm))
         reference = _masked_reference(model, sparsifier)(example)
         checks["prepared == masked eager"] = (gm(example), reference)
+        try:
+            lowered = lower(gm, args.backend, example_inputs=(example,))
+        except ValueError as e:
+            print(f"fx-sparsity: error: {e}", file=sys.stderr)
+            return 2
+        print("\n" + lowering_table(lowered))
+        checks[f"lowered ({args.backend}) == masked eager"] = (lowered(example), reference)
+        if args.export is not None:
+            torch.export.save(torch.export.export(lowered, (example,)), args.export)
+            checks["exported, saved and loaded == masked eager"] = (
+                torch.export.load(args.export).module()(example), reference
+            )
+            print(f"\nexported program written to {args.export}")
         sparsifier.squash_mask()
         checks["squashed == masked eager"] = (gm(example), reference)
     failures = []
@@ -114,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failures:
         print("FAIL: " + "; ".join(failures))
         return 1
-    print(f"OK: {len(sparsifier.groups)} weights masked and squashed; outputs match the masked eager "
-          f"reference (max abs diff {worst:.2e})")
+    print(f"OK: {len(sparsifier.groups)} weights masked, lowered ({args.backend}) and squashed; outputs match "
+          f"the masked eager reference (max abs diff {worst:.2e})")
     return 0
 
 

@@ -293,6 +293,8 @@ def _resolve(gm, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[S
     for layout in _SPARSE:
         if _unsupported(layout, fused, blocksize) is not None:
             continue
+        if layout == "bsr" and blocksize[0] * blocksize[1] == 1:
+            continue  # 1x1 blocks are CSR with extra overhead
         fmt = SparseFormat(layout, blocksize if layout == "bsr" else None)
         try:
             components = fmt.components(fused.reshape(fused.shape[0], -1))

@@ -17,7 +17,8 @@ def test_default_run_prints_tables_and_verdict(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
     assert "nonzeros / total" in out and ">> MASK conv1.weight_mask" in out
-    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked and squashed")
+    assert "bytes lowered" in out
+    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked, lowered (fuse) and squashed")
 
 
 def test_options_and_file_model(tmp_path, capsys):
@@ -37,6 +38,22 @@ def test_options_and_file_model(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "50.0%" in out and ">> MASK" not in out and "OK: 1 weights" in out
+
+
+def test_csr_backend_and_export(tmp_path, capsys):
+    """--backend csr --export: Linears run csr_linear, convs are fused, the saved program reloads and matches."""
+    path = tmp_path / "demo.pt2"
+    assert cli.main(["--backend=csr", f"--export={path}", "--no-graph", "--block-shape=1x1"]) == 0
+    out = capsys.readouterr().out
+    assert path.exists() and f"exported program written to {path}" in out
+    assert "fuse (asked csr)" in out and "3x3 conv: only 1x1 convs" in out
+    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked, lowered (csr) and squashed")
+
+
+def test_backend_that_cannot_run_here_exits_2(capsys):
+    """semi_structured on CPU: exit 2 with the reason."""
+    assert cli.main(["--backend=semi_structured", "--no-graph"]) == 2
+    assert "2:4 kernels run on CUDA GPUs only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
