@@ -126,6 +126,12 @@ def _requests(gm: fx.GraphModule, backend: BackendConfig) -> dict[str, dict[str,
         _check_backend(backend, "backend")
         return {m.tensor_fqn: {"backend": backend, "blocksize": None} for m in matches}
     if isinstance(backend, Mapping):
+        for key, value in backend.items():
+            if not isinstance(value, (str, Mapping)):
+                raise TypeError(
+                    f"backend[{key!r}] must be a backend name or a dict like "
+                    f"{{'backend': 'bsr', 'blocksize': 32}}, got {type(value).__name__}"
+                )
         backend = {k: {"backend": v} if isinstance(v, str) else v for k, v in backend.items()}
     elif not isinstance(backend, Sequence):
         raise TypeError(

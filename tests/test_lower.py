@@ -168,6 +168,7 @@ def test_per_layer_config_forms_and_precedence():
         ("semi_structured", ValueError, r"2:4 kernels run on CUDA GPUs only, the weight is on cpu; use 'fuse' or 'auto'"),
         ("auto", ValueError, r"backend 'auto' times each layer on its input: pass example_inputs"),
         (3, TypeError, r"backend must be a string like 'csr' or a per-layer config"),
+        ({"fc1": 3}, TypeError, r"backend\['fc1'\] must be a backend name or a dict"),
     ],
 )
 def test_bad_backends_raise_and_change_nothing(backend, error, match):
