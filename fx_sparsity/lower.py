@@ -42,8 +42,7 @@ from passes import (
     op_arguments,
     select_weights,
 )
-from passes.lower_sparse import SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
-from passes.sparse_ops import SEMI_STRUCTURED_MIN_SHAPE
+from passes.lower_sparse import COMPONENT_NAMES, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
 
 from .config import parse_config
 from .sparsifier.base import SPARSIFIER_META_KEY, _clone_without_sparsifier
@@ -160,7 +159,11 @@ def _default_blocksize(gm: fx.GraphModule, tensor_fqn: str) -> tuple[int, int] |
 
 
 def _unsupported(layout: str, weight: Tensor, blocksize: tuple[int, int] | None) -> str | None:
-    """Why ``layout`` cannot hold ``weight`` on this machine; ``None`` when it can."""
+    """Why ``layout`` cannot run ``weight`` on this machine; ``None`` when it can.
+
+    Checks on the weight's values and shape (2:4 pattern, divisibility) are made
+    when it is compressed (:class:`passes.SparseFormat`).
+    """
     if layout in ("csr", "bsr") and weight.device.type == "cpu" and weight.dtype not in _MKL_DTYPES:
         return f"torch.sparse on CPU runs float32 and float64 only, the weight is {weight.dtype}"
     if layout == "bsr":
@@ -169,9 +172,6 @@ def _unsupported(layout: str, weight: Tensor, blocksize: tuple[int, int] | None)
                 "no block size: give one per layer, e.g. {'fc': {'backend': 'bsr', 'blocksize': (32, 32)}}, "
                 "or prepare with a sparsifier whose sparse_block_shape is square"
             )
-        rows, cols = weight.shape[0], weight[0].numel()
-        if rows % blocksize[0] or cols % blocksize[1]:
-            return f"blocksize {blocksize} does not divide the weight ({rows}x{cols} as a matrix)"
         if weight.device.type == "cpu" and blocksize[0] != blocksize[1]:
             return f"MKL on CPU takes square blocks only, got blocksize {blocksize}"
     if layout == "semi_structured":
@@ -181,9 +181,6 @@ def _unsupported(layout: str, weight: Tensor, blocksize: tuple[int, int] | None)
             return f"2:4 kernels take float16 or bfloat16 weights, the weight is {weight.dtype}"
         if torch.cuda.get_device_capability(weight.device) < (8, 0):
             return "2:4 kernels need a GPU of compute capability 8.0 or newer"
-        rows, cols = weight.shape[0], weight[0].numel()
-        if rows % SEMI_STRUCTURED_MIN_SHAPE[0] or cols % SEMI_STRUCTURED_MIN_SHAPE[1]:
-            return f"2:4 kernels need a weight shape that is a multiple of {SEMI_STRUCTURED_MIN_SHAPE}"
     return None
 
 
@@ -293,7 +290,7 @@ def _resolve(gm, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[S
         try:
             components = fmt.components(fused.reshape(fused.shape[0], -1))
         except ValueError as e:
-            raise ValueError(f"cannot lower {fqn} with backend {wanted!r}: {e}") from None
+            raise ValueError(f"cannot lower {fqn} to {wanted}: {e}") from None
         return fmt, "", layer.time_sparse(fmt, components)
     candidates = {}
     for layout in _SPARSE:
@@ -317,7 +314,8 @@ def _resolve(gm, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[S
 def _stored_bytes(gm: fx.GraphModule, tensor_fqn: str) -> int:
     module_fqn, _, name = tensor_fqn.rpartition(".")
     owner = gm.get_submodule(module_fqn)
-    names = [name] + [f"{name}_{p}" for p in ("crow_indices", "col_indices", "values", "packed", "meta")]
+    parts = dict.fromkeys(p for layout_parts in COMPONENT_NAMES.values() for p in layout_parts)
+    names = [name] + [f"{name}_{p}" for p in parts]
     tensors = [getattr(owner, n) for n in names if isinstance(getattr(owner, n, None), Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 

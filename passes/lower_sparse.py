@@ -34,7 +34,7 @@ from .meta import SparseTarget, get_sparse_target
 from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured_components
 from .utils import split_fqn, tensor_aliases
 
-__all__ = ["SparseFormat", "lower_sparse", "lowering_blocker", "sparse_layer_forward", "SPARSE_OPS"]
+__all__ = ["SparseFormat", "lower_sparse", "lowering_blocker", "sparse_layer_forward", "SPARSE_OPS", "COMPONENT_NAMES"]
 
 Layout = Literal["csr", "bsr", "semi_structured"]
 
@@ -43,7 +43,8 @@ SPARSE_OPS = {
     "bsr": torch.ops.fx_sparsity.bsr_linear.default,
     "semi_structured": torch.ops.fx_sparsity.semi_structured_linear.default,
 }
-_COMPONENT_NAMES = {
+# Buffer name suffixes, per layout: <tensor_name>_<suffix> on the weight's owner.
+COMPONENT_NAMES = {
     "csr": ("crow_indices", "col_indices", "values"),
     "bsr": ("crow_indices", "col_indices", "values"),
     "semi_structured": ("packed", "meta"),
@@ -173,7 +174,7 @@ def _in_use(gm: fx.GraphModule, fqns: Sequence[str]) -> bool:
 def _check_names(gm: fx.GraphModule, tensor_fqn: str, layout: Layout) -> None:
     module_fqn, name = split_fqn(tensor_fqn)
     owner = gm.get_submodule(module_fqn)
-    for part in _COMPONENT_NAMES[layout]:
+    for part in COMPONENT_NAMES[layout]:
         if hasattr(owner, f"{name}_{part}"):
             raise ValueError(
                 f"cannot add buffer {tensor_fqn}_{part}: module {module_fqn or '<root>'!r} already has it"
@@ -229,7 +230,7 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
         owner = gm.get_submodule(target.module_fqn)
         weight_aliases = aliases[id(getattr(owner, target.tensor_name))]
         names = []
-        for part, tensor in zip(_COMPONENT_NAMES[fmt.layout], components):
+        for part, tensor in zip(COMPONENT_NAMES[fmt.layout], components):
             owner.register_buffer(f"{target.tensor_name}_{part}", tensor)
             names.append(f"{target.tensor_fqn}_{part}")
         mul = muls[target.tensor_fqn]

@@ -163,7 +163,7 @@ def test_per_layer_config_forms_and_precedence():
         ({"fc1": {"backend": "bsr", "blocksize": (0, 4)}}, ValueError, r"blocksize for fc1.weight must be .* got \(0, 4\)"),
         ({"fc1": {"backend": "csr", "level": 2}}, ValueError, r"sets \['level'\]; only 'backend' and 'blocksize'"),
         ({"fc1": {"backend": "bsr", "blocksize": (4, 8)}}, ValueError, r"square blocks only, got blocksize \(4, 8\)"),
-        ({"fc1": {"backend": "bsr", "blocksize": 5}}, ValueError, r"blocksize \(5, 5\) does not divide the weight \(96x64"),
+        ({"fc1": {"backend": "bsr", "blocksize": 5}}, ValueError, r"cannot lower fc1.weight to bsr: blocksize \(5, 5\) does not divide the weight shape \(96, 64\)"),
         ("bsr", ValueError, r"square blocks only, got blocksize \(1, 4\)"),
         ("semi_structured", ValueError, r"2:4 kernels run on CUDA GPUs only, the weight is on cpu; use 'fuse' or 'auto'"),
         ("auto", ValueError, r"backend 'auto' times each layer on its input: pass example_inputs"),
