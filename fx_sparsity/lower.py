@@ -206,15 +206,24 @@ def _with_weight(args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds per call over ``repeats`` samples; each sample runs ``fn`` enough
+    times to last about a millisecond, so that timer resolution and call jitter of tiny
+    layers do not decide."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    calls = max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
     times = []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 

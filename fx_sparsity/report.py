@@ -183,7 +183,7 @@ def lowering_table(lowered: fx.GraphModule, tablefmt: str = "simple") -> str:
     ])
     headers = ["weight", "op", "shape", "backend", "sparsity", "bytes dense", "bytes lowered", "ratio",
                "ms before", "ms after", "speedup", "note"]
-    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def print_lowering_table(lowered: fx.GraphModule, tablefmt: str = "simple") -> None:
