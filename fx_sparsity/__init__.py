@@ -12,6 +12,7 @@ Example::
 from passes import CaptureError
 
 from .api import prepare
+from .calibrate import calibrate
 from .lower import BACKENDS, LayerLowering, get_lowering, lower
 from .config import SparsityConfig, parse_config
 from .masks import nearly_diagonal_mask, weight_norm_mask
@@ -23,16 +24,34 @@ from .report import (
     print_sparsity_table,
     sparsity_table,
 )
-from .sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier, get_sparsifier
+from .scheduler import BaseScheduler, CubicSL, LambdaSL
+from .sparsifier import (
+    BaseSparsifier,
+    GlobalMagnitudeSparsifier,
+    MagnitudeSparsifier,
+    NearlyDiagonalSparsifier,
+    NMSparsifier,
+    WandaSparsifier,
+    WeightNormSparsifier,
+    get_sparsifier,
+)
 
 __all__ = [
     "BACKENDS",
+    "BaseScheduler",
     "BaseSparsifier",
     "CaptureError",
+    "CubicSL",
+    "GlobalMagnitudeSparsifier",
+    "LambdaSL",
+    "MagnitudeSparsifier",
+    "NMSparsifier",
     "LayerLowering",
     "NearlyDiagonalSparsifier",
     "SparsityConfig",
+    "WandaSparsifier",
     "WeightNormSparsifier",
+    "calibrate",
     "get_lowering",
     "get_sparsifier",
     "graph_table",

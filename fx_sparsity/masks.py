@@ -27,6 +27,11 @@ __all__ = [
     "weight_norm_mask",
     "nearly_diagonal_mask",
     "validate_block",
+    "magnitude_keep",
+    "global_magnitude_keep",
+    "nm_keep",
+    "validate_level",
+    "validate_nm",
 ]
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
@@ -241,3 +246,79 @@ def nearly_diagonal_mask(weight: torch.Tensor, nearliness: int) -> torch.Tensor:
     cols = torch.arange(width, device=weight.device)[None, :]
     keep = (rows - cols).abs() <= reach
     return keep.reshape(weight.shape).to(weight.dtype)
+
+
+def validate_level(level: object, name: str = "sparsity_level") -> float:
+    """``level`` as a float in [0, 1], or a ``TypeError``/``ValueError`` naming it."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {level!r}")
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {level!r}")
+    return float(level)
+
+
+def _keep_all_but_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return ~smallest_k_mask(scores, k)
+
+
+def magnitude_keep(weight: torch.Tensor, sparsity_level: float) -> torch.Tensor:
+    """Keep all but the ``round(level * numel)`` entries of smallest ``|w|`` (``True`` = kept).
+
+    The zeros are exactly those ``torch.nn.utils.prune.l1_unstructured`` picks,
+    ties included (see :func:`smallest_k_mask`).
+    """
+    scores = weight.detach().abs().reshape(-1)
+    k = round(validate_level(sparsity_level) * scores.numel())
+    return _keep_all_but_smallest(scores, k).reshape(weight.shape)
+
+
+def global_magnitude_keep(weights: list[torch.Tensor], sparsity_level: float) -> list[torch.Tensor]:
+    """One threshold over several weights: keep all but the ``round(level * total)`` smallest ``|w|``.
+
+    The zeros are those of ``torch.nn.utils.prune.global_unstructured`` with
+    ``L1Unstructured`` on unpruned weights given in the same order.
+
+    Example::
+
+        >>> [k.tolist() for k in global_magnitude_keep([torch.tensor([1.0, 5.0]), torch.tensor([2.0, 3.0])], 0.5)]
+        [[False, True], [False, True]]
+    """
+    scores = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+    k = round(validate_level(sparsity_level) * scores.numel())
+    keep = _keep_all_but_smallest(scores, k)
+    return [part.reshape(w.shape) for part, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+def validate_nm(n: object, m: object) -> tuple[int, int]:
+    """``(n, m)`` as ints with 0 <= n < m, or a ``TypeError``/``ValueError`` naming them."""
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= n < m:
+        raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m} (e.g. n=2, m=4 for 2:4)")
+    return n, m
+
+
+def nm_keep(weight: torch.Tensor, n: int, m: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive entries along the input dimension.
+
+    The weight is viewed as ``[out, -1]`` (a Conv's input channels times kernel
+    positions). In each full group the ``m - n`` smallest scores (``|w|`` by
+    default) are zeroed with ``topk(largest=False)``, as torch.ao.pruning's
+    WeightNormSparsifier does for ``(1, m)`` blocks with ``m - n`` zeros; a
+    shorter group at the end of a row keeps its ``n`` largest.
+
+    Example::
+
+        >>> nm_keep(torch.tensor([[1.0, -4.0, 2.0, 3.0, 5.0, 0.5]]), 2, 4).int().tolist()
+        [[0, 1, 0, 1, 1, 1]]
+    """
+    n, m = validate_nm(n, m)
+    scores = (weight.detach().abs() if scores is None else scores).reshape(weight.shape[0], -1)
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    # Padding scores are -inf: they are zeroed first, so a short tail group loses only what exceeds n.
+    padded = F.pad(scores, (0, pad), value=float("-inf")).reshape(rows, -1, m)
+    drop = torch.topk(padded, m - n, dim=-1, largest=False, sorted=False).indices
+    keep = torch.ones(padded.shape, dtype=torch.bool, device=weight.device).scatter_(-1, drop, False)
+    return keep.reshape(rows, -1)[:, :cols].reshape(weight.shape)

@@ -14,7 +14,7 @@ __all__ = ["SPARSITY_META_KEY", "SparseTarget", "Role", "get_sparse_target"]
 
 SPARSITY_META_KEY = "fx_sparsity"
 
-Role = Literal["op", "mask_mul", "pad"]
+Role = Literal["op", "mask_mul", "pad", "observer"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class SparseTarget:
         weight_shape: shape of the weight tensor.
         role: ``"op"`` for the linear/conv node, ``"mask_mul"`` for the
             ``mul(weight, mask)`` node, ``"pad"`` for the explicit padding node
-            of a conv whose ``padding_mode`` is not ``"zeros"``.
+            of a conv whose ``padding_mode`` is not ``"zeros"``, ``"observer"`` for a
+            calibration observer in front of the op (:mod:`passes.observe`).
         call_module_fqn: for an op that was a ``call_module`` before masking,
             the FQN of the module it called (it may differ from ``module_fqn``
             when weights are tied); ``None`` for functional ops.

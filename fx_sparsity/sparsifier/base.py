@@ -109,6 +109,20 @@ class BaseSparsifier(abc.ABC):
         :meth:`step` (before any mask changes). The base accepts everything.
         """
 
+    def validate_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Raise ``ValueError`` when the groups cannot work together (after :meth:`validate_group`).
+
+        Called at :meth:`prepare` and :meth:`step`. The base accepts everything.
+        """
+
+    def update_masks(self) -> None:
+        """Update every group's mask; the base calls :meth:`update_mask` per group.
+
+        Override it when masks depend on several groups at once (a global threshold).
+        """
+        for group in self.groups:
+            self.update_mask(**group)
+
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         """Update ``getattr(module, tensor_name + "_mask")`` in place.
@@ -172,6 +186,7 @@ class BaseSparsifier(abc.ABC):
             group.update(tensor_fqn=match.tensor_fqn, module_fqn=match.module_fqn, tensor_name=match.tensor_name)
             self.validate_group(group, match.weight_shape)
             groups.append(group)
+        self.validate_groups(groups)
         gm = insert_masks(gm, [match for match, _ in selected])
         for group in groups:
             group["module"] = gm.get_submodule(group["module_fqn"])
@@ -188,9 +203,10 @@ class BaseSparsifier(abc.ABC):
             return
         for group in self.groups:
             self.validate_group(group, self._weight_shape(group))
+        self.validate_groups(self.groups)
         with torch.no_grad():
+            self.update_masks()
             for group in self.groups:
-                self.update_mask(**group)
                 state = self.state[group["tensor_fqn"]]
                 state["step_count"] = state.get("step_count", 0) + 1
 

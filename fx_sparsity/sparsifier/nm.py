@@ -1,0 +1,68 @@
+"""N:M sparsity: at most N nonzeros in every M consecutive weights along the input dimension."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..masks import nm_keep, validate_nm
+from .base import BaseSparsifier
+
+__all__ = ["NMSparsifier"]
+
+
+class NMSparsifier(BaseSparsifier):
+    r"""Keep the ``n`` largest ``|w|`` of every ``m`` consecutive entries along the input dimension.
+
+    A Conv weight is viewed as ``[out_channels, in_channels * kernel]``, so for a
+    1x1 conv the groups run over input channels. A shorter group at the end of a
+    row keeps its ``n`` largest. 2:4 (the default) is what the ``semi_structured``
+    lowering runs on CUDA; on full groups the masks equal torch.ao.pruning's
+    ``WeightNormSparsifier(sparsity_level=1, sparse_block_shape=(1, m),
+    zeros_per_block=m - n, norm=1)``. ``n`` and ``m`` can be overridden per weight.
+
+    A warning says when 2:4 masks cannot run fast where the model is (no CUDA
+    GPU of compute capability 8.0+): ``lower`` will fuse them there.
+
+    Example::
+
+        >>> sparsifier = NMSparsifier(2, 4)
+        >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(8, 8)), None)
+        >>> sparsifier.step()
+        >>> gm.get_buffer("0.weight_mask").view(8, 2, 4).sum(-1).unique().tolist()
+        [2.0]
+    """
+
+    def __init__(self, n: int = 2, m: int = 4) -> None:
+        validate_nm(n, m)
+        super().__init__(defaults={"n": n, "m": m})
+
+    def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+        validate_nm(group["n"], group["m"])
+
+    def target_sparsity(self, group: dict[str, Any]) -> float:
+        return 1.0 - group["n"] / group["m"]
+
+    def prepare(self, model: nn.Module, config: Any = None, **kwargs: Any) -> fx.GraphModule:
+        gm = super().prepare(model, config, **kwargs)
+        two_four = [g for g in self.groups if (g["n"], g["m"]) == (2, 4)]
+        if two_four and not _fast_two_four(getattr(two_four[0]["module"], two_four[0]["tensor_name"])):
+            warnings.warn(
+                "2:4 masks run fast only through lower(gm, 'semi_structured') on a CUDA GPU of compute "
+                "capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into dense weights",
+                UserWarning,
+                stacklevel=2,
+            )
+        return gm
+
+    def update_mask(self, module: nn.Module, tensor_name: str, n: int, m: int, **kwargs: Any) -> None:  # type: ignore[override]
+        self.get_mask(module, tensor_name).copy_(nm_keep(self.masked_tensor(module, tensor_name), n, m))
+
+
+def _fast_two_four(weight: torch.Tensor) -> bool:
+    if weight.is_cuda:
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
