@@ -45,16 +45,39 @@ class _Tracer(fx.Tracer):
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        if not super().is_leaf_module(m, module_qualified_name):
+            return False
+        # torch.nn modules are leaves by default, which would hide the Linears inside
+        # nn.TransformerEncoderLayer or nn.MultiheadAttention: trace into those.
+        return not _holds_weights(m)
+
+
+_WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _holds_weights(m: nn.Module) -> bool:
+    """A non-Linear/Conv module holding Linear/Conv submodules, or a MultiheadAttention."""
+    if isinstance(m, _WEIGHT_MODULES):
+        return False
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    return any(isinstance(sub, _WEIGHT_MODULES) for sub in m.modules())
 
 
 def _failing_construct(exc: BaseException) -> str:
     """``file:line in func: source`` of the innermost frame outside torch, if any."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    all_frames = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in all_frames if not f.filename.startswith(_TORCH_DIR)]
     if not frames:
         return ""
     f = frames[-1]
     source = f" `{f.line.strip()}`" if f.line else ""
+    # Past the user's frame, the failure may sit in a torch.nn module traced into for its Linears.
+    after = all_frames[all_frames.index(f) + 1 :]
+    inner = [g for g in after if "/nn/modules/" in g.filename and not g.name.endswith("call_impl")]
+    if inner:
+        module_file = os.path.relpath(inner[-1].filename, _TORCH_DIR)
+        source += f", inside torch/{module_file}:{inner[-1].lineno} in {inner[-1].name}"
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 

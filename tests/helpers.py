@@ -20,6 +20,9 @@ __all__ = [
     "LinearNet",
     "PointwiseConvNet",
     "TiedEmbeddingNet",
+    "TinyResNet",
+    "TinyMobileNet",
+    "TinyViT",
     "ImplementedSparsifier",
     "AOImplementedSparsifier",
     "MockSparseLinear",
@@ -136,6 +139,92 @@ class TiedEmbeddingNet(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.proj(self.embed(tokens))))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+class TinyResNet(nn.Module):
+    """ResNet-18's structure in miniature: stem, BasicBlocks with BatchNorm, strided 1x1 shortcuts, pool, fc."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(_BasicBlock(16, 16, 1), _BasicBlock(16, 16, 1))
+        self.layer2 = nn.Sequential(_BasicBlock(16, 32, 2), _BasicBlock(32, 32, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, channels: int, expand: int) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish()
+        )
+        self.se_reduce = nn.Conv2d(hidden, hidden // 4, 1)
+        self.se_expand = nn.Conv2d(hidden // 4, hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(self.expand(x))
+        scale = F.hardsigmoid(self.se_expand(torch.relu(self.se_reduce(F.adaptive_avg_pool2d(h, 1)))))
+        return x + self.project(h * scale)
+
+
+class TinyMobileNet(nn.Module):
+    """MobileNetV3-small's building blocks: depthwise and grouped convs, squeeze-excitation, hardswish."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.blocks = nn.Sequential(_InvertedResidual(16, 4), _InvertedResidual(16, 3))
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.classifier = nn.Sequential(nn.Linear(32, 64), nn.Hardswish(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.grouped(self.blocks(self.stem(x)))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TinyViT(nn.Module):
+    """ViT-B/16's structure in miniature: patch-embedding conv, class token, position embedding,
+    nn.TransformerEncoder layers (MultiheadAttention + MLP), head."""
+
+    def __init__(self, image: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 2, dim * 2, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.encoder(x))[:, 0])
 
 
 class ImplementedSparsifier(BaseSparsifier):

@@ -95,3 +95,22 @@ def test_bad_arguments():
         capture(nn.Linear(2, 2), example_inputs={"x": 1})
     with pytest.raises(TypeError, match="leaf_modules"):
         capture(nn.Linear(2, 2), leaf_modules=[3])
+
+
+def test_torch_nn_containers_with_linears_are_traced_into():
+    """nn.TransformerEncoder (a torch.nn module, a leaf by default) holds Linears: capture traces into it.
+    Its control flow then needs torch.export (example_inputs); without them the error points inside torch's
+    module; leaf_modules keeps it opaque on request."""
+    from helpers import TinyViT
+    from passes import find_weights
+
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = capture(model, example_inputs=(x,))
+    fqns = {m.tensor_fqn for m in find_weights(gm)}
+    assert {"encoder.layers.0.linear1.weight", "encoder.layers.1.self_attn.in_proj_weight",
+            "encoder.layers.1.self_attn.out_proj.weight"} <= fqns
+    with pytest.raises(CaptureError, match=r"inside torch/nn/modules/transformer.py:\d+ in _get_seq_len"):
+        capture(model)
+    opaque = capture(model, leaf_modules=[nn.TransformerEncoder])
+    assert {m.tensor_fqn for m in find_weights(opaque)} == {"patch_embed.weight", "head.weight"}
