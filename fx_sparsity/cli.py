@@ -15,10 +15,18 @@ from collections.abc import Sequence
 import torch
 
 from .api import prepare
+from .calibrate import calibrate
 from .lower import BACKENDS, lower
 from .models import load_model
 from .report import graph_table, lowering_table, sparsity_table
-from .sparsifier import WeightNormSparsifier
+from .sparsifier import (
+    BaseSparsifier,
+    GlobalMagnitudeSparsifier,
+    MagnitudeSparsifier,
+    NMSparsifier,
+    WandaSparsifier,
+    WeightNormSparsifier,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -42,6 +50,29 @@ def _block(text: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M like 2:4, got {text!r}") from None
+    return n, m
+
+
+METHODS = ("weight-norm", "magnitude", "global", "nm", "wanda")
+
+
+def _sparsifier(args: argparse.Namespace) -> BaseSparsifier:
+    if args.method == "weight-norm":
+        return WeightNormSparsifier(args.sparsity_level, args.block_shape, args.zeros_per_block)
+    if args.method == "magnitude":
+        return MagnitudeSparsifier(args.sparsity_level)
+    if args.method == "global":
+        return GlobalMagnitudeSparsifier(args.sparsity_level)
+    if args.method == "nm":
+        return NMSparsifier(*(args.nm or (2, 4)))
+    return WandaSparsifier(args.sparsity_level, nm=args.nm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fx-sparsity",
@@ -53,10 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-shape", type=_shape, default=None,
                         help="example input shape, e.g. 1,3,224,224 (default: 2,3,32,32 for demo, "
                         "1,3,224,224 for torchvision; required for file models)")
-    parser.add_argument("--sparsity-level", type=float, default=0.5, help="fraction of blocks to sparsify")
-    parser.add_argument("--block-shape", type=_block, default=(1, 4), help="sparse block ROWSxCOLS (default 1x4)")
+    parser.add_argument("--method", choices=METHODS, default="weight-norm",
+                        help="weight-norm (blocks, torch.ao.pruning's), magnitude (per layer), global (one "
+                        "threshold), nm (N:M), wanda (|W| x input norm, calibrated); default weight-norm")
+    parser.add_argument("--sparsity-level", type=float, default=0.5,
+                        help="fraction of blocks (weight-norm) or weights to sparsify (default 0.5)")
+    parser.add_argument("--block-shape", type=_block, default=(1, 4),
+                        help="weight-norm: sparse block ROWSxCOLS (default 1x4)")
     parser.add_argument("--zeros-per-block", type=int, default=None,
-                        help="zeros in each sparse block (default: the whole block)")
+                        help="weight-norm: zeros in each sparse block (default: the whole block)")
+    parser.add_argument("--nm", type=_nm, default=None,
+                        help="N:M pattern like 2:4, for --method nm (default 2:4) or wanda (default: unstructured)")
+    parser.add_argument("--calibration-batches", type=int, default=4,
+                        help="wanda: random batches of --input-shape to calibrate on (default 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--backend", choices=BACKENDS, default="fuse",
                         help="lowering backend for every masked layer (default fuse; auto times each layer)")
     parser.add_argument("--export", metavar="PATH", default=None,
@@ -91,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args.model).eval()
         example = torch.randn(_input_shape(args))
-        sparsifier = WeightNormSparsifier(args.sparsity_level, args.block_shape, args.zeros_per_block)
+        sparsifier = _sparsifier(args)
+        if args.calibration_batches < 1:
+            raise ValueError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
     except (ValueError, TypeError) as e:
         print(f"fx-sparsity: error: {e}", file=sys.stderr)
         return 2
@@ -99,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dense_out = model(example)
         gm = prepare(model, sparsifier=sparsifier, example_inputs=(example,))
         checks = {"prepared (all-ones masks) == dense": (gm(example), dense_out)}
+        if isinstance(sparsifier, WandaSparsifier):
+            batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
+            calibrate(gm, batches, progress_bar=not args.no_progress)
         sparsifier.step()
         print(f"model: {args.model} ({type(model).__name__}), captured with {gm.meta['capture']}\n")
         print(sparsity_table(gm))
@@ -107,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = _masked_reference(model, sparsifier)(example)
         checks["prepared == masked eager"] = (gm(example), reference)
         try:
-            lowered = lower(gm, args.backend, example_inputs=(example,))
+            lowered = lower(gm, args.backend, example_inputs=(example,), progress_bar=not args.no_progress)
         except ValueError as e:
             print(f"fx-sparsity: error: {e}", file=sys.stderr)
             return 2

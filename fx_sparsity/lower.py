@@ -45,6 +45,7 @@ from passes import (
 from passes.lower_sparse import COMPONENT_NAMES, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
 
 from .config import parse_config
+from .progress import progress
 from .sparsifier.base import SPARSIFIER_META_KEY, _clone_without_sparsifier
 
 __all__ = ["lower", "LayerLowering", "get_lowering", "BACKENDS", "AUTO_MIN_SPEEDUP", "LOWERING_META_KEY"]
@@ -335,6 +336,7 @@ def lower(
     *,
     example_inputs: Any = None,
     repeats: int = 5,
+    progress_bar: bool = True,
 ) -> fx.GraphModule:
     """Return a new module computing ``gm`` with no mask nodes or mask buffers.
 
@@ -345,7 +347,8 @@ def lower(
             ``"blocksize"``); layers it does not select are fused.
         example_inputs: a tensor or tuple of positional inputs; required by
             ``"auto"``, and with it each layer's time before and after is measured.
-        repeats: timed calls per measurement (the median is used).
+        repeats: timed samples per measurement (the median is used).
+        progress_bar: show a progress bar on stderr while layers are timed.
 
     Returns:
         The lowered ``GraphModule``; :func:`get_lowering` gives its per-layer records.
@@ -386,7 +389,8 @@ def lower(
             calls[ops[name]].append(call)
 
     formats, records = {}, []
-    for target in masked_targets(gm):
+    targets = masked_targets(gm)
+    for target in progress(targets, progress_bar and timed, "lower: timing layers", len(targets)):
         fqn, request = target.tensor_fqn, requests[target.tensor_fqn]
         layer = _Layer(gm, target, calls[fqn], repeats)
         fmt, note, seconds_after = _resolve(gm, layer, request, timed)

@@ -98,3 +98,35 @@ def test_module_entry_point():
     assert result.returncode == 0, result.stderr
     assert "OK:" in result.stdout
     assert isinstance(load_model("demo"), DemoNet)
+
+
+@pytest.mark.parametrize("argv, achieved", [
+    (["--method=magnitude", "--sparsity-level=0.75"], "75.0%"),
+    (["--method=global", "--sparsity-level=0.6"], "60.0%"),
+    (["--method=nm", "--nm=1:4"], "75.0%"),
+    (["--method=wanda", "--sparsity-level=0.5", "--calibration-batches=2"], "50.0%"),
+    (["--method=wanda", "--nm=2:4"], "50.0%"),
+])
+def test_methods(argv, achieved, capsys):
+    """Each --method runs the whole flow (wanda calibrates first); the total row shows the achieved level."""
+    assert cli.main([*argv, "--no-graph", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert achieved in total
+    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked")
+
+
+def test_nm_on_cpu_warns_that_it_will_not_run_fast(capsys):
+    """2:4 on a CPU-only machine: a warning says lower() will fuse it."""
+    with pytest.warns(UserWarning, match="2:4 masks run fast only"):
+        assert cli.main(["--method=nm", "--no-graph", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method=nm", "--nm=4:4"], "0 <= n < m, got n=4, m=4"),
+    (["--method=wanda", "--calibration-batches=0"], "--calibration-batches must be at least 1"),
+])
+def test_method_errors_exit_2(argv, message, capsys):
+    """Bad method arguments: exit 2 with the reason."""
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
