@@ -259,17 +259,19 @@ class _Layer:
         with torch.no_grad():
             return sum(_median_seconds(lambda c=c: forward(*c), self.repeats, device) for c in self.calls)
 
-    def time_masked(self) -> float | None:
+    def _time_op(self, weight: Callable[[], Tensor]) -> float | None:
         def forward(op, args, kwargs):
-            args, kwargs = _with_weight(args, kwargs, self.weight * self.mask)
+            args, kwargs = _with_weight(args, kwargs, weight())
             return op(*args, **kwargs)
         return self._time(forward)
 
+    def time_masked(self) -> float | None:
+        """The prepared layer: mask multiply, then the op."""
+        return self._time_op(lambda: self.weight * self.mask)
+
     def time_dense(self, weight: Tensor) -> float | None:
-        def forward(op, args, kwargs):
-            args, kwargs = _with_weight(args, kwargs, weight)
-            return op(*args, **kwargs)
-        return self._time(forward)
+        """The op on a given (fused) weight."""
+        return self._time_op(lambda: weight)
 
     def time_sparse(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> float | None:
         channel_dim = None if self.target.kind == "linear" else -(len(self.target.weight_shape) - 1)
@@ -280,7 +282,7 @@ class _Layer:
         return self._time(forward)
 
 
-def _resolve(gm, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[SparseFormat | None, str, float | None]:
+def _resolve(gm: fx.GraphModule, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[SparseFormat | None, str, float | None]:
     """The format a layer gets (``None``: fuse), the note, and its lowered time when measured."""
     fqn, wanted = layer.target.tensor_fqn, request["backend"]
     blocksize = request["blocksize"] or _default_blocksize(gm, fqn)
