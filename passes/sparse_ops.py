@@ -39,6 +39,7 @@ __all__ = [
     "csr_linear",
     "bsr_linear",
     "semi_structured_linear",
+    "sparse_linear_grad_input",
     "to_csr_components",
     "to_bsr_components",
     "to_semi_structured_components",
@@ -84,30 +85,39 @@ def _linear_fake(x: Tensor, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _out_features(crow_indices: Tensor, values: Tensor) -> int:
+    """Rows of a CSR (1-D ``values``) or BSR (``[nnz_blocks, rows, cols]`` values) weight."""
+    block_rows = values.shape[1] if values.dim() == 3 else 1
+    return (crow_indices.shape[0] - 1) * block_rows
+
+
+def _sparse_weight(crow_indices: Tensor, col_indices: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """The CSR or BSR view (no copy) of the components; BSR when ``values`` holds blocks."""
+    shape = (_out_features(crow_indices, values), in_features)
+    build = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
+    return build(crow_indices, col_indices, values, shape, check_invariants=False)
+
+
 @torch.library.custom_op("fx_sparsity::csr_linear", mutates_args=())
 def csr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` with ``W`` given by its CSR components (see :func:`to_csr_components`)."""
-    shape = (crow_indices.shape[0] - 1, x.shape[-1])
-    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
-    return _sparse_mm_linear(x, weight, bias)
+    return _sparse_mm_linear(x, _sparse_weight(crow_indices, col_indices, values, x.shape[-1]), bias)
 
 
 @csr_linear.register_fake
 def _(x, crow_indices, col_indices, values, bias):
-    return _linear_fake(x, crow_indices.shape[0] - 1)
+    return _linear_fake(x, _out_features(crow_indices, values))
 
 
 @torch.library.custom_op("fx_sparsity::bsr_linear", mutates_args=())
 def bsr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` with ``W`` given by its BSR components (see :func:`to_bsr_components`)."""
-    shape = ((crow_indices.shape[0] - 1) * values.shape[1], x.shape[-1])
-    weight = torch.sparse_bsr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
-    return _sparse_mm_linear(x, weight, bias)
+    return _sparse_mm_linear(x, _sparse_weight(crow_indices, col_indices, values, x.shape[-1]), bias)
 
 
 @bsr_linear.register_fake
 def _(x, crow_indices, col_indices, values, bias):
-    return _linear_fake(x, (crow_indices.shape[0] - 1) * values.shape[1])
+    return _linear_fake(x, _out_features(crow_indices, values))
 
 
 @torch.library.custom_op("fx_sparsity::semi_structured_linear", mutates_args=())
@@ -137,16 +147,10 @@ def _(x, packed, meta, bias):
 def sparse_linear_grad_input(grad: Tensor, layout: str, components: list[Tensor], in_features: int) -> Tensor:
     """``grad @ W``: the input gradient of the ``<layout>_linear`` operator whose weight is ``components``."""
     grad2 = grad.reshape(-1, grad.shape[-1])
-    if layout == "csr":
-        crow_indices, col_indices, values = components
-        shape = (crow_indices.shape[0] - 1, in_features)
-        weight = torch.sparse_csr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
-        out = torch.sparse.mm(weight.t(), grad2.t()).t()
-    elif layout == "bsr":
-        crow_indices, col_indices, values = components
-        shape = ((crow_indices.shape[0] - 1) * values.shape[1], in_features)
-        weight = torch.sparse_bsr_tensor(crow_indices, col_indices, values, shape, check_invariants=False)
-        out = grad2 @ weight.to_dense()
+    if layout == "csr":  # CSR transposed is CSC, which MKL multiplies directly
+        out = torch.sparse.mm(_sparse_weight(*components, in_features).t(), grad2.t()).t()
+    elif layout == "bsr":  # MKL has no BSC product on CPU
+        out = grad2 @ _sparse_weight(*components, in_features).to_dense()
     else:
         out = grad2 @ sparse_semi_structured_to_dense_cutlass(*components)
     return out.to(grad.dtype).contiguous().view(*grad.shape[:-1], in_features)
