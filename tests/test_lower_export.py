@@ -88,3 +88,12 @@ def test_bfloat16_fused_export():
     gm, lowered, x, other = lowered_model("linear", "fuse", dtype=torch.bfloat16)
     ep = torch.export.export(lowered, (x,), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
     assert torch.equal(ep.module()(other), gm(other))
+
+
+def test_aot_inductor_package(tmp_path):
+    """AOTInductor compiles the csr-lowered program (dynamic batch) into a package that loads and matches."""
+    gm, lowered, x, other = lowered_model("linear", "csr")
+    ep = torch.export.export(lowered, (x,), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
+    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "lowered.pt2"))
+    runner = torch._inductor.aoti_load_package(package)
+    torch.testing.assert_close(runner(other), gm(other))
