@@ -261,3 +261,26 @@ def test_public_names():
     """lower and its report are part of the package's public API."""
     for name in ("lower", "get_lowering", "lowering_table", "print_lowering_table", "LayerLowering", "BACKENDS"):
         assert name in fx_sparsity.__all__
+
+
+def test_nm_masks_take_the_semi_structured_pass():
+    """2:4 masks from NMSparsifier (fp16) go through the semi_structured pass (on CPU the operator unpacks to
+    dense, its reference kernel): the graph calls semi_structured_linear, matches and exports."""
+    import warnings
+
+    from passes import SparseFormat, clone_sharing_tensors, fuse_masks, lower_sparse
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "2:4 runs fast only on CUDA" warning
+        gm = prepare(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).half(),
+                     sparsifier=fx_sparsity.NMSparsifier(2, 4))
+    get_sparsifier(gm).step()
+    lowered = clone_sharing_tensors(gm)
+    lower_sparse(lowered, {"0.weight": SparseFormat("semi_structured"), "2.weight": SparseFormat("semi_structured")})
+    fuse_masks(lowered)
+    assert mask_free(lowered)
+    assert count_nodes(lowered)[("call_function", torch.ops.fx_sparsity.semi_structured_linear.default)] == 2
+    assert lowered.get_buffer("0.weight_packed").shape == (64, 64)
+    x = torch.randn(5, 128, dtype=torch.float16)
+    torch.testing.assert_close(lowered(x), gm(x))
+    torch.testing.assert_close(torch.export.export(lowered, (x,)).module()(x), gm(x))
