@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes.observe import insert_input_observers, remove_input_observers
+from passes import insert_input_observers, remove_input_observers
 
 from .progress import progress
 from .sparsifier import get_sparsifier

@@ -12,12 +12,14 @@ from .insert_masks import insert_masks
 from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
 from .match import WeightMatch, find_masked_weights, find_weights, op_arguments, op_kind
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
+from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors
 
 __all__ = [
     "CaptureError",
     "FqnRule",
+    "InputNormObserver",
     "SPARSE_OPS",
     "SPARSITY_META_KEY",
     "SparseFormat",
@@ -29,6 +31,7 @@ __all__ = [
     "find_weights",
     "fuse_masks",
     "get_sparse_target",
+    "insert_input_observers",
     "insert_masks",
     "is_pattern",
     "lower_sparse",
@@ -36,6 +39,7 @@ __all__ = [
     "masked_targets",
     "op_arguments",
     "op_kind",
+    "remove_input_observers",
     "select_weights",
     "sparse_layer_forward",
 ]
