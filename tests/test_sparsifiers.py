@@ -279,3 +279,14 @@ def test_public_names():
         assert name in fx_sparsity.__all__
     assert get_sparsifier is fx_sparsity.get_sparsifier
     assert F.linear is torch.nn.functional.linear
+
+
+def test_calibrate_failure_leaves_graph_as_it_was():
+    """A batch that fails mid-calibration raises, and the observers are gone again."""
+    sparsifier = WandaSparsifier(0.5)
+    gm = prepare(ThreeLinear(), sparsifier=sparsifier)
+    code, modules = gm.code, set(dict(gm.named_modules()))
+    with pytest.raises(RuntimeError):
+        calibrate(gm, [torch.randn(2, 24), torch.randn(2, 5)], progress_bar=False)
+    assert gm.code == code and set(dict(gm.named_modules())) == modules
+    assert all("input_norm" not in sparsifier.state[g["tensor_fqn"]] for g in sparsifier.groups)
