@@ -122,7 +122,8 @@ def _blocker(mul: fx.Node) -> str | None:
             return f"{'x'.join(map(str, kernel))} conv: only 1x1 convs run as sparse linears"
         if _as_tuple(args["stride"], nd) != (1,) * nd:
             return f"1x1 conv with stride {args['stride']}: only stride 1 runs as a sparse linear"
-        if args["padding"] != "valid" and _as_tuple(args["padding"], nd) != (0,) * nd:
+        # "same" pads a 1x1 kernel by nothing.
+        if args["padding"] not in ("valid", "same") and _as_tuple(args["padding"], nd) != (0,) * nd:
             return f"1x1 conv with padding {args['padding']}: only unpadded convs run as sparse linears"
         if args["groups"] != 1:
             return f"grouped conv (groups={args['groups']}): only groups=1 runs as a sparse linear"

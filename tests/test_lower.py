@@ -284,3 +284,13 @@ def test_nm_masks_take_the_semi_structured_pass():
     x = torch.randn(5, 128, dtype=torch.float16)
     torch.testing.assert_close(lowered(x), gm(x))
     torch.testing.assert_close(torch.export.export(lowered, (x,)).module()(x), gm(x))
+
+
+def test_pointwise_conv_with_string_padding_lowers():
+    """A 1x1 conv with padding="same" or "valid" pads nothing and lowers to csr_linear."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1, padding="same"), nn.Conv2d(8, 4, 1, padding="valid"))
+    gm = prepared(model)
+    lowered = lower(gm, "csr")
+    assert [r.backend for r in get_lowering(lowered)] == ["csr", "csr"]
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(lowered(x), gm(x))
