@@ -9,7 +9,7 @@ the sparsity config (layers no entry selects are fused)::
 
 * ``"fuse"``: the weight becomes ``weight * mask`` and the op a plain dense
   linear/conv (a ``call_module`` again where the model was traced that way).
-* ``"csr"`` / ``"bsr"``: Linear and 1x1 Conv ops call the ``fx_sparsity::csr_linear``
+* ``"csr"`` / ``"bsr"``: Linear and 1x1 Conv ops (strided too) call the ``fx_sparsity::csr_linear``
   / ``bsr_linear`` operators (:mod:`passes.sparse_ops`); other convs are fused.
   On CPU these run on MKL, which takes float32/float64 and square blocks only.
 * ``"semi_structured"``: 2:4 weights in fp16/bf16 on a CUDA GPU (CUTLASS).
@@ -42,7 +42,14 @@ from passes import (
     op_arguments,
     select_weights,
 )
-from passes.lower_sparse import COMPONENT_NAMES, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
+from passes.lower_sparse import (
+    COMPONENT_NAMES,
+    SparseFormat,
+    conv_strides,
+    lower_sparse,
+    lowering_blocker,
+    sparse_layer_forward,
+)
 
 from .config import parse_config
 from .progress import progress
@@ -274,11 +281,10 @@ class _Layer:
         return self._time_op(lambda: weight)
 
     def time_sparse(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> float | None:
-        channel_dim = None if self.target.kind == "linear" else -(len(self.target.weight_shape) - 1)
-
         def forward(op, args, kwargs):
             bound = op_arguments(op, args, kwargs)
-            return sparse_layer_forward(fmt.layout, bound["input"], components, bound["bias"], channel_dim)
+            strides = conv_strides(self.target, op, args, kwargs)
+            return sparse_layer_forward(fmt.layout, bound["input"], components, bound["bias"], strides)
         return self._time(forward)
 
 

@@ -9,9 +9,10 @@ the components as buffers on the module that owns the weight:
 * ``semi_structured``: ``<tensor_name>_packed`` and ``<tensor_name>_meta``.
 
 Every op reading the masked weight becomes a call to the matching
-``torch.ops.fx_sparsity.*_linear`` operator. A 1x1 conv (stride 1, no padding,
-one group) is a linear over channels: its input is moved channels-last, run
-through the operator and moved back (contiguous). The ``mul(weight, mask)``
+``torch.ops.fx_sparsity.*_linear`` operator. A 1x1 conv (no padding, one
+group) is a linear over channels: its input is strided-sliced when the conv has
+a stride, moved channels-last, run through the operator and moved back
+(contiguous). The ``mul(weight, mask)``
 node and the mask buffer are removed, and the dense weight too when nothing
 else in the graph reads it (a tied embedding, say). Masked weights not named
 in ``formats`` are left for :func:`passes.fuse_masks.fuse_masks`.
@@ -22,6 +23,7 @@ returns ``gm``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -34,7 +36,15 @@ from .meta import SparseTarget, get_sparse_target
 from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured_components
 from .utils import split_fqn, tensor_aliases
 
-__all__ = ["SparseFormat", "lower_sparse", "lowering_blocker", "sparse_layer_forward", "SPARSE_OPS", "COMPONENT_NAMES"]
+__all__ = [
+    "SparseFormat",
+    "lower_sparse",
+    "lowering_blocker",
+    "sparse_layer_forward",
+    "conv_strides",
+    "SPARSE_OPS",
+    "COMPONENT_NAMES",
+]
 
 Layout = Literal["csr", "bsr", "semi_structured"]
 
@@ -101,8 +111,8 @@ def _as_tuple(value: object, n: int) -> tuple:
 def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
     """Why the ops using masked weight ``tensor_fqn`` cannot run as a sparse linear; ``None`` if they can.
 
-    Linear ops always can; a conv can when it is 1x1 with stride 1, no padding
-    and one group.
+    Linear ops always can; a conv can when it is 1x1 with no padding and one
+    group (a stride becomes a strided slice of the input).
     """
     mul = _mask_muls(gm).get(tensor_fqn)
     if mul is None:
@@ -120,8 +130,6 @@ def _blocker(mul: fx.Node) -> str | None:
         kernel = target.weight_shape[2:]
         if any(k != 1 for k in kernel):
             return f"{'x'.join(map(str, kernel))} conv: only 1x1 convs run as sparse linears"
-        if _as_tuple(args["stride"], nd) != (1,) * nd:
-            return f"1x1 conv with stride {args['stride']}: only stride 1 runs as a sparse linear"
         # "same" pads a 1x1 kernel by nothing.
         if args["padding"] not in ("valid", "same") and _as_tuple(args["padding"], nd) != (0,) * nd:
             return f"1x1 conv with padding {args['padding']}: only unpadded convs run as sparse linears"
@@ -130,16 +138,35 @@ def _blocker(mul: fx.Node) -> str | None:
     return None
 
 
+def _strides(target: SparseTarget, args: dict) -> tuple[int, ...]:
+    return _as_tuple(args["stride"], len(target.weight_shape) - 2)
+
+
+def conv_strides(target: SparseTarget, op_target: object, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """``None`` for a linear op, else the strides of the conv called as ``op_target(*args, **kwargs)``."""
+    if target.kind == "linear":
+        return None
+    return _strides(target, op_arguments(op_target, args, kwargs))
+
+
+def _stride_slice(strides: tuple[int, ...]) -> tuple:
+    """The index that picks what a 1x1 conv of these strides reads: ``x[..., ::sh, ::sw]``."""
+    return (Ellipsis, *(slice(None, None, s) for s in strides))
+
+
 def sparse_layer_forward(
-    layout: Layout, x: Tensor, components: Sequence[Tensor], bias: Tensor | None, channel_dim: int | None
+    layout: Layout, x: Tensor, components: Sequence[Tensor], bias: Tensor | None, conv_strides: tuple[int, ...] | None
 ) -> Tensor:
     """Eager equivalent of the nodes the pass emits for one op (used to time layers).
 
-    ``channel_dim`` is ``None`` for a linear, else the channel dim of a 1x1 conv's input.
+    ``conv_strides`` is ``None`` for a linear, else the strides of a 1x1 conv.
     """
     op = SPARSE_OPS[layout]
-    if channel_dim is None:
+    if conv_strides is None:
         return op(x, *components, bias)
+    channel_dim = -(len(conv_strides) + 1)
+    if any(s != 1 for s in conv_strides):
+        x = x[_stride_slice(conv_strides)]
     y = op(torch.movedim(x, channel_dim, -1), *components, bias)
     return torch.movedim(y, -1, channel_dim).contiguous()
 
@@ -154,6 +181,9 @@ def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node
             new = graph.call_function(sparse_op, (x, *components, bias))
         else:
             channel_dim = -(len(target.weight_shape) - 1)
+            strides = _strides(target, args)
+            if any(s != 1 for s in strides):
+                x = graph.call_function(operator.getitem, (x, _stride_slice(strides)))
             x_last = graph.call_function(torch.movedim, (x, channel_dim, -1))
             y = graph.call_function(sparse_op, (x_last, *components, bias))
             y = graph.call_function(torch.movedim, (y, -1, channel_dim))
