@@ -290,3 +290,11 @@ def test_calibrate_failure_leaves_graph_as_it_was():
         calibrate(gm, [torch.randn(2, 24), torch.randn(2, 5)], progress_bar=False)
     assert gm.code == code and set(dict(gm.named_modules())) == modules
     assert all("input_norm" not in sparsifier.state[g["tensor_fqn"]] for g in sparsifier.groups)
+
+
+def test_nm_warning_points_at_the_callers_line():
+    """The 2:4 warning names the user's line, whether prepare is called on the sparsifier or through fx_sparsity."""
+    for call in (lambda s: s.prepare(ThreeLinear(), None), lambda s: prepare(ThreeLinear(), sparsifier=s)):
+        with pytest.warns(UserWarning, match="2:4 masks run fast only") as record:
+            call(NMSparsifier(2, 4))
+        assert record[0].filename == __file__

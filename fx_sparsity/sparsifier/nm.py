@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -54,7 +56,7 @@ class NMSparsifier(BaseSparsifier):
                 "2:4 masks run fast only through lower(gm, 'semi_structured') on a CUDA GPU of compute "
                 "capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into dense weights",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_caller_level(),
             )
         return gm
 
@@ -66,3 +68,12 @@ def _fast_two_four(weight: torch.Tensor) -> bool:
     if weight.is_cuda:
         return torch.cuda.get_device_capability(weight.device) >= (8, 0)
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside fx_sparsity, so the warning names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
