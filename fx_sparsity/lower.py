@@ -24,34 +24,18 @@ weight; :func:`fx_sparsity.lowering_table` prints them.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 from torch import Tensor, fx
 
-from passes import (
-    SparseTarget,
-    find_masked_weights,
-    fuse_masks,
-    get_sparse_target,
-    masked_targets,
-    op_arguments,
-    select_weights,
-)
-from passes.lower_sparse import (
-    COMPONENT_NAMES,
-    SparseFormat,
-    conv_strides,
-    lower_sparse,
-    lowering_blocker,
-    sparse_layer_forward,
-)
+from passes import find_masked_weights, fuse_masks, masked_targets, select_weights
+from passes.lower_sparse import COMPONENT_NAMES, SparseFormat, lower_sparse, lowering_blocker
 
 from .config import parse_config
+from .layer_timing import LayerTimer, record_op_calls
 from .progress import progress
 from .sparsifier.base import SPARSIFIER_META_KEY, _clone_without_sparsifier
 
@@ -192,49 +176,6 @@ def _unsupported(layout: str, weight: Tensor, blocksize: tuple[int, int] | None)
     return None
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the prepared module and keeps the arguments of the given op nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names = names
-        self.calls: dict[str, tuple[Any, tuple, dict]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.names:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.calls[n.name] = (n.target, args, kwargs)
-        return super().run_node(n)
-
-
-def _with_weight(args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict]:
-    if len(args) > 1:
-        return (args[0], weight, *args[2:]), kwargs
-    return args, {**kwargs, "weight": weight}
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds per call over ``repeats`` samples; each sample runs ``fn`` enough
-    times to last about a millisecond, so that timer resolution and call jitter of tiny
-    layers do not decide."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    calls = max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
 def _choose(fused_seconds: float, sparse_seconds: Mapping[str, float]) -> tuple[str, str]:
     """``auto``'s pick and its note: the fastest sparse backend if it beats fused by AUTO_MIN_SPEEDUP."""
     if not sparse_seconds:
@@ -246,49 +187,7 @@ def _choose(fused_seconds: float, sparse_seconds: Mapping[str, float]) -> tuple[
     return "fuse", f"auto: fused ({timings})"
 
 
-class _Layer:
-    """One masked weight of the prepared module, with timers for its forms."""
-
-    def __init__(self, gm: fx.GraphModule, target: SparseTarget, calls: list[tuple[Any, tuple, dict]], repeats: int):
-        owner = gm.get_submodule(target.module_fqn)
-        self.target = target
-        self.weight = getattr(owner, target.tensor_name)
-        self.mask = getattr(owner, target.mask_name)
-        self.calls, self.repeats = calls, repeats
-
-    def fused(self) -> Tensor:
-        return (self.weight * self.mask).detach()
-
-    def _time(self, forward: Callable[[Any, tuple, dict], object]) -> float | None:
-        if not self.calls:
-            return None
-        device = self.weight.device
-        with torch.no_grad():
-            return sum(_median_seconds(lambda c=c: forward(*c), self.repeats, device) for c in self.calls)
-
-    def _time_op(self, weight: Callable[[], Tensor]) -> float | None:
-        def forward(op, args, kwargs):
-            args, kwargs = _with_weight(args, kwargs, weight())
-            return op(*args, **kwargs)
-        return self._time(forward)
-
-    def time_masked(self) -> float | None:
-        """The prepared layer: mask multiply, then the op."""
-        return self._time_op(lambda: self.weight * self.mask)
-
-    def time_dense(self, weight: Tensor) -> float | None:
-        """The op on a given (fused) weight."""
-        return self._time_op(lambda: weight)
-
-    def time_sparse(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> float | None:
-        def forward(op, args, kwargs):
-            bound = op_arguments(op, args, kwargs)
-            strides = conv_strides(self.target, op, args, kwargs)
-            return sparse_layer_forward(fmt.layout, bound["input"], components, bound["bias"], strides)
-        return self._time(forward)
-
-
-def _resolve(gm: fx.GraphModule, layer: _Layer, request: dict[str, Any], timed: bool) -> tuple[SparseFormat | None, str, float | None]:
+def _resolve(gm: fx.GraphModule, layer: LayerTimer, request: dict[str, Any], timed: bool) -> tuple[SparseFormat | None, str, float | None]:
     """The format a layer gets (``None``: fuse), the note, and its lowered time when measured."""
     fqn, wanted = layer.target.tensor_fqn, request["backend"]
     blocksize = request["blocksize"] or _default_blocksize(gm, fqn)
@@ -385,22 +284,13 @@ def lower(
     timed = example_inputs is not None
     if not timed and any(r["backend"] == "auto" for r in requests.values()):
         raise ValueError("backend 'auto' times each layer on its input: pass example_inputs=(x,)")
-    calls: dict[str, list] = {fqn: [] for fqn in requests}
-    if timed:
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        ops = {n.name: t.tensor_fqn for n in gm.graph.nodes
-               if (t := get_sparse_target(n)) is not None and t.role == "op"}
-        recorder = _Recorder(gm, set(ops))
-        with torch.no_grad():
-            recorder.run(*inputs)
-        for name, call in recorder.calls.items():
-            calls[ops[name]].append(call)
+    calls = record_op_calls(gm, example_inputs) if timed else {}
 
     formats, records = {}, []
     targets = masked_targets(gm)
     for target in progress(targets, progress_bar and timed, "lower: timing layers", len(targets)):
         fqn, request = target.tensor_fqn, requests[target.tensor_fqn]
-        layer = _Layer(gm, target, calls[fqn], repeats)
+        layer = LayerTimer(gm, target, calls.get(fqn, []), repeats)
         fmt, note, seconds_after = _resolve(gm, layer, request, timed)
         if fmt is not None:
             formats[fqn] = fmt
