@@ -102,3 +102,25 @@ def test_tiny_bert_needs_export_capture_and_lowers():
         lowered = lower(gm, "csr")
         exported = torch.export.export(lowered, (ids,)).module()
         torch.testing.assert_close(exported(ids).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_bert_wanda_calibration_through_export_capture():
+    """Wanda on the export-captured BERT: calibrate leaves the graph as it was, every Linear gets norms of its
+    input width, and each output row keeps half its weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config).eval()
+    sparsifier = fx_sparsity.WandaSparsifier(0.5)
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (2, 12)),))
+    code = gm.code
+    norms = fx_sparsity.calibrate(gm, [(torch.randint(0, 100, (2, 12)),) for _ in range(3)], progress_bar=False)
+    assert gm.code == code
+    assert norms["encoder.layer.0.output.dense.weight"].shape == (64,)
+    sparsifier.step()
+    for group in sparsifier.groups:
+        mask = gm.get_buffer(f"{group['tensor_fqn']}_mask")
+        assert (mask.sum(1) == mask.shape[1] // 2).all(), group["tensor_fqn"]
