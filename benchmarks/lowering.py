@@ -106,7 +106,7 @@ def run_case(size: int, level: float, block: tuple[int, int], repeats: int, cold
     rows = []
     for batch in BATCHES:
         x = torch.randn(batch, size)
-        auto = lower(gm, "auto", example_inputs=(x,))
+        auto = lower(gm, "auto", example_inputs=(x,), progress_bar=False)
         reference = gm(x)
         for name, module in [*lowered.items(), ("auto", auto)]:
             torch.testing.assert_close(module(x), reference, rtol=1e-4, atol=1e-4, msg=f"{name} differs")
