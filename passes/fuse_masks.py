@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .utils import split_fqn, tensor_aliases
+from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
 
 __all__ = ["fuse_masks", "masked_targets"]
 
@@ -26,19 +26,6 @@ def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
     """The :class:`SparseTarget` of every ``mul(weight, mask)`` node of ``gm``, in graph order."""
     targets = [get_sparse_target(n) for n in gm.graph.nodes]
     return [t for t in targets if t is not None and t.role == "mask_mul"]
-
-
-def _dense_reads(gm: fx.GraphModule, aliases: list[str], skip: list[fx.Node]) -> set[str]:
-    """The aliases that nodes other than ``skip`` read: get_attr on them, or call_module on their owners."""
-    read = set()
-    for node in gm.graph.nodes:
-        if node in skip:
-            continue
-        if node.op == "get_attr" and node.target in aliases:
-            read.add(node.target)
-        elif node.op == "call_module":
-            read.update(a for a in aliases if a.startswith(node.target + "."))
-    return read
 
 
 def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) -> list[str]:
@@ -56,7 +43,7 @@ def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) ->
     if isinstance(weight, nn.Parameter):
         fused = nn.Parameter(fused, requires_grad=weight.requires_grad)
     aliases = tensor_aliases(gm)[id(weight)]
-    dense = _dense_reads(gm, aliases, mul.all_input_nodes)
+    dense = fqns_read(gm, aliases, skip=mul.all_input_nodes)
     fused_fqns = [a for a in aliases if a not in dense]
     if not fused_fqns:
         name = f"{target.tensor_name}_fused"
@@ -74,12 +61,6 @@ def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) ->
     return fused_fqns
 
 
-def _erase_if_unused(graph: fx.Graph, nodes) -> None:
-    for node in nodes:
-        if isinstance(node, fx.Node) and node.op == "get_attr" and not node.users:
-            graph.erase_node(node)
-
-
 def _restore_call_module(graph: fx.Graph, op: fx.Node, target: SparseTarget) -> None:
     x = op.args[0]
     pad = None
@@ -93,7 +74,7 @@ def _restore_call_module(graph: fx.Graph, op: fx.Node, target: SparseTarget) -> 
     graph.erase_node(op)
     if pad is not None and not pad.users:
         graph.erase_node(pad)
-    _erase_if_unused(graph, inputs)
+    erase_unused_get_attrs(graph, inputs)
 
 
 def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphModule:
@@ -125,7 +106,7 @@ def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphM
         mul.replace_all_uses_with(weight)
         weight_inputs = mul.all_input_nodes
         graph.erase_node(mul)
-        _erase_if_unused(graph, weight_inputs)
+        erase_unused_get_attrs(graph, weight_inputs)
         for op in list(weight.users):
             op_target = get_sparse_target(op)
             module_fqn = op_target.call_module_fqn if op_target is not None else None

@@ -34,7 +34,7 @@ from torch import Tensor, fx
 from .match import op_arguments
 from .meta import SparseTarget, get_sparse_target
 from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured_components
-from .utils import split_fqn, tensor_aliases
+from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
 
 __all__ = [
     "SparseFormat",
@@ -192,16 +192,6 @@ def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node
     return new
 
 
-def _in_use(gm: fx.GraphModule, fqns: Sequence[str]) -> bool:
-    """Whether any node reads one of ``fqns``: a get_attr on it, or a call_module on a module holding it."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target in fqns:
-            return True
-        if node.op == "call_module" and any(f.startswith(node.target + ".") for f in fqns):
-            return True
-    return False
-
-
 def _check_names(gm: fx.GraphModule, tensor_fqn: str, layout: Layout) -> None:
     module_fqn, name = split_fqn(tensor_fqn)
     owner = gm.get_submodule(module_fqn)
@@ -272,11 +262,9 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
             graph.erase_node(op)
         inputs = mul.all_input_nodes
         graph.erase_node(mul)
-        for node in inputs:
-            if not node.users:
-                graph.erase_node(node)
+        erase_unused_get_attrs(graph, inputs)
         del owner._buffers[target.mask_name]
-        if not _in_use(gm, weight_aliases):
+        if not fqns_read(gm, weight_aliases):
             for alias in weight_aliases:
                 module_fqn, name = split_fqn(alias)
                 delattr(gm.get_submodule(module_fqn), name)

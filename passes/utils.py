@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import fx, nn
 
-__all__ = ["split_fqn", "clone_sharing_tensors", "tensor_aliases", "get_tensor"]
+__all__ = [
+    "split_fqn",
+    "clone_sharing_tensors",
+    "tensor_aliases",
+    "get_tensor",
+    "fqns_read",
+    "erase_unused_get_attrs",
+]
 
 
 def split_fqn(fqn: str) -> tuple[str, str]:
@@ -58,3 +66,24 @@ def clone_sharing_tensors(module: nn.Module) -> nn.Module:
     if isinstance(clone, fx.GraphModule):
         clone.recompile()
     return clone
+
+
+def fqns_read(gm: fx.GraphModule, fqns: Collection[str], skip: Collection[fx.Node] = ()) -> set[str]:
+    """Which of ``fqns`` the nodes of ``gm`` (but ``skip``) read: by a ``get_attr`` on the
+    FQN, or by a ``call_module`` on a module holding it."""
+    read = set()
+    for node in gm.graph.nodes:
+        if node in skip:
+            continue
+        if node.op == "get_attr" and node.target in fqns:
+            read.add(node.target)
+        elif node.op == "call_module":
+            read.update(f for f in fqns if f.startswith(node.target + "."))
+    return read
+
+
+def erase_unused_get_attrs(graph: fx.Graph, nodes: Iterable[object]) -> None:
+    """Erase the ``get_attr`` nodes among ``nodes`` that nothing uses any more."""
+    for node in nodes:
+        if isinstance(node, fx.Node) and node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
