@@ -77,16 +77,21 @@ def test_depthwise_and_grouped_convs_are_matched():
         torch.testing.assert_close(torch.export.export(lowered, (x,)).module()(x), gm(x))
 
 
-def test_tiny_bert_needs_export_capture_and_lowers():
-    """A BERT built from a config: symbolic tracing fails, prepare falls back to torch.export; the csr-lowered
-    module exports and matches the masked eager model."""
+def tiny_bert(layers: int) -> nn.Module:
+    """A randomly initialised BERT of hidden size 32 (skips the test without transformers)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,
     )
-    model = transformers.BertModel(config).eval()
+    return transformers.BertModel(config).eval()
+
+
+def test_tiny_bert_needs_export_capture_and_lowers():
+    """A BERT built from a config: symbolic tracing fails, prepare falls back to torch.export; the csr-lowered
+    module exports and matches the masked eager model."""
+    model = tiny_bert(layers=2)
     ids = torch.randint(0, 100, (2, 12))
     with pytest.raises(Exception):
         torch.fx.symbolic_trace(model)
@@ -107,13 +112,7 @@ def test_tiny_bert_needs_export_capture_and_lowers():
 def test_tiny_bert_wanda_calibration_through_export_capture():
     """Wanda on the export-captured BERT: calibrate leaves the graph as it was, every Linear gets norms of its
     input width, and each output row keeps half its weights."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert(layers=1)
     sparsifier = fx_sparsity.WandaSparsifier(0.5)
     gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (2, 12)),))
     code = gm.code
