@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, fx
 
 from passes import find_masked_weights, fuse_masks, masked_targets, select_weights
-from passes.lower_sparse import COMPONENT_NAMES, SparseFormat, lower_sparse, lowering_blocker
+from passes.lower_sparse import COMPONENT_NAMES, LAYOUTS, SparseFormat, lower_sparse, lowering_blocker, unsupported_reason
 
 from .config import parse_config
 from .layer_timing import LayerTimer, record_op_calls
@@ -49,9 +49,6 @@ AUTO_MIN_SPEEDUP = 1.1
 
 BackendConfig = Union[str, Sequence[Mapping[str, Any]], Mapping[str, Union[str, Mapping[str, Any]]]]
 
-_SPARSE = ("csr", "bsr", "semi_structured")
-_MKL_DTYPES = (torch.float32, torch.float64)
-_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -150,32 +147,6 @@ def _default_blocksize(gm: fx.GraphModule, tensor_fqn: str) -> tuple[int, int] |
     return None
 
 
-def _unsupported(layout: str, weight: Tensor, blocksize: tuple[int, int] | None) -> str | None:
-    """Why ``layout`` cannot run ``weight`` on this machine; ``None`` when it can.
-
-    Checks on the weight's values and shape (2:4 pattern, divisibility) are made
-    when it is compressed (:class:`passes.SparseFormat`).
-    """
-    if layout in ("csr", "bsr") and weight.device.type == "cpu" and weight.dtype not in _MKL_DTYPES:
-        return f"torch.sparse on CPU runs float32 and float64 only, the weight is {weight.dtype}"
-    if layout == "bsr":
-        if blocksize is None:
-            return (
-                "no block size: give one per layer, e.g. {'fc': {'backend': 'bsr', 'blocksize': (32, 32)}}, "
-                "or prepare with a sparsifier whose sparse_block_shape is square"
-            )
-        if weight.device.type == "cpu" and blocksize[0] != blocksize[1]:
-            return f"MKL on CPU takes square blocks only, got blocksize {blocksize}"
-    if layout == "semi_structured":
-        if not weight.is_cuda:
-            return f"2:4 kernels run on CUDA GPUs only, the weight is on {weight.device}"
-        if weight.dtype not in _SEMI_STRUCTURED_DTYPES:
-            return f"2:4 kernels take float16 or bfloat16 weights, the weight is {weight.dtype}"
-        if torch.cuda.get_device_capability(weight.device) < (8, 0):
-            return "2:4 kernels need a GPU of compute capability 8.0 or newer"
-    return None
-
-
 def _choose(fused_seconds: float, sparse_seconds: Mapping[str, float]) -> tuple[str, str]:
     """``auto``'s pick and its note: the fastest sparse backend if it beats fused by AUTO_MIN_SPEEDUP."""
     if not sparse_seconds:
@@ -198,7 +169,7 @@ def _resolve(gm: fx.GraphModule, layer: LayerTimer, request: dict[str, Any], tim
     if blocker is not None:
         return None, f"fused: {blocker}", layer.time_dense(fused) if timed else None
     if wanted != "auto":
-        reason = _unsupported(wanted, fused, blocksize)
+        reason = unsupported_reason(wanted, fused, blocksize)
         if reason is not None:
             raise ValueError(f"cannot lower {fqn} with backend {wanted!r}: {reason}; use 'fuse' or 'auto'")
         fmt = SparseFormat(wanted, blocksize if wanted == "bsr" else None)
@@ -210,8 +181,8 @@ def _resolve(gm: fx.GraphModule, layer: LayerTimer, request: dict[str, Any], tim
             raise ValueError(f"cannot lower {fqn} to {wanted}: {e}") from None
         return fmt, "", layer.time_sparse(fmt, components)
     candidates = {}
-    for layout in _SPARSE:
-        if _unsupported(layout, fused, blocksize) is not None:
+    for layout in LAYOUTS:
+        if unsupported_reason(layout, fused, blocksize) is not None:
             continue
         if layout == "bsr" and blocksize[0] * blocksize[1] == 1:
             continue  # 1x1 blocks are CSR with extra overhead

@@ -37,7 +37,9 @@ from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured
 from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
 
 __all__ = [
+    "LAYOUTS",
     "SparseFormat",
+    "unsupported_reason",
     "lower_sparse",
     "lowering_blocker",
     "sparse_layer_forward",
@@ -53,6 +55,9 @@ SPARSE_OPS = {
     "bsr": torch.ops.fx_sparsity.bsr_linear.default,
     "semi_structured": torch.ops.fx_sparsity.semi_structured_linear.default,
 }
+LAYOUTS: tuple[Layout, ...] = tuple(SPARSE_OPS)
+_MKL_DTYPES = (torch.float32, torch.float64)
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 # Buffer name suffixes, per layout: <tensor_name>_<suffix> on the weight's owner.
 COMPONENT_NAMES = {
     "csr": ("crow_indices", "col_indices", "values"),
@@ -89,6 +94,32 @@ class SparseFormat:
         if self.layout == "bsr":
             return to_bsr_components(weight, self.blocksize)
         return to_semi_structured_components(weight)
+
+
+def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] | None) -> str | None:
+    """Why ``layout`` cannot run ``weight`` on this machine; ``None`` when it can.
+
+    Checks on the weight's values and shape (2:4 pattern, divisibility) are made
+    when it is compressed (:class:`passes.SparseFormat`).
+    """
+    if layout in ("csr", "bsr") and weight.device.type == "cpu" and weight.dtype not in _MKL_DTYPES:
+        return f"torch.sparse on CPU runs float32 and float64 only, the weight is {weight.dtype}"
+    if layout == "bsr":
+        if blocksize is None:
+            return (
+                "no block size: give one per layer, e.g. {'fc': {'backend': 'bsr', 'blocksize': (32, 32)}}, "
+                "or prepare with a sparsifier whose sparse_block_shape is square"
+            )
+        if weight.device.type == "cpu" and blocksize[0] != blocksize[1]:
+            return f"MKL on CPU takes square blocks only, got blocksize {blocksize}"
+    if layout == "semi_structured":
+        if not weight.is_cuda:
+            return f"2:4 kernels run on CUDA GPUs only, the weight is on {weight.device}"
+        if weight.dtype not in _SEMI_STRUCTURED_DTYPES:
+            return f"2:4 kernels take float16 or bfloat16 weights, the weight is {weight.dtype}"
+        if torch.cuda.get_device_capability(weight.device) < (8, 0):
+            return "2:4 kernels need a GPU of compute capability 8.0 or newer"
+    return None
 
 
 def _mask_muls(gm: fx.GraphModule) -> dict[str, fx.Node]:
