@@ -28,10 +28,12 @@ from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .sparsifier import (
     BaseSparsifier,
     GlobalMagnitudeSparsifier,
+    GroupView,
     MagnitudeSparsifier,
     NearlyDiagonalSparsifier,
     NMSparsifier,
     WandaSparsifier,
+    WeightGroup,
     WeightNormSparsifier,
     get_sparsifier,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "CaptureError",
     "CubicSL",
     "GlobalMagnitudeSparsifier",
+    "GroupView",
     "LambdaSL",
     "MagnitudeSparsifier",
     "NMSparsifier",
@@ -50,6 +53,7 @@ __all__ = [
     "NearlyDiagonalSparsifier",
     "SparsityConfig",
     "WandaSparsifier",
+    "WeightGroup",
     "WeightNormSparsifier",
     "calibrate",
     "get_lowering",

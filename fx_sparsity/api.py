@@ -1,16 +1,50 @@
-"""``prepare``: the compile-style entry point."""
+"""``prepare``: the compile-style entry point, as a recipe of named steps.
+
+parse the config -> capture the model -> find its Linear/Conv weights -> select
+them -> build and validate the sparsifier's groups -> insert masks -> attach the
+sparsifier. Every check runs before the first rewrite, and the user's model is
+never modified.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import fx, nn
 
-from .config import SparsityConfig
-from .sparsifier import BaseSparsifier, WeightNormSparsifier, get_sparsifier
+from passes import WeightMatch, capture, find_weights, insert_masks, select_weights
 
-__all__ = ["prepare", "get_sparsifier"]
+from .config import SparsityConfig, parse_config
+from .sparsifier import BaseSparsifier, WeightNormSparsifier
+
+__all__ = ["prepare"]
+
+
+def _check_sparsifier(sparsifier: object) -> BaseSparsifier:
+    if sparsifier is None:
+        return WeightNormSparsifier()
+    if not isinstance(sparsifier, BaseSparsifier):
+        raise TypeError(
+            f"sparsifier must be a BaseSparsifier instance such as WeightNormSparsifier(), got {type(sparsifier).__name__}"
+        )
+    sparsifier.check_unbound()
+    return sparsifier
+
+
+def _check_hooks(gm: fx.GraphModule, matches: Sequence[WeightMatch]) -> None:
+    """Refuse forward hooks on modules whose calls the mask insertion rewrites into functional ops."""
+    for match in matches:
+        for fqn in match.call_module_fqns:
+            module = gm.get_submodule(fqn)
+            hooks = len(module._forward_pre_hooks) + len(module._forward_hooks)
+            if hooks:
+                raise ValueError(
+                    f"{fqn!r} ({type(module).__name__}) has {hooks} forward hook(s) or pre-hook(s); prepare "
+                    f"rewrites its call into F.{match.kind}(x, weight * mask), which would not run them, and "
+                    "the fused and masked modules would then differ. Remove the hooks before prepare, "
+                    f"or leave {match.tensor_fqn!r} out of the config"
+                )
 
 
 def prepare(
@@ -26,21 +60,29 @@ def prepare(
 
     Capture (symbolic tracing, or ``torch.export`` when that fails and
     ``example_inputs`` are given), match Linear/Conv weights, select them by
-    ``config`` and insert ``mul(weight, mask)`` nodes with all-ones mask buffers.
-    ``model`` is not modified; its parameters are shared, not copied.
+    ``config`` and insert ``mul(weight, mask)`` nodes with all-ones mask buffers
+    (or the config's initial ``"mask"``). ``model`` is not modified; its
+    parameters are shared, not copied.
 
     Args:
         model: the module to sparsify.
         config: ``None`` selects every Linear and Conv weight; else a list of
             dicts (torch.ao.pruning form) or an FQN-keyed dict whose entries
-            override the sparsifier's defaults (see :mod:`fx_sparsity.config`).
-        sparsifier: the sparsifier to prepare; ``WeightNormSparsifier()`` when ``None``.
-            Either way ``fx_sparsity.get_sparsifier(gm)`` returns it, ready for ``step()``.
+            override the sparsifier's arguments (see :mod:`fx_sparsity.config`).
+        sparsifier: the sparsifier to prepare (one not prepared yet);
+            ``WeightNormSparsifier()`` when ``None``. Either way
+            ``fx_sparsity.get_sparsifier(gm)`` returns it, ready for ``step()``.
         example_inputs: a tensor or tuple, for the ``torch.export`` fallback.
         leaf_modules, concrete_args: symbolic-tracing knobs.
 
     Returns:
         The prepared ``GraphModule``.
+
+    Raises:
+        TypeError / ValueError: bad arguments, a config entry that selects
+            nothing or sets an unknown argument, hooks on a masked layer;
+            raised before anything is built.
+        CaptureError: the model could not be captured.
 
     Example::
 
@@ -49,10 +91,15 @@ def prepare(
         >>> gm.get_buffer("0.weight_mask").mean().item()
         0.25
     """
-    if sparsifier is None:
-        sparsifier = WeightNormSparsifier()
-    elif not isinstance(sparsifier, BaseSparsifier):
-        raise TypeError(f"sparsifier must be a BaseSparsifier instance, got {type(sparsifier).__name__}")
-    return sparsifier.prepare(
-        model, config, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
-    )
+    sparsifier = _check_sparsifier(sparsifier)
+    rules = parse_config(config)
+    gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    selected = select_weights(model, find_weights(gm), rules)
+    if not selected:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv weight to sparsify")
+    groups, initial_masks = sparsifier.make_groups(selected)
+    matches = [match for match, _ in selected]
+    _check_hooks(gm, matches)
+    gm = insert_masks(gm, matches)
+    sparsifier.attach(gm, groups, initial_masks)
+    return gm

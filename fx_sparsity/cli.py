@@ -120,9 +120,9 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
 def _masked_reference(model: torch.nn.Module, sparsifier) -> torch.nn.Module:
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for group in sparsifier.groups:
-            mask = sparsifier.get_mask(group["module"], group["tensor_name"])
-            reference.get_parameter(group["tensor_fqn"]).mul_(mask)
+        for view in sparsifier.groups:
+            mask = sparsifier.get_mask(view.module, view.record.tensor_name)
+            reference.get_parameter(view.record.tensor_fqn).mul_(mask)
     return reference
 
 

@@ -82,6 +82,8 @@ def parse_config(config: SparsityConfig) -> tuple[FqnRule, ...] | None:
     if config is None:
         return None
     if isinstance(config, Mapping):
+        if not config:
+            raise ValueError("config is empty, which would select nothing: pass None to select every Linear and Conv weight")
         rules = []
         for key, overrides in config.items():
             if not isinstance(key, str) or not key:
@@ -102,6 +104,8 @@ def parse_config(config: SparsityConfig) -> tuple[FqnRule, ...] | None:
             "config must be None, a list of dicts like [{'tensor_fqn': 'fc.weight'}] or an "
             f"FQN-keyed dict like {{'fc': {{'sparsity_level': 0.9}}}}; got {type(config).__name__}"
         )
+    if not config:
+        raise ValueError("config is empty, which would select nothing: pass None to select every Linear and Conv weight")
     rules = []
     for index, entry in enumerate(config):
         if isinstance(entry, str):

@@ -37,7 +37,7 @@ from passes.lower_sparse import COMPONENT_NAMES, LAYOUTS, SparseFormat, lower_sp
 from .config import parse_config
 from .layer_timing import LayerTimer, record_op_calls
 from .progress import progress
-from .sparsifier.base import SPARSIFIER_META_KEY, _clone_without_sparsifier
+from .sparsifier.base import SPARSIFIER_META_KEY, clone_without_sparsifier
 
 __all__ = ["lower", "LayerLowering", "get_lowering", "BACKENDS", "AUTO_MIN_SPEEDUP", "LOWERING_META_KEY"]
 
@@ -141,9 +141,9 @@ def _requests(gm: fx.GraphModule, backend: BackendConfig) -> dict[str, dict[str,
 
 def _default_blocksize(gm: fx.GraphModule, tensor_fqn: str) -> tuple[int, int] | None:
     sparsifier = getattr(gm, "meta", {}).get(SPARSIFIER_META_KEY)
-    for group in getattr(sparsifier, "groups", ()):
-        if group["tensor_fqn"] == tensor_fqn and "sparse_block_shape" in group:
-            return tuple(group["sparse_block_shape"])
+    for record in getattr(sparsifier, "records", ()):
+        if record.tensor_fqn == tensor_fqn and "sparse_block_shape" in record.args:
+            return tuple(record.args["sparse_block_shape"])
     return None
 
 
@@ -267,7 +267,7 @@ def lower(
             formats[fqn] = fmt
         records.append((layer, request, fmt, note, layer.time_masked() if timed else None, seconds_after))
 
-    lowered = _clone_without_sparsifier(gm)
+    lowered = clone_without_sparsifier(gm)
     lower_sparse(lowered, formats)
     fuse_masks(lowered)
     lowered.meta[LOWERING_META_KEY] = tuple(

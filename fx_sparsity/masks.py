@@ -44,12 +44,16 @@ _SAMPLE_SIZE = 1 << 16
 def resolve_norm(norm: int | NormFn | None) -> NormFn:
     """The element-wise score of a weight: ``None``/``2`` squares, ``1`` takes ``abs``."""
     if norm is None or (not callable(norm) and norm == 2):
-        return lambda t: t * t
+        return _square
     if callable(norm):
         return norm
     if norm == 1:
         return torch.abs
     raise ValueError(f"norm must be 1, 2, None or a callable, got {norm!r}")
+
+
+def _square(t: torch.Tensor) -> torch.Tensor:
+    return t * t
 
 
 def validate_block(sparse_block_shape: object, zeros_per_block: object) -> tuple[tuple[int, int], int]:
@@ -252,7 +256,7 @@ def validate_level(level: object, name: str = "sparsity_level") -> float:
     """``level`` as a float in [0, 1], or a ``TypeError``/``ValueError`` naming it."""
     if isinstance(level, bool) or not isinstance(level, (int, float)):
         raise TypeError(f"{name} must be a number in [0, 1], got {level!r}")
-    if not 0.0 <= level <= 1.0:
+    if not 0.0 <= level <= 1.0:  # False for NaN too
         raise ValueError(f"{name} must be in [0, 1], got {level!r}")
     return float(level)
 

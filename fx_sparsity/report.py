@@ -5,13 +5,14 @@ Functions return strings; ``print_*`` wrappers print them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from tabulate import tabulate
 from torch import fx
 
-from passes import find_weights, get_sparse_target, masked_targets
+from passes import get_sparse_target
 
 from .lower import get_lowering
 from .sparsifier import BaseSparsifier, get_sparsifier
@@ -25,17 +26,8 @@ __all__ = [
     "print_lowering_table",
 ]
 
-_GROUP_KEYS = ("tensor_fqn", "module_fqn", "tensor_name", "module")
-
-
-def _format_params(group: dict[str, Any]) -> str:
-    return " ".join(f"{k}={group[k]}" for k in sorted(group) if k not in _GROUP_KEYS)
-
-
-def _kinds(gm: fx.GraphModule) -> dict[str, str]:
-    kinds = {m.tensor_fqn: m.kind for m in find_weights(gm)}
-    kinds.update({t.tensor_fqn: t.kind for t in masked_targets(gm)})
-    return kinds
+def _format_group_args(args: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={args[k]}" for k in sorted(args))
 
 
 def _percent(x: float | None) -> str:
@@ -56,28 +48,27 @@ def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None,
         tablefmt: any tabulate format (``"github"`` for Markdown).
     """
     sparsifier = sparsifier or get_sparsifier(gm)
-    kinds = _kinds(gm)
     name = type(sparsifier).__name__
     rows, nnz_sum, total_sum, target_sum = [], 0, 0, 0.0
     targets_known = True
-    for group in sparsifier.groups:
-        owner, tensor_name = group["module"], group["tensor_name"]
-        weight = getattr(owner, tensor_name)
-        mask = getattr(owner, f"{tensor_name}_mask", None)
+    for view in sparsifier.groups:
+        record = view.record
+        owner = view.module
+        weight = getattr(owner, record.tensor_name)
+        mask = getattr(owner, f"{record.tensor_name}_mask", None)
         values = mask if mask is not None else weight
         total = values.numel()
         nnz = int(torch.count_nonzero(values))
-        target_fn = getattr(sparsifier, "target_sparsity", None)
-        target = target_fn(group) if target_fn is not None else None
-        label = group["module_fqn"] or "(root)"
-        if tensor_name != "weight":
-            label += f" [{tensor_name}]"
+        target = sparsifier.target_sparsity(view)
+        label = record.module_fqn or "(root)"
+        if record.tensor_name != "weight":
+            label += f" [{record.tensor_name}]"
         rows.append([
             label,
-            kinds.get(group["tensor_fqn"], "?"),
-            "x".join(map(str, weight.shape)),
+            record.kind,
+            "x".join(map(str, record.weight_shape)),
             name,
-            _format_params(group),
+            _format_group_args(record.args),
             _percent(target),
             _percent(1 - nnz / total),
             f"{nnz:,} / {total:,}",

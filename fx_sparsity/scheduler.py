@@ -23,6 +23,11 @@ from .sparsifier import BaseSparsifier
 __all__ = ["BaseScheduler", "LambdaSL", "CubicSL"]
 
 
+def _check_sparsifier(sparsifier: object) -> None:
+    if not isinstance(sparsifier, BaseSparsifier):
+        raise TypeError(f"sparsifier must be an fx_sparsity BaseSparsifier, got {type(sparsifier).__name__}")
+
+
 class BaseScheduler:
     """Base of sparsity schedulers; subclasses implement :meth:`get_sl`.
 
@@ -32,18 +37,17 @@ class BaseScheduler:
     """
 
     def __init__(self, sparsifier: BaseSparsifier, last_epoch: int = -1) -> None:
-        if not isinstance(sparsifier, BaseSparsifier):
-            raise TypeError(f"sparsifier must be an fx_sparsity BaseSparsifier, got {type(sparsifier).__name__}")
-        if not sparsifier.groups:
+        _check_sparsifier(sparsifier)
+        if not sparsifier.records:
             raise ValueError("the sparsifier has no groups: prepare a model with it before making a scheduler")
-        missing = [g["tensor_fqn"] for g in sparsifier.groups if "sparsity_level" not in g]
+        missing = [r.tensor_fqn for r in sparsifier.records if "sparsity_level" not in r.args]
         if missing:
             raise ValueError(
                 f"{type(sparsifier).__name__} groups have no sparsity_level to schedule ({missing[:3]}); "
                 "use a sparsifier with a sparsity_level argument"
             )
         self.sparsifier = sparsifier
-        self.base_sl = [group["sparsity_level"] for group in sparsifier.groups]
+        self.base_sl = [record.args["sparsity_level"] for record in sparsifier.records]
         self.last_epoch = last_epoch
         self._last_sl: list[float] = []
         self._step_count = 0
@@ -58,7 +62,7 @@ class BaseScheduler:
         return self._last_sl
 
     def _broadcast(self, value: Any, name: str) -> list[Any]:
-        n = len(self.sparsifier.groups)
+        n = len(self.sparsifier.records)
         if isinstance(value, (list, tuple)):
             if len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries but the sparsifier has {n} groups")
@@ -76,9 +80,13 @@ class BaseScheduler:
             )
         self._step_count += 1
         self.last_epoch += 1
-        for group, level in zip(self.sparsifier.groups, self.get_sl()):
-            group["sparsity_level"] = level
-        self._last_sl = [group["sparsity_level"] for group in self.sparsifier.groups]
+        levels = self.get_sl()
+        records = self.sparsifier.records
+        for record, level in zip(records, levels):  # every level is checked before any is set
+            self.sparsifier.validate_group(record.with_args(sparsity_level=level).to_dict(), record.weight_shape)
+        for record, level in zip(records, levels):
+            self.sparsifier.update_group(record.tensor_fqn, sparsity_level=level)
+        self._last_sl = [record.args["sparsity_level"] for record in self.sparsifier.records]
         self.sparsifier.enable_mask_update = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,9 +116,11 @@ class LambdaSL(BaseScheduler):
         sl_lambda: Callable[[int], float] | Sequence[Callable[[int], float]],
         last_epoch: int = -1,
     ) -> None:
-        lambdas = list(sl_lambda) if isinstance(sl_lambda, (list, tuple)) else [sl_lambda] * len(sparsifier.groups)
-        if len(lambdas) != len(sparsifier.groups):
-            raise ValueError(f"expected {len(sparsifier.groups)} sl_lambda callables, got {len(lambdas)}")
+        _check_sparsifier(sparsifier)
+        n = len(sparsifier.records)
+        lambdas = list(sl_lambda) if isinstance(sl_lambda, (list, tuple)) else [sl_lambda] * n
+        if len(lambdas) != n:
+            raise ValueError(f"expected {n} sl_lambda callables, got {len(lambdas)}")
         if not all(callable(f) for f in lambdas):
             raise TypeError("sl_lambda must be a callable epoch -> factor, or a list of them")
         self.sl_lambdas = lambdas
@@ -144,6 +154,7 @@ class CubicSL(BaseScheduler):
         initially_zero: bool | Sequence[bool] = False,
         last_epoch: int = -1,
     ) -> None:
+        _check_sparsifier(sparsifier)
         self.sparsifier = sparsifier
         self.init_sl = self._broadcast(init_sl, "init_sl")
         self.init_t = self._broadcast(init_t, "init_t")

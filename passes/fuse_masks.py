@@ -14,10 +14,12 @@ model, the user keeps the dense values. The pass mutates and returns ``gm``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import fx, nn
 
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
+from .utils import erase_unused_get_attrs, split_fqn, tensor_aliases
 
 __all__ = ["fuse_masks", "masked_targets"]
 
@@ -28,7 +30,34 @@ def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
     return [t for t in targets if t is not None and t.role == "mask_mul"]
 
 
-def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) -> list[str]:
+class _Reads:
+    """Which FQNs the graph reads, indexed once so that fusing n masks takes time linear in n.
+
+    A ``get_attr`` node reads its target; a ``call_module`` node reads every tensor
+    below its module. Fusing one mask adds or removes reads only of that mask's
+    own weight, so the index taken before the first fuse stays right for the rest.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.get_attrs: dict[str, list[fx.Node]] = {}
+        self.called: set[str] = set()
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                self.get_attrs.setdefault(node.target, []).append(node)
+            elif node.op == "call_module":
+                self.called.add(node.target)
+
+    def is_read(self, fqn: str, skip: Collection[fx.Node]) -> bool:
+        """Whether a node but ``skip`` reads ``fqn`` (the same rule as :func:`passes.utils.fqns_read`)."""
+        if any(n not in skip for n in self.get_attrs.get(fqn, ())):
+            return True
+        parts = fqn.split(".")
+        return any(".".join(parts[:i]) in self.called for i in range(len(parts)))
+
+
+def _set_fused_weight(
+    gm: fx.GraphModule, target: SparseTarget, mul: fx.Node, aliases: dict[int, list[str]], reads: _Reads
+) -> list[str]:
     """Register ``weight * mask`` and delete the mask; return the FQNs that hold the fused weight.
 
     Every alias of the weight gets the fused tensor, except aliases that unmasked
@@ -42,9 +71,9 @@ def _set_fused_weight(gm: fx.GraphModule, target: SparseTarget, mul: fx.Node) ->
     fused = (weight * mask).detach()
     if isinstance(weight, nn.Parameter):
         fused = nn.Parameter(fused, requires_grad=weight.requires_grad)
-    aliases = tensor_aliases(gm)[id(weight)]
-    dense = fqns_read(gm, aliases, skip=mul.all_input_nodes)
-    fused_fqns = [a for a in aliases if a not in dense]
+    weight_aliases = aliases[id(weight)]
+    skip = mul.all_input_nodes
+    fused_fqns = [a for a in weight_aliases if not reads.is_read(a, skip)]
     if not fused_fqns:
         name = f"{target.tensor_name}_fused"
         if hasattr(owner, name):
@@ -96,11 +125,12 @@ def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphM
         ['placeholder', 'call_module', 'output']
     """
     graph = gm.graph
+    aliases, reads = tensor_aliases(gm), _Reads(graph)
     for mul in list(graph.nodes):
         target = get_sparse_target(mul)
         if target is None or target.role != "mask_mul":
             continue
-        fused_fqns = _set_fused_weight(gm, target, mul)
+        fused_fqns = _set_fused_weight(gm, target, mul, aliases, reads)
         with graph.inserting_before(mul):
             weight = graph.get_attr(target.tensor_fqn if target.tensor_fqn in fused_fqns else fused_fqns[0])
         mul.replace_all_uses_with(weight)

@@ -67,11 +67,17 @@ class FqnRule:
         return any(fnmatch.fnmatchcase(name, self.key) for name in names)
 
 
-def _describe(model: nn.Module, key: str, matches: Sequence[WeightMatch]) -> str:
-    """Why ``key`` selects no Linear/Conv weight, for the error message."""
+def _describe(model: nn.Module, rule: FqnRule, matches: Sequence[WeightMatch]) -> str:
+    """Why ``rule`` selects no Linear/Conv weight, for the error message."""
+    key = rule.key
     for match in matches:
         if key in match.aliases:
             return f"{key!r} is a weight tensor, not a module: select it with tensor_fqn={key!r}"
+        if key in match.module_fqns:
+            return (
+                f"{key!r} is a module, not a tensor: select it with module_fqn={key!r} "
+                f"or tensor_fqn={match.tensor_fqn!r}"
+            )
     modules = dict(model.named_modules())
     if key in modules:
         return f"{key!r} is a {type(modules[key]).__name__} module, not a Linear or Conv layer"
@@ -131,7 +137,7 @@ def select_weights(
                 )
             raise ValueError(
                 f"config entry {rule.key!r} selects no Linear or Conv weight: "
-                f"{_describe(model, rule.key, matches)}"
+                f"{_describe(model, rule, matches)}"
             )
     selected = []
     for match in matches:

@@ -200,8 +200,8 @@ def test_load_state_dict_errors():
     target.prepare(SimpleLinear(), ["linear1"])
     with pytest.raises(ValueError, match="has no mask in the prepared model"):
         target.load_state_dict(state)
-    target.load_state_dict(state, strict=False)
-    assert target.groups == []
+    target.load_state_dict(state, strict=False)  # linear2 has no mask here: dropped; linear1 keeps its group
+    assert [r.tensor_fqn for r in target.records] == ["linear1.weight"]
     state = WeightNormSparsifier()
     state.prepare(SimpleLinear(), ["linear1"])
     sd = state.state_dict()
@@ -212,6 +212,58 @@ def test_load_state_dict_errors():
         target.load_state_dict(sd)
     with pytest.raises(RuntimeError, match="prepare"):
         WeightNormSparsifier().load_state_dict(sd)
+
+
+def test_load_state_dict_refuses_before_changing_anything():
+    """Another sparsifier's state, malformed states, bad arguments and a strict load lacking a group are refused,
+    and the sparsifier and its masks are unchanged afterwards."""
+    source = WeightNormSparsifier(sparsity_level=0.9)
+    gm_source = source.prepare(SimpleLinear(), None)
+    source.step()
+    target = WeightNormSparsifier()
+    gm = target.prepare(SimpleLinear(), None)
+    before = (target.records, {k: v.clone() for k, v in gm.state_dict().items() if k.endswith("_mask")})
+
+    other = NearlyDiagonalSparsifier(1)
+    other.prepare(SimpleLinear(), None)
+    with pytest.raises(ValueError, match="comes from a .*NearlyDiagonalSparsifier"):
+        target.load_state_dict(other.state_dict())
+    for bad in ([], {"state": {}}, {"state": [], "groups": []}, {"state": {}, "groups": "x"},
+                {"state": {}, "groups": [{"module_fqn": "linear1"}]}):
+        with pytest.raises(ValueError, match="state_dict"):
+            target.load_state_dict(bad)
+    sd = source.state_dict()
+    sd["groups"][0]["sparsity_level"] = float("nan")
+    with pytest.raises(ValueError, match="sparsity_level of seq.0.weight must be in"):
+        target.load_state_dict(sd)
+    sd = source.state_dict()
+    sd["groups"][0]["sparsity_levle"] = 0.5
+    with pytest.raises(ValueError, match="did you mean 'sparsity_level'"):
+        target.load_state_dict(sd)
+    sd = source.state_dict()
+    del sd["groups"][1]
+    with pytest.raises(ValueError, match=r"no group for \['seq.1.weight'\]"):
+        target.load_state_dict(sd)
+    assert target.records == before[0]
+    assert all(torch.equal(gm.get_buffer(k), v) for k, v in before[1].items())
+
+    target.load_state_dict(sd, strict=False)  # seq.1 keeps its own group and mask; the others are loaded
+    assert [r.args["sparsity_level"] for r in target.records].count(0.5) == 1
+    assert torch.equal(gm.get_buffer("seq.0.weight_mask"), gm_source.get_buffer("seq.0.weight_mask"))
+    assert bool(gm.get_buffer("seq.1.weight_mask").all())
+    target.step()
+    assert not bool(gm.get_buffer("seq.1.weight_mask").all()), "a group kept by a non-strict load still steps"
+
+
+def test_state_dict_after_squash_mask():
+    """state_dict() after squash_mask() returns the groups and state, without masks."""
+    sparsifier = WeightNormSparsifier()
+    sparsifier.prepare(SimpleLinear(), ["linear1"])
+    sparsifier.step()
+    sparsifier.squash_mask()
+    sd = sparsifier.state_dict()
+    assert sd["groups"][0]["tensor_fqn"] == "linear1.weight"
+    assert sd["state"]["linear1.weight"] == {"step_count": 1}
 
 
 def test_convert_errors():

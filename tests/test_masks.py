@@ -55,9 +55,19 @@ def test_weight_norm_matches_torch_ao(shape, block, weights):
     """Divisible 2-D weights: masks equal torch.ao.pruning's bit for bit over the level/zeros grid, ties included."""
     torch.manual_seed(hash((shape, block, weights)) % 2**31)
     weight = WEIGHTS[weights](shape)
-    for level, zeros, norm in itertools.product([-1, 0, 0.1, 0.3, 0.5, 0.77, 1.0, 2], range(block[0] * block[1] + 1), [None, 1]):
+    for level, zeros, norm in itertools.product([0, 0.1, 0.3, 0.5, 0.77, 1.0], range(block[0] * block[1] + 1), [None, 1]):
         kwargs = dict(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
         assert torch.equal(our_weight_norm_masks(weight, **kwargs)[0], ao_weight_norm_masks(weight, **kwargs)[0]), kwargs
+
+
+@pytest.mark.parametrize("level", [-1, 1.5, 2, float("nan"), float("inf"), -float("inf")])
+def test_weight_norm_refuses_levels_outside_0_1(level):
+    """torch.ao.pruning clamps a level outside [0, 1] (and fails on NaN at step()); we refuse it up front,
+    in the constructor and in a config entry, as every other sparsifier does."""
+    with pytest.raises(ValueError, match="sparsity_level must be in"):
+        WeightNormSparsifier(sparsity_level=level)
+    with pytest.raises(ValueError, match=r"sparsity_level of 0.weight must be in"):
+        WeightNormSparsifier().prepare(nn.Sequential(nn.Linear(4, 4)), {"0": {"sparsity_level": level}})
 
 
 def test_weight_norm_matches_torch_ao_over_steps():

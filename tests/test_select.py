@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -102,6 +104,17 @@ def test_tied_weight_selected_by_either_name():
         ([3], TypeError, r"config\[0\] must be a dict"),
         ({"fc": 0.5}, TypeError, r"config\['fc'\] must be a dict"),
         ([{"tensor_fqn": "fc.weight", "zeros_per_block": 9}], ValueError, "zeros_per_block=9"),
+        ([{"tensor_fqn": "fc"}], ValueError, "'fc' is a module, not a tensor: select it with module_fqn='fc' or "
+         "tensor_fqn='fc.weight'"),
+        ([], ValueError, "config is empty.*pass None"),
+        ({}, ValueError, "config is empty.*pass None"),
+        ({"fc": {"sparsity_levle": 0.5}}, ValueError, "'sparsity_levle', which is not an argument of "
+         "WeightNormSparsifier.*did you mean 'sparsity_level'"),
+        ([{"tensor_fqn": "fc.weight", "spars_block_shape": (1, 1)}], ValueError, "did you mean 'sparse_block_shape'"),
+        ({"fc": {"sparsity_level": float("nan")}}, ValueError, "sparsity_level of fc.weight must be in"),
+        ({"fc": {"sparsity_level": 1.5}}, ValueError, "sparsity_level of fc.weight must be in"),
+        ({"fc": {"mask": torch.ones(3, 3)}}, ValueError, r"'mask' has shape \(3, 3\), the weight has \(12, 8\)"),
+        ({"fc": {"mask": [[1.0]]}}, TypeError, "'mask' must be a tensor"),
     ],
 )
 def test_config_errors_leave_model_untouched(config, error, match):
@@ -151,3 +164,23 @@ def test_parse_config_rules():
     with pytest.raises(TypeError):
         rules[2].overrides["sparsity_level"] = 0.1
     assert select_weights(capture(SimpleLinear()), [], None) == []
+
+
+def test_initial_mask_from_config_is_honoured():
+    """torch.ao.pruning's config key "mask" is the initial mask: the prepared module starts with it, and the
+    first step scores the weight as masked by it (pruned entries stay pruned)."""
+    model = SimpleLinear()
+    initial = torch.ones(4, 4)
+    initial[0, 1] = initial[2, 3] = 0
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    gm = prepare(model, [{"tensor_fqn": "linear1.weight", "mask": initial}], sparsifier=sparsifier)
+    assert torch.equal(gm.get_buffer("linear1.weight_mask"), initial)
+    assert "mask" not in sparsifier.groups[0]
+    x = torch.randn(2, 7)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.linear1.weight.mul_(initial)
+    torch.testing.assert_close(gm(x), reference(x))
+    sparsifier.step()
+    mask = gm.get_buffer("linear1.weight_mask")
+    assert mask.sum() == 8 and not bool((mask > initial).any())

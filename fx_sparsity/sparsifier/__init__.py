@@ -1,6 +1,7 @@
 """Sparsifiers: mask-update algorithms with torch.ao.pruning's contract."""
 
-from .base import BaseSparsifier, get_sparsifier
+from .base import BaseSparsifier, clone_without_sparsifier, get_sparsifier
+from .group import GroupView, WeightGroup
 from .magnitude import GlobalMagnitudeSparsifier, MagnitudeSparsifier
 from .nearly_diagonal import NearlyDiagonalSparsifier
 from .nm import NMSparsifier
@@ -15,5 +16,8 @@ __all__ = [
     "NearlyDiagonalSparsifier",
     "WandaSparsifier",
     "WeightNormSparsifier",
+    "GroupView",
+    "WeightGroup",
+    "clone_without_sparsifier",
     "get_sparsifier",
 ]

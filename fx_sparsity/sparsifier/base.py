@@ -1,45 +1,46 @@
 """``BaseSparsifier``: torch.ao.pruning's sparsifier contract on FX graphs.
 
+A sparsifier holds one typed :class:`~fx_sparsity.sparsifier.group.WeightGroup`
+per selected weight (``sparsifier.records``), shown to torch.ao.pruning code as
+dict-like groups (``sparsifier.groups``), plus per-weight ``state``. It computes
+masks in :meth:`BaseSparsifier.step` and serialises with ``state_dict``.
+Capturing and rewriting the model is :func:`fx_sparsity.prepare`'s recipe;
+fusing is :func:`passes.fuse_masks`; module swapping is :mod:`fx_sparsity.convert`.
+
 The differences from ``torch.ao.pruning.BaseSparsifier``:
 
 * ``prepare`` returns a new ``GraphModule`` (compile style) whose graph holds an
   explicit ``mul(weight, mask)`` per selected weight; the user's model is not
   modified and shares its parameters with the returned module.
+* A sparsifier serves one prepared module: preparing a second one with it is an error.
 * Masks are buffers ``<module_fqn>.<tensor_name>_mask`` of the returned module.
-* ``state_dict`` returns copies, and ``load_state_dict`` copies in: two
-  sparsifiers never share a mask or a state dict.
-* Conv weights are supported; parameters are validated at ``prepare`` time.
+* ``state_dict`` returns copies, and ``load_state_dict`` validates everything,
+  then copies in: two sparsifiers never share a mask or a state dict.
+* Arguments are validated when they are set (config, constructor, scheduler),
+  not at the first ``step()``.
 """
 
 from __future__ import annotations
 
 import abc
 import copy
+import difflib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from passes import (
-    capture,
-    clone_sharing_tensors,
-    find_weights,
-    fuse_masks,
-    get_sparse_target,
-    insert_masks,
-    masked_targets,
-    select_weights,
-)
+from passes import WeightMatch, clone_sharing_tensors, fuse_masks, masked_targets
 
-from ..config import SparsityConfig, parse_config
+from .group import STRUCTURAL_KEYS, GroupView, WeightGroup
 
-__all__ = ["BaseSparsifier", "SPARSIFIER_META_KEY", "get_sparsifier"]
+__all__ = ["BaseSparsifier", "SPARSIFIER_META_KEY", "get_sparsifier", "clone_without_sparsifier"]
 
 SPARSIFIER_META_KEY = "fx_sparsity.sparsifier"
-# Keys of a group that are objects or derived from the graph, not configuration.
-_KEYS_NOT_IN_STATE_DICT = ("module",)
+# A config key that is not an argument: torch.ao.pruning's initial mask of the weight.
+INITIAL_MASK_KEY = "mask"
 
 
 def get_sparsifier(gm: fx.GraphModule) -> BaseSparsifier:
@@ -56,20 +57,36 @@ def get_sparsifier(gm: fx.GraphModule) -> BaseSparsifier:
     return sparsifier
 
 
+def clone_without_sparsifier(gm: fx.GraphModule) -> fx.GraphModule:
+    """A clone of ``gm`` sharing its tensors, without the sparsifier of ``gm`` (which stays bound to ``gm``)."""
+    sparsifier = gm.meta.pop(SPARSIFIER_META_KEY, None)
+    try:
+        return clone_sharing_tensors(gm)
+    finally:
+        if sparsifier is not None:
+            gm.meta[SPARSIFIER_META_KEY] = sparsifier
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class BaseSparsifier(abc.ABC):
     r"""Base class of all sparsifiers.
 
-    Subclasses implement :meth:`update_mask`, and may override
-    :meth:`validate_group` to check their arguments before anything is modified.
+    Subclasses implement :meth:`update_mask` (or :meth:`update_masks`), and may
+    override :meth:`validate_group` / :meth:`validate_groups` to check their
+    arguments before anything is modified.
 
     Args:
-        defaults: default sparsifier arguments; a config entry's own keys win.
+        defaults: the sparsifier's arguments and their default values. A config
+            entry may override these keys (and give an initial ``"mask"``); any
+            other key is an error.
 
     Attributes:
         model: the prepared ``GraphModule`` (``None`` before :meth:`prepare`).
-        groups: one dict per selected weight: ``tensor_fqn``, ``module_fqn``,
-            ``tensor_name``, ``module`` (the owner of the weight and its mask
-            inside ``model``) and the merged arguments.
+        groups: torch.ao.pruning's dict-like view of each group (see :class:`GroupView`).
+        records: the typed groups (:class:`WeightGroup`), in the same order.
         state: per-tensor state keyed by tensor FQN (``step_count`` at least).
         enable_mask_update: :meth:`step` does nothing while ``False``.
 
@@ -85,35 +102,56 @@ class BaseSparsifier(abc.ABC):
         0.0
     """
 
-    def __init__(self, defaults: dict[str, Any] | None = None) -> None:
+    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
         if defaults is not None and not isinstance(defaults, Mapping):
             raise TypeError(f"defaults must be a dict or None, got {type(defaults).__name__}")
+        reserved = (set(STRUCTURAL_KEYS) | {INITIAL_MASK_KEY}) & set(defaults or {})
+        if reserved:
+            raise ValueError(f"defaults may not set {sorted(reserved)}: they name the weight or its mask")
         self.defaults: dict[str, Any] = dict(defaults or {})
         self.state: dict[str, dict[str, Any]] = defaultdict(dict)
-        self.groups: list[dict[str, Any]] = []
+        self.groups: list[GroupView] = []
         self.enable_mask_update = True
         self.model: fx.GraphModule | None = None
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
-        for i, group in enumerate(self.groups):
+        for i, record in enumerate(self.records):
             lines.append(f"\tGroup {i}")
-            lines += [f"\t    {k}: {group[k]}" for k in sorted(group) if k != "module"]
+            lines += [f"\t    {k}: {v}" for k, v in sorted(record.to_dict().items())]
         return "\n".join(lines + [")"])
 
+    @property
+    def records(self) -> tuple[WeightGroup, ...]:
+        """The typed groups, one per sparsified weight, in graph order."""
+        return tuple(view.record for view in self.groups)
+
+    def update_group(self, tensor_fqn: str, **args: Any) -> None:
+        """Set arguments of one group (validated first), e.g. ``update_group("fc.weight", sparsity_level=0.8)``."""
+        for view in self.groups:
+            if view.record.tensor_fqn == tensor_fqn:
+                for key, value in args.items():
+                    view[key] = value
+                return
+        raise KeyError(f"{tensor_fqn!r} is not sparsified; groups: {[r.tensor_fqn for r in self.records]}")
+
     # ----------------------------------------------------------------- hooks
-    def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+    def validate_group(self, group: Mapping[str, Any], weight_shape: tuple[int, ...]) -> None:
         """Raise ``ValueError``/``TypeError`` when ``group``'s arguments cannot work.
 
-        Called for every group at :meth:`prepare` (before any rewrite) and at
-        :meth:`step` (before any mask changes). The base accepts everything.
+        Called for every group at :meth:`prepare`, whenever an argument is set,
+        and at :meth:`step`, always before anything changes. The base accepts everything.
         """
 
-    def validate_groups(self, groups: list[dict[str, Any]]) -> None:
+    def validate_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """Raise ``ValueError`` when the groups cannot work together (after :meth:`validate_group`).
 
-        Called at :meth:`prepare` and :meth:`step`. The base accepts everything.
+        Called at :meth:`prepare`, :meth:`load_state_dict` and :meth:`step`. The base accepts everything.
         """
+
+    def target_sparsity(self, group: Mapping[str, Any]) -> float | None:
+        """The fraction of zeros ``group`` aims at, for reports; ``None`` when unknown."""
+        return None
 
     def update_masks(self) -> None:
         """Update every group's mask; the base calls :meth:`update_mask` per group.
@@ -147,53 +185,84 @@ class BaseSparsifier(abc.ABC):
             raise RuntimeError(f"{what} needs a prepared model: call prepare(model, config) first")
         return self.model
 
-    def _weight_shape(self, group: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(getattr(group["module"], group["tensor_name"]).shape)
+    def _validate_record(self, record: WeightGroup) -> None:
+        self.validate_group(record.to_dict(), record.weight_shape)
 
-    # ------------------------------------------------------------------ API
-    def prepare(
-        self,
-        model: nn.Module,
-        config: SparsityConfig = None,
-        *,
-        example_inputs: Any = None,
-        leaf_modules: Iterable[type[nn.Module] | str] = (),
-        concrete_args: dict[str, Any] | None = None,
-    ) -> fx.GraphModule:
-        """Capture ``model`` and insert a mask for every weight ``config`` selects.
+    def _check_keys(self, keys: Iterable[str], where: str) -> None:
+        unknown = [k for k in keys if k not in self.defaults]
+        if not unknown:
+            return
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(self.defaults), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{where} sets {key!r}, which is not an argument of {type(self).__name__} "
+            f"(its arguments: {', '.join(sorted(self.defaults)) or 'none'}){hint}"
+        )
+
+    # --------------------------------------------------------------- prepare
+    def make_groups(
+        self, selected: Sequence[tuple[WeightMatch, Mapping[str, Any]]]
+    ) -> tuple[tuple[WeightGroup, ...], dict[str, torch.Tensor]]:
+        """Typed, validated groups for the selected weights, and the initial masks the config gives.
 
         Args:
-            model: the user's module; never modified.
-            config: ``None`` (every Linear and Conv weight), a torch.ao.pruning
-                list of dicts, or an FQN-keyed dict (see :mod:`fx_sparsity.config`).
-            example_inputs: used to capture with ``torch.export`` when symbolic
-                tracing fails.
-            leaf_modules, concrete_args: symbolic-tracing knobs (see :func:`passes.capture`).
+            selected: ``(match, overrides)`` pairs from :func:`passes.select_weights`.
+
+        Returns:
+            The groups, and ``{tensor_fqn: mask}`` for entries with an initial ``"mask"``.
+
+        Raises:
+            ValueError / TypeError: an unknown or invalid argument, or an initial
+                mask of the wrong shape; nothing is modified.
+        """
+        groups, masks = [], {}
+        for match, overrides in selected:
+            overrides = dict(overrides)
+            where = f"config entry for {match.tensor_fqn}"
+            if INITIAL_MASK_KEY in overrides:
+                masks[match.tensor_fqn] = _check_initial_mask(overrides.pop(INITIAL_MASK_KEY), match, where)
+            self._check_keys(overrides, where)
+            record = WeightGroup(match.tensor_fqn, match.kind, match.weight_shape, {**copy.deepcopy(self.defaults), **overrides})
+            self._validate_record(record)
+            groups.append(record)
+        self.validate_groups([g.to_dict() for g in groups])
+        return tuple(groups), masks
+
+    def check_unbound(self) -> None:
+        """Raise ``ValueError`` when this sparsifier already prepared a module (one sparsifier, one module)."""
+        if self.model is not None:
+            raise ValueError(
+                f"this {type(self).__name__} already prepared a module and steps its masks; a sparsifier "
+                f"serves one prepared module: make a new one, e.g. {type(self).__name__}(...) or "
+                "copy.deepcopy(sparsifier) before the first prepare"
+            )
+
+    def attach(self, gm: fx.GraphModule, groups: Sequence[WeightGroup], initial_masks: Mapping[str, torch.Tensor]) -> None:
+        """Bind this sparsifier to the prepared ``gm``: its groups, initial masks and ``gm.meta``.
+
+        Subclasses may extend it (call ``super().attach`` first) to act once a module is prepared.
+        """
+        self.check_unbound()
+        views = [GroupView(g, gm.get_submodule(g.module_fqn), self._validate_record) for g in groups]
+        with torch.no_grad():
+            for fqn, mask in initial_masks.items():
+                gm.get_buffer(f"{fqn}_mask").copy_(mask)
+        gm.meta[SPARSIFIER_META_KEY] = self
+        self.model, self.groups, self.state = gm, views, defaultdict(dict)
+
+    def prepare(self, model: nn.Module, config: Any = None, **kwargs: Any) -> fx.GraphModule:
+        """``fx_sparsity.prepare(model, config, sparsifier=self, **kwargs)``: see there.
 
         Returns:
             The prepared ``GraphModule``; ``self.model`` refers to it and
             ``get_sparsifier(gm)`` returns this sparsifier.
         """
-        rules = parse_config(config)
-        gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        selected = select_weights(model, find_weights(gm), rules)
-        if not selected:
-            raise ValueError(f"{type(model).__name__} has no Linear or Conv weight to sparsify")
-        groups = []
-        for match, overrides in selected:
-            group = copy.deepcopy(self.defaults)
-            group.update(overrides)
-            group.update(tensor_fqn=match.tensor_fqn, module_fqn=match.module_fqn, tensor_name=match.tensor_name)
-            self.validate_group(group, match.weight_shape)
-            groups.append(group)
-        self.validate_groups(groups)
-        gm = insert_masks(gm, [match for match, _ in selected])
-        for group in groups:
-            group["module"] = gm.get_submodule(group["module_fqn"])
-        gm.meta[SPARSIFIER_META_KEY] = self
-        self.model, self.groups, self.state = gm, groups, defaultdict(dict)
-        return gm
+        from ..api import prepare  # the recipe lives in fx_sparsity.api, which imports this module
 
+        return prepare(model, config, sparsifier=self, **kwargs)
+
+    # ------------------------------------------------------------------ step
     def step(self) -> None:
         """Update every group's mask (under ``no_grad``) when ``enable_mask_update`` is set."""
         model = self._require_model("step()")
@@ -201,40 +270,75 @@ class BaseSparsifier(abc.ABC):
             raise RuntimeError("step() after squash_mask(): the masks are gone; prepare the model again")
         if not self.enable_mask_update:
             return
-        for group in self.groups:
-            self.validate_group(group, self._weight_shape(group))
-        self.validate_groups(self.groups)
+        for record in self.records:
+            self._validate_record(record)
+        self.validate_groups([r.to_dict() for r in self.records])
         with torch.no_grad():
             self.update_masks()
-            for group in self.groups:
-                state = self.state[group["tensor_fqn"]]
+            for record in self.records:
+                state = self.state[record.tensor_fqn]
                 state["step_count"] = state.get("step_count", 0) + 1
 
+    # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """``{"state": ..., "groups": ...}``: deep copies, masks included under ``state[fqn]["mask"]``."""
+        """``{"sparsifier", "state", "groups"}``: deep copies; masks (while there are any) under ``state[fqn]["mask"]``."""
         state = {fqn: copy.deepcopy(dict(s)) for fqn, s in self.state.items()}
-        for group in self.groups:
-            mask = self.get_mask(group["module"], group["tensor_name"])
-            state.setdefault(group["tensor_fqn"], {})["mask"] = mask.detach().clone()
-        groups = [
-            {k: copy.deepcopy(v) for k, v in g.items() if k not in _KEYS_NOT_IN_STATE_DICT} for g in self.groups
-        ]
-        return {"state": state, "groups": groups}
+        model = self.model
+        for record in self.records:
+            mask = getattr(model.get_submodule(record.module_fqn), f"{record.tensor_name}_mask", None)
+            if isinstance(mask, torch.Tensor):
+                state.setdefault(record.tensor_fqn, {})["mask"] = mask.detach().clone()
+        groups = [copy.deepcopy(r.to_dict()) for r in self.records]
+        return {"sparsifier": _qualified_name(type(self)), "state": state, "groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore groups, state and masks from :meth:`state_dict`, copying every tensor.
 
-        The sparsifier must be prepared on a model with the same weights; each
-        group's weight must have a mask in it. With ``strict=False``, groups
-        whose weight has no mask are dropped instead of raising.
+        Everything is validated before anything changes: the state dict must come
+        from a sparsifier of this type, its groups must name masked weights of the
+        prepared module with valid arguments, and its masks must have their shapes.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+            strict: every group must match a masked weight and every masked weight
+                must have a group. With ``False``, groups without a mask are dropped
+                and masked weights the state dict lacks keep their current group.
         """
         model = self._require_model("load_state_dict()")
+        groups, state, masks = self._parse_state_dict(model, state_dict, strict)
+        loaded = {record.tensor_fqn: record for record in groups}
+        with torch.no_grad():
+            for fqn, mask in masks.items():
+                model.get_buffer(f"{fqn}_mask").copy_(mask)
+        for view in self.groups:  # every masked weight has a group, so each loaded record has its view
+            view.record = loaded.get(view.record.tensor_fqn, view.record)
+        kept = defaultdict(dict, {fqn: s for fqn, s in self.state.items() if fqn not in loaded})
+        kept.update(state)
+        self.state = kept
+
+    def _parse_state_dict(
+        self, model: fx.GraphModule, state_dict: Any, strict: bool
+    ) -> tuple[list[WeightGroup], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """Validated ``(groups, state, masks)`` of ``state_dict``; raises before anything changes."""
         if not isinstance(state_dict, Mapping) or not {"state", "groups"} <= state_dict.keys():
             raise ValueError("state_dict must be a dict with 'state' and 'groups', as state_dict() returns")
+        kind = state_dict.get("sparsifier", _qualified_name(type(self)))
+        if kind != _qualified_name(type(self)):
+            raise ValueError(
+                f"state_dict comes from a {kind}, not a {_qualified_name(type(self))}: "
+                "load it into a sparsifier of that type"
+            )
+        raw_state, raw_groups = state_dict["state"], state_dict["groups"]
+        if not isinstance(raw_state, Mapping) or not all(isinstance(s, Mapping) for s in raw_state.values()):
+            raise ValueError("state_dict['state'] must map tensor FQNs to dicts, as state_dict() returns")
+        if isinstance(raw_groups, (str, bytes)) or not isinstance(raw_groups, Sequence):
+            raise ValueError("state_dict['groups'] must be a list of group dicts, as state_dict() returns")
         masked = {t.tensor_fqn: t for t in masked_targets(model)}
-        groups, masks = [], {}
-        for group in state_dict["groups"]:
-            fqn = group.get("tensor_fqn")
+        groups = []
+        for i, raw in enumerate(raw_groups):
+            if not isinstance(raw, Mapping) or not isinstance(raw.get("tensor_fqn"), str):
+                raise ValueError(f"state_dict['groups'][{i}] must be a dict with a 'tensor_fqn' string, got {raw!r}")
+            fqn = raw["tensor_fqn"]
             if fqn not in masked:
                 if strict:
                     raise ValueError(
@@ -242,27 +346,41 @@ class BaseSparsifier(abc.ABC):
                         f"config that selects it (masked: {', '.join(masked) or 'none'}) or pass strict=False"
                     )
                 continue
-            group = copy.deepcopy(dict(group))
-            group["module"] = model.get_submodule(masked[fqn].module_fqn)
-            groups.append(group)
-        for fqn, s in state_dict["state"].items():
-            mask = s.get("mask")
-            if mask is None or fqn not in masked:
+            args = {k: copy.deepcopy(v) for k, v in raw.items() if k not in STRUCTURAL_KEYS}
+            self._check_keys(args, f"state_dict group {fqn!r}")
+            missing = sorted(self.defaults.keys() - args.keys())
+            if missing:
+                raise ValueError(f"state_dict group {fqn!r} lacks the arguments {missing}")
+            target = masked[fqn]
+            record = WeightGroup(fqn, target.kind, target.weight_shape, args)
+            self._validate_record(record)
+            groups.append(record)
+        names = [g.tensor_fqn for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"state_dict names a weight twice among its groups: {names}")
+        own = [r.tensor_fqn for r in self.records if r.tensor_fqn not in names]
+        if strict and own:
+            raise ValueError(
+                f"state_dict has no group for {own}, which this sparsifier steps; "
+                "load a state dict of a sparsifier prepared with the same config, or pass strict=False"
+            )
+        merged = groups + [r for r in self.records if r.tensor_fqn in own]
+        self.validate_groups([g.to_dict() for g in merged])
+        state, masks = {}, {}
+        for fqn, raw in raw_state.items():
+            if fqn not in names:
                 continue
-            target_mask = model.get_buffer(masked[fqn].mask_fqn)
-            if tuple(mask.shape) != tuple(target_mask.shape):
-                raise ValueError(
-                    f"mask of {fqn!r} has shape {tuple(mask.shape)} but the prepared weight has "
-                    f"{tuple(target_mask.shape)}"
-                )
-            masks[fqn] = (target_mask, mask)
-        for target_mask, mask in masks.values():
-            target_mask.copy_(mask)
-        state = defaultdict(dict)
-        for fqn, s in state_dict["state"].items():
-            state[fqn] = {k: copy.deepcopy(v) for k, v in s.items() if k != "mask"}
-        self.groups, self.state = groups, state
+            mask = raw.get("mask")
+            if mask is not None:
+                expected = masked[fqn].weight_shape
+                if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
+                    shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                    raise ValueError(f"mask of {fqn!r} has shape {shape} but the prepared weight has {expected}")
+                masks[fqn] = mask
+            state[fqn] = {k: copy.deepcopy(v) for k, v in raw.items() if k != "mask"}
+        return groups, state, masks
 
+    # -------------------------------------------------------- squash, convert
     def squash_mask(
         self,
         params_to_keep: Iterable[str] | None = None,
@@ -281,20 +399,20 @@ class BaseSparsifier(abc.ABC):
         """
         model = self._require_model("squash_mask()")
         per_layer = {k: tuple(v) for k, v in (params_to_keep_per_layer or {}).items()}
-        known = {g["module_fqn"] for g in self.groups}
+        known = {r.module_fqn for r in self.records}
         unknown = sorted(per_layer.keys() - known)
         if unknown:
             raise ValueError(f"params_to_keep_per_layer names {unknown}, which are not sparsified modules: {sorted(known)}")
         keep_all = tuple(params_to_keep or ())
-        for group in self.groups:
-            missing = [k for k in keep_all + per_layer.get(group["module_fqn"], ()) if k not in group]
+        for view in self.groups:
+            missing = [k for k in keep_all + per_layer.get(view["module_fqn"], ()) if k not in view]
             if missing:
-                raise ValueError(f"cannot keep {missing} for {group['module_fqn']!r}: its group has {sorted(group)}")
+                raise ValueError(f"cannot keep {missing} for {view['module_fqn']!r}: its group has {sorted(view)}")
         fuse_masks(model)
-        for group in self.groups:
-            keys = keep_all + per_layer.get(group["module_fqn"], ())
+        for view in self.groups:
+            keys = keep_all + per_layer.get(view["module_fqn"], ())
             if keys:
-                group["module"].sparse_params = {k: group[k] for k in keys}
+                view.module.sparse_params = {k: view[k] for k in keys}
         return model
 
     def convert(
@@ -305,74 +423,20 @@ class BaseSparsifier(abc.ABC):
     ) -> fx.GraphModule:
         """Swap sparsified modules for ``mapping[type(m)].from_dense(m)`` after fusing their masks.
 
-        Only modules called by a ``call_module`` node whose weight was masked
-        are swapped; others stay as they are.
-
-        Args:
-            module: a module returned by :meth:`prepare` (masked or squashed).
-            mapping: dense module type -> sparse module type with ``from_dense``.
-            inplace: modify ``module`` instead of a copy sharing its parameters.
+        See :func:`fx_sparsity.convert.convert_modules`; only this sparsifier's
+        weights' modules are swapped.
         """
-        if not isinstance(mapping, Mapping) or not mapping:
-            raise ValueError("mapping must be a non-empty dict like {nn.Linear: MySparseLinear}")
-        for dense, sparse in mapping.items():
-            if not callable(getattr(sparse, "from_dense", None)):
-                raise TypeError(f"mapping[{dense.__name__}] = {sparse!r} has no from_dense(module) classmethod")
-        if not isinstance(module, fx.GraphModule):
-            raise TypeError(f"module must be the GraphModule prepare() returned, got {type(module).__name__}")
-        targets = [get_sparse_target(n) for n in module.graph.nodes]
-        fqns = {t.call_module_fqn for t in targets if t is not None and t.call_module_fqn}
-        if not fqns:
-            # Already squashed: the graph calls the sparsified modules directly.
-            sparsified = {g["module_fqn"] for g in self.groups}
-            fqns = {n.target for n in module.graph.nodes if n.op == "call_module" and n.target in sparsified}
-        if not inplace:
-            module = _clone_without_sparsifier(module)
-        fuse_masks(module)
-        swaps = {}
-        for fqn in sorted(fqns):
-            dense = module.get_submodule(fqn)
-            if type(dense) in mapping:
-                swaps[fqn] = _swap(dense, mapping[type(dense)])
-        for node in module.graph.nodes:
-            for fqn, new in swaps.items():
-                if node.op == "get_attr" and node.target.startswith(fqn + "."):
-                    rest = node.target[len(fqn) + 1 :]
-                    try:
-                        new.get_submodule(rest.rpartition(".")[0])
-                        getattr(new.get_submodule(rest.rpartition(".")[0]), rest.rpartition(".")[2])
-                    except AttributeError as e:
-                        raise ValueError(
-                            f"cannot swap {fqn!r} for {type(new).__name__}: the graph also reads "
-                            f"{node.target!r}, which the new module does not have"
-                        ) from e
-        for fqn, new in swaps.items():
-            _set_submodule(module, fqn, new)
-        module.recompile()
-        return module
+        from ..convert import convert_modules  # convert builds on clone_without_sparsifier, defined here
+
+        return convert_modules(module, mapping, {r.module_fqn for r in self.records}, inplace=inplace)
 
 
-def _clone_without_sparsifier(gm: fx.GraphModule) -> fx.GraphModule:
-    sparsifier = gm.meta.pop(SPARSIFIER_META_KEY, None)
-    try:
-        return clone_sharing_tensors(gm)
-    finally:
-        if sparsifier is not None:
-            gm.meta[SPARSIFIER_META_KEY] = sparsifier
+def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where}: 'mask' must be a tensor of the weight's shape {match.weight_shape}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(match.weight_shape):
+        raise ValueError(f"{where}: 'mask' has shape {tuple(mask.shape)}, the weight has {tuple(match.weight_shape)}")
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise ValueError(f"{where}: 'mask' holds NaN or inf; give 0/1 values")
+    return mask.detach()
 
-
-def _swap(dense: nn.Module, sparse_cls: type[nn.Module]) -> nn.Module:
-    new = sparse_cls.from_dense(dense)
-    for hook in dense._forward_pre_hooks.values():
-        new.register_forward_pre_hook(hook)
-    for hook in dense._forward_hooks.values():
-        new.register_forward_hook(hook)
-    devices = {t.device for t in [*dense.parameters(), *dense.buffers()]}
-    if len(devices) == 1:
-        new.to(next(iter(devices)))
-    return new
-
-
-def _set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> None:
-    owner, _, name = fqn.rpartition(".")
-    setattr(root.get_submodule(owner), name, new)

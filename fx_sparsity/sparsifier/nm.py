@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import fx, nn
 
 from ..masks import nm_keep, validate_nm
 from .base import BaseSparsifier
+from .group import WeightGroup
 
 __all__ = ["NMSparsifier"]
 
@@ -48,17 +50,16 @@ class NMSparsifier(BaseSparsifier):
     def target_sparsity(self, group: dict[str, Any]) -> float:
         return 1.0 - group["n"] / group["m"]
 
-    def prepare(self, model: nn.Module, config: Any = None, **kwargs: Any) -> fx.GraphModule:
-        gm = super().prepare(model, config, **kwargs)
-        two_four = [g for g in self.groups if (g["n"], g["m"]) == (2, 4)]
-        if two_four and not _fast_two_four(getattr(two_four[0]["module"], two_four[0]["tensor_name"])):
+    def attach(self, gm: fx.GraphModule, groups: Sequence[WeightGroup], initial_masks: Mapping[str, torch.Tensor]) -> None:
+        super().attach(gm, groups, initial_masks)
+        two_four = [g for g in groups if (g.args["n"], g.args["m"]) == (2, 4)]
+        if two_four and not _fast_two_four(getattr(gm.get_submodule(two_four[0].module_fqn), two_four[0].tensor_name)):
             warnings.warn(
                 "2:4 masks run fast only through lower(gm, 'semi_structured') on a CUDA GPU of compute "
                 "capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into dense weights",
                 UserWarning,
                 stacklevel=_caller_level(),
             )
-        return gm
 
     def update_mask(self, module: nn.Module, tensor_name: str, n: int, m: int, **kwargs: Any) -> None:  # type: ignore[override]
         self.get_mask(module, tensor_name).copy_(nm_keep(self.masked_tensor(module, tensor_name), n, m))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from ..masks import NormFn, resolve_norm, validate_block, weight_norm_keep
+from ..masks import NormFn, resolve_norm, validate_block, validate_level, weight_norm_keep
 from .base import BaseSparsifier
 
 __all__ = ["WeightNormSparsifier"]
@@ -24,7 +25,7 @@ class WeightNormSparsifier(BaseSparsifier):
     as torch.ao.pruning does, so pruned entries stay pruned.
 
     Args:
-        sparsity_level: target fraction of sparse blocks (<= 0: none, >= 1: all).
+        sparsity_level: target fraction of sparse blocks, in [0, 1].
         sparse_block_shape: (rows, cols) of a block; ``(1, 4)`` with
             ``zeros_per_block=2`` and ``sparsity_level=1.0`` is 2:4 sparsity.
         zeros_per_block: zeros in each sparse block, 0 .. rows * cols;
@@ -58,14 +59,13 @@ class WeightNormSparsifier(BaseSparsifier):
         _validate(defaults)
         super().__init__(defaults=defaults)
 
-    def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
-        _validate(group)
+    def validate_group(self, group: Mapping[str, Any], weight_shape: tuple[int, ...]) -> None:
+        _validate(group, f" of {group['tensor_fqn']}")
 
     def target_sparsity(self, group: dict[str, Any]) -> float:
         """Fraction of zeros the group aims at: level (clamped) x zeros / block size."""
         block, zeros = validate_block(group["sparse_block_shape"], group["zeros_per_block"])
-        level = min(max(float(group["sparsity_level"]), 0.0), 1.0)
-        return level * zeros / (block[0] * block[1])
+        return float(group["sparsity_level"]) * zeros / (block[0] * block[1])
 
     def update_mask(  # type: ignore[override]
         self,
@@ -82,8 +82,6 @@ class WeightNormSparsifier(BaseSparsifier):
         self.get_mask(module, tensor_name).copy_(keep)
 
 
-def _validate(args: dict[str, Any]) -> None:
-    level = args.get("sparsity_level")
-    if isinstance(level, bool) or not isinstance(level, (int, float)):
-        raise TypeError(f"sparsity_level must be a number, got {level!r}")
+def _validate(args: Mapping[str, Any], where: str = "") -> None:
+    validate_level(args.get("sparsity_level"), f"sparsity_level{where}")
     validate_block(args.get("sparse_block_shape"), args.get("zeros_per_block"))

@@ -1,0 +1,115 @@
+"""The prepare recipe's contracts: typed groups under the torch.ao dict view, one sparsifier per prepared
+module, hooks refused before anything is built, and sparsifiers that pickle."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from fx_sparsity import (
+    CubicSL,
+    GroupView,
+    LambdaSL,
+    MagnitudeSparsifier,
+    WeightGroup,
+    WeightNormSparsifier,
+    get_sparsifier,
+    prepare,
+)
+
+from helpers import ImplementedSparsifier, SimpleLinear, snapshot
+
+
+def test_groups_are_typed_records_under_a_dict_view():
+    """SimpleLinear: each group is a GroupView over a frozen WeightGroup; writing an argument validates it first."""
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5)
+    gm = prepare(SimpleLinear(), ["linear1"], sparsifier=sparsifier)
+    (view,) = sparsifier.groups
+    assert isinstance(view, GroupView) and isinstance(view.record, WeightGroup)
+    assert sparsifier.records == (view.record,)
+    assert view.record == WeightGroup("linear1.weight", "linear", (4, 4), {
+        "sparsity_level": 0.5, "sparse_block_shape": (1, 4), "zeros_per_block": None})
+    assert dict(view) == {"tensor_fqn": "linear1.weight", "module_fqn": "linear1", "tensor_name": "weight",
+                          "module": gm.linear1, **view.record.args}
+    view["sparsity_level"] = 0.75
+    assert sparsifier.records[0].args["sparsity_level"] == 0.75
+    with pytest.raises(ValueError, match="sparsity_level of linear1.weight must be in"):
+        view["sparsity_level"] = float("nan")
+    with pytest.raises(KeyError, match="names the weight"):
+        view["tensor_fqn"] = "linear2.weight"
+    with pytest.raises(KeyError, match="not an argument"):
+        view["sparsity"] = 0.5
+    with pytest.raises(TypeError):
+        view.record.args["sparsity_level"] = 0.1
+    assert sparsifier.records[0].args["sparsity_level"] == 0.75
+    sparsifier.update_group("linear1.weight", sparsity_level=0.25)
+    sparsifier.step()
+    assert gm.get_buffer("linear1.weight_mask").mean().item() == 0.75
+
+
+def test_scheduler_levels_are_checked_before_any_is_set():
+    """A LambdaSL whose factor drives a level above 1 raises at scheduler.step(), leaving every level as it was."""
+    sparsifier = WeightNormSparsifier(sparsity_level=0.8)
+    prepare(SimpleLinear(), None, sparsifier=sparsifier)
+    scheduler = LambdaSL(sparsifier, lambda epoch: 1.0 + epoch)  # epoch 0: 0.8; epoch 1: 1.6
+    sparsifier.step()
+    before = sparsifier.records
+    with pytest.raises(ValueError, match="must be in"):
+        scheduler.step()
+    assert sparsifier.records == before
+    with pytest.raises(TypeError, match="sparsifier must be an fx_sparsity BaseSparsifier"):
+        CubicSL(object())
+
+
+def test_a_sparsifier_serves_one_prepared_module():
+    """Preparing a second model with a bound sparsifier is refused before capture: it used to retarget silently,
+    so get_sparsifier(gm1).step() updated gm2."""
+    sparsifier = MagnitudeSparsifier(0.5)
+    gm1 = prepare(SimpleLinear(), sparsifier=sparsifier)
+    second = SimpleLinear()
+    before = snapshot(second)
+    with pytest.raises(ValueError, match="serves one prepared module"):
+        prepare(second, sparsifier=sparsifier)
+    with pytest.raises(ValueError, match="serves one prepared module"):
+        sparsifier.prepare(second, None)
+    assert snapshot(second)["attrs"] == before["attrs"]
+    assert get_sparsifier(gm1) is sparsifier and sparsifier.model is gm1
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_hooks_on_a_masked_layer_are_refused(hook):
+    """A forward hook or pre-hook on a Linear that prepare would rewrite raises ValueError naming the layer and the
+    remedies (the masked op would not run it, while fuse/squash_mask would run it again); the model keeps its hook,
+    and leaving the layer out of the config works."""
+    model = SimpleLinear()
+    calls = []
+    register = model.linear1.register_forward_hook if hook == "forward" else model.linear1.register_forward_pre_hook
+    register(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"'linear1' \(Linear\) has 1 forward hook.*leave 'linear1.weight' out"):
+        prepare(model)
+    gm = prepare(model, ["linear2", "seq.*"])
+    gm(torch.randn(2, 7))
+    assert calls == [1], "the unmasked layer runs its hook in the prepared module"
+
+
+def test_sparsifier_and_state_dict_pickle():
+    """A WeightNormSparsifier (default norm included) and its state dict pickle and load."""
+    sparsifier = WeightNormSparsifier(norm=2)
+    pickle.loads(pickle.dumps(sparsifier))
+    prepare(SimpleLinear(), sparsifier=sparsifier)
+    sparsifier.step()
+    state = pickle.loads(pickle.dumps(sparsifier.state_dict()))
+    fresh = WeightNormSparsifier()
+    gm = prepare(SimpleLinear(), sparsifier=fresh)
+    fresh.load_state_dict(state)
+    assert fresh.records == sparsifier.records
+    assert torch.equal(gm.get_buffer("linear1.weight_mask"), sparsifier.model.get_buffer("linear1.weight_mask"))
+
+
+def test_defaults_cannot_shadow_group_keys():
+    """A sparsifier whose defaults name a structural key or 'mask' is refused."""
+    for key in ("module", "tensor_fqn", "mask"):
+        with pytest.raises(ValueError, match="defaults may not set"):
+            ImplementedSparsifier(**{key: None})
