@@ -1,16 +1,31 @@
 """Timing one masked layer of a prepared module in its masked, fused and sparse forms.
 
-:func:`record_op_calls` runs the prepared module once on example inputs and keeps
-the arguments every masked op was called with; :class:`LayerTimer` replays them
-with a given weight form. ``fx_sparsity.lower`` uses both for ``"auto"`` and for
-the before/after times of its report.
+:func:`record_op_calls` runs the prepared module once (eval mode, ``no_grad``) on
+example inputs and keeps the arguments every masked op was called with;
+:class:`LayerTimer` replays them with a given weight form. ``fx_sparsity.lower``
+uses both for ``"auto"`` and for the before/after times of its report.
+
+Two regimes, chosen by the caller from the model's weight bytes:
+
+* warm: a model whose weights fit in the last-level cache reads them from the
+  cache; each sample runs a variant enough times to last about a millisecond;
+* streaming (``cold=True``): a model whose weights exceed the last-level cache
+  reads each layer's weights from memory; before every single timed call a
+  buffer of twice the last-level cache is written, so the call starts cold.
+
+Variants of one layer are timed in interleaved rounds, each in a new random
+order, and each variant's median is kept, so that a burst of load on a shared
+machine slows every variant alike instead of deciding the comparison.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,9 +34,13 @@ from torch import Tensor, fx
 from passes import SparseTarget, get_sparse_target, op_arguments
 from passes.lower_sparse import SparseFormat, conv_strides, sparse_layer_forward
 
-__all__ = ["OpCall", "record_op_calls", "median_seconds", "LayerTimer"]
+from .running import eval_mode
+
+__all__ = ["OpCall", "record_op_calls", "last_level_cache_bytes", "time_variants", "LayerTimer"]
 
 OpCall = tuple[Any, tuple, dict]  # (op target, args, kwargs) as the op was called
+
+_DEFAULT_LLC_BYTES = 32 << 20
 
 
 class _Recorder(fx.Interpreter):
@@ -30,13 +49,117 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, names: set[str]):
         super().__init__(gm)
         self.names = names
-        self.calls: dict[str, tuple[Any, tuple, dict]] = {}
+        self.calls: dict[str, list[OpCall]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.names:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.calls[n.name] = (n.target, args, kwargs)
+            self.calls.setdefault(n.name, []).append((n.target, args, kwargs))
         return super().run_node(n)
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of this CPU's last-level cache (from sysfs); 32 MiB where it cannot be read."""
+    best_level, best_size = 0, 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        if level >= best_level:
+            best_level, best_size = level, size
+    return best_size or _DEFAULT_LLC_BYTES
+
+
+class _Flusher:
+    """Writes a buffer of twice the last-level cache, evicting whatever a timed call would find cached."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(
+    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, *, cold: bool = False
+) -> dict[str, float]:
+    """Median seconds per call of each variant, timed in ``repeats`` interleaved rounds of random order.
+
+    Args:
+        variants: name -> a call to time.
+        repeats: rounds; each round takes one sample of every variant.
+        device: where the calls run (CUDA calls are synchronised).
+        cold: flush the last-level cache before every call (one call per sample);
+            else each sample runs a variant enough times to last about a millisecond.
+    """
+    flush = _Flusher() if cold and device.type == "cpu" else None
+    calls = {}
+    for name, fn in variants.items():  # warm-up, and the calls per sample of the warm regime
+        fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        calls[name] = 1 if cold else max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            if flush is not None:
+                flush()
+            fn, n = variants[name], calls[name]
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def record_op_calls(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, list[OpCall]]:
+    """Run ``gm(*args, **kwargs)`` once (eval mode, ``no_grad``) and return, per masked weight,
+    the calls of the ops reading it."""
+    ops = {n.name: t.tensor_fqn for n in gm.graph.nodes if (t := get_sparse_target(n)) is not None and t.role == "op"}
+    recorder = _Recorder(gm, set(ops))
+    with torch.no_grad(), eval_mode(gm):
+        recorder.run(*_placeholder_values(gm, args, kwargs))
+    calls: dict[str, list[OpCall]] = {}
+    for name, node_calls in recorder.calls.items():
+        calls.setdefault(ops[name], []).extend(node_calls)
+    return calls
+
+
+def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
+    """The value of each placeholder for ``gm(*args, **kwargs)`` (``fx.Interpreter.run`` takes them positionally).
+
+    An export-captured module flattens its inputs with its own pytree spec; a traced
+    one names its placeholders after the forward's parameters.
+    """
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        return list(gm.graph._codegen.process_inputs(*args, **kwargs))
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = dict(zip(names, args))
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise TypeError(f"example_inputs names {unknown}, which are not inputs of the model (inputs: {names})")
+    bound.update(kwargs)
+    defaults = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "placeholder" and n.args}
+    return [bound[name] if name in bound else defaults.get(name) for name in names]
 
 
 def _with_weight(args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict]:
@@ -45,87 +168,60 @@ def _with_weight(args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict
     return args, {**kwargs, "weight": weight}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds per call over ``repeats`` samples; each sample runs ``fn`` enough
-    times to last about a millisecond, so that timer resolution and call jitter of tiny
-    layers do not decide."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    calls = max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
-def record_op_calls(gm: fx.GraphModule, example_inputs: Any) -> dict[str, list[OpCall]]:
-    """Run ``gm`` once (``no_grad``) and return, per masked weight, the calls of the ops reading it."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    ops = {n.name: t.tensor_fqn for n in gm.graph.nodes if (t := get_sparse_target(n)) is not None and t.role == "op"}
-    recorder = _Recorder(gm, set(ops))
-    with torch.no_grad():
-        recorder.run(*inputs)
-    calls: dict[str, list[OpCall]] = {}
-    for name, call in recorder.calls.items():
-        calls.setdefault(ops[name], []).append(call)
-    return calls
-
-
 class LayerTimer:
-    """One masked weight of the prepared module, with timers for its forms.
+    """One masked weight of the prepared module, with the calls its forms are timed on.
 
-    Every timer returns the summed median seconds of the layer's recorded calls,
-    or ``None`` when it has none.
+    Each ``*_fn`` method returns a callable running every recorded call of the
+    layer once in that form (``None`` when the layer was never called); time
+    several together with :meth:`time`.
     """
 
-    def __init__(self, gm: fx.GraphModule, target: SparseTarget, calls: list[OpCall], repeats: int):
+    def __init__(self, gm: fx.GraphModule, target: SparseTarget, calls: list[OpCall], repeats: int, cold: bool):
         owner = gm.get_submodule(target.module_fqn)
         self.target = target
         self.weight = getattr(owner, target.tensor_name)
         self.mask = getattr(owner, target.mask_name)
-        self.calls, self.repeats = calls, repeats
+        self.calls, self.repeats, self.cold = calls, repeats, cold
 
     def fused(self) -> Tensor:
         """``weight * mask``, detached."""
         return (self.weight * self.mask).detach()
 
-    def _time(self, forward: Callable[[Any, tuple, dict], object]) -> float | None:
+    def _op_fn(self, weight: Callable[[], Tensor]) -> Callable[[], None] | None:
         if not self.calls:
             return None
-        device = self.weight.device
-        with torch.no_grad():
-            return sum(median_seconds(lambda c=c: forward(*c), self.repeats, device) for c in self.calls)
 
-    def _time_op(self, weight: Callable[[], Tensor]) -> float | None:
-        def forward(op, args, kwargs):
-            args, kwargs = _with_weight(args, kwargs, weight())
-            return op(*args, **kwargs)
-        return self._time(forward)
+        def run() -> None:
+            for op, args, kwargs in self.calls:
+                args, kwargs = _with_weight(args, kwargs, weight())
+                op(*args, **kwargs)
+        return run
 
-    def time_masked(self) -> float | None:
+    def masked_fn(self) -> Callable[[], None] | None:
         """The prepared layer: mask multiply, then the op."""
-        return self._time_op(lambda: self.weight * self.mask)
+        return self._op_fn(lambda: self.weight * self.mask)
 
-    def time_dense(self, weight: Tensor) -> float | None:
+    def dense_fn(self, weight: Tensor) -> Callable[[], None] | None:
         """The op on a given (fused) weight."""
-        return self._time_op(lambda: weight)
+        return self._op_fn(lambda: weight)
 
-    def time_sparse(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> float | None:
+    def sparse_fn(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> Callable[[], None] | None:
         """The sparse operator of ``fmt`` on the given components."""
-
-        def forward(op, args, kwargs):
+        if not self.calls:
+            return None
+        prepared = []
+        for op, args, kwargs in self.calls:
             bound = op_arguments(op, args, kwargs)
-            strides = conv_strides(self.target, op, args, kwargs)
-            return sparse_layer_forward(fmt.layout, bound["input"], components, bound["bias"], strides)
-        return self._time(forward)
+            prepared.append((bound["input"], bound["bias"], conv_strides(self.target, op, args, kwargs)))
 
+        def run() -> None:
+            for x, bias, strides in prepared:
+                sparse_layer_forward(fmt.layout, x, components, bias, strides)
+        return run
 
+    def time(self, variants: Mapping[str, Callable[[], None] | None]) -> dict[str, float | None]:
+        """Median seconds of each variant (``None`` for a layer that was never called)."""
+        runnable = {k: v for k, v in variants.items() if v is not None}
+        with torch.no_grad():
+            times = time_variants(runnable, self.repeats, self.weight.device, cold=self.cold) if runnable else {}
+        return {k: times.get(k) for k in variants}

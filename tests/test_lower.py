@@ -11,9 +11,9 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
-from fx_sparsity.lower import AUTO_MIN_SPEEDUP, _choose
+from fx_sparsity.autotune import AUTO_MIN_SPEEDUP, choose_backend
 
-from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, count_nodes, snapshot
+from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, TinyResNet, count_nodes, snapshot
 
 CSR = torch.ops.fx_sparsity.csr_linear.default
 BSR = torch.ops.fx_sparsity.bsr_linear.default
@@ -170,6 +170,8 @@ def test_per_layer_config_forms_and_precedence():
         ("auto", ValueError, r"backend 'auto' times each layer on its input: pass example_inputs"),
         (3, TypeError, r"backend must be a string like 'csr' or a per-layer config"),
         ({"fc1": 3}, TypeError, r"backend\['fc1'\] must be a backend name or a dict"),
+        ({"fc1": {"backend": "csr", "blocksize": 4}}, ValueError,
+         r"blocksize for fc1.weight applies to the 'bsr' and 'auto' backends only, got backend 'csr'"),
     ],
 )
 def test_bad_backends_raise_and_change_nothing(backend, error, match):
@@ -219,11 +221,11 @@ def test_auto_matches_prepared_and_records_timings():
 
 def test_auto_decision_rule():
     """auto keeps a sparse kernel only when it beats the fused op by AUTO_MIN_SPEEDUP; else fuses."""
-    assert _choose(1.0, {"csr": 0.5, "bsr": 0.4})[0] == "bsr"
-    assert _choose(1.0, {"csr": 1.0 / AUTO_MIN_SPEEDUP})[0] == "csr"
-    assert _choose(1.0, {"csr": 0.95})[0] == "fuse"
-    assert _choose(1.0, {"csr": 2.0})[1] == "auto: fused (csr 0.50x)"
-    assert _choose(1.0, {})[0] == "fuse"
+    assert choose_backend(1.0, {"csr": 0.5, "bsr": 0.4})[0] == "bsr"
+    assert choose_backend(1.0, {"csr": 1.0 / AUTO_MIN_SPEEDUP})[0] == "csr"
+    assert choose_backend(1.0, {"csr": 0.95})[0] == "fuse"
+    assert choose_backend(1.0, {"csr": 2.0})[1] == "auto: fused (csr 0.50x)"
+    assert choose_backend(1.0, {})[0] == "fuse"
 
 
 def test_lowering_table_bytes_and_times():
@@ -295,3 +297,39 @@ def test_pointwise_conv_with_string_padding_lowers():
     assert [r.backend for r in get_lowering(lowered)] == ["csr", "csr"]
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(lowered(x), gm(x))
+
+
+@pytest.mark.parametrize(
+    "example_inputs, match",
+    [
+        (None, None),
+        ([], r"example_inputs holds no tensor"),
+        ("x", r"example_inputs must be a tensor, a tuple of positional inputs or a dict"),
+        ({"x": 3}, r"example_inputs holds no tensor"),
+    ],
+)
+def test_example_inputs_are_checked(example_inputs, match):
+    """lower(example_inputs=...) takes a tensor, a tuple/list or a dict of keyword inputs; anything else is a
+    TypeError naming the argument (a list used to fail with "'list' object has no attribute 'dim'")."""
+    gm = prepared(LinearNet())
+    if match is None:
+        x = torch.randn(3, 64)
+        for form in (x, (x,), [x], {"x": x}):
+            records = get_lowering(lower(gm, "csr", example_inputs=form, repeats=1, progress_bar=False))
+            assert all(r.time_before is not None for r in records)
+        return
+    with pytest.raises(TypeError, match=match):
+        lower(gm, "csr", example_inputs=example_inputs, progress_bar=False)
+
+
+def test_timing_leaves_batchnorm_statistics_alone():
+    """TinyResNet (BatchNorm, in training mode): lower('auto') runs the module to time layers, in eval mode,
+    so the user's running statistics and num_batches_tracked do not move, and training flags are restored."""
+    model = TinyResNet().train()
+    before = snapshot(model)
+    gm = prepare(model, sparsifier=WeightNormSparsifier(0.5, (1, 1)))
+    get_sparsifier(gm).step()
+    lower(gm, "auto", example_inputs=torch.randn(2, 3, 16, 16), repeats=1, progress_bar=False)
+    after = snapshot(model)
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+    assert gm.training and all(m.training for m in gm.modules())

@@ -1,0 +1,77 @@
+"""Running a prepared module on the user's inputs without changing anything.
+
+``lower(example_inputs=...)`` and ``calibrate(batches)`` accept the same input
+forms (one tensor, a tuple/list of positional inputs, a dict of keyword inputs),
+checked here before anything runs, so that a wrong form gets a ``TypeError``
+naming the argument instead of a failure deep inside the model. They run the
+module under :func:`eval_mode`: the prepared module shares its buffers with the
+user's model, so a forward pass in training mode would update the user's
+BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelInputs", "as_model_inputs", "eval_mode"]
+
+ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def as_model_inputs(value: Any, name: str) -> ModelInputs:
+    """``(args, kwargs)`` for calling a module on ``value``.
+
+    A tensor is one positional input; a tuple or list holds positional inputs;
+    a dict (string keys) holds keyword inputs, as a tokenizer returns them. At
+    least one tensor must be among them.
+
+    Raises:
+        TypeError: ``value`` is none of these forms, naming ``name`` and the fix.
+
+    Example::
+
+        >>> args, kwargs = as_model_inputs(torch.ones(2, 3), "example_inputs")
+        >>> len(args), kwargs
+        (1, {})
+    """
+    if isinstance(value, torch.Tensor):
+        return (value,), {}
+    if isinstance(value, (tuple, list)):
+        args, kwargs = tuple(value), {}
+    elif isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        args, kwargs = (), dict(value)
+    else:
+        raise TypeError(
+            f"{name} must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+            f"got {type(value).__name__}"
+        )
+    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        raise TypeError(f"{name} holds no tensor: give the model's inputs, e.g. (torch.randn(1, 16),), got {value!r}"[:300])
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` and every submodule in eval mode, and restore each one's own mode afterwards.
+
+    Example::
+
+        >>> m = nn.Sequential(nn.BatchNorm1d(3))
+        >>> with eval_mode(m):
+        ...     m(torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+        >>> m.training, int(m[0].num_batches_tracked)
+        (True, 0)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
