@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
+
+from passes import CaptureError
 
 from .api import prepare
 from .calibrate import calibrate
@@ -28,9 +31,12 @@ from .sparsifier import (
     WeightNormSparsifier,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 
 _DEFAULT_SHAPES = {"demo": (2, 3, 32, 32)}
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# BSR block size when --blocksize is not given and --block-shape is not square (MKL takes square blocks only).
+DEFAULT_BSR_BLOCKSIZE = 2
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -43,11 +49,31 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _block(text: str) -> tuple[int, int]:
     dims = _shape(text)
     if len(dims) != 2:
         raise argparse.ArgumentTypeError(f"block shape is ROWSxCOLS like 1x4, got {text!r}")
     return dims[0], dims[1]
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def _nm(text: str) -> tuple[int, int]:
@@ -87,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="weight-norm",
                         help="weight-norm (blocks, torch.ao.pruning's), magnitude (per layer), global (one "
                         "threshold), nm (N:M), wanda (|W| x input norm, calibrated); default weight-norm")
-    parser.add_argument("--sparsity-level", type=float, default=0.5,
+    parser.add_argument("--sparsity-level", type=_level, default=0.5,
                         help="fraction of blocks (weight-norm) or weights to sparsify (default 0.5)")
     parser.add_argument("--block-shape", type=_block, default=(1, 4),
                         help="weight-norm: sparse block ROWSxCOLS (default 1x4)")
@@ -100,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--backend", choices=BACKENDS, default="fuse",
                         help="lowering backend for every masked layer (default fuse; auto times each layer)")
+    parser.add_argument("--blocksize", type=_positive_int, default=None,
+                        help="BSR block size for --backend bsr or auto (default for bsr: --block-shape when "
+                        f"square, else {DEFAULT_BSR_BLOCKSIZE})")
     parser.add_argument("--export", metavar="PATH", default=None,
                         help="torch.export the lowered module and torch.export.save it to PATH (.pt2)")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +146,23 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
     raise ValueError(f"--input-shape is required for --model {args.model}")
 
 
-def _masked_reference(model: torch.nn.Module, sparsifier) -> torch.nn.Module:
+def _check_args(args: argparse.Namespace) -> None:
+    """Option combinations that cannot work, refused before anything runs."""
+    if args.nm is not None and args.method not in ("nm", "wanda"):
+        raise ValueError(f"--nm applies to --method nm or wanda, not {args.method}: add --method nm")
+    if args.calibration_batches < 1:
+        raise ValueError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
+    if args.blocksize is not None and args.backend not in ("bsr", "auto"):
+        raise ValueError(f"--blocksize applies to --backend bsr or auto, not {args.backend}")
+    if args.export is not None:
+        folder = os.path.dirname(os.path.abspath(args.export))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--export {args.export}: the folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--export {args.export}: the folder {folder} is not writable")
+
+
+def _masked_reference(model: torch.nn.Module, sparsifier: BaseSparsifier) -> torch.nn.Module:
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for view in sparsifier.groups:
@@ -126,20 +171,31 @@ def _masked_reference(model: torch.nn.Module, sparsifier) -> torch.nn.Module:
     return reference
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _lower_backend(args: argparse.Namespace) -> str | dict[str, dict[str, object]]:
+    blocksize = args.blocksize
+    if blocksize is None and args.backend == "bsr":
+        rows, cols = args.block_shape
+        blocksize = rows if rows == cols and args.method == "weight-norm" else DEFAULT_BSR_BLOCKSIZE
+    if blocksize is None:
+        return args.backend
+    return {"*": {"backend": args.backend, "blocksize": blocksize}}
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    model = load_model(args.model).eval()
+    example = torch.randn(_input_shape(args))
+    sparsifier = _sparsifier(args)
     try:
-        model = load_model(args.model).eval()
-        example = torch.randn(_input_shape(args))
-        sparsifier = _sparsifier(args)
-        if args.calibration_batches < 1:
-            raise ValueError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
-    except (ValueError, TypeError) as e:
-        print(f"fx-sparsity: error: {e}", file=sys.stderr)
-        return 2
+        with torch.no_grad():
+            dense_out = model(example)
+    except Exception as e:  # the model's own error: almost always an input of the wrong shape
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(
+            f"{type(model).__name__} failed on an input of shape {tuple(example.shape)} "
+            f"({type(e).__name__}: {first}); check --input-shape"
+        ) from None
     with torch.no_grad():
-        dense_out = model(example)
         gm = prepare(model, sparsifier=sparsifier, example_inputs=(example,))
         checks = {"prepared (all-ones masks) == dense": (gm(example), dense_out)}
         if isinstance(sparsifier, WandaSparsifier):
@@ -152,11 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + graph_table(gm))
         reference = _masked_reference(model, sparsifier)(example)
         checks["prepared == masked eager"] = (gm(example), reference)
-        try:
-            lowered = lower(gm, args.backend, example_inputs=(example,), progress_bar=not args.no_progress)
-        except ValueError as e:
-            print(f"fx-sparsity: error: {e}", file=sys.stderr)
-            return 2
+        lowered = lower(gm, _lower_backend(args), example_inputs=(example,), progress_bar=not args.no_progress)
         print("\n" + lowering_table(lowered))
         checks[f"lowered ({args.backend}) == masked eager"] = (lowered(example), reference)
         if args.export is not None:
@@ -164,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             checks["exported, saved and loaded == masked eager"] = (
                 torch.export.load(args.export).module()(example), reference
             )
-            print(f"\nexported program written to {args.export}")
+            print(f"\nexported program written to {args.export}; load it where fx_sparsity is installed, "
+                  "after `import fx_sparsity` (which registers the fx_sparsity:: operators it calls)")
         sparsifier.squash_mask()
         checks["squashed == masked eager"] = (gm(example), reference)
     failures = []
@@ -178,10 +231,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     if failures:
         print("FAIL: " + "; ".join(failures))
-        return 1
+        return EXIT_FAIL
     print(f"OK: {len(sparsifier.groups)} weights masked, lowered ({args.backend}) and squashed; outputs match "
           f"the masked eager reference (max abs diff {worst:.2e})")
-    return 0
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns :data:`EXIT_OK`, :data:`EXIT_FAIL` (outputs differ) or :data:`EXIT_USAGE` (a user
+    error, reported in one line on stderr; argparse's own errors exit with 2 as well)."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        return _run(args)
+    except (ValueError, TypeError, CaptureError) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"fx-sparsity: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

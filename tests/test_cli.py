@@ -125,8 +125,61 @@ def test_nm_on_cpu_warns_that_it_will_not_run_fast(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--method=nm", "--nm=4:4"], "0 <= n < m, got n=4, m=4"),
     (["--method=wanda", "--calibration-batches=0"], "--calibration-batches must be at least 1"),
+    (["--nm=2:4"], "--nm applies to --method nm or wanda, not weight-norm"),
+    (["--export=/no/such/folder/m.pt2"], "the folder /no/such/folder does not exist"),
+    (["--blocksize=4"], "--blocksize applies to --backend bsr or auto, not fuse"),
+    (["--input-shape=1,3,8"], "DemoNet failed on an input of shape (1, 3, 8)"),
+    (["--model=" + __file__ + ":Nope", "--input-shape=1,2"], "defines no nn.Module class 'Nope'"),
 ])
 def test_method_errors_exit_2(argv, message, capsys):
     """Bad method arguments: exit 2 with the reason."""
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["fuse", "csr", "bsr", "auto"])
+def test_every_backend_runs_on_the_built_in_model(backend, capsys):
+    """The built-in model runs with each backend this CPU can run, default options otherwise (bsr: square
+    blocks of DEFAULT_BSR_BLOCKSIZE, since the default 1x4 block shape is not square)."""
+    assert cli.main([f"--backend={backend}", "--no-graph", "--no-progress"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith(f"OK: 5 weights masked, lowered ({backend})")
+    if backend == "bsr":
+        assert f"bsr {cli.DEFAULT_BSR_BLOCKSIZE}x{cli.DEFAULT_BSR_BLOCKSIZE}" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity-level=nan"], "expected a number in [0, 1], got 'nan'"),
+    (["--sparsity-level=1.5"], "expected a number in [0, 1], got '1.5'"),
+    (["--blocksize=0", "--backend=bsr"], "expected a positive integer, got '0'"),
+])
+def test_argument_errors_are_one_line_exit_2(argv, message, capsys):
+    """Values argparse checks: one line on stderr naming the option, exit 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_capture_failure_is_one_line(tmp_path, capsys):
+    """A file model that neither symbolic tracing nor torch.export can capture: one line (the causes and the
+    remedies), exit 2."""
+    path = tmp_path / "bad.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 4)
+            def forward(self, x):
+                if x.sum().item() > 0:
+                    return self.fc(x)
+                return self.fc(x).relu()
+    """))
+    assert cli.main([f"--model={path}:Net", "--input-shape=2,4", "--no-progress"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    # torch.export may print the graph it failed on; ours is one line, the last, with the remedies.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fx-sparsity: error: could not capture Net.") and "Remedies:" in last
+    assert "Traceback" not in err
