@@ -3,10 +3,12 @@
 Example::
 
     >>> import fx_sparsity
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     >>> gm = fx_sparsity.prepare(model)              # new GraphModule, model untouched
     >>> fx_sparsity.get_sparsifier(gm).step()        # compute masks
-    >>> fx_sparsity.print_sparsity_table(gm)
-    >>> lowered = fx_sparsity.lower(gm, "csr")         # no masks; sparse kernels; exportable
+    >>> print(fx_sparsity.sparsity_table(gm).splitlines()[-1].split())
+    ['total', '50.0%', '50.0%', '2,304', '/', '4,608']
+    >>> lowered = fx_sparsity.lower(gm, "csr")       # no masks; sparse kernels; exportable
 """
 
 from passes import CaptureError

@@ -105,9 +105,14 @@ class LambdaSL(BaseScheduler):
 
     Example::
 
+        >>> sparsifier = WeightNormSparsifier(sparsity_level=0.8, sparse_block_shape=(1, 1))
+        >>> gm = prepare(nn.Sequential(nn.Linear(16, 16)), sparsifier=sparsifier)
         >>> scheduler = LambdaSL(sparsifier, lambda epoch: min(1.0, epoch / 10))
         >>> for epoch in range(20):
-        ...     train_one_epoch(); sparsifier.step(); scheduler.step()
+        ...     sparsifier.step()                       # after each epoch's training
+        ...     scheduler.step()
+        >>> gm.get_buffer("0.weight_mask").mean().item()
+        0.19921875
     """
 
     def __init__(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
@@ -54,8 +55,13 @@ def test_vision_model_prepare_step_lower_export(name):
         exported = torch.export.export(lowered, (x,)).module()
         torch.testing.assert_close(exported(x), expected)
     assert len(sparsifier.groups) >= 5
-    assert all(0.45 < 1 - gm.get_buffer(f"{g['tensor_fqn']}_mask").mean().item() < 0.55 for g in sparsifier.groups
-               if gm.get_buffer(f"{g['tensor_fqn']}_mask").numel() >= 64)
+    for record in sparsifier.records:
+        # Half of the 1x4 blocks of the [out, -1] view are zero. A row whose length 4 does not divide ends in a
+        # partial block (a depthwise 3x3 conv's rows of 9 hold 4 + 4 + 1), so the element sparsity may be off 50%.
+        mask = gm.get_buffer(f"{record.tensor_fqn}_mask").reshape(record.weight_shape[0], -1)
+        blocks = F.pad(mask, (0, (-mask.shape[1]) % 4)).reshape(mask.shape[0], -1, 4)
+        zero_blocks = int((blocks.sum(-1) == 0).sum())
+        assert zero_blocks == min(round(0.5 * blocks[..., 0].numel()), blocks[..., 0].numel() - 1), record.tensor_fqn
 
 
 def test_depthwise_and_grouped_convs_are_matched():

@@ -56,10 +56,14 @@ class GlobalMagnitudeSparsifier(BaseSparsifier):
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        >>> with torch.no_grad():
+        ...     _ = model[1].weight.mul_(10)            # layer 1 has the larger weights
         >>> sparsifier = GlobalMagnitudeSparsifier(sparsity_level=0.5)
         >>> gm = sparsifier.prepare(model, None)
         >>> sparsifier.step()
-        >>> sparsifier.layer_sparsity()   # {'fc1.weight': 0.31, 'fc2.weight': 0.74, ...}
+        >>> sparsifier.layer_sparsity()
+        {'0.weight': 0.921875, '1.weight': 0.078125}
     """
 
     def __init__(self, sparsity_level: float = 0.5) -> None:
