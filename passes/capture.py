@@ -8,9 +8,13 @@ it fails (Python control flow on tensors, unsupported built-ins, ...) and
 example Hugging Face transformers) into ATen-level graphs. When both fail, a
 :class:`CaptureError` names the failing construct and the remedies.
 
-The returned module never shares a module object with the user's model, only
-its parameters and buffers (see :func:`passes.utils.clone_sharing_tensors`), so
-later passes may add buffers and rewrite the graph freely.
+Both captures work on a clone of the model that shares its tensors (see
+:func:`passes.utils.clone_sharing_tensors`), never on the model itself: the tracer
+writes onto the module it traces (``_tensor_constant0`` for a module-level tensor,
+models caching traced values in their own dicts, export swapping list and dict
+attributes for copies), and none of that may reach the user's model. The returned
+module shares only parameters and buffers with the model, so later passes may add
+buffers and rewrite the graph freely.
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ def _failing_construct(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 
+def _clone(model: nn.Module) -> nn.Module:
+    try:
+        return clone_sharing_tensors(model)
+    except Exception as e:
+        raise CaptureError(
+            f"capture works on a copy of {type(model).__name__} (copy.deepcopy sharing its parameters and "
+            f"buffers), so that tracing never writes onto the model, but copying it failed: "
+            f"{type(e).__name__}: {e}. Make the model's attributes deep-copyable (or define __deepcopy__)."
+        ) from e
+
+
 def _check_args(model: Any, example_inputs: Any, leaf_modules: Any) -> tuple | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,10 +150,11 @@ def capture(
     leaf_modules = tuple(leaf_modules)
     example_args = _check_args(model, example_inputs, leaf_modules)
     name = type(model).__name__
+    clone = _clone(model)
     try:
         tracer = _Tracer(leaf_modules)
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        traced = fx.GraphModule(tracer.root, graph, name)
+        graph = tracer.trace(clone, concrete_args=concrete_args)
+        gm = fx.GraphModule(clone, graph, name)
     except Exception as trace_exc:
         where = _failing_construct(trace_exc)
         trace_msg = f"{type(trace_exc).__name__}: {trace_exc}"
@@ -150,7 +166,8 @@ def capture(
                 "or fix the offending argument with concrete_args={...}."
             ) from trace_exc
         try:
-            gm = torch.export.export(model, example_args).module()
+            # A fresh clone: the traced one may hold what the failed trace left on it.
+            gm = torch.export.export(_clone(model), example_args).module()
         except Exception as export_exc:
             raise CaptureError(
                 f"could not capture {name}.\n"
@@ -163,6 +180,5 @@ def capture(
             ) from export_exc
         gm.meta["capture"] = "export"
         return gm
-    gm = clone_sharing_tensors(traced)
     gm.meta["capture"] = "symbolic_trace"
     return gm

@@ -114,3 +114,102 @@ def test_torch_nn_containers_with_linears_are_traced_into():
         capture(model)
     opaque = capture(model, leaf_modules=[nn.TransformerEncoder])
     assert {m.tensor_fqn for m in find_weights(opaque)} == {"patch_embed.weight", "head.weight"}
+
+
+# ---------------------------------------------------------------- the user's model is never modified
+
+_OFFSET = torch.arange(4.0)  # a module-level tensor: symbolic tracing stores it on the traced root
+
+
+class CachingNet(nn.Module):
+    """Writes into its own dict during forward (timm's attention_bias_cache) and reads a module-level tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.sizes = [4, 4]
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.fc.bias * 2
+        return self.bn(self.fc(x) + self.cache["bias"] + _OFFSET) * self.sizes[0]
+
+
+class CachingControlFlowNet(CachingNet):
+    """CachingNet with control flow on a shape: only torch.export captures it."""
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return super().forward(x)
+
+
+def deep_snapshot(model: nn.Module) -> dict:
+    """Every module's attributes by identity, the contents of its dict/list attributes, and tensor values."""
+    snap = {}
+    for fqn, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            contents = None
+            if isinstance(value, dict):
+                contents = {k: id(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                contents = [id(v) for v in value]
+            attrs[key] = (id(value), contents)
+        snap[fqn] = attrs
+    snap["tensors"] = {k: (id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    return snap
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = deep_snapshot(model)
+    tensors_before, tensors_after = before["tensors"], after.pop("tensors")
+    assert after == {k: v for k, v in before.items() if k != "tensors"}
+    assert tensors_after.keys() == tensors_before.keys()
+    for key, (obj_id, value) in tensors_before.items():
+        assert tensors_after[key][0] == obj_id, key
+        torch.testing.assert_close(tensors_after[key][1], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_symbolic_trace_leaves_model_untouched(training):
+    """CachingNet: tracing writes a constant and a cached Proxy onto the module it traces; the user's model
+    keeps every attribute, dict entry, tensor object and value (BatchNorm statistics too), and a second capture
+    (and a plain symbolic_trace) still works."""
+    model = CachingNet().train(training)
+    before = deep_snapshot(model)
+    gm = capture(model)
+    assert gm.meta["capture"] == "symbolic_trace"
+    assert_unchanged(model, before)
+    gm2 = capture(model)
+    assert_unchanged(model, before)
+    x = torch.randn(3, 4)
+    model.eval(), gm.eval(), gm2.eval()
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm2(x), model(x))
+
+
+def test_export_capture_leaves_model_untouched():
+    """CachingControlFlowNet in training mode, captured with torch.export: its list and dict attributes stay
+    the same objects, BatchNorm running statistics and num_batches_tracked do not change."""
+    model = CachingControlFlowNet().train()
+    before = deep_snapshot(model)
+    gm = capture(model, example_inputs=(torch.randn(3, 4),))
+    assert gm.meta["capture"] == "export"
+    assert_unchanged(model, before)
+    assert model.bn.num_batches_tracked.item() == 0
+
+
+def test_prepare_twice_on_a_caching_model():
+    """fx_sparsity.prepare of CachingNet twice: both prepared modules work and the model is untouched."""
+    import fx_sparsity
+
+    model = CachingNet().eval()
+    x = torch.randn(3, 4)
+    before = deep_snapshot(model)
+    prepared = [fx_sparsity.prepare(model, sparsifier=fx_sparsity.WeightNormSparsifier(0.5, (1, 1))) for _ in "ab"]
+    assert_unchanged(model, before)
+    for gm in prepared:
+        torch.testing.assert_close(gm(x), model(x))
