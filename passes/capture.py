@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export import Dim
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .utils import clone_sharing_tensors
 
@@ -96,6 +99,60 @@ def _clone(model: nn.Module) -> nn.Module:
         ) from e
 
 
+def _batch_dims(example_args: tuple) -> Any:
+    """``dynamic_shapes`` marking dim 0 of every tensor input dynamic (pytree-shaped like the inputs)."""
+    return tree_map(
+        lambda v: {0: Dim.DYNAMIC} if isinstance(v, torch.Tensor) and v.dim() > 0 else None,
+        example_args,
+    )
+
+
+def _export_clone(model: nn.Module, example_args: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
+    # Fresh objects each time: export writes onto the module (and a failed export may have
+    # left things there), and it marks the dynamic dims on the input tensors themselves.
+    args = tree_map(lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v,
+                    example_args)
+    return torch.export.export(_clone(model), args, dynamic_shapes=dynamic_shapes).module()
+
+
+def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.GraphModule:
+    """``torch.export`` of a clone of ``model``; by default with a dynamic batch dimension."""
+    if dynamic_shapes is not None:
+        gm = _export_clone(model, example_args, dynamic_shapes)
+        gm.meta["dynamic_batch"] = None
+        return gm
+    name = type(model).__name__
+    batches = {v.shape[0] for v in tree_leaves(example_args) if isinstance(v, torch.Tensor) and v.dim() > 0}
+    why = None
+    if batches & {0, 1}:
+        why = (
+            "an example input has batch size 0 or 1, which torch.export always specialises; "
+            "give example inputs with a batch of 2 or more"
+        )
+    elif batches:
+        try:
+            gm = _export_clone(model, example_args, _batch_dims(example_args))
+            gm.meta["dynamic_batch"] = True
+            return gm
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # torch's constraint errors list the reasons as "- ..." lines, then advice on its own API.
+            detail = next((line[2:] for line in lines if line.startswith("- ")), lines[0] if lines else "")
+            detail = detail.split(" If you're using")[0]
+            why = f"torch.export could not keep dim 0 dynamic ({type(e).__name__}: {detail})"
+    gm = _export_clone(model, example_args)
+    if why is not None:
+        warnings.warn(
+            f"{name} was captured with torch.export for batch size {', '.join(map(str, sorted(batches)))} "
+            f"only: {why}. "
+            "The captured module refuses other batch sizes; pass dynamic_shapes=... (torch.export's "
+            "argument) to choose the dynamic dimensions yourself.",
+            stacklevel=3,
+        )
+    gm.meta["dynamic_batch"] = False
+    return gm
+
+
 def _check_args(model: Any, example_inputs: Any, leaf_modules: Any) -> tuple | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -122,6 +179,7 @@ def capture(
     example_inputs: Any = None,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model`` as a new ``GraphModule`` sharing its parameters.
 
@@ -133,9 +191,16 @@ def capture(
             ``call_module`` nodes instead of tracing through them.
         concrete_args: passed to the tracer, to fix arguments (flags, ``None``
             masks) that would otherwise reach Python control flow.
+        dynamic_shapes: passed to ``torch.export.export`` for the export capture.
+            By default dim 0 (the batch) of every tensor input is dynamic where
+            export can keep it so; where it cannot (an example batch of 1, or a
+            model that fixes the batch size) the capture is static and a
+            ``UserWarning`` says why.
 
     Returns:
         A ``GraphModule``; ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
+        For an export capture, ``gm.meta["dynamic_batch"]`` is ``True`` (dim 0 is
+        dynamic), ``False`` (static, warned) or ``None`` (``dynamic_shapes`` given).
 
     Raises:
         CaptureError: when symbolic tracing fails and there are no
@@ -166,8 +231,7 @@ def capture(
                 "or fix the offending argument with concrete_args={...}."
             ) from trace_exc
         try:
-            # A fresh clone: the traced one may hold what the failed trace left on it.
-            gm = torch.export.export(_clone(model), example_args).module()
+            gm = _export(model, example_args, dynamic_shapes)
         except Exception as export_exc:
             raise CaptureError(
                 f"could not capture {name}.\n"

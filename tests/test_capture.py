@@ -213,3 +213,49 @@ def test_prepare_twice_on_a_caching_model():
     assert_unchanged(model, before)
     for gm in prepared:
         torch.testing.assert_close(gm(x), model(x))
+
+
+# ---------------------------------------------------------------- dynamic batch of export captures
+
+
+def test_export_capture_has_a_dynamic_batch():
+    """ControlFlowNet captured with torch.export at batch 3 runs at batch 2, 5 and 17 like the eager model."""
+    model = ControlFlowNet().eval()
+    gm = capture(model, example_inputs=(torch.randn(3, 6),))
+    assert gm.meta["dynamic_batch"] is True
+    for batch in (2, 5, 17):
+        x = torch.randn(batch, 6)
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class FixedBatchNet(ControlFlowNet):
+    """ControlFlowNet whose forward hard-codes the batch size: export must specialise it."""
+
+    def forward(self, x):
+        return super().forward(x + torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("model, batch, reason", [
+    (FixedBatchNet(), 3, r"could not keep dim 0 dynamic.*specialized it to be a constant \(3\)"),
+    (ControlFlowNet(), 1, "batch size 0 or 1"),
+])
+def test_static_batch_is_warned_with_the_reason(model, batch, reason):
+    """A model fixing its batch size, or an example batch of 1: the capture is static and a warning says why."""
+    x = torch.randn(batch, 6)
+    with pytest.warns(UserWarning, match=reason):
+        gm = capture(model.eval(), example_inputs=(x,))
+    assert gm.meta["dynamic_batch"] is False
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_dynamic_shapes_argument_is_passed_to_export():
+    """dynamic_shapes given: export uses it (here a static capture, so batch 5 is refused) and nothing warns."""
+    import warnings
+
+    model = ControlFlowNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(model, example_inputs=(torch.randn(3, 6),), dynamic_shapes=({0: torch.export.Dim.STATIC},))
+    assert gm.meta["dynamic_batch"] is None
+    with pytest.raises(Exception, match="3"):
+        gm(torch.randn(5, 6))

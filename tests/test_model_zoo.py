@@ -123,3 +123,21 @@ def test_tiny_bert_wanda_calibration_through_export_capture():
     for group in sparsifier.groups:
         mask = gm.get_buffer(f"{group['tensor_fqn']}_mask")
         assert (mask.sum(1) == mask.shape[1] // 2).all(), group["tensor_fqn"]
+
+
+def test_tiny_bert_export_capture_runs_at_other_batch_sizes():
+    """The export-captured (and prepared, stepped, fused) tiny BERT, captured at batch 4, runs at batch 1, 3 and
+    9 and matches the masked eager model."""
+    model = tiny_bert(layers=1)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (4, 12)),))
+    assert gm.meta["dynamic_batch"] is True
+    sparsifier.step()
+    reference = masked_reference(model, gm, sparsifier)
+    lowered = lower(gm, "fuse")
+    with torch.no_grad():
+        for batch in (1, 3, 9):
+            ids = torch.randint(0, 100, (batch, 12))
+            expected = reference(ids).last_hidden_state
+            torch.testing.assert_close(gm(ids).last_hidden_state, expected)
+            torch.testing.assert_close(lowered(ids).last_hidden_state, expected)
