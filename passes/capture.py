@@ -19,6 +19,8 @@ buffers and rewrite the graph freely.
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import os
 import traceback
 import warnings
@@ -27,9 +29,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.export import Dim
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .meta import SPARSITY_META_KEY
 from .utils import clone_sharing_tensors
 
 __all__ = ["capture", "CaptureError"]
@@ -153,14 +157,92 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
     return gm
 
 
-def _check_args(model: Any, example_inputs: Any, leaf_modules: Any) -> tuple | None:
+def _check_model(model: Any) -> None:
+    """Refuse what capture cannot (or must not) trace, saying what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript {type(model).__name__}: capture needs the Python nn.Module; "
+            "pass the model you scripted, before torch.jit.script/trace"
+        )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"model is wrapped in {type(model).__name__}: pass the wrapped model, model.module, "
+            "and wrap the prepared module again afterwards"
+        )
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "model is a torch.compile'd wrapper (OptimizedModule): pass the original model, "
+            "model._orig_mod, and compile the prepared module instead"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for fqn, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(
+                f"model has an uninitialized lazy module {fqn or '<root>'} ({type(module).__name__}): "
+                "run one forward pass with a real input first, so its weights get their shapes"
+            )
+    for fqn, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"model has tensors on the meta device ({fqn}, ...): capture needs real weights; "
+                "materialise them first (model.to_empty(device='cpu') and load the weights)"
+            )
+    for fqn, module in model.named_modules():
+        names = set(module._parameters)
+        for name in module._buffers:
+            if name.endswith("_mask") and name[: -len("_mask")] in names:
+                raise ValueError(
+                    f"model is already prepared for sparsity (it has the mask buffer "
+                    f"{fqn + '.' if fqn else ''}{name}): prepare the original model, or fold the masks "
+                    "into the weights first (lower(gm, 'fuse'))"
+                )
+    if isinstance(model, fx.GraphModule) and any(SPARSITY_META_KEY in n.meta for n in model.graph.nodes):
+        raise ValueError(
+            "model is a GraphModule already rewritten by the fx_sparsity passes: prepare the original "
+            "model, or fold the masks into the weights first (lower(gm, 'fuse'))"
+        )
+
+
+def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> tuple[type[nn.Module] | str, ...]:
+    if isinstance(leaf_modules, str):
+        raise TypeError(
+            f"leaf_modules must be an iterable of module FQNs or types, got the string {leaf_modules!r}: "
+            f"pass [{leaf_modules!r}]"
+        )
+    if isinstance(leaf_modules, type):
+        leaf_modules = (leaf_modules,)
+    try:
+        leaf_modules = tuple(leaf_modules)
+    except TypeError:
+        raise TypeError(
+            f"leaf_modules must be an nn.Module subclass or an iterable of module FQNs (str) and "
+            f"nn.Module subclasses, got {type(leaf_modules).__name__}"
+        ) from None
+    fqns = [fqn for fqn, _ in model.named_modules()]
     for m in leaf_modules:
-        if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
+        if isinstance(m, type) and issubclass(m, nn.Module):
+            continue
+        if not isinstance(m, str):
             raise TypeError(
                 f"leaf_modules entries must be module FQNs (str) or nn.Module subclasses, got {m!r}"
             )
+        if m not in fqns:
+            close = difflib.get_close_matches(m, fqns, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ValueError(f"leaf_modules names {m!r}, which is not a module of {type(model).__name__}{hint}")
+    return leaf_modules
+
+
+def _check_args(model: Any, example_inputs: Any, concrete_args: Any, dynamic_shapes: Any) -> tuple | None:
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise TypeError(
+            f"concrete_args must be a dict of forward argument names to values, got {type(concrete_args).__name__}"
+        )
+    if dynamic_shapes is not None and example_inputs is None:
+        raise ValueError(
+            "dynamic_shapes is for the torch.export capture, which needs example_inputs: pass example_inputs=(...)"
+        )
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -177,7 +259,7 @@ def capture(
     model: nn.Module,
     *,
     example_inputs: Any = None,
-    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
@@ -187,8 +269,9 @@ def capture(
         model: the module to capture. It is not modified.
         example_inputs: a tensor or tuple of positional inputs. Only used when
             symbolic tracing fails, to capture with ``torch.export`` instead.
-        leaf_modules: module types or FQNs that symbolic tracing keeps as
-            ``call_module`` nodes instead of tracing through them.
+        leaf_modules: a module type, or an iterable of module types and FQNs,
+            that symbolic tracing keeps as ``call_module`` nodes instead of
+            tracing through them.
         concrete_args: passed to the tracer, to fix arguments (flags, ``None``
             masks) that would otherwise reach Python control flow.
         dynamic_shapes: passed to ``torch.export.export`` for the export capture.
@@ -203,6 +286,13 @@ def capture(
         dynamic), ``False`` (static, warned) or ``None`` (``dynamic_shapes`` given).
 
     Raises:
+        TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
+            DataParallel/DistributedDataParallel or torch.compile wrapper), or an
+            argument has the wrong type (a string as ``leaf_modules``, ...).
+        ValueError: ``model`` has uninitialized lazy modules, tensors on the
+            meta device, or is already prepared (mask buffers or nodes);
+            ``leaf_modules`` names no module; ``dynamic_shapes`` without
+            ``example_inputs``.
         CaptureError: when symbolic tracing fails and there are no
             ``example_inputs``, or when ``torch.export`` fails too.
 
@@ -212,8 +302,9 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'output']
     """
-    leaf_modules = tuple(leaf_modules)
-    example_args = _check_args(model, example_inputs, leaf_modules)
+    _check_model(model)
+    leaf_modules = _check_leaf_modules(model, leaf_modules)
+    example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes)
     name = type(model).__name__
     clone = _clone(model)
     try:

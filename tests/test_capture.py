@@ -259,3 +259,65 @@ def test_dynamic_shapes_argument_is_passed_to_export():
     assert gm.meta["dynamic_batch"] is None
     with pytest.raises(Exception, match="3"):
         gm(torch.randn(5, 6))
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _prepared() -> nn.Module:
+    from passes import find_weights, insert_masks
+
+    gm = capture(nn.Sequential(nn.Linear(4, 4)))
+    return insert_masks(gm, find_weights(gm))
+
+
+def _masked_eager() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].register_buffer("weight_mask", torch.ones(4, 4))
+    return model
+
+
+@pytest.mark.parametrize("make, error, fix", [
+    (lambda: torch.jit.script(nn.Linear(2, 2)), TypeError, "TorchScript.*pass the model you scripted"),
+    (lambda: nn.DataParallel(nn.Linear(2, 2)), TypeError, r"DataParallel: pass the wrapped model, model\.module"),
+    (lambda: torch.compile(nn.Linear(2, 2)), TypeError, r"OptimizedModule\): pass the original model, model\._orig_mod"),
+    (lambda: nn.Sequential(nn.LazyLinear(2)), ValueError, "uninitialized lazy module 0.*run one forward pass"),
+    (lambda: nn.Linear(2, 2, device="meta"), ValueError, "meta device.*to_empty"),
+    (_prepared, ValueError, r"already prepared.*0\.weight_mask.*prepare the original model"),
+    (_masked_eager, ValueError, r"already prepared.*0\.weight_mask"),
+])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_models_capture_refuses_say_what_to_pass(make, error, fix):
+    """Wrappers, scripted, lazy, meta-device and already-prepared models are refused with the fix."""
+    with pytest.raises(error, match=fix):
+        capture(make())
+
+
+def test_already_prepared_graph_module_without_buffers_is_refused():
+    """A GraphModule whose nodes carry fx_sparsity's meta (mask buffers renamed away) is refused too."""
+    gm = _prepared()
+    gm.get_submodule("0")._buffers["renamed"] = gm.get_submodule("0")._buffers.pop("weight_mask")
+    with pytest.raises(ValueError, match="already rewritten by the fx_sparsity passes"):
+        capture(gm)
+
+
+def test_leaf_modules_forms():
+    """leaf_modules: a string is refused (not iterated as characters), a single type is accepted, an unknown FQN
+    lists the closest names."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    with pytest.raises(TypeError, match=r"got the string '0': pass \['0'\]"):
+        capture(model, leaf_modules="0")
+    gm = capture(model, leaf_modules=nn.Sequential)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    with pytest.raises(ValueError, match="'0.1'.*closest: 0.0"):
+        capture(model, leaf_modules=["0.1"])
+    with pytest.raises(TypeError, match="leaf_modules must be"):
+        capture(model, leaf_modules=3)
+
+
+def test_other_argument_checks():
+    """concrete_args must be a dict; dynamic_shapes needs example_inputs."""
+    with pytest.raises(TypeError, match="concrete_args must be a dict"):
+        capture(nn.Linear(2, 2), concrete_args=[1])
+    with pytest.raises(ValueError, match="dynamic_shapes .*needs example_inputs"):
+        capture(nn.Linear(2, 2), dynamic_shapes=({0: None},))
