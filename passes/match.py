@@ -5,7 +5,12 @@ Both forms the captures produce are recognised:
 * ``call_module`` nodes on ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (symbolic tracing);
 * ``call_function`` nodes on ``F.linear`` / ``F.conv*`` or their ATen ops
   (``torch.export``, or user code calling the functional API) whose weight is a
-  ``get_attr`` node.
+  ``get_attr`` node;
+* matrix products whose second operand is a 2-D ``get_attr`` tensor and whose
+  first is not (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``, ``x @ W``,
+  as transformers' ``Conv1D`` computes): a linear layer whose weight is stored
+  ``[in, out]``, transposed relative to ``nn.Linear``; such matches have
+  ``transposed=True``.
 
 Matches are grouped by weight *tensor* (by identity, not by name), so a weight
 used by several nodes, or tied between modules, is one :class:`WeightMatch`
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -23,7 +30,15 @@ from torch import fx, nn
 from .meta import get_sparse_target
 from .utils import get_tensor, split_fqn, tensor_aliases
 
-__all__ = ["WeightMatch", "find_weights", "find_masked_weights", "op_kind", "op_arguments"]
+__all__ = [
+    "WeightMatch",
+    "find_weights",
+    "find_masked_weights",
+    "op_kind",
+    "op_arguments",
+    "weight_position",
+    "is_transposed_linear",
+]
 
 aten = torch.ops.aten
 
@@ -40,6 +55,20 @@ _FUNCTION_KINDS: dict[object, str] = {
     aten.conv2d.padding: "conv2d",
     aten.conv3d.padding: "conv3d",
     aten.convolution.default: "conv",
+}
+
+# Matrix products x @ W: positional names, weight last. A call_method target is the method name.
+_MATMUL_SIGNATURES: dict[object, tuple[str, ...]] = {
+    torch.addmm: ("bias", "input", "weight"),
+    aten.addmm.default: ("bias", "input", "weight"),
+    "addmm": ("bias", "input", "weight"),
+    torch.mm: ("input", "weight"),
+    aten.mm.default: ("input", "weight"),
+    "mm": ("input", "weight"),
+    torch.matmul: ("input", "weight"),
+    aten.matmul.default: ("input", "weight"),
+    "matmul": ("input", "weight"),
+    operator.matmul: ("input", "weight"),
 }
 
 _MODULE_KINDS: dict[type[nn.Module], str] = {
@@ -61,6 +90,8 @@ class WeightMatch:
         aliases: every FQN under which the tensor is reachable (tied weights have several).
         nodes: names of the nodes using it as their weight, in graph order.
         call_module_fqns: FQNs of the modules called by ``call_module`` uses.
+        transposed: the weight is stored ``[in, out]`` (used as ``x @ W``, as by
+            transformers' ``Conv1D``), not ``[out, in]`` like ``nn.Linear``'s.
     """
 
     tensor_fqn: str
@@ -69,6 +100,7 @@ class WeightMatch:
     aliases: tuple[str, ...]
     nodes: tuple[str, ...]
     call_module_fqns: tuple[str, ...]
+    transposed: bool = False
 
     @property
     def module_fqn(self) -> str:
@@ -105,13 +137,21 @@ def op_arguments(target: object, args: tuple, kwargs: dict) -> dict[str, object]
     """The arguments of a linear/conv call by name, defaults filled in.
 
     ``target`` is a key of the functional/ATen ops :func:`find_weights` matches;
-    ``args`` and ``kwargs`` may hold nodes or values.
+    ``args`` and ``kwargs`` may hold nodes or values. For a matrix product
+    (``addmm(bias, x, W)``, ``mm(x, W)``...) the names are ``"input"``,
+    ``"weight"`` and ``"bias"`` too, with the weight in its ``[in, out]`` layout.
 
     Example::
 
         >>> op_arguments(F.conv2d, ("x", "w"), {"stride": 2})["stride"]
         2
+        >>> op_arguments(torch.addmm, ("b", "x", "w"), {})["weight"]
+        'w'
     """
+    if target in _MATMUL_SIGNATURES:
+        bound = {"bias": None}
+        bound.update(zip(_MATMUL_SIGNATURES[target], args))
+        return bound
     kind = _FUNCTION_KINDS[target]
     names = _PARAMETERS[kind if kind in ("linear", "conv") else "convNd"]
     bound = dict(_DEFAULTS)
@@ -124,10 +164,52 @@ def _weight_arg(node: fx.Node) -> object:
     return op_arguments(node.target, node.args, node.kwargs).get("weight")
 
 
+def weight_position(target: object, args: tuple) -> int | str:
+    """Where the weight of a matched op called as ``target(*args, ...)`` sits: an index of
+    ``args``, or ``"weight"`` when it is passed as a keyword.
+
+    Example::
+
+        >>> weight_position(torch.addmm, ("b", "x", "w")), weight_position(F.linear, ("x",))
+        (2, 'weight')
+    """
+    if target in _MATMUL_SIGNATURES:
+        return len(_MATMUL_SIGNATURES[target]) - 1
+    return 1 if len(args) > 1 else "weight"
+
+
+def _is_get_attr(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def is_transposed_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node`` is a matrix product ``x @ W`` of an activation and a 2-D tensor
+    attribute of ``gm``: a linear layer whose weight ``W`` is stored ``[in, out]``."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    names = _MATMUL_SIGNATURES.get(node.target)
+    if names is None:
+        return False
+    # The weight must be positional: keyword names differ between torch.mm, aten.mm and methods.
+    if len(node.args) != len(names) or node.kwargs.keys() - {"beta", "alpha"}:
+        return False
+    bound = dict(zip(names, node.args))
+    weight = bound["weight"]
+    if not _is_get_attr(weight):
+        return False
+    # A product of two attributes (a low-rank factorisation, say) is no layer applied to an input.
+    if _is_get_attr(bound["input"]):
+        return False
+    tensor = get_tensor(gm, weight.target)
+    return isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+
+
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """``"linear"``/``"convNd"`` when ``node`` is a Linear or Conv op, else ``None``."""
     if node.op == "call_module":
         return _module_kind(gm.get_submodule(node.target))
+    if is_transposed_linear(node, gm):
+        return "linear"
     if node.op != "call_function":
         return None
     kind = _FUNCTION_KINDS.get(node.target)
@@ -173,10 +255,16 @@ def find_weights(gm: fx.GraphModule) -> list[WeightMatch]:
         weight = _weight_of(node, gm)
         if weight is None:
             continue
+        transposed = is_transposed_linear(node, gm)
         entry = found.setdefault(
             id(weight),
-            {"kind": kind, "shape": tuple(weight.shape), "aliases": aliases[id(weight)], "nodes": [], "mods": []},
+            {"kind": kind, "shape": tuple(weight.shape), "aliases": aliases[id(weight)], "nodes": [], "mods": [],
+             "transposed": transposed},
         )
+        if entry["transposed"] != transposed:
+            # One mask for two layouts (W used as x @ W and as F.linear(x, W)) would sparsify one of them
+            # along the wrong dimension: leave such a weight to unmatched_weights.
+            entry["conflict"] = True
         entry["nodes"].append(node.name)
         if node.op == "call_module":
             entry["mods"].append(node.target)
@@ -188,8 +276,10 @@ def find_weights(gm: fx.GraphModule) -> list[WeightMatch]:
             aliases=tuple(e["aliases"]),
             nodes=tuple(e["nodes"]),
             call_module_fqns=tuple(dict.fromkeys(e["mods"])),
+            transposed=e["transposed"],
         )
         for e in found.values()
+        if not e.get("conflict")
     ]
 
 
@@ -217,6 +307,7 @@ def find_masked_weights(gm: fx.GraphModule) -> list[WeightMatch]:
                 call_module_fqns=tuple(dict.fromkeys(
                     t.call_module_fqn for op in ops if (t := get_sparse_target(op)).call_module_fqn
                 )),
+                transposed=target.transposed,
             )
         )
     return matches
