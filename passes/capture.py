@@ -25,7 +25,7 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -234,7 +234,13 @@ def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> tuple[type[nn.Mo
     return leaf_modules
 
 
-def _check_args(model: Any, example_inputs: Any, concrete_args: Any, dynamic_shapes: Any) -> tuple | None:
+def _check_args(
+    model: Any, example_inputs: Any, concrete_args: Any, dynamic_shapes: Any, method: Any
+) -> tuple | None:
+    if method not in ("auto", "symbolic_trace", "export"):
+        raise ValueError(f"method must be 'auto', 'symbolic_trace' or 'export', got {method!r}")
+    if method == "export" and example_inputs is None:
+        raise ValueError("method='export' needs example_inputs=(...) to run torch.export with")
     if concrete_args is not None and not isinstance(concrete_args, dict):
         raise TypeError(
             f"concrete_args must be a dict of forward argument names to values, got {type(concrete_args).__name__}"
@@ -262,6 +268,7 @@ def capture(
     leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    method: Literal["auto", "symbolic_trace", "export"] = "auto",
 ) -> fx.GraphModule:
     """Capture ``model`` as a new ``GraphModule`` sharing its parameters.
 
@@ -279,6 +286,10 @@ def capture(
             export can keep it so; where it cannot (an example batch of 1, or a
             model that fixes the batch size) the capture is static and a
             ``UserWarning`` says why.
+        method: ``"auto"`` (symbolic tracing, torch.export when it fails and
+            ``example_inputs`` are given), ``"symbolic_trace"`` (no fallback) or
+            ``"export"`` (needs ``example_inputs``; for models whose weights
+            symbolic tracing hides, in ``torch.fx.wrap``'ed functions say).
 
     Returns:
         A ``GraphModule``; ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
@@ -304,8 +315,20 @@ def capture(
     """
     _check_model(model)
     leaf_modules = _check_leaf_modules(model, leaf_modules)
-    example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes)
+    example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
     name = type(model).__name__
+    if method == "export":
+        try:
+            gm = _export(model, example_args, dynamic_shapes)
+        except Exception as e:
+            raise CaptureError(
+                f"torch.export of {name} failed{_failing_construct(e)}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0]}\n"
+                "Remedies: rewrite data-dependent control flow with torch.cond, or capture with "
+                "method='symbolic_trace' (leaf_modules=[...], concrete_args={...})."
+            ) from e
+        gm.meta["capture"] = "export"
+        return gm
     clone = _clone(model)
     try:
         tracer = _Tracer(leaf_modules)
@@ -314,7 +337,7 @@ def capture(
     except Exception as trace_exc:
         where = _failing_construct(trace_exc)
         trace_msg = f"{type(trace_exc).__name__}: {trace_exc}"
-        if example_args is None:
+        if example_args is None or method == "symbolic_trace":
             raise CaptureError(
                 f"symbolic tracing of {name} failed{where}: {trace_msg}\n"
                 "Remedies: pass example_inputs=(...) so the model is captured with torch.export "
