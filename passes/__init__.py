@@ -10,7 +10,17 @@ from .capture import CaptureError, capture
 from .fuse_masks import fuse_masks, masked_targets
 from .insert_masks import insert_masks
 from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
-from .match import WeightMatch, find_masked_weights, find_weights, op_arguments, op_kind
+from .match import (
+    UnmatchedWeight,
+    WeightMatch,
+    find_masked_weights,
+    find_weights,
+    is_transposed_linear,
+    op_arguments,
+    op_kind,
+    unmatched_weights,
+    weight_position,
+)
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
@@ -42,4 +52,8 @@ __all__ = [
     "remove_input_observers",
     "select_weights",
     "sparse_layer_forward",
+    "UnmatchedWeight",
+    "unmatched_weights",
+    "is_transposed_linear",
+    "weight_position",
 ]

@@ -8,21 +8,32 @@ it fails (Python control flow on tensors, unsupported built-ins, ...) and
 example Hugging Face transformers) into ATen-level graphs. When both fail, a
 :class:`CaptureError` names the failing construct and the remedies.
 
-The returned module never shares a module object with the user's model, only
-its parameters and buffers (see :func:`passes.utils.clone_sharing_tensors`), so
-later passes may add buffers and rewrite the graph freely.
+Both captures work on a clone of the model that shares its tensors (see
+:func:`passes.utils.clone_sharing_tensors`), never on the model itself: the tracer
+writes onto the module it traces (``_tensor_constant0`` for a module-level tensor,
+models caching traced values in their own dicts, export swapping list and dict
+attributes for copies), and none of that may reach the user's model. The returned
+module shares only parameters and buffers with the model, so later passes may add
+buffers and rewrite the graph freely.
 """
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import os
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.export import Dim
+from torch.utils._pytree import tree_leaves, tree_map
 
+from .meta import SPARSITY_META_KEY
 from .utils import clone_sharing_tensors
 
 __all__ = ["capture", "CaptureError"]
@@ -81,14 +92,163 @@ def _failing_construct(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 
-def _check_args(model: Any, example_inputs: Any, leaf_modules: Any) -> tuple | None:
+def _clone(model: nn.Module) -> nn.Module:
+    try:
+        return clone_sharing_tensors(model)
+    except Exception as e:
+        raise CaptureError(
+            f"capture works on a copy of {type(model).__name__} (copy.deepcopy sharing its parameters and "
+            f"buffers), so that tracing never writes onto the model, but copying it failed: "
+            f"{type(e).__name__}: {e}. Make the model's attributes deep-copyable (or define __deepcopy__)."
+        ) from e
+
+
+def _batch_dims(example_args: tuple) -> Any:
+    """``dynamic_shapes`` marking dim 0 of every tensor input dynamic (pytree-shaped like the inputs)."""
+    return tree_map(
+        lambda v: {0: Dim.DYNAMIC} if isinstance(v, torch.Tensor) and v.dim() > 0 else None,
+        example_args,
+    )
+
+
+def _export_clone(model: nn.Module, example_args: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
+    # Fresh objects each time: export writes onto the module (and a failed export may have
+    # left things there), and it marks the dynamic dims on the input tensors themselves.
+    args = tree_map(lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v,
+                    example_args)
+    return torch.export.export(_clone(model), args, dynamic_shapes=dynamic_shapes).module()
+
+
+def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.GraphModule:
+    """``torch.export`` of a clone of ``model``; by default with a dynamic batch dimension."""
+    if dynamic_shapes is not None:
+        gm = _export_clone(model, example_args, dynamic_shapes)
+        gm.meta["dynamic_batch"] = None
+        return gm
+    name = type(model).__name__
+    batches = {v.shape[0] for v in tree_leaves(example_args) if isinstance(v, torch.Tensor) and v.dim() > 0}
+    why = None
+    if batches & {0, 1}:
+        why = (
+            "an example input has batch size 0 or 1, which torch.export always specialises; "
+            "give example inputs with a batch of 2 or more"
+        )
+    elif batches:
+        try:
+            gm = _export_clone(model, example_args, _batch_dims(example_args))
+            gm.meta["dynamic_batch"] = True
+            return gm
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # torch's constraint errors list the reasons as "- ..." lines, then advice on its own API.
+            detail = next((line[2:] for line in lines if line.startswith("- ")), lines[0] if lines else "")
+            detail = detail.split(" If you're using")[0]
+            why = f"torch.export could not keep dim 0 dynamic ({type(e).__name__}: {detail})"
+    gm = _export_clone(model, example_args)
+    if why is not None:
+        warnings.warn(
+            f"{name} was captured with torch.export for batch size {', '.join(map(str, sorted(batches)))} "
+            f"only: {why}. "
+            "The captured module refuses other batch sizes; pass dynamic_shapes=... (torch.export's "
+            "argument) to choose the dynamic dimensions yourself.",
+            stacklevel=3,
+        )
+    gm.meta["dynamic_batch"] = False
+    return gm
+
+
+def _check_model(model: Any) -> None:
+    """Refuse what capture cannot (or must not) trace, saying what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript {type(model).__name__}: capture needs the Python nn.Module; "
+            "pass the model you scripted, before torch.jit.script/trace"
+        )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"model is wrapped in {type(model).__name__}: pass the wrapped model, model.module, "
+            "and wrap the prepared module again afterwards"
+        )
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "model is a torch.compile'd wrapper (OptimizedModule): pass the original model, "
+            "model._orig_mod, and compile the prepared module instead"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for fqn, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(
+                f"model has an uninitialized lazy module {fqn or '<root>'} ({type(module).__name__}): "
+                "run one forward pass with a real input first, so its weights get their shapes"
+            )
+    for fqn, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"model has tensors on the meta device ({fqn}, ...): capture needs real weights; "
+                "materialise them first (model.to_empty(device='cpu') and load the weights)"
+            )
+    for fqn, module in model.named_modules():
+        names = set(module._parameters)
+        for name in module._buffers:
+            if name.endswith("_mask") and name[: -len("_mask")] in names:
+                raise ValueError(
+                    f"model is already prepared for sparsity (it has the mask buffer "
+                    f"{fqn + '.' if fqn else ''}{name}): prepare the original model, or fold the masks "
+                    "into the weights first (lower(gm, 'fuse'))"
+                )
+    if isinstance(model, fx.GraphModule) and any(SPARSITY_META_KEY in n.meta for n in model.graph.nodes):
+        raise ValueError(
+            "model is a GraphModule already rewritten by the fx_sparsity passes: prepare the original "
+            "model, or fold the masks into the weights first (lower(gm, 'fuse'))"
+        )
+
+
+def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> tuple[type[nn.Module] | str, ...]:
+    if isinstance(leaf_modules, str):
+        raise TypeError(
+            f"leaf_modules must be an iterable of module FQNs or types, got the string {leaf_modules!r}: "
+            f"pass [{leaf_modules!r}]"
+        )
+    if isinstance(leaf_modules, type):
+        leaf_modules = (leaf_modules,)
+    try:
+        leaf_modules = tuple(leaf_modules)
+    except TypeError:
+        raise TypeError(
+            f"leaf_modules must be an nn.Module subclass or an iterable of module FQNs (str) and "
+            f"nn.Module subclasses, got {type(leaf_modules).__name__}"
+        ) from None
+    fqns = [fqn for fqn, _ in model.named_modules()]
     for m in leaf_modules:
-        if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
+        if isinstance(m, type) and issubclass(m, nn.Module):
+            continue
+        if not isinstance(m, str):
             raise TypeError(
                 f"leaf_modules entries must be module FQNs (str) or nn.Module subclasses, got {m!r}"
             )
+        if m not in fqns:
+            close = difflib.get_close_matches(m, fqns, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ValueError(f"leaf_modules names {m!r}, which is not a module of {type(model).__name__}{hint}")
+    return leaf_modules
+
+
+def _check_args(
+    model: Any, example_inputs: Any, concrete_args: Any, dynamic_shapes: Any, method: Any
+) -> tuple | None:
+    if method not in ("auto", "symbolic_trace", "export"):
+        raise ValueError(f"method must be 'auto', 'symbolic_trace' or 'export', got {method!r}")
+    if method == "export" and example_inputs is None:
+        raise ValueError("method='export' needs example_inputs=(...) to run torch.export with")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise TypeError(
+            f"concrete_args must be a dict of forward argument names to values, got {type(concrete_args).__name__}"
+        )
+    if dynamic_shapes is not None and example_inputs is None:
+        raise ValueError(
+            "dynamic_shapes is for the torch.export capture, which needs example_inputs: pass example_inputs=(...)"
+        )
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -105,8 +265,10 @@ def capture(
     model: nn.Module,
     *,
     example_inputs: Any = None,
-    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    method: Literal["auto", "symbolic_trace", "export"] = "auto",
 ) -> fx.GraphModule:
     """Capture ``model`` as a new ``GraphModule`` sharing its parameters.
 
@@ -114,15 +276,34 @@ def capture(
         model: the module to capture. It is not modified.
         example_inputs: a tensor or tuple of positional inputs. Only used when
             symbolic tracing fails, to capture with ``torch.export`` instead.
-        leaf_modules: module types or FQNs that symbolic tracing keeps as
-            ``call_module`` nodes instead of tracing through them.
+        leaf_modules: a module type, or an iterable of module types and FQNs,
+            that symbolic tracing keeps as ``call_module`` nodes instead of
+            tracing through them.
         concrete_args: passed to the tracer, to fix arguments (flags, ``None``
             masks) that would otherwise reach Python control flow.
+        dynamic_shapes: passed to ``torch.export.export`` for the export capture.
+            By default dim 0 (the batch) of every tensor input is dynamic where
+            export can keep it so; where it cannot (an example batch of 1, or a
+            model that fixes the batch size) the capture is static and a
+            ``UserWarning`` says why.
+        method: ``"auto"`` (symbolic tracing, torch.export when it fails and
+            ``example_inputs`` are given), ``"symbolic_trace"`` (no fallback) or
+            ``"export"`` (needs ``example_inputs``; for models whose weights
+            symbolic tracing hides, in ``torch.fx.wrap``'ed functions say).
 
     Returns:
         A ``GraphModule``; ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
+        For an export capture, ``gm.meta["dynamic_batch"]`` is ``True`` (dim 0 is
+        dynamic), ``False`` (static, warned) or ``None`` (``dynamic_shapes`` given).
 
     Raises:
+        TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
+            DataParallel/DistributedDataParallel or torch.compile wrapper), or an
+            argument has the wrong type (a string as ``leaf_modules``, ...).
+        ValueError: ``model`` has uninitialized lazy modules, tensors on the
+            meta device, or is already prepared (mask buffers or nodes);
+            ``leaf_modules`` names no module; ``dynamic_shapes`` without
+            ``example_inputs``.
         CaptureError: when symbolic tracing fails and there are no
             ``example_inputs``, or when ``torch.export`` fails too.
 
@@ -132,17 +313,31 @@ def capture(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'output']
     """
-    leaf_modules = tuple(leaf_modules)
-    example_args = _check_args(model, example_inputs, leaf_modules)
+    _check_model(model)
+    leaf_modules = _check_leaf_modules(model, leaf_modules)
+    example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
     name = type(model).__name__
+    if method == "export":
+        try:
+            gm = _export(model, example_args, dynamic_shapes)
+        except Exception as e:
+            raise CaptureError(
+                f"torch.export of {name} failed{_failing_construct(e)}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0]}\n"
+                "Remedies: rewrite data-dependent control flow with torch.cond, or capture with "
+                "method='symbolic_trace' (leaf_modules=[...], concrete_args={...})."
+            ) from e
+        gm.meta["capture"] = "export"
+        return gm
+    clone = _clone(model)
     try:
         tracer = _Tracer(leaf_modules)
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        traced = fx.GraphModule(tracer.root, graph, name)
+        graph = tracer.trace(clone, concrete_args=concrete_args)
+        gm = fx.GraphModule(clone, graph, name)
     except Exception as trace_exc:
         where = _failing_construct(trace_exc)
         trace_msg = f"{type(trace_exc).__name__}: {trace_exc}"
-        if example_args is None:
+        if example_args is None or method == "symbolic_trace":
             raise CaptureError(
                 f"symbolic tracing of {name} failed{where}: {trace_msg}\n"
                 "Remedies: pass example_inputs=(...) so the model is captured with torch.export "
@@ -150,7 +345,7 @@ def capture(
                 "or fix the offending argument with concrete_args={...}."
             ) from trace_exc
         try:
-            gm = torch.export.export(model, example_args).module()
+            gm = _export(model, example_args, dynamic_shapes)
         except Exception as export_exc:
             raise CaptureError(
                 f"could not capture {name}.\n"
@@ -163,6 +358,5 @@ def capture(
             ) from export_exc
         gm.meta["capture"] = "export"
         return gm
-    gm = clone_sharing_tensors(traced)
     gm.meta["capture"] = "symbolic_trace"
     return gm

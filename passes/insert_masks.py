@@ -8,7 +8,8 @@ first use. Every use then reads the masked weight:
 * a ``call_module`` on ``nn.Linear``/``nn.ConvNd`` becomes the equivalent
   ``F.linear``/``F.convNd`` call (with an explicit ``F.pad`` for convs whose
   ``padding_mode`` is not ``"zeros"``), so the multiply is visible in the graph;
-* a functional/ATen linear or conv gets its weight argument replaced.
+* a functional/ATen linear or conv, or a matrix product ``x @ W``
+  (``addmm``/``mm``/``matmul``), gets its weight argument replaced.
 
 Every node created or rewritten is tagged with a :class:`SparseTarget` under
 ``SPARSITY_META_KEY`` so :mod:`passes.fuse_masks` can undo the rewrite.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .match import WeightMatch
+from .match import WeightMatch, weight_position
 from .meta import SPARSITY_META_KEY, SparseTarget
 from .utils import get_tensor
 
@@ -94,7 +95,9 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
         match = by_node.get(node.name)
         if match is None:
             continue
-        base = SparseTarget(match.module_fqn, match.tensor_name, match.kind, match.weight_shape)
+        base = SparseTarget(
+            match.module_fqn, match.tensor_name, match.kind, match.weight_shape, transposed=match.transposed
+        )
         if match.tensor_fqn not in masked_weight:
             weight = get_tensor(gm, match.tensor_fqn)
             owner = gm.get_submodule(match.module_fqn)
@@ -116,11 +119,13 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             continue
-        old_weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        if len(node.args) > 1:
-            node.update_arg(1, mul)
+        position = weight_position(node.target, node.args)
+        if isinstance(position, int):
+            old_weight = node.args[position]
+            node.update_arg(position, mul)
         else:
-            node.update_kwarg("weight", mul)
+            old_weight = node.kwargs[position]
+            node.update_kwarg(position, mul)
         node.meta[SPARSITY_META_KEY] = base
         # Only the get_attr this pass made dead is erased: a global dead-code sweep
         # could drop nodes the capture keeps on purpose (export's guard calls).

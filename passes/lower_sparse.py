@@ -154,6 +154,8 @@ def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
 def _blocker(mul: fx.Node) -> str | None:
     for op in _ops(mul):
         target: SparseTarget = get_sparse_target(op)
+        if target.transposed:
+            return "weight stored [in, out] (x @ W, as transformers' Conv1D): the sparse kernels take [out, in]"
         if target.kind == "linear":
             continue
         nd = len(target.weight_shape) - 2

@@ -33,6 +33,9 @@ class SparseTarget:
         call_module_fqn: for an op that was a ``call_module`` before masking,
             the FQN of the module it called (it may differ from ``module_fqn``
             when weights are tied); ``None`` for functional ops.
+        transposed: the weight is stored ``[in, out]`` and used as ``x @ W``
+            (``addmm``/``mm``/``matmul``, transformers' ``Conv1D``), transposed
+            relative to ``nn.Linear``'s ``[out, in]``.
     """
 
     module_fqn: str
@@ -41,6 +44,7 @@ class SparseTarget:
     weight_shape: tuple[int, ...]
     role: Role = "op"
     call_module_fqn: str | None = None
+    transposed: bool = False
 
     @property
     def tensor_fqn(self) -> str:

@@ -49,7 +49,8 @@ def tensor_aliases(module: nn.Module) -> dict[int, list[str]]:
 
 
 def clone_sharing_tensors(module: nn.Module) -> nn.Module:
-    """Deep-copy ``module`` (submodules, graph, hooks) but share its parameters and buffers.
+    """Deep-copy ``module`` (submodules, graph, hooks) but share its parameters, buffers and
+    the tensors its attributes hold (directly or in lists, tuples and dicts).
 
     This is how the passes return a new module without copying weights, in the
     way ``torch.compile`` shares parameters with the model it compiles: writing
@@ -62,10 +63,26 @@ def clone_sharing_tensors(module: nn.Module) -> nn.Module:
     )
     for _, tensor in tensors:
         memo[id(tensor)] = tensor
+    for sub in module.modules():
+        for tensor in _tensors_in(list(vars(sub).values())):
+            memo[id(tensor)] = tensor
     clone = copy.deepcopy(module, memo)
     if isinstance(clone, fx.GraphModule):
         clone.recompile()
     return clone
+
+
+def _tensors_in(value: object) -> Iterable[torch.Tensor]:
+    """Tensors in ``value`` and in the lists, tuples and dicts it nests (caches of computed tensors,
+    which ``copy.deepcopy`` refuses to copy)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
 
 
 def fqns_read(gm: fx.GraphModule, fqns: Collection[str], skip: Collection[fx.Node] = ()) -> set[str]:

@@ -114,3 +114,210 @@ def test_torch_nn_containers_with_linears_are_traced_into():
         capture(model)
     opaque = capture(model, leaf_modules=[nn.TransformerEncoder])
     assert {m.tensor_fqn for m in find_weights(opaque)} == {"patch_embed.weight", "head.weight"}
+
+
+# ---------------------------------------------------------------- the user's model is never modified
+
+_OFFSET = torch.arange(4.0)  # a module-level tensor: symbolic tracing stores it on the traced root
+
+
+class CachingNet(nn.Module):
+    """Writes into its own dict during forward (timm's attention_bias_cache) and reads a module-level tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.sizes = [4, 4]
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.fc.bias * 2
+        return self.bn(self.fc(x) + self.cache["bias"] + _OFFSET) * self.sizes[0]
+
+
+class CachingControlFlowNet(CachingNet):
+    """CachingNet with control flow on a shape: only torch.export captures it."""
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return super().forward(x)
+
+
+def deep_snapshot(model: nn.Module) -> dict:
+    """Every module's attributes by identity, the contents of its dict/list attributes, and tensor values."""
+    snap = {}
+    for fqn, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            contents = None
+            if isinstance(value, dict):
+                contents = {k: id(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                contents = [id(v) for v in value]
+            attrs[key] = (id(value), contents)
+        snap[fqn] = attrs
+    snap["tensors"] = {k: (id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    return snap
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = deep_snapshot(model)
+    tensors_before, tensors_after = before["tensors"], after.pop("tensors")
+    assert after == {k: v for k, v in before.items() if k != "tensors"}
+    assert tensors_after.keys() == tensors_before.keys()
+    for key, (obj_id, value) in tensors_before.items():
+        assert tensors_after[key][0] == obj_id, key
+        torch.testing.assert_close(tensors_after[key][1], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_symbolic_trace_leaves_model_untouched(training):
+    """CachingNet: tracing writes a constant and a cached Proxy onto the module it traces; the user's model
+    keeps every attribute, dict entry, tensor object and value (BatchNorm statistics too), and a second capture
+    (and a plain symbolic_trace) still works."""
+    model = CachingNet().train(training)
+    before = deep_snapshot(model)
+    gm = capture(model)
+    assert gm.meta["capture"] == "symbolic_trace"
+    assert_unchanged(model, before)
+    gm2 = capture(model)
+    assert_unchanged(model, before)
+    x = torch.randn(3, 4)
+    model.eval(), gm.eval(), gm2.eval()
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm2(x), model(x))
+
+
+def test_export_capture_leaves_model_untouched():
+    """CachingControlFlowNet in training mode, captured with torch.export: its list and dict attributes stay
+    the same objects, BatchNorm running statistics and num_batches_tracked do not change."""
+    model = CachingControlFlowNet().train()
+    before = deep_snapshot(model)
+    gm = capture(model, example_inputs=(torch.randn(3, 4),))
+    assert gm.meta["capture"] == "export"
+    assert_unchanged(model, before)
+    assert model.bn.num_batches_tracked.item() == 0
+
+
+def test_prepare_twice_on_a_caching_model():
+    """fx_sparsity.prepare of CachingNet twice: both prepared modules work and the model is untouched."""
+    import fx_sparsity
+
+    model = CachingNet().eval()
+    x = torch.randn(3, 4)
+    before = deep_snapshot(model)
+    prepared = [fx_sparsity.prepare(model, sparsifier=fx_sparsity.WeightNormSparsifier(0.5, (1, 1))) for _ in "ab"]
+    assert_unchanged(model, before)
+    for gm in prepared:
+        torch.testing.assert_close(gm(x), model(x))
+
+
+# ---------------------------------------------------------------- dynamic batch of export captures
+
+
+def test_export_capture_has_a_dynamic_batch():
+    """ControlFlowNet captured with torch.export at batch 3 runs at batch 2, 5 and 17 like the eager model."""
+    model = ControlFlowNet().eval()
+    gm = capture(model, example_inputs=(torch.randn(3, 6),))
+    assert gm.meta["dynamic_batch"] is True
+    for batch in (2, 5, 17):
+        x = torch.randn(batch, 6)
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class FixedBatchNet(ControlFlowNet):
+    """ControlFlowNet whose forward hard-codes the batch size: export must specialise it."""
+
+    def forward(self, x):
+        return super().forward(x + torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("model, batch, reason", [
+    (FixedBatchNet(), 3, r"could not keep dim 0 dynamic.*specialized it to be a constant \(3\)"),
+    (ControlFlowNet(), 1, "batch size 0 or 1"),
+])
+def test_static_batch_is_warned_with_the_reason(model, batch, reason):
+    """A model fixing its batch size, or an example batch of 1: the capture is static and a warning says why."""
+    x = torch.randn(batch, 6)
+    with pytest.warns(UserWarning, match=reason):
+        gm = capture(model.eval(), example_inputs=(x,))
+    assert gm.meta["dynamic_batch"] is False
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_dynamic_shapes_argument_is_passed_to_export():
+    """dynamic_shapes given: export uses it (here a static capture, so batch 5 is refused) and nothing warns."""
+    import warnings
+
+    model = ControlFlowNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(model, example_inputs=(torch.randn(3, 6),), dynamic_shapes=({0: torch.export.Dim.STATIC},))
+    assert gm.meta["dynamic_batch"] is None
+    with pytest.raises(Exception, match="3"):
+        gm(torch.randn(5, 6))
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _prepared() -> nn.Module:
+    from passes import find_weights, insert_masks
+
+    gm = capture(nn.Sequential(nn.Linear(4, 4)))
+    return insert_masks(gm, find_weights(gm))
+
+
+def _masked_eager() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].register_buffer("weight_mask", torch.ones(4, 4))
+    return model
+
+
+@pytest.mark.parametrize("make, error, fix", [
+    (lambda: torch.jit.script(nn.Linear(2, 2)), TypeError, "TorchScript.*pass the model you scripted"),
+    (lambda: nn.DataParallel(nn.Linear(2, 2)), TypeError, r"DataParallel: pass the wrapped model, model\.module"),
+    (lambda: torch.compile(nn.Linear(2, 2)), TypeError, r"OptimizedModule\): pass the original model, model\._orig_mod"),
+    (lambda: nn.Sequential(nn.LazyLinear(2)), ValueError, "uninitialized lazy module 0.*run one forward pass"),
+    (lambda: nn.Linear(2, 2, device="meta"), ValueError, "meta device.*to_empty"),
+    (_prepared, ValueError, r"already prepared.*0\.weight_mask.*prepare the original model"),
+    (_masked_eager, ValueError, r"already prepared.*0\.weight_mask"),
+])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_models_capture_refuses_say_what_to_pass(make, error, fix):
+    """Wrappers, scripted, lazy, meta-device and already-prepared models are refused with the fix."""
+    with pytest.raises(error, match=fix):
+        capture(make())
+
+
+def test_already_prepared_graph_module_without_buffers_is_refused():
+    """A GraphModule whose nodes carry fx_sparsity's meta (mask buffers renamed away) is refused too."""
+    gm = _prepared()
+    gm.get_submodule("0")._buffers["renamed"] = gm.get_submodule("0")._buffers.pop("weight_mask")
+    with pytest.raises(ValueError, match="already rewritten by the fx_sparsity passes"):
+        capture(gm)
+
+
+def test_leaf_modules_forms():
+    """leaf_modules: a string is refused (not iterated as characters), a single type is accepted, an unknown FQN
+    lists the closest names."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    with pytest.raises(TypeError, match=r"got the string '0': pass \['0'\]"):
+        capture(model, leaf_modules="0")
+    gm = capture(model, leaf_modules=nn.Sequential)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    with pytest.raises(ValueError, match="'0.1'.*closest: 0.0"):
+        capture(model, leaf_modules=["0.1"])
+    with pytest.raises(TypeError, match="leaf_modules must be"):
+        capture(model, leaf_modules=3)
+
+
+def test_other_argument_checks():
+    """concrete_args must be a dict; dynamic_shapes needs example_inputs."""
+    with pytest.raises(TypeError, match="concrete_args must be a dict"):
+        capture(nn.Linear(2, 2), concrete_args=[1])
+    with pytest.raises(ValueError, match="dynamic_shapes .*needs example_inputs"):
+        capture(nn.Linear(2, 2), dynamic_shapes=({0: None},))

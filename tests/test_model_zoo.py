@@ -129,3 +129,47 @@ def test_tiny_bert_wanda_calibration_through_export_capture():
     for group in sparsifier.groups:
         mask = gm.get_buffer(f"{group['tensor_fqn']}_mask")
         assert (mask.sum(1) == mask.shape[1] // 2).all(), group["tensor_fqn"]
+
+
+def test_tiny_bert_export_capture_runs_at_other_batch_sizes():
+    """The export-captured (and prepared, stepped, fused) tiny BERT, captured at batch 4, runs at batch 1, 3 and
+    9 and matches the masked eager model."""
+    model = tiny_bert(layers=1)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (4, 12)),))
+    assert gm.meta["dynamic_batch"] is True
+    sparsifier.step()
+    reference = masked_reference(model, gm, sparsifier)
+    lowered = lower(gm, "fuse")
+    with torch.no_grad():
+        for batch in (1, 3, 9):
+            ids = torch.randint(0, 100, (batch, 12))
+            expected = reference(ids).last_hidden_state
+            torch.testing.assert_close(gm(ids).last_hidden_state, expected)
+            torch.testing.assert_close(lowered(ids).last_hidden_state, expected)
+
+
+def test_tiny_gpt2_conv1d_weights_are_all_masked():
+    """A GPT-2 built from a config: its transformers Conv1D layers (aten.addmm(bias, x, W) with W stored
+    [in, out]) are matched with the LM head, 9 of 9 weights; masked and csr-lowered outputs equal the
+    masked eager model, the [in, out] weights falling back to fuse with the reason."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False,
+                                     tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(ids,))
+    fqns = {g["tensor_fqn"] for g in sparsifier.groups}
+    conv1d = {f"transformer.h.{i}.{name}.weight" for i in range(2)
+              for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert fqns == conv1d | {"lm_head.weight"}
+    sparsifier.step()
+    reference = masked_reference(model, gm, sparsifier)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(gm(ids).logits, expected)
+        lowered = lower(gm, "csr")
+        torch.testing.assert_close(lowered(ids).logits, expected, rtol=1e-4, atol=1e-5)
+    backends = {r.tensor_fqn: r.backend for r in fx_sparsity.get_lowering(lowered)}
+    assert {fqn for fqn, backend in backends.items() if backend == "fuse"} == conv1d
