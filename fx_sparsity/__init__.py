@@ -13,7 +13,7 @@ Example::
 
 from passes import CaptureError
 
-from .api import prepare
+from .api import get_unmatched, prepare
 from .calibrate import calibrate
 from .lower import BACKENDS, LayerLowering, get_lowering, lower
 from .config import SparsityConfig, parse_config
@@ -60,6 +60,7 @@ __all__ = [
     "calibrate",
     "get_lowering",
     "get_sparsifier",
+    "get_unmatched",
     "graph_table",
     "lower",
     "lowering_table",

@@ -8,17 +8,63 @@ never modified.
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import fx, nn
 
-from passes import WeightMatch, capture, find_weights, insert_masks, select_weights
+from passes import (
+    FqnRule,
+    UnmatchedWeight,
+    WeightMatch,
+    capture,
+    find_weights,
+    insert_masks,
+    select_weights,
+    unmatched_weights,
+)
 
 from .config import SparsityConfig, parse_config
 from .sparsifier import BaseSparsifier, WeightNormSparsifier
+from .user_frames import caller_stacklevel
 
-__all__ = ["prepare"]
+__all__ = ["prepare", "UNMATCHED_META_KEY", "get_unmatched"]
+
+# gm.meta key: the Linear/Conv-like weights of the model that prepare could not mask, as UnmatchedWeight records.
+UNMATCHED_META_KEY = "fx_sparsity.unmatched"
+
+
+def get_unmatched(gm: fx.GraphModule) -> tuple[UnmatchedWeight, ...]:
+    """The Linear/Conv-like weights of the user's model that ``prepare`` found no op for (they stay dense)."""
+    return tuple(getattr(gm, "meta", {}).get(UNMATCHED_META_KEY, ()))
+
+
+def _wanted(rules: Sequence[FqnRule] | None, tensor_fqn: str) -> bool:
+    """Whether the config would select ``tensor_fqn`` by its name (``None`` selects everything)."""
+    if rules is None:
+        return True
+    names = (tensor_fqn, tensor_fqn.rpartition(".")[0])
+    for rule in rules:
+        if rule.by == "pattern" and any(fnmatch.fnmatchcase(n, rule.key) for n in names):
+            return True
+        if rule.by != "pattern" and rule.key in names:
+            return True
+    return False
+
+
+def _warn_unmatched(unmatched: Sequence[UnmatchedWeight], rules: Sequence[FqnRule] | None) -> None:
+    wanted = [u for u in unmatched if _wanted(rules, u.tensor_fqn)]
+    if not wanted:
+        return
+    lines = "\n".join(f"  {u.tensor_fqn}: {u.reason}; remedy: {u.remedy}" for u in wanted)
+    warnings.warn(
+        f"{len(wanted)} Linear/Conv-like weight(s) the config selects stay dense, the captured graph gives "
+        f"no op to mask them (capture_method='export' with example_inputs often finds them):\n{lines}",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _check_sparsifier(sparsifier: object) -> BaseSparsifier:
@@ -53,7 +99,9 @@ def prepare(
     *,
     sparsifier: BaseSparsifier | None = None,
     example_inputs: Any = None,
-    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    dynamic_shapes: Any = None,
+    capture_method: Literal["auto", "symbolic_trace", "export"] = "auto",
+    leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Return a new ``GraphModule`` computing ``model`` with a mask on each selected weight.
@@ -73,7 +121,16 @@ def prepare(
             ``WeightNormSparsifier()`` when ``None``. Either way
             ``fx_sparsity.get_sparsifier(gm)`` returns it, ready for ``step()``.
         example_inputs: a tensor or tuple, for the ``torch.export`` fallback.
+        dynamic_shapes: for the ``torch.export`` capture; by default dim 0 of every
+            tensor input is dynamic where export allows (else a warning says why).
+        capture_method: ``"auto"`` (symbolic tracing, export when it fails and
+            ``example_inputs`` are given), ``"symbolic_trace"`` or ``"export"``.
         leaf_modules, concrete_args: symbolic-tracing knobs.
+
+    Weights of Linear/Conv-like modules that the graph gives no op for (hidden
+    in a ``torch.fx.wrap``'ed function, inside a leaf module, ...) stay dense:
+    ``get_unmatched(gm)`` lists them with the reason and the remedy, the
+    sparsity table shows them, and a ``UserWarning`` names those the config selects.
 
     Returns:
         The prepared ``GraphModule``.
@@ -93,13 +150,24 @@ def prepare(
     """
     sparsifier = _check_sparsifier(sparsifier)
     rules = parse_config(config)
-    gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    selected = select_weights(model, find_weights(gm), rules)
+    gm = capture(
+        model,
+        example_inputs=example_inputs,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        dynamic_shapes=dynamic_shapes,
+        method=capture_method,
+    )
+    matches = find_weights(gm)
+    unmatched = unmatched_weights(model, gm, matches)
+    selected = select_weights(model, matches, rules)
     if not selected:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv weight to sparsify")
     groups, initial_masks = sparsifier.make_groups(selected)
-    matches = [match for match, _ in selected]
-    _check_hooks(gm, matches)
-    gm = insert_masks(gm, matches)
+    chosen = [match for match, _ in selected]
+    _check_hooks(gm, chosen)
+    gm = insert_masks(gm, chosen)
     sparsifier.attach(gm, groups, initial_masks)
+    gm.meta[UNMATCHED_META_KEY] = tuple(unmatched)
+    _warn_unmatched(unmatched, rules)
     return gm

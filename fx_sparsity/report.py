@@ -14,6 +14,7 @@ from torch import fx
 
 from passes import get_sparse_target
 
+from .api import get_unmatched
 from .lower import get_lowering
 from .sparsifier import BaseSparsifier, get_sparsifier
 
@@ -40,7 +41,8 @@ def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None,
     target and achieved sparsity, nonzeros / total; plus a total row.
 
     Achieved sparsity is read from the mask while there is one, else from the
-    (squashed) weight itself.
+    (squashed) weight itself. Weights of Linear/Conv-like modules that the graph
+    gave no op to mask are listed below the table with the reason and the remedy.
 
     Args:
         gm: a module returned by ``prepare`` (masked or squashed).
@@ -85,7 +87,13 @@ def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None,
         f"{nnz_sum:,} / {total_sum:,}",
     ])
     headers = ["module", "op", "weight shape", "sparsifier", "arguments", "target", "achieved", "nonzeros / total"]
-    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt)
+    unmatched = get_unmatched(gm)
+    if unmatched:
+        table += "\n\nLeft dense, no op in the graph to mask (fx_sparsity.get_unmatched(gm)):\n" + "\n".join(
+            f"  {u.tensor_fqn}: {u.reason}; remedy: {u.remedy}" for u in unmatched
+        )
+    return table
 
 
 def _format_target(node: fx.Node) -> str:

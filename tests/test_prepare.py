@@ -4,9 +4,11 @@ module, hooks refused before anything is built, and sparsifiers that pickle."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from fx_sparsity import (
     CubicSL,
@@ -16,10 +18,29 @@ from fx_sparsity import (
     WeightGroup,
     WeightNormSparsifier,
     get_sparsifier,
+    get_unmatched,
     prepare,
+    sparsity_table,
 )
 
 from helpers import ImplementedSparsifier, SimpleLinear, snapshot
+
+
+@torch.fx.wrap
+def _hidden_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight)
+
+
+class HiddenWeightNet(nn.Module):
+    """fc is called as a module; proj's weight is only used inside a torch.fx.wrap'ed function (as swin_t does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _hidden_linear(self.fc(x), self.proj.weight)
 
 
 def test_groups_are_typed_records_under_a_dict_view():
@@ -113,3 +134,19 @@ def test_defaults_cannot_shadow_group_keys():
     for key in ("module", "tensor_fqn", "mask"):
         with pytest.raises(ValueError, match="defaults may not set"):
             ImplementedSparsifier(**{key: None})
+
+
+def test_weights_left_dense_are_reported():
+    """HiddenWeightNet: proj.weight hides in a torch.fx.wrap'ed function. prepare warns (naming it, the reason and
+    the export remedy) when the config selects it, lists it in get_unmatched and under the sparsity table; a config
+    that selects only fc does not warn. Export capture finds it."""
+    with pytest.warns(UserWarning, match=r"proj.weight: .*remedy"):
+        gm = prepare(HiddenWeightNet())
+    assert [u.tensor_fqn for u in get_unmatched(gm)] == ["proj.weight"]
+    assert "Left dense" in sparsity_table(gm) and "proj.weight" in sparsity_table(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = prepare(HiddenWeightNet(), ["fc"])
+    assert [u.tensor_fqn for u in get_unmatched(gm)] == ["proj.weight"]
+    gm = prepare(HiddenWeightNet(), capture_method="export", example_inputs=(torch.randn(2, 8),))
+    assert get_unmatched(gm) == () and len(get_sparsifier(gm).records) == 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..masks import nm_keep, validate_nm
+from ..user_frames import caller_stacklevel
 from .base import BaseSparsifier
 from .group import WeightGroup
 
@@ -58,7 +57,7 @@ class NMSparsifier(BaseSparsifier):
                 "2:4 masks run fast only through lower(gm, 'semi_structured') on a CUDA GPU of compute "
                 "capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into dense weights",
                 UserWarning,
-                stacklevel=_caller_level(),
+                stacklevel=caller_stacklevel(),
             )
 
     def update_mask(self, module: nn.Module, tensor_name: str, n: int, m: int, **kwargs: Any) -> None:  # type: ignore[override]
@@ -69,12 +68,3 @@ def _fast_two_four(weight: torch.Tensor) -> bool:
     if weight.is_cuda:
         return torch.cuda.get_device_capability(weight.device) >= (8, 0)
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of the first frame outside fx_sparsity, so the warning names the user's line."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
