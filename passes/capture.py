@@ -49,8 +49,8 @@ class CaptureError(RuntimeError):
 
 
 class _Tracer(fx.Tracer):
-    # Unpickling a GraphModule re-traces its code with a subclass of the tracer that made
-    # it, constructed without arguments: hence the default.
+    # fx.GraphModule's unpickling (of a module built from one of our graphs outside capture)
+    # re-traces the code with a subclass of the tracer, constructed without arguments.
     def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> None:
         super().__init__()
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))

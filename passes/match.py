@@ -428,7 +428,7 @@ def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[We
 
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         >>> gm = torch.fx.symbolic_trace(model[:1])
-        >>> [(u.tensor_fqn, u.reason[:32]) for u in unmatched_weights(model, gm, find_weights(gm))]
+        >>> [(u.tensor_fqn, u.reason[:33]) for u in unmatched_weights(model, gm, find_weights(gm))]
         [('1.weight', 'the captured graph never reads it')]
     """
     matched = {id(get_tensor(gm, m.tensor_fqn)) for m in matches}
