@@ -15,6 +15,12 @@ models caching traced values in their own dicts, export swapping list and dict
 attributes for copies), and none of that may reach the user's model. The returned
 module shares only parameters and buffers with the model, so later passes may add
 buffers and rewrite the graph freely.
+
+An export capture keeps the batch dimension of its inputs dynamic where torch.export
+can, and warns when it cannot. Captured modules pickle their graph as it is, node
+names, sparsity tags and ``gm.meta`` included, so ``torch.save`` of a prepared,
+lowered or squashed module loads again (``fx.GraphModule`` pickles its code and
+re-traces it, losing all of that).
 """
 
 from __future__ import annotations
@@ -429,8 +435,9 @@ def capture(
 
     Args:
         model: the module to capture. It is not modified.
-        example_inputs: a tensor or tuple of positional inputs. Only used when
-            symbolic tracing fails, to capture with ``torch.export`` instead.
+        example_inputs: a tensor or tuple of positional inputs, for the
+            ``torch.export`` capture (when symbolic tracing fails, or with
+            ``method="export"``).
         leaf_modules: a module type, or an iterable of module types and FQNs,
             that symbolic tracing keeps as ``call_module`` nodes instead of
             tracing through them.
@@ -447,7 +454,8 @@ def capture(
             symbolic tracing hides, in ``torch.fx.wrap``'ed functions say).
 
     Returns:
-        A ``GraphModule``; ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
+        A ``GraphModule`` (a :class:`CapturedModule` for symbolic tracing);
+        ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
         For an export capture, ``gm.meta["dynamic_batch"]`` is ``True`` (dim 0 is
         dynamic), ``False`` (static, warned) or ``None`` (``dynamic_shapes`` given).
 
