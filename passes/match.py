@@ -65,17 +65,21 @@ _FUNCTION_KINDS: dict[object, str] = {
     aten.convolution.default: "conv",
 }
 
-# Matrix products x @ W: positional names, weight last. A call_method target is the method name.
+# Matrix products x @ W: positional names, weight last. A call_method target is the method
+# name; torch.Tensor's methods are there for code that calls them as functions.
 _MATMUL_SIGNATURES: dict[object, tuple[str, ...]] = {
     torch.addmm: ("bias", "input", "weight"),
     aten.addmm.default: ("bias", "input", "weight"),
     "addmm": ("bias", "input", "weight"),
+    torch.Tensor.addmm: ("bias", "input", "weight"),
     torch.mm: ("input", "weight"),
     aten.mm.default: ("input", "weight"),
     "mm": ("input", "weight"),
+    torch.Tensor.mm: ("input", "weight"),
     torch.matmul: ("input", "weight"),
     aten.matmul.default: ("input", "weight"),
     "matmul": ("input", "weight"),
+    torch.Tensor.matmul: ("input", "weight"),
     operator.matmul: ("input", "weight"),
 }
 
