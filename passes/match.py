@@ -65,17 +65,21 @@ _FUNCTION_KINDS: dict[object, str] = {
     aten.convolution.default: "conv",
 }
 
-# Matrix products x @ W: positional names, weight last. A call_method target is the method name.
+# Matrix products x @ W: positional names, weight last. A call_method target is the method
+# name; torch.Tensor's methods are there for code that calls them as functions.
 _MATMUL_SIGNATURES: dict[object, tuple[str, ...]] = {
     torch.addmm: ("bias", "input", "weight"),
     aten.addmm.default: ("bias", "input", "weight"),
     "addmm": ("bias", "input", "weight"),
+    torch.Tensor.addmm: ("bias", "input", "weight"),
     torch.mm: ("input", "weight"),
     aten.mm.default: ("input", "weight"),
     "mm": ("input", "weight"),
+    torch.Tensor.mm: ("input", "weight"),
     torch.matmul: ("input", "weight"),
     aten.matmul.default: ("input", "weight"),
     "matmul": ("input", "weight"),
+    torch.Tensor.matmul: ("input", "weight"),
     operator.matmul: ("input", "weight"),
 }
 
@@ -428,7 +432,7 @@ def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[We
 
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         >>> gm = torch.fx.symbolic_trace(model[:1])
-        >>> [(u.tensor_fqn, u.reason[:32]) for u in unmatched_weights(model, gm, find_weights(gm))]
+        >>> [(u.tensor_fqn, u.reason[:33]) for u in unmatched_weights(model, gm, find_weights(gm))]
         [('1.weight', 'the captured graph never reads it')]
     """
     matched = {id(get_tensor(gm, m.tensor_fqn)) for m in matches}

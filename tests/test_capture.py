@@ -321,3 +321,60 @@ def test_other_argument_checks():
         capture(nn.Linear(2, 2), concrete_args=[1])
     with pytest.raises(ValueError, match="dynamic_shapes .*needs example_inputs"):
         capture(nn.Linear(2, 2), dynamic_shapes=({0: None},))
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def _round_trips(module: nn.Module) -> list[nn.Module]:
+    import io
+    import pickle
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return [pickle.loads(pickle.dumps(module)), torch.load(buffer, weights_only=False)]
+
+
+@pytest.mark.parametrize("net, shape", [(MixedNet, (2, 3, 8, 8)), (ControlFlowNet, (3, 6))])
+def test_prepared_lowered_and_fused_modules_pickle(net, shape):
+    """MixedNet (symbolic trace) and ControlFlowNet (export capture), prepared and stepped, then lowered to csr
+    and fused: pickle and torch.save round trips give identical outputs, keep the graph's node names and sparsity
+    tags and gm.meta, and a loaded prepared module can still be stepped and lowered."""
+    import fx_sparsity
+    from passes import SPARSITY_META_KEY
+
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(shape)
+    # MagnitudeSparsifier: WeightNormSparsifier holds a local lambda, which does not pickle.
+    gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.MagnitudeSparsifier(0.5), example_inputs=(x,))
+    fx_sparsity.get_sparsifier(gm).step()
+    with torch.no_grad():
+        for module in (gm, fx_sparsity.lower(gm, "csr"), fx_sparsity.lower(gm, "fuse")):
+            for loaded in _round_trips(module):
+                torch.testing.assert_close(loaded(x), module(x), rtol=0, atol=0)
+                assert [n.name for n in loaded.graph.nodes] == [n.name for n in module.graph.nodes]
+                assert [n.meta.get(SPARSITY_META_KEY) for n in loaded.graph.nodes] == [
+                    n.meta.get(SPARSITY_META_KEY) for n in module.graph.nodes]
+                assert loaded.meta.keys() == module.meta.keys()
+                assert _round_trips(loaded)[0].code == module.code
+        loaded = _round_trips(gm)[1]
+        fx_sparsity.get_sparsifier(loaded).step()
+        torch.testing.assert_close(fx_sparsity.lower(loaded, "fuse")(x), gm(x))
+        expected = gm(x)
+        squashed = fx_sparsity.get_sparsifier(gm).squash_mask()
+        for loaded in _round_trips(squashed):
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_loaded_static_export_capture_still_checks_input_shapes():
+    """A static export capture (batch 3), pickled: its guard function is generated code, replaced on pickling by a
+    check of the static input sizes, so batch 5 is still refused with a clear message."""
+    model = ControlFlowNet().eval()
+    gm = capture(model, example_inputs=(torch.randn(3, 6),), dynamic_shapes=({0: torch.export.Dim.STATIC},))
+    for loaded in _round_trips(gm):
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(loaded(x), model(x))
+        with pytest.raises(AssertionError, match=r"Guard failed: input 0.size\(\)\[0\] == 3"):
+            loaded(torch.randn(5, 6))

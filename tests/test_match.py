@@ -37,6 +37,7 @@ class MatmulNet(nn.Module):
         self.w_mm = nn.Parameter(torch.randn(12, 8) * 0.2)
         self.w_matmul = nn.Parameter(torch.randn(8, 6) * 0.2)
         self.w_at = nn.Parameter(torch.randn(6, 6) * 0.2)
+        self.w_method = nn.Parameter(torch.randn(6, 6) * 0.2)
         self.fc = nn.Linear(6, 4)
         self.lora_a = nn.Parameter(torch.randn(4, 2))
         self.lora_b = nn.Parameter(torch.randn(2, 4))
@@ -45,7 +46,7 @@ class MatmulNet(nn.Module):
         h = self.c_attn(x).relu()
         h = torch.mm(h.flatten(0, 1), self.w_mm).view(x.shape[0], -1, 8)
         h = torch.matmul(h, self.w_matmul).tanh()
-        h = h @ self.w_at
+        h = (h @ self.w_at).matmul(self.w_method)
         return self.fc(h) @ (self.lora_a @ self.lora_b)
 
 
@@ -58,7 +59,7 @@ class ControlFlowMatmulNet(MatmulNet):
         return super().forward(x)
 
 
-TRANSPOSED = {"c_attn.weight", "w_mm", "w_matmul", "w_at"}
+TRANSPOSED = {"c_attn.weight", "w_mm", "w_matmul", "w_at", "w_method"}
 
 
 @pytest.mark.parametrize("net", [MatmulNet, ControlFlowMatmulNet])

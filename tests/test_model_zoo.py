@@ -173,3 +173,24 @@ def test_tiny_gpt2_conv1d_weights_are_all_masked():
         torch.testing.assert_close(lowered(ids).logits, expected, rtol=1e-4, atol=1e-5)
     backends = {r.tensor_fqn: r.backend for r in fx_sparsity.get_lowering(lowered)}
     assert {fqn for fqn, backend in backends.items() if backend == "fuse"} == conv1d
+
+
+def test_tiny_bert_prepared_module_pickles():
+    """The export-captured, prepared tiny BERT: a torch.save / torch.load round trip returns its ModelOutput with
+    identical values, at the example batch size and another, and the loaded module can still be fused."""
+    import io
+
+    model = tiny_bert(layers=1)
+    sparsifier = fx_sparsity.MagnitudeSparsifier(0.5)
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (4, 12)),))
+    sparsifier.step()
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for batch in (4, 3):
+            ids = torch.randint(0, 100, (batch, 12))
+            expected = gm(ids).last_hidden_state
+            torch.testing.assert_close(loaded(ids).last_hidden_state, expected, rtol=0, atol=0)
+            torch.testing.assert_close(lower(loaded, "fuse")(ids).last_hidden_state, expected)
