@@ -150,3 +150,18 @@ def test_weights_left_dense_are_reported():
     assert [u.tensor_fqn for u in get_unmatched(gm)] == ["proj.weight"]
     gm = prepare(HiddenWeightNet(), capture_method="export", example_inputs=(torch.randn(2, 8),))
     assert get_unmatched(gm) == () and len(get_sparsifier(gm).records) == 2
+
+
+def test_pickled_prepared_module_keeps_its_own_sparsifier():
+    """A pickled and loaded prepared module comes with a copy of its sparsifier, bound to the copy: stepping it
+    changes the loaded module's masks, not the original's, and outputs agree before the step."""
+    gm = prepare(SimpleLinear(), sparsifier=WeightNormSparsifier(0.5, (1, 1)))
+    loaded = pickle.loads(pickle.dumps(gm))
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(loaded(x), gm(x))
+    sparsifier = get_sparsifier(loaded)
+    assert sparsifier is not get_sparsifier(gm) and sparsifier.model is loaded
+    assert sparsifier.groups[0].module is loaded.get_submodule("seq.0")
+    sparsifier.step()
+    assert loaded.get_buffer("linear1.weight_mask").mean().item() == 0.5
+    assert gm.get_buffer("linear1.weight_mask").mean().item() == 1.0
