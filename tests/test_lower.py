@@ -12,6 +12,7 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
 from fx_sparsity.autotune import AUTO_MIN_SPEEDUP, choose_backend
+from fx_sparsity.layer_timing import last_level_cache_bytes, time_variants
 
 from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, TinyResNet, count_nodes, snapshot
 
@@ -333,3 +334,23 @@ def test_timing_leaves_batchnorm_statistics_alone():
     after = snapshot(model)
     assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
     assert gm.training and all(m.training for m in gm.modules())
+
+
+def test_timing_regimes():
+    """last_level_cache_bytes reads this CPU's last-level cache from sysfs (at least 1 MiB); time_variants
+    returns a positive median per variant, warm and cold (flushing twice that cache before each call), having
+    called every variant in each of its rounds."""
+    llc = last_level_cache_bytes()
+    assert llc >= 1 << 20
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    for cold in (False, True):
+        calls.update(a=0, b=0)
+        times = time_variants({"a": make("a"), "b": make("b")}, repeats=3, device=torch.device("cpu"), cold=cold)
+        assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+        assert calls["a"] >= 5 if cold else calls["a"] > 5  # 2 warm-up calls, then 3 rounds
