@@ -6,7 +6,7 @@ Importing the package registers the ``fx_sparsity::*_linear`` custom operators
 (:mod:`passes.sparse_ops`) that lowered modules and exported programs call.
 """
 
-from .capture import CaptureError, capture
+from .capture import CapturedModule, CaptureError, capture
 from .fuse_masks import fuse_masks, masked_targets
 from .insert_masks import insert_masks
 from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
@@ -56,4 +56,5 @@ __all__ = [
     "unmatched_weights",
     "is_transposed_linear",
     "weight_position",
+    "CapturedModule",
 ]
