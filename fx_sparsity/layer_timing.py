@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import SparseTarget, get_sparse_target, op_arguments
+from passes import SparseTarget, get_sparse_target, op_arguments, weight_position
 from passes.lower_sparse import SparseFormat, conv_strides, sparse_layer_forward
 
 from .running import eval_mode
@@ -54,7 +54,9 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.names:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.calls.setdefault(n.name, []).append((n.target, args, kwargs))
+            # A method call (x.matmul(W)) is recorded as the function it calls, so that it can be replayed.
+            op = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            self.calls.setdefault(n.name, []).append((op, args, kwargs))
         return super().run_node(n)
 
 
@@ -162,10 +164,11 @@ def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, An
     return [bound[name] if name in bound else defaults.get(name) for name in names]
 
 
-def _with_weight(args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict]:
-    if len(args) > 1:
-        return (args[0], weight, *args[2:]), kwargs
-    return args, {**kwargs, "weight": weight}
+def _with_weight(op: Any, args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict]:
+    position = weight_position(op, args)
+    if isinstance(position, int):
+        return (*args[:position], weight, *args[position + 1 :]), kwargs
+    return args, {**kwargs, position: weight}
 
 
 class LayerTimer:
@@ -193,7 +196,7 @@ class LayerTimer:
 
         def run() -> None:
             for op, args, kwargs in self.calls:
-                args, kwargs = _with_weight(args, kwargs, weight())
+                args, kwargs = _with_weight(op, args, kwargs, weight())
                 op(*args, **kwargs)
         return run
 

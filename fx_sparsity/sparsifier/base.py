@@ -113,6 +113,7 @@ class BaseSparsifier(abc.ABC):
         self.groups: list[GroupView] = []
         self.enable_mask_update = True
         self.model: fx.GraphModule | None = None
+        self._transposed: list[tuple[nn.Module, str]] = []  # (owner, tensor name) of weights stored [in, out]
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -170,15 +171,19 @@ class BaseSparsifier(abc.ABC):
         """
 
     # ------------------------------------------------------------- utilities
-    @staticmethod
-    def get_mask(module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The mask buffer of ``module.<tensor_name>``."""
-        return getattr(module, f"{tensor_name}_mask")
+    def _is_transposed(self, module: nn.Module, tensor_name: str) -> bool:
+        return any(m is module and n == tensor_name for m, n in self._transposed)
 
-    @staticmethod
-    def masked_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The weight as the model sees it: ``weight * mask`` (what torch.ao.pruning scores)."""
-        return getattr(module, tensor_name) * getattr(module, f"{tensor_name}_mask")
+    def get_mask(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
+        """The mask buffer of ``module.<tensor_name>``, in the ``[out, in]`` view (a transposed view of the
+        buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
+        mask = getattr(module, f"{tensor_name}_mask")
+        return mask.t() if self._is_transposed(module, tensor_name) else mask
+
+    def masked_tensor(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
+        """The weight as the model sees it: ``weight * mask`` (what torch.ao.pruning scores), ``[out, in]`` view."""
+        masked = getattr(module, tensor_name) * getattr(module, f"{tensor_name}_mask")
+        return masked.t() if self._is_transposed(module, tensor_name) else masked
 
     def _require_model(self, what: str) -> fx.GraphModule:
         if self.model is None:
@@ -186,7 +191,7 @@ class BaseSparsifier(abc.ABC):
         return self.model
 
     def _validate_record(self, record: WeightGroup) -> None:
-        self.validate_group(record.to_dict(), record.weight_shape)
+        self.validate_group(record.to_dict(), record.view_shape)
 
     def _check_keys(self, keys: Iterable[str], where: str) -> None:
         unknown = [k for k in keys if k not in self.defaults]
@@ -223,7 +228,8 @@ class BaseSparsifier(abc.ABC):
             if INITIAL_MASK_KEY in overrides:
                 masks[match.tensor_fqn] = _check_initial_mask(overrides.pop(INITIAL_MASK_KEY), match, where)
             self._check_keys(overrides, where)
-            record = WeightGroup(match.tensor_fqn, match.kind, match.weight_shape, {**copy.deepcopy(self.defaults), **overrides})
+            args = {**copy.deepcopy(self.defaults), **overrides}
+            record = WeightGroup(match.tensor_fqn, match.kind, match.weight_shape, args, match.transposed)
             self._validate_record(record)
             groups.append(record)
         self.validate_groups([g.to_dict() for g in groups])
@@ -250,6 +256,7 @@ class BaseSparsifier(abc.ABC):
                 gm.get_buffer(f"{fqn}_mask").copy_(mask)
         gm.meta[SPARSIFIER_META_KEY] = self
         self.model, self.groups, self.state = gm, views, defaultdict(dict)
+        self._transposed = [(v.module, v.record.tensor_name) for v in views if v.record.transposed]
 
     def prepare(self, model: nn.Module, config: Any = None, **kwargs: Any) -> fx.GraphModule:
         """``fx_sparsity.prepare(model, config, sparsifier=self, **kwargs)``: see there.
@@ -352,7 +359,7 @@ class BaseSparsifier(abc.ABC):
             if missing:
                 raise ValueError(f"state_dict group {fqn!r} lacks the arguments {missing}")
             target = masked[fqn]
-            record = WeightGroup(fqn, target.kind, target.weight_shape, args)
+            record = WeightGroup(fqn, target.kind, target.weight_shape, args, target.transposed)
             self._validate_record(record)
             groups.append(record)
         names = [g.tensor_fqn for g in groups]

@@ -35,6 +35,8 @@ class WeightGroup:
         kind: the op reading it: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
         weight_shape: the weight's shape.
         args: the merged sparsifier arguments (defaults, then the config entry's keys); read-only.
+        transposed: the weight is stored ``[in, out]`` (an ``x @ W`` product, transformers' ``Conv1D``);
+            sparsifiers see it, and its mask, in the ``[out, in]`` view all other weights have.
 
     Example::
 
@@ -47,6 +49,7 @@ class WeightGroup:
     kind: str
     weight_shape: tuple[int, ...]
     args: Mapping[str, Any] = field(default_factory=dict)
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_shape", tuple(self.weight_shape))
@@ -59,6 +62,11 @@ class WeightGroup:
     @property
     def tensor_name(self) -> str:
         return self.tensor_fqn.rpartition(".")[2]
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The shape sparsifiers score: ``[out, in, ...]``, the stored shape reversed for a transposed weight."""
+        return self.weight_shape[::-1] if self.transposed else self.weight_shape
 
     def with_args(self, **changes: Any) -> WeightGroup:
         """A copy whose arguments are updated by ``changes``."""
@@ -74,7 +82,7 @@ class WeightGroup:
         }
 
     def __reduce__(self):  # MappingProxyType does not pickle: rebuild from a plain dict
-        return (WeightGroup, (self.tensor_fqn, self.kind, self.weight_shape, dict(self.args)))
+        return (WeightGroup, (self.tensor_fqn, self.kind, self.weight_shape, dict(self.args), self.transposed))
 
 
 class GroupView(MutableMapping):
