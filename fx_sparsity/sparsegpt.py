@@ -5,7 +5,7 @@ data: choose which weights to drop and move the error of dropping them onto
 the weights that stay, one column at a time, with the optimal-brain-surgeon
 update. All it needs of the data is the input Hessian ``H = X^T X``, where the
 rows of ``X`` are what the weight's ``[out, in * kernel]`` view multiplies (a
-conv's input unfolded into patches, see :func:`input_rows`).
+conv's input unfolded into patches, see :func:`passes.input_rows`, re-exported here).
 
 :func:`sparsegpt_prune` follows ``fasterprune`` of the reference implementation
 (IST-DASLab/sparsegpt ``sparsegpt.py``): dead inputs (``H_ii == 0``) get their
@@ -30,80 +30,13 @@ group, each with the Hessian of the input channels it reads.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
+
+from passes import accumulate_hessian, input_rows
 
 from .masks import smallest_k_mask, validate_level, validate_nm
 
 __all__ = ["input_rows", "accumulate_hessian", "sparsegpt_prune", "validate_block_size"]
-
-_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def input_rows(
-    x: torch.Tensor,
-    weight_shape: tuple[int, ...],
-    *,
-    stride: object = 1,
-    padding: object = 0,
-    dilation: object = 1,
-    groups: int = 1,
-    pad: tuple[tuple[int, ...], str] | None = None,
-) -> torch.Tensor:
-    """The rows the weight's ``[out, in * kernel]`` view multiplies, per conv group (float64).
-
-    A linear's input ``[..., in]`` gives ``[1, N, in]``. A conv's input is
-    unfolded into patches (``in_per_group * kernel`` values each, channel-major
-    like the weight's view) with the conv's own stride, padding and dilation:
-    ``[groups, N, in_per_group * kernel]``, where group ``g`` holds the input
-    channels the outputs of group ``g`` read.
-
-    Args:
-        x: the op's input (batched or not).
-        weight_shape: ``[out, in]`` or ``[out, in / groups, *kernel]``.
-        stride, padding, dilation, groups: the conv's arguments.
-        pad: ``(pad, mode)`` of an explicit ``F.pad`` in front of the conv
-            (``padding_mode`` other than ``"zeros"``), applied first.
-
-    Returns:
-        float64 tensor ``[groups, rows, columns]``.
-
-    Example::
-
-        >>> input_rows(torch.ones(2, 3, 4, 4), (8, 3, 3, 3)).shape
-        torch.Size([1, 8, 27])
-    """
-    x = x.detach().double()
-    if len(weight_shape) == 2:
-        return x.reshape(1, -1, x.shape[-1])
-    spatial = len(weight_shape) - 2
-    if x.dim() == spatial + 1:
-        x = x.unsqueeze(0)
-    if pad is not None:
-        x = F.pad(x, pad[0], mode=pad[1])
-    channels, kernel = x.shape[1], tuple(weight_shape[2:])
-    positions = math.prod(kernel)
-    # A depthwise conv with a one-hot kernel per output channel copies each patch value out.
-    eye = torch.eye(positions, dtype=x.dtype, device=x.device).reshape(positions, 1, *kernel)
-    patches = _CONVS[spatial](x, eye.repeat(channels, *([1] * (spatial + 1))), None, stride, padding, dilation, channels)
-    columns = channels // groups * positions
-    return patches.reshape(patches.shape[0], groups, columns, -1).permute(1, 0, 3, 2).reshape(groups, -1, columns)
-
-
-def accumulate_hessian(hessian: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """``hessian + rows^T rows`` per group (float64); ``hessian=None`` starts from zero.
-
-    Example::
-
-        >>> accumulate_hessian(None, torch.ones(1, 5, 2)).tolist()
-        [[[5.0, 5.0], [5.0, 5.0]]]
-    """
-    rows = rows.double()
-    update = rows.transpose(1, 2) @ rows
-    return update if hessian is None else hessian + update
-
 
 def validate_block_size(block_size: object, nm: tuple[int, int] | None = None) -> int:
     """``block_size`` as a positive int (a multiple of ``m`` for N:M), or a ``TypeError``/``ValueError``."""

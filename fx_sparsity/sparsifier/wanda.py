@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from passes import InputNormObserver, SparseTarget
+
 from ..masks import nm_keep, validate_level, validate_nm
 from .base import BaseSparsifier
 
@@ -49,6 +51,17 @@ class WandaSparsifier(BaseSparsifier):
         validate_level(group["sparsity_level"], f"sparsity_level of {group['tensor_fqn']}")
         if group["nm"] is not None:
             validate_nm(*_pair(group["nm"]))
+
+    # The calibration protocol of fx_sparsity.calibrate: input-channel norms.
+    calibration_key = INPUT_NORM_KEY
+
+    def calibration_observer(self, group: dict[str, Any], target: SparseTarget, ops: list[dict[str, Any]]) -> nn.Module:
+        """An :class:`passes.InputNormObserver` in front of the group's ops."""
+        return InputNormObserver(len(target.weight_shape) - 2)
+
+    def calibration_statistic(self, group: dict[str, Any], observer: nn.Module) -> torch.Tensor:
+        """The L2 norm of each input channel (float32)."""
+        return observer.norm()
 
     def target_sparsity(self, group: dict[str, Any]) -> float:
         if group["nm"] is not None:
