@@ -4,6 +4,7 @@ from .base import BaseSparsifier, get_sparsifier
 from .magnitude import GlobalMagnitudeSparsifier, MagnitudeSparsifier
 from .nearly_diagonal import NearlyDiagonalSparsifier
 from .nm import NMSparsifier
+from .sparsegpt import SparseGPTSparsifier
 from .wanda import WandaSparsifier
 from .weight_norm import WeightNormSparsifier
 
@@ -13,6 +14,7 @@ __all__ = [
     "MagnitudeSparsifier",
     "NMSparsifier",
     "NearlyDiagonalSparsifier",
+    "SparseGPTSparsifier",
     "WandaSparsifier",
     "WeightNormSparsifier",
     "get_sparsifier",
