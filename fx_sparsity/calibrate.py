@@ -1,30 +1,69 @@
-"""``calibrate``: record per-channel input norms of the masked ops, for activation-aware sparsifiers."""
+"""``calibrate``: record the input statistics each sparsifier needs of the masked ops.
+
+The sparsifier decides what it observes, through three optional members (the
+calibration protocol; a sparsifier without them gets input-channel norms, as
+:class:`~fx_sparsity.WandaSparsifier` uses):
+
+* ``calibration_observer(group, target, ops) -> nn.Module``: the observer put in
+  front of the ops reading the group's weight (a :data:`passes.ObserverFactory`
+  with the group in front);
+* ``calibration_statistic(group, observer) -> Any``: what to keep of the
+  finished observer (it may raise when the observer saw nothing);
+* ``calibration_key``: where the statistic goes, ``sparsifier.state[tensor_fqn][key]``.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, fx
+from torch import fx, nn
 
-from passes import insert_input_observers, remove_input_observers
+from passes import InputNormObserver, SparseTarget, insert_input_observers, remove_input_observers
+from passes.observe import input_norm_observer
 
 from .progress import progress
-from .sparsifier import get_sparsifier
+from .sparsifier import BaseSparsifier, get_sparsifier
 from .sparsifier.wanda import INPUT_NORM_KEY
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "calibration_key", "calibration_observer", "calibration_statistic"]
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool = True) -> dict[str, Tensor]:
-    """Run ``batches`` through ``gm`` with observers in front of every masked op.
+def calibration_observer(
+    sparsifier: BaseSparsifier, group: dict[str, Any], target: SparseTarget, ops: list[dict[str, Any]]
+) -> nn.Module:
+    """The observer ``sparsifier`` wants for ``group``: its ``calibration_observer``, else input norms."""
+    method = getattr(sparsifier, "calibration_observer", None)
+    return method(group, target, ops) if method is not None else input_norm_observer(target, ops)
+
+
+def calibration_statistic(sparsifier: BaseSparsifier, group: dict[str, Any], observer: nn.Module) -> Any:
+    """What ``sparsifier`` keeps of ``group``'s finished observer: its ``calibration_statistic``, else the norms."""
+    method = getattr(sparsifier, "calibration_statistic", None)
+    if method is not None:
+        return method(group, observer)
+    assert isinstance(observer, InputNormObserver), type(observer)
+    return observer.norm()
+
+
+def calibration_key(sparsifier: BaseSparsifier) -> str:
+    """The state key under which ``calibrate`` stores ``sparsifier``'s statistics."""
+    return getattr(sparsifier, "calibration_key", INPUT_NORM_KEY)
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool = True) -> dict[str, Any]:
+    """Run ``batches`` through ``gm`` with the sparsifier's observers in front of every masked op.
 
     Observer nodes are inserted, every batch is run under ``no_grad``, and the
-    observers are removed again, leaving ``gm``'s graph as it was. The L2 norm of
-    each input channel over all batches is stored for each weight in
-    ``get_sparsifier(gm).state[tensor_fqn]["input_norm"]`` (what
-    :class:`~fx_sparsity.WandaSparsifier` scores with) and returned.
+    observers are removed again, leaving ``gm``'s graph as it was. The
+    sparsifier chooses the observers and what is kept of them (see the module
+    docstring): input-channel L2 norms for :class:`~fx_sparsity.WandaSparsifier`
+    and sparsifiers that do not say, input Hessians ``X^T X`` for
+    :class:`~fx_sparsity.SparseGPTSparsifier`. Each weight's statistic is stored
+    in ``get_sparsifier(gm).state[tensor_fqn][key]`` (``"input_norm"``,
+    ``"input_hessian"``) once every batch has run, and returned.
 
     Args:
         gm: a module returned by ``prepare`` (masks in place).
@@ -32,10 +71,11 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool 
         progress_bar: show a progress bar on stderr.
 
     Returns:
-        tensor FQN -> input-channel norms.
+        tensor FQN -> its statistic (input-channel norms for Wanda).
 
     Raises:
-        ValueError: ``batches`` is empty.
+        ValueError: ``batches`` is empty, or a sparsifier refuses a weight's ops.
+        RuntimeError: an op never ran on the batches; the state is unchanged then.
 
     Example::
 
@@ -43,7 +83,9 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool 
         >>> norms = fx_sparsity.calibrate(gm, [torch.randn(8, 64) for _ in range(4)])
     """
     sparsifier = get_sparsifier(gm)
-    observers = insert_input_observers(gm, [g["tensor_fqn"] for g in sparsifier.groups])
+    groups = {g["tensor_fqn"]: g for g in sparsifier.groups}
+    factories = {fqn: functools.partial(calibration_observer, sparsifier, g) for fqn, g in groups.items()}
+    observers = insert_input_observers(gm, factories)
     total = len(batches) if hasattr(batches, "__len__") else None
     seen = 0
     try:
@@ -55,7 +97,8 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool 
         remove_input_observers(gm)
     if not seen:
         raise ValueError("calibrate needs at least one batch; batches was empty")
-    norms = {fqn: observer.norm() for fqn, observer in observers.items()}
-    for fqn, norm in norms.items():
-        sparsifier.state[fqn][INPUT_NORM_KEY] = norm
-    return norms
+    statistics = {fqn: calibration_statistic(sparsifier, groups[fqn], o) for fqn, o in observers.items()}
+    key = calibration_key(sparsifier)
+    for fqn, statistic in statistics.items():
+        sparsifier.state[fqn][key] = statistic
+    return statistics

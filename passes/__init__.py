@@ -25,6 +25,7 @@ from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors
+from .observe import InputHessianObserver, ObserverFactory, accumulate_hessian, input_rows
 
 __all__ = [
     "CaptureError",
@@ -57,4 +58,8 @@ __all__ = [
     "is_transposed_linear",
     "weight_position",
     "CapturedModule",
+    "InputHessianObserver",
+    "ObserverFactory",
+    "accumulate_hessian",
+    "input_rows",
 ]

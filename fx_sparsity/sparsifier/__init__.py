@@ -5,6 +5,7 @@ from .group import GroupView, WeightGroup
 from .magnitude import GlobalMagnitudeSparsifier, MagnitudeSparsifier
 from .nearly_diagonal import NearlyDiagonalSparsifier
 from .nm import NMSparsifier
+from .sparsegpt import SparseGPTSparsifier
 from .wanda import WandaSparsifier
 from .weight_norm import WeightNormSparsifier
 
@@ -14,6 +15,7 @@ __all__ = [
     "MagnitudeSparsifier",
     "NMSparsifier",
     "NearlyDiagonalSparsifier",
+    "SparseGPTSparsifier",
     "WandaSparsifier",
     "WeightNormSparsifier",
     "GroupView",

@@ -1,0 +1,337 @@
+"""SparseGPT: the pure math against a direct per-column OBS reference, then the sparsifier."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fx_sparsity
+from fx_sparsity import calibrate, prepare
+from fx_sparsity.sparsifier import SparseGPTSparsifier
+from fx_sparsity.masks import magnitude_keep, nm_keep
+from fx_sparsity.sparsegpt import accumulate_hessian, input_rows, sparsegpt_prune
+
+from helpers import ConvNet1d3d, MixedNet, TiedEmbeddingNet, snapshot
+
+
+def sparsegpt_reference(w, h, level, nm, block_size, dampening):
+    """The published algorithm, one column at a time, with explicit inverses (float64, slow, obvious).
+
+    Column j is fixed after columns < j; its OBS saliency and update use the inverse of the damped
+    Hessian restricted to the columns not yet fixed, ``inv(H[j:, j:])``. Unstructured masks are chosen
+    when a block starts (the round(level * numel) smallest saliencies ``w^2 / inv(H[b:, b:])[0, 0]`` of
+    the block's columns b); N:M masks when a group of m columns starts.
+    """
+    w, h = w.double().clone(), h.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += dampening * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    w[:, dead] = 0
+    rows, cols = w.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+
+    def saliency(b):
+        return w[:, b] ** 2 / torch.linalg.inv(h[b:, b:])[0, 0]
+
+    for j in range(cols):
+        if nm is None and j % block_size == 0:
+            block = range(j, min(j + block_size, cols))
+            scores = torch.stack([saliency(b) for b in block], 1)
+            k = round(level * scores.numel())
+            order = scores.reshape(-1).argsort(stable=True)[:k]
+            flat = torch.zeros(scores.numel(), dtype=torch.bool)
+            flat[order] = True
+            pruned[:, block.start : block.stop] = flat.view(scores.shape)
+        if nm is not None and j % nm[1] == 0:
+            group = range(j, min(j + nm[1], cols))
+            scores = torch.stack([saliency(b) for b in group], 1)
+            drop = len(group) - nm[0]
+            for r in range(rows):
+                for c in scores[r].argsort(stable=True)[:drop]:
+                    pruned[r, j + c] = True
+        hinv = torch.linalg.inv(h[j:, j:])
+        err = torch.where(pruned[:, j], w[:, j], 0.0) / hinv[0, 0]
+        w[:, j:] -= err[:, None] * hinv[0][None, :]
+        w[pruned[:, j], j] = 0
+    return w, ~pruned
+
+
+def correlated_inputs(n, d, seed=0):
+    """Inputs with correlated channels of very different scales (what makes OBS updates matter)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.logspace(-1, 1, d)[torch.randperm(d, generator=g)]
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("block_size", [8, 16, 128])
+def test_math_equals_direct_reference(nm, block_size):
+    """sparsegpt_prune on a 12x40 layer: same mask and weights as the per-column OBS reference."""
+    torch.manual_seed(0)
+    x = correlated_inputs(200, 40)
+    w = torch.randn(12, 40)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    new, keep = sparsegpt_prune(w, h, 0.5, nm=nm, block_size=block_size, dampening=0.01)
+    ref_w, ref_keep = sparsegpt_reference(w, h, 0.5, nm, block_size, 0.01)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(new, ref_w.float(), rtol=1e-4, atol=1e-4)
+    assert (new[~keep] == 0).all()
+    if nm is not None:
+        assert (keep.view(12, -1, nm[1]).sum(-1) == nm[0]).all()
+
+
+def test_math_dead_inputs_and_level_edges():
+    """Inputs that never fire: their weights become 0 and no NaN appears; levels 0 and 1 work."""
+    torch.manual_seed(0)
+    x = correlated_inputs(100, 16)
+    x[:, [3, 7]] = 0
+    w = torch.randn(6, 16)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    new, keep = sparsegpt_prune(w, h, 0.5, block_size=4)
+    ref_w, ref_keep = sparsegpt_reference(w, h, 0.5, None, 4, 0.01)
+    assert torch.isfinite(new).all() and (new[:, [3, 7]] == 0).all()
+    torch.testing.assert_close(new, ref_w.float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(keep, ref_keep)
+    dense, keep_all = sparsegpt_prune(w, h, 0.0)
+    assert keep_all.all() and torch.equal(dense[:, [0, 1, 2]], w[:, [0, 1, 2]])
+    empty, keep_none = sparsegpt_prune(w, h, 1.0)
+    assert not keep_none.any() and (empty == 0).all()
+    zeros, _ = sparsegpt_prune(w, torch.zeros(16, 16), 0.5)  # a layer whose input never fired at all
+    assert torch.isfinite(zeros).all() and (zeros == 0).all()
+
+
+def test_math_bad_inputs():
+    """Wrong Hessian shape, non-finite Hessian, bad block size and dampening: ValueErrors naming them."""
+    w, h = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ValueError, match="does not fit weight"):
+        sparsegpt_prune(w, torch.eye(6))
+    bad = h.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        sparsegpt_prune(w, bad)
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        sparsegpt_prune(w, h, nm=(2, 4), block_size=6)
+    with pytest.raises(ValueError, match="dampening"):
+        sparsegpt_prune(w, h, dampening=-1.0)
+    with pytest.raises(ValueError, match="not positive definite"):
+        sparsegpt_prune(w, -torch.eye(8), dampening=0.0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_conv_rows_equal_unfold(groups):
+    """input_rows of a Conv2d (stride, padding, dilation, groups) reproduce the conv with the weight's view."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9)
+    w = torch.randn(8, 4 // groups, 3, 3)
+    y = F.conv2d(x.double(), w.double(), None, 2, 1, 2, groups)
+    rows = input_rows(x, w.shape, stride=2, padding=1, dilation=2, groups=groups)
+    per = 8 // groups
+    out = torch.cat([rows[g] @ w[g * per : (g + 1) * per].reshape(per, -1).double().T for g in range(groups)], 1)
+    torch.testing.assert_close(out, y.permute(0, 2, 3, 1).reshape(-1, 8))
+    unfold = F.unfold(x, 3, dilation=2, padding=1, stride=2).transpose(1, 2).reshape(-1, 36).double()
+    if groups == 1:
+        torch.testing.assert_close(rows[0], unfold)
+
+
+def test_conv1d_and_padding_mode_rows():
+    """Conv1d rows and an explicit circular pad give the conv's outputs."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 11), torch.randn(6, 5, 3)
+    y = F.conv1d(F.pad(x.double(), (1, 1), mode="circular"), w.double())
+    rows = input_rows(x, w.shape, pad=((1, 1), "circular"))
+    torch.testing.assert_close(rows[0] @ w.reshape(6, -1).double().T, y.permute(0, 2, 1).reshape(-1, 6))
+
+
+def wanda_keep(w, x, level=None, nm=None):
+    score = w.abs() * x.double().norm(dim=0).float()
+    if nm is not None:
+        return nm_keep(w, *nm, scores=score)
+    k = round(level * w.shape[1])
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep.scatter_(1, score.topk(k, dim=1, largest=False).indices, False)
+    return keep
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_reconstruction_error_below_wanda_and_magnitude(nm):
+    """On a 64x128 layer with correlated inputs, ||XW^T - XW'^T|| of SparseGPT < Wanda's < magnitude's."""
+    torch.manual_seed(0)
+    x = correlated_inputs(1024, 128, seed=1)
+    w = torch.randn(64, 128)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    new, keep = sparsegpt_prune(w, h, 0.5, nm=nm)
+    magnitude = nm_keep(w, *nm) if nm else magnitude_keep(w, 0.5)
+    wanda = wanda_keep(w, x, 0.5, nm)
+
+    def error(candidate):
+        return ((x @ w.T - x @ candidate.T).norm() / (x @ w.T).norm()).item()
+
+    e_gpt, e_wanda, e_mag = error(new), error(w * wanda), error(w * magnitude)
+    assert keep.float().mean().item() == 0.5
+    assert e_gpt < e_wanda < e_mag, (e_gpt, e_wanda, e_mag)
+
+
+# ---------------------------------------------------------------- the sparsifier
+
+
+class ThreeLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(24, 48), nn.Linear(48, 40), nn.Linear(40, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def eager_inputs(model: nn.Module, batches, names) -> dict[str, list[torch.Tensor]]:
+    """The input of each named module on each batch, recorded with forward pre-hooks on the dense model."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach()))
+        for n in names
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(*batch) if isinstance(batch, tuple) else model(batch)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsifier_equals_math_per_layer(nm):
+    """ThreeLinear: calibrate + step give, per layer, sparsegpt_prune of the dense inputs' Hessian; the user's
+    model is unchanged and keeps its own tensors."""
+    torch.manual_seed(0)
+    model = ThreeLinear()
+    before = snapshot(model)
+    batches = [torch.randn(16, 24) for _ in range(3)]
+    sparsifier = SparseGPTSparsifier(0.5, nm=nm, block_size=8)
+    gm = prepare(model, sparsifier=sparsifier)
+    hessians = calibrate(gm, batches, progress_bar=False)
+    sparsifier.step()
+    inputs = eager_inputs(model, batches, ["a", "b", "c"])
+    for name in ("a", "b", "c"):
+        h = None
+        for x in inputs[name]:
+            h = accumulate_hessian(h, input_rows(x, (1, x.shape[-1])))
+        torch.testing.assert_close(hessians[f"{name}.weight"], h)
+        w, keep = sparsegpt_prune(getattr(model, name).weight, h, 0.5, nm, 8, 0.01)
+        assert torch.equal(gm.get_buffer(f"{name}.weight_mask"), keep.float())
+        assert torch.equal(gm.get_parameter(f"{name}.weight"), w)
+        assert gm.get_parameter(f"{name}.weight") is not getattr(model, name).weight
+        assert torch.equal(gm.get_parameter(f"{name}.bias"), getattr(model, name).bias)
+    assert_snapshot_equal(snapshot(model), before)
+
+
+def assert_snapshot_equal(after, before):
+    assert after["ids"] == before["ids"] and after["modules"] == before["modules"] and after["attrs"] == before["attrs"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+def updated_reference(model: nn.Module, gm, sparsifier) -> nn.Module:
+    """An eager copy of ``model`` holding the prepared module's updated weights times their masks."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in sparsifier.groups:
+            fqn = group["tensor_fqn"]
+            reference.get_parameter(fqn).copy_(gm.get_parameter(fqn) * gm.get_buffer(f"{fqn}_mask"))
+    return reference
+
+
+def test_tied_and_shared_weights_squash_lower_state_dict():
+    """MixedNet (a Linear used twice and tied to another, a reflect-padded conv): one Hessian over all uses, the
+    updated weight under every alias in the prepared module only; masked, squashed and lowered ('fuse') modules and
+    the state dict all carry it; the user's model is unchanged."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    before = snapshot(model)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    sparsifier = SparseGPTSparsifier(0.5, block_size=4)
+    gm = prepare(model, sparsifier=sparsifier)
+    calibrate(gm, batches, progress_bar=False)
+    sparsifier.step()
+    assert gm.shared.weight is gm.tied.weight
+    assert not torch.equal(gm.shared.weight, model.shared.weight)
+    assert torch.equal(gm.shared.weight == 0, gm.shared.weight_mask == 0)  # zeros exactly where pruned
+    reference = updated_reference(model, gm, sparsifier)
+    x = torch.randn(2, 3, 8, 8)
+    expected = reference(x)
+    torch.testing.assert_close(gm(x), expected)
+    lowered = fx_sparsity.lower(gm, "fuse")
+    torch.testing.assert_close(lowered(x), expected)
+    state = gm.state_dict()
+    for group in sparsifier.groups:
+        fqn = group["tensor_fqn"]
+        assert torch.equal(state[fqn], gm.get_parameter(fqn))
+    squashed = sparsifier.squash_mask()
+    torch.testing.assert_close(squashed(x), expected)
+    assert_snapshot_equal(snapshot(model), before)
+
+
+def test_conv_hessians_grouped_padded_and_3d():
+    """ConvNet1d3d (grouped, dilated, strided Conv1d with circular padding; Conv3d with padding='same'): the
+    calibrated Hessians equal those of the unfolded inputs, and 2:4 SparseGPT keeps 2 of every 4."""
+    torch.manual_seed(0)
+    model = ConvNet1d3d()
+    batches = [(torch.randn(2, 4, 16), torch.randn(2, 2, 4, 6, 6)) for _ in range(2)]
+    sparsifier = SparseGPTSparsifier(nm=(2, 4), block_size=4)
+    gm = prepare(model, sparsifier=sparsifier)
+    hessians = calibrate(gm, batches, progress_bar=False)
+    c1 = torch.cat([b[0] for b in batches])
+    rows = input_rows(c1, model.c1.weight.shape, stride=2, dilation=2, groups=2, pad=((2, 2), "circular"))
+    torch.testing.assert_close(hessians["c1.weight"], accumulate_hessian(None, rows))
+    assert hessians["c1.weight"].shape == (2, 6, 6)
+    c3 = torch.cat([b[1] for b in batches])
+    rows = input_rows(c3, model.c3.weight.shape, padding="same")
+    torch.testing.assert_close(hessians["c3.weight"], accumulate_hessian(None, rows))
+    sparsifier.step()
+    for fqn in ("c1.weight", "c3.weight"):
+        mask = gm.get_buffer(f"{fqn}_mask")
+        full = mask.reshape(mask.shape[0], -1)[:, : 4 * (mask[0].numel() // 4)]  # c1 has 6 columns: one group of 4
+        assert (full.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), fqn
+    reference = updated_reference(model, gm, sparsifier)
+    for got, want in zip(gm(*batches[0]), reference(*batches[0])):
+        torch.testing.assert_close(got, want)
+
+
+def test_sparsifier_errors_leave_everything_alone():
+    """step() before calibrate, bad arguments, and a weight tied to an unmasked embedding: clear errors, and a
+    failing step changes no mask and no weight."""
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        SparseGPTSparsifier(nm=(2, 4), block_size=6)
+    with pytest.raises(ValueError, match="dampening must be"):
+        SparseGPTSparsifier(dampening=-0.1)
+    with pytest.raises(ValueError, match="sparsity_level must be in"):
+        SparseGPTSparsifier(1.5)
+    with pytest.raises(TypeError, match="nm must be a pair"):
+        SparseGPTSparsifier(nm=4)
+    with pytest.raises(ValueError, match="multiple of m=4 .* of a.weight"):
+        prepare(ThreeLinear(), {"a": {"block_size": 6}}, sparsifier=SparseGPTSparsifier(nm=(2, 4)))
+    sparsifier = SparseGPTSparsifier()
+    gm = prepare(ThreeLinear(), sparsifier=sparsifier)
+    with pytest.raises(RuntimeError, match=r"run fx_sparsity.calibrate\(gm, batches\) before step"):
+        sparsifier.step()
+    torch.manual_seed(0)
+    model = TiedEmbeddingNet()
+    sparsifier = SparseGPTSparsifier()
+    gm = prepare(model, sparsifier=sparsifier)
+    calibrate(gm, [torch.randint(0, 64, (4, 8))], progress_bar=False)
+    weights = {g["tensor_fqn"]: gm.get_parameter(g["tensor_fqn"]) for g in sparsifier.groups}
+    with pytest.raises(ValueError, match="unmasked ops also read"):
+        sparsifier.step()
+    for fqn, w in weights.items():
+        assert gm.get_parameter(fqn) is w and (gm.get_buffer(f"{fqn}_mask") == 1).all()
+    bad = SparseGPTSparsifier()
+    gm = prepare(ThreeLinear(), sparsifier=bad)
+    calibrate(gm, [torch.randn(4, 24)], progress_bar=False)
+    bad.state["b.weight"]["input_hessian"][0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="SparseGPT cannot prune b.weight: hessian has non-finite"):
+        bad.step()
+    assert all((gm.get_buffer(f"{g['tensor_fqn']}_mask") == 1).all() for g in bad.groups)
