@@ -15,6 +15,8 @@ from passes import CaptureError
 
 from .api import get_unmatched, prepare
 from .calibrate import calibrate
+from .compare import CompareReport, LayerError, compare, print_compare
+from .owl import outlier_ratio, owl_levels, set_owl_levels
 from .lower import BACKENDS, LayerLowering, get_lowering, lower
 from .config import SparsityConfig, parse_config
 from .masks import nearly_diagonal_mask, weight_norm_mask
@@ -34,6 +36,7 @@ from .sparsifier import (
     MagnitudeSparsifier,
     NearlyDiagonalSparsifier,
     NMSparsifier,
+    SparseGPTSparsifier,
     WandaSparsifier,
     WeightGroup,
     WeightNormSparsifier,
@@ -45,12 +48,15 @@ __all__ = [
     "BaseScheduler",
     "BaseSparsifier",
     "CaptureError",
+    "CompareReport",
+    "LayerError",
     "CubicSL",
     "GlobalMagnitudeSparsifier",
     "GroupView",
     "LambdaSL",
     "MagnitudeSparsifier",
     "NMSparsifier",
+    "SparseGPTSparsifier",
     "LayerLowering",
     "NearlyDiagonalSparsifier",
     "SparsityConfig",
@@ -58,6 +64,11 @@ __all__ = [
     "WeightGroup",
     "WeightNormSparsifier",
     "calibrate",
+    "compare",
+    "outlier_ratio",
+    "owl_levels",
+    "print_compare",
+    "set_owl_levels",
     "get_lowering",
     "get_sparsifier",
     "get_unmatched",

@@ -25,6 +25,7 @@ from passes import InputNormObserver, SparseTarget, insert_input_observers, remo
 from passes.observe import input_norm_observer
 
 from .progress import progress
+from .running import as_model_inputs, eval_mode
 from .sparsifier import BaseSparsifier, get_sparsifier
 from .sparsifier.wanda import INPUT_NORM_KEY
 
@@ -56,8 +57,10 @@ def calibration_key(sparsifier: BaseSparsifier) -> str:
 def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool = True) -> dict[str, Any]:
     """Run ``batches`` through ``gm`` with the sparsifier's observers in front of every masked op.
 
-    Observer nodes are inserted, every batch is run under ``no_grad``, and the
-    observers are removed again, leaving ``gm``'s graph as it was. The
+    Observer nodes are inserted, every batch is run under ``no_grad`` in eval mode
+    (``gm`` shares its buffers with the user's model: a training-mode pass would
+    move its BatchNorm statistics), and the observers are removed again, leaving
+    ``gm``'s graph and modes as they were. The
     sparsifier chooses the observers and what is kept of them (see the module
     docstring): input-channel L2 norms for :class:`~fx_sparsity.WandaSparsifier`
     and sparsifiers that do not say, input Hessians ``X^T X`` for
@@ -67,31 +70,43 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, progress_bar: bool 
 
     Args:
         gm: a module returned by ``prepare`` (masks in place).
-        batches: an iterable of inputs: a tensor, or a tuple of positional inputs, per batch.
+        batches: an iterable of inputs, each a tensor, a tuple/list of positional
+            inputs or a dict of keyword inputs (as a tokenizer returns them).
         progress_bar: show a progress bar on stderr.
 
     Returns:
         tensor FQN -> its statistic (input-channel norms for Wanda).
 
     Raises:
+        TypeError: ``batches`` is not an iterable, or a batch is none of the forms above
+            (checked before that batch runs).
         ValueError: ``batches`` is empty, or a sparsifier refuses a weight's ops.
         RuntimeError: an op never ran on the batches; the state is unchanged then.
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
         >>> gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
-        >>> norms = fx_sparsity.calibrate(gm, [torch.randn(8, 64) for _ in range(4)])
+        >>> norms = fx_sparsity.calibrate(gm, [torch.randn(8, 64) for _ in range(4)], progress_bar=False)
+        >>> sorted(norms), tuple(norms["0.weight"].shape)
+        (['0.weight', '2.weight'], (64,))
     """
     sparsifier = get_sparsifier(gm)
+    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
+            f"got {type(batches).__name__}" + (" (wrap one tensor in a list: [x])" if isinstance(batches, torch.Tensor) else "")
+        )
     groups = {g["tensor_fqn"]: g for g in sparsifier.groups}
     factories = {fqn: functools.partial(calibration_observer, sparsifier, g) for fqn, g in groups.items()}
     observers = insert_input_observers(gm, factories)
     total = len(batches) if hasattr(batches, "__len__") else None
     seen = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(gm):
             for batch in progress(batches, progress_bar, "calibrate", total):
-                gm(*batch) if isinstance(batch, tuple) else gm(batch)
+                args, kwargs = as_model_inputs(batch, f"batch {seen} of batches")
+                gm(*args, **kwargs)
                 seen += 1
     finally:
         remove_input_observers(gm)

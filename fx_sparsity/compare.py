@@ -170,9 +170,11 @@ def compare(
 
     Example::
 
+        >>> gm = fx_sparsity.prepare(model)
+        >>> fx_sparsity.get_sparsifier(gm).step()
         >>> report = fx_sparsity.compare(model, gm, [torch.randn(8, 64)])
-        >>> report.output_error < 0.1
-        True
+        >>> round(report.output_error, 2)       # half the weights of a random, untrained model gone
+        0.71
     """
     if layers is None:
         names = [n for n, m in reference.named_modules() if isinstance(m, _LAYER_TYPES)]

@@ -146,7 +146,7 @@ def set_owl_levels(
     Example::
 
         >>> gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
-        >>> fx_sparsity.calibrate(gm, batches)
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)
         >>> levels = set_owl_levels(gm)
         >>> fx_sparsity.get_sparsifier(gm).step()
     """

@@ -252,10 +252,10 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
 
     Example::
 
-        >>> gm = insert_masks(torch.fx.symbolic_trace(nn.Linear(8, 8)), ...)
-        >>> gm = lower_sparse(gm, {"weight": SparseFormat("csr")})
-        >>> [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        [torch.ops.fx_sparsity.csr_linear.default]
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8)))
+        >>> gm = lower_sparse(insert_masks(gm, find_weights(gm)), {"0.weight": SparseFormat("csr")})
+        >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        ['fx_sparsity.csr_linear.default']
     """
     muls = _mask_muls(gm)
     plans = []

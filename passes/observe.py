@@ -241,8 +241,14 @@ def insert_input_observers(
 
     Example::
 
-        >>> observers = insert_input_observers(gm, {"fc.weight": InputHessianObserver.for_target})
-        >>> gm(x); hessian = observers["fc.weight"].hessian(); remove_input_observers(gm)
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 2)))
+        >>> gm = insert_masks(gm, find_weights(gm))
+        >>> observers = insert_input_observers(gm, {"0.weight": InputHessianObserver.for_target})
+        >>> _ = gm(torch.randn(3, 4))
+        >>> hessian = observers["0.weight"].hessian()
+        >>> _ = remove_input_observers(gm)
+        >>> tuple(hessian.shape)
+        (1, 4, 4)
     """
     factories = dict(tensor_fqns) if isinstance(tensor_fqns, Mapping) else dict.fromkeys(tensor_fqns, input_norm_observer)
     ops: dict[str, list[fx.Node]] = {fqn: [] for fqn in factories}

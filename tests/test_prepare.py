@@ -15,6 +15,7 @@ from fx_sparsity import (
     CubicSL,
     GroupView,
     NMSparsifier,
+    SparseGPTSparsifier,
     WandaSparsifier,
     calibrate,
     get_lowering,
@@ -195,7 +196,7 @@ class GPT2MLPLike(nn.Module):
         return self.c_proj(torch.relu(self.c_fc(x)))
 
 
-@pytest.mark.parametrize("method", ["nm", "wanda", "weight_norm_rows"])
+@pytest.mark.parametrize("method", ["nm", "wanda", "sparsegpt", "weight_norm_rows"])
 def test_weights_stored_in_out_are_pruned_along_their_input(method):
     """GPT2MLPLike (weights stored [in, out], square c_proj included): N:M groups, Wanda's per-row competition and
     (1, 4) blocks run along each output's inputs, i.e. along dim 0 of the stored weight; outputs equal the
@@ -206,13 +207,15 @@ def test_weights_stored_in_out_are_pruned_along_their_input(method):
         sparsifier = NMSparsifier(2, 4)
     elif method == "wanda":
         sparsifier = WandaSparsifier(0.5)
+    elif method == "sparsegpt":
+        sparsifier = SparseGPTSparsifier(0.5, nm=(2, 4), block_size=16)
     else:
         sparsifier = WeightNormSparsifier(1.0, (1, 4), zeros_per_block=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NM's note that 2:4 will not run on a fast path here
         gm = prepare(model, sparsifier=sparsifier)
     assert all(r.transposed for r in sparsifier.records)
-    if method == "wanda":
+    if method in ("wanda", "sparsegpt"):
         calibrate(gm, [torch.randn(8, 16) for _ in range(2)], progress_bar=False)
     sparsifier.step()
     for record in sparsifier.records:
@@ -220,11 +223,13 @@ def test_weights_stored_in_out_are_pruned_along_their_input(method):
         if method == "wanda":
             assert bool((view.sum(1) == view.shape[1] // 2).all())
         else:
-            kept_per_group = 2 if method == "nm" else 1
+            kept_per_group = 2 if method in ("nm", "sparsegpt") else 1
             assert bool((view.reshape(view.shape[0], -1, 4).sum(-1) == kept_per_group).all())
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for record in sparsifier.records:
+            # SparseGPT updates the kept weights: the reference takes the prepared module's (new) tensors.
+            reference.get_parameter(record.tensor_fqn).copy_(gm.get_parameter(record.tensor_fqn))
             reference.get_parameter(record.tensor_fqn).mul_(gm.get_buffer(f"{record.tensor_fqn}_mask"))
     torch.testing.assert_close(gm(x), reference(x))
     lowered = lower(gm, "auto", example_inputs=(x,), repeats=1, progress_bar=False)

@@ -180,6 +180,10 @@ class BaseSparsifier(abc.ABC):
         mask = getattr(module, f"{tensor_name}_mask")
         return mask.t() if self._is_transposed(module, tensor_name) else mask
 
+    def to_stored_layout(self, module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (in the ``[out, in]`` view) in the layout ``module.<tensor_name>`` is stored in."""
+        return tensor.t() if self._is_transposed(module, tensor_name) else tensor
+
     def masked_tensor(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
         """The weight as the model sees it: ``weight * mask`` (what torch.ao.pruning scores), ``[out, in]`` view."""
         masked = getattr(module, tensor_name) * getattr(module, f"{tensor_name}_mask")

@@ -53,7 +53,7 @@ class SparseGPTSparsifier(BaseSparsifier):
 
         >>> sparsifier = SparseGPTSparsifier(sparsity_level=0.5)
         >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
-        >>> fx_sparsity.calibrate(gm, batches)   # input Hessians
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)   # input Hessians
         >>> sparsifier.step()                     # masks, and updated weights in gm
     """
 
@@ -141,7 +141,7 @@ class SparseGPTSparsifier(BaseSparsifier):
         self, model: fx.GraphModule, group: dict[str, Any], aliases: list[str], new_weight: torch.Tensor, keep: torch.Tensor
     ) -> None:
         old = getattr(group["module"], group["tensor_name"])
-        new = new_weight.to(old.dtype).detach()
+        new = self.to_stored_layout(group["module"], group["tensor_name"], new_weight).to(old.dtype).detach().contiguous()
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for alias in aliases:

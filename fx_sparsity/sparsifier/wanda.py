@@ -37,7 +37,7 @@ class WandaSparsifier(BaseSparsifier):
 
         >>> sparsifier = WandaSparsifier(sparsity_level=0.5)
         >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
-        >>> fx_sparsity.calibrate(gm, [x1, x2, x3])   # observers in, batches run, observers out
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)  # observers in, batches run, observers out
         >>> sparsifier.step()
     """
 
@@ -81,7 +81,7 @@ class WandaSparsifier(BaseSparsifier):
     def update_mask(  # type: ignore[override]
         self, module: nn.Module, tensor_name: str, tensor_fqn: str, sparsity_level: float, nm: Any, **kwargs: Any
     ) -> None:
-        weight = getattr(module, tensor_name)
+        weight = self.get_mask(module, tensor_name)  # shape of the [out, in] view the scores have
         scores = self.scores(module, tensor_name, tensor_fqn)
         if nm is not None:
             keep = nm_keep(weight, *_pair(nm), scores=scores)
