@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, calibrate, prepare
 from passes import InputHessianObserver, insert_input_observers
 
-from helpers import MixedNet, count_nodes
+from helpers import MixedNet, TinyResNet, count_nodes, snapshot
 
 
 class CountingSparsifier(MagnitudeSparsifier):
@@ -63,3 +64,49 @@ def test_refusing_factory_leaves_graph_unchanged():
     with pytest.raises(ValueError, match="no observer for fc.weight"):
         insert_input_observers(gm, {"conv.weight": InputHessianObserver.for_target, "fc.weight": refuse})
     assert count_nodes(gm) == nodes and set(dict(gm.named_modules())) == modules
+
+
+def test_calibrate_leaves_batchnorm_statistics_alone():
+    """TinyResNet in training mode: calibrate runs the batches in eval mode, so the user's BatchNorm running
+    statistics and num_batches_tracked do not move, and every module's training flag is restored."""
+    model = TinyResNet().train()
+    before = snapshot(model)
+    gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
+    fx_sparsity.calibrate(gm, [torch.randn(2, 3, 16, 16) for _ in range(2)], progress_bar=False)
+    after = snapshot(model)
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+    assert all(m.training for m in gm.modules())
+
+
+@pytest.mark.parametrize(
+    "batches, error, match",
+    [
+        (None, TypeError, "batches must be an iterable of model inputs"),
+        (torch.randn(2, 24), TypeError, r"wrap one tensor in a list: \[x\]"),
+        ([torch.randn(2, 24), "text"], TypeError, "batch 1 of batches must be a tensor, a tuple"),
+        ([[]], TypeError, "batch 0 of batches holds no tensor"),
+        ([], ValueError, "at least one batch"),
+    ],
+)
+def test_calibrate_checks_its_batches(batches, error, match):
+    """Bad batches get a TypeError naming the batch (a list used to fail with "'list' object has no attribute
+    'dim'", None with a bare NoneType error); the observers are gone afterwards and no statistic is stored."""
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    sparsifier = fx_sparsity.WandaSparsifier(0.5)
+    gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
+    code = gm.code
+    with pytest.raises(error, match=match):
+        fx_sparsity.calibrate(gm, batches, progress_bar=False)
+    assert gm.code == code and not any("input_norm" in s for s in sparsifier.state.values())
+
+
+def test_calibrate_batch_forms():
+    """A tensor, a tuple, a list (as a DataLoader of a TensorDataset yields) and a dict of keyword inputs per batch
+    give the same norms."""
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(4, 24)
+    norms = []
+    for batch in (x, (x,), [x], {"input": x}):
+        gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
+        norms.append(fx_sparsity.calibrate(gm, [batch], progress_bar=False)["0.weight"])
+    assert all(torch.equal(n, norms[0]) for n in norms)
