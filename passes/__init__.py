@@ -15,6 +15,8 @@ from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors
+from .dependency import ChannelGroup, Member, find_channel_groups
+from .shrink import ShrinkReport, count_macs, shrink_channels
 
 __all__ = [
     "CaptureError",
@@ -42,4 +44,10 @@ __all__ = [
     "remove_input_observers",
     "select_weights",
     "sparse_layer_forward",
+    "ChannelGroup",
+    "Member",
+    "ShrinkReport",
+    "count_macs",
+    "find_channel_groups",
+    "shrink_channels",
 ]
