@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .dependency_rules import Layout, Spaces, _add_module, _add_sliced, _freeze, _tensor_fqn, _total
 from .match import op_arguments, op_kind
+from .meta import get_sparse_target
 from .utils import get_tensor
 
 __all__ = ["follow_layer", "follow_module"]
@@ -33,7 +34,10 @@ def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None
     bias_fqn = _tensor_fqn(bias) if bias is not None else None
     if bias is not None and bias_fqn is None:
         bias_fqn = "?"
-    return bound["input"], _tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], None
+    # A call_module that prepare() rewrote into F.conv2d(x, mul(weight, mask), ...) still names its module.
+    target = get_sparse_target(node)
+    module_fqn = target.call_module_fqn if target is not None else None
+    return bound["input"], _tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], module_fqn
 
 
 def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:

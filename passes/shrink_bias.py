@@ -131,7 +131,7 @@ def bias_deltas(
         index, channels = owner[member], removed[owner[member]]
         const = _constant(values)
         if const is None:
-            inexact.append(f"group {index}: the removed channels carry input-dependent values into {fqn}")
+            inexact.append(f"group {index}: the removed channels carry values that vary with the input or the position into {fqn}: not folded")
             continue
         if not bool(const.any()):
             continue
