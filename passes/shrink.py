@@ -222,6 +222,8 @@ def shrink_channels(
     for index in checked:
         inexact += [f"group {index}: {note}" for note in by_index[index].inexact]
     new = copy.deepcopy(gm)
+    # Unpickling re-traces with the recorded tracer class; capture's takes arguments, the default does not.
+    new._tracer_cls, new._tracer_extras = None, {}
     aliases = {fqn: names for names in tensor_aliases(new).values() for fqn in names}
     plain: dict[tuple[str, int], list[torch.Tensor]] = {}
     grouped: dict[str, list[torch.Tensor]] = {}

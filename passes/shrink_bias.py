@@ -93,6 +93,15 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, int, tuple,
     return weight, bound["groups"], tuple(dilation), padded
 
 
+def _reads(weight: torch.Tensor, groups: int, channels: torch.Tensor) -> bool:
+    """Whether any weight column at input indices ``channels`` is non-zero (a grouped conv's are per block)."""
+    if groups == 1:
+        return bool(weight.index_select(1, channels).any())
+    per_group = weight.shape[1]
+    blocks = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+    return any(bool(blocks[c // per_group, :, c % per_group].any()) for c in channels.tolist())
+
+
 def _delta(weight: torch.Tensor, groups: int, dilation: tuple, member: Member, channels: torch.Tensor,
            const: torch.Tensor) -> torch.Tensor:
     """What the constant ``const`` on ``channels`` adds to each output of the layer (away from padding)."""
@@ -129,16 +138,16 @@ def bias_deltas(
     nodes = _consumer_nodes(gm)
     for (fqn, member), values in _measure(gm, example_inputs, wanted).items():
         index, channels = owner[member], removed[owner[member]]
+        weight, layer_groups, dilation, padded = _layer(gm, nodes[fqn][0])
+        if not _reads(weight, layer_groups, member.indices(channels)):
+            continue  # the consumer's columns are zero (masked) too: the channels add nothing
         const = _constant(values)
         if const is None:
             inexact.append(f"group {index}: the removed channels carry values that vary with the input or the position into {fqn}: not folded")
             continue
         if not bool(const.any()):
             continue
-        weight, layer_groups, dilation, padded = _layer(gm, nodes[fqn][0])
         delta = _delta(weight.detach(), layer_groups, dilation, member, channels, const)
-        if not bool(delta.any()):  # the consumer's columns are zero (masked) too: nothing to carry over
-            continue
         deltas[fqn] = deltas[fqn] + delta if fqn in deltas else delta
         folded.append(fqn)
         if padded:
