@@ -6,8 +6,10 @@ Each table names ops by what they do to a channel axis:
   broadcast against the others, so their channels line up;
 * ``SPATIAL``: pooling and resizing over the dims *after* the channel axis (dim 1);
 * ``REDUCTIONS``: ``mean``/``sum``/``amax``/``amin`` over some dims;
-* ``RESHAPES``, ``TRANSPOSES``, ``CONCATS``, ``SPLITS``: ops that move the channel axis
-  or cut it into pieces;
+* ``RESHAPES``, ``TRANSPOSES``, ``CONCATS``, ``SPLITS``, ``EXPANDS``: ops that move the
+  channel axis, cut it into pieces (heads) or repeat it (grouped-query attention);
+* ``MATMULS``, ``SOFTMAXES``, ``ATTENTION``: attention math, which keeps head axes
+  among the batch dims;
 * ``SHAPE_QUERIES``: ops that read only a tensor's shape.
 
 An op in no table is unknown, and the dependency pass freezes every channel it reads.
@@ -30,6 +32,13 @@ __all__ = [
     "CONCATS",
     "SPLITS",
     "SHAPE_QUERIES",
+    "MATMULS",
+    "SOFTMAXES",
+    "ATTENTION",
+    "EXPANDS",
+    "SIZED_RESHAPES",
+    "EXPANDING",
+    "PERMUTES",
     "op_category",
 ]
 
@@ -67,12 +76,49 @@ TRANSPOSES = "transpose"
 CONCATS = "concat"
 SPLITS = "split"
 SHAPE_QUERIES = "shape"
+MATMULS = "matmul"
+SOFTMAXES = "softmax"
+ATTENTION = "attention"
+EXPANDS = "expand"
+
+aten = torch.ops.aten
+# torch.export captures ATen ops; these take their arguments in the positions of the torch functions above.
+_ATEN = {
+    **{op: POINTWISE for op in (
+        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.relu.default,
+        aten.relu_.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+        aten.hardswish.default, aten.hardsigmoid.default, aten.dropout.default, aten.clone.default,
+        aten._to_copy.default, aten.alias.default,
+    )},
+    **{op: SPATIAL for op in (aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default)},
+    aten.mean.dim: REDUCTIONS, aten.sum.dim_IntList: REDUCTIONS,
+    **{op: RESHAPES for op in (
+        aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+        aten.unsqueeze.default, aten.squeeze.dim,
+    )},
+    aten.transpose.int: TRANSPOSES, aten.permute.default: TRANSPOSES, aten.cat.default: CONCATS,
+    aten.split.Tensor: SPLITS, aten.split_with_sizes.default: SPLITS, aten.chunk.default: SPLITS,
+    aten.matmul.default: MATMULS, aten.bmm.default: MATMULS,
+    aten.softmax.int: SOFTMAXES, aten._softmax.default: SOFTMAXES,
+    aten.scaled_dot_product_attention.default: ATTENTION,
+    aten.expand.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
+    aten.sym_size.int: SHAPE_QUERIES,
+}
+# The ops among these that take a list of sizes (a literal there pins the channel count).
+SIZED_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+EXPANDING = {"expand", "expand_as", aten.expand.default}
+PERMUTES = {"permute", torch.permute, aten.permute.default}
 
 _FUNCS = {
+    **_ATEN,
     **{f: POINTWISE for f in _POINTWISE_FUNCS},
     **{f: SPATIAL for f in _SPATIAL_FUNCS},
     torch.mean: REDUCTIONS, torch.sum: REDUCTIONS, torch.amax: REDUCTIONS, torch.amin: REDUCTIONS,
-    torch.flatten: RESHAPES, torch.reshape: RESHAPES,
+    torch.flatten: RESHAPES, torch.reshape: RESHAPES, torch.unsqueeze: RESHAPES, torch.squeeze: RESHAPES,
+    operator.matmul: MATMULS, torch.matmul: MATMULS, torch.bmm: MATMULS,
+    F.softmax: SOFTMAXES, torch.softmax: SOFTMAXES, F.log_softmax: SOFTMAXES,
+    F.scaled_dot_product_attention: ATTENTION,
+    torch.repeat_interleave: EXPANDS,
     torch.transpose: TRANSPOSES, torch.permute: TRANSPOSES,
     torch.cat: CONCATS, torch.concat: CONCATS,
     torch.split: SPLITS, torch.chunk: SPLITS,
@@ -81,7 +127,9 @@ _FUNCS = {
 _METHODS = {
     **{m: POINTWISE for m in _POINTWISE_METHODS},
     "mean": REDUCTIONS, "sum": REDUCTIONS, "amax": REDUCTIONS, "amin": REDUCTIONS,
-    "flatten": RESHAPES, "view": RESHAPES, "reshape": RESHAPES,
+    "flatten": RESHAPES, "view": RESHAPES, "reshape": RESHAPES, "unsqueeze": RESHAPES, "squeeze": RESHAPES,
+    "matmul": MATMULS, "bmm": MATMULS, "softmax": SOFTMAXES, "log_softmax": SOFTMAXES,
+    "expand": EXPANDS, "expand_as": EXPANDS, "repeat_interleave": EXPANDS,
     "transpose": TRANSPOSES, "permute": TRANSPOSES,
     "split": SPLITS, "chunk": SPLITS,
     "size": SHAPE_QUERIES, "dim": SHAPE_QUERIES,
@@ -113,4 +161,6 @@ def op_category(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return SPATIAL
     if type(module) is nn.Flatten:
         return RESHAPES
+    if type(module) in (nn.Softmax, nn.LogSoftmax):
+        return SOFTMAXES
     return None

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from .dependency_rules import Layout, Spaces, follow_node
+from .channel_spaces import Spaces
+from .dependency_rules import Layout, follow_node
 
 __all__ = ["Member", "ChannelGroup", "find_channel_groups", "run_recording"]
 
@@ -135,7 +136,8 @@ def run_recording(
     """
     args = _as_args(example_inputs)
     flags = [(m, m.training) for m in gm.modules()]
-    gm.eval()
+    for module, _ in flags:  # not gm.eval(): an exported module refuses it
+        module.training = False
     try:
         with torch.no_grad():
             return _Recorder(gm, record).run(*args)
@@ -180,26 +182,34 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> tuple[Channe
             layouts[node] = follow_node(node, gm, shapes, layouts, spaces)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise RuntimeError(f"dependency analysis failed at {node.format_node()}: {e}") from e
-    spaces.freeze_overlaps()
     return _groups(spaces)
+
+
+def _refusals(members: tuple[Member, ...]) -> list[str]:
+    # nn.MultiheadAttention (kept whole by symbolic tracing, or exported) stores q, k and v in one
+    # in_proj_weight; its parameter name is what survives both captures.
+    fused = [m.target for m in members if m.target.endswith("in_proj_weight")]
+    return [
+        f"{fused[0]} is nn.MultiheadAttention's fused q/k/v projection: its heads are not removed "
+        "(rewrite the attention with separate q/k/v Linears to prune heads)"
+    ] if fused else []
 
 
 def _groups(spaces: Spaces) -> tuple[ChannelGroup, ...]:
     groups = []
-    for root in spaces.roots():
-        members = tuple(dict.fromkeys(spaces.members[root]))
+    for resolved in spaces.resolve():
+        members = tuple(dict.fromkeys(resolved["members"]))
         if not members:
             continue
-        reasons = tuple(dict.fromkeys(spaces.reasons[root]))
+        reasons = tuple(dict.fromkeys(resolved["reasons"] + _refusals(members)))
         groups.append(
             ChannelGroup(
                 index=len(groups),
-                size=spaces.size[root],
+                size=resolved["size"],
                 members=members,
-                blocks=spaces.blocks[root],
+                blocks=resolved["blocks"],
                 frozen_reason="; ".join(reasons) if reasons else None,
-                inexact=tuple(dict.fromkeys(spaces.inexact[root])),
+                inexact=tuple(dict.fromkeys(resolved["inexact"])),
             )
         )
     return tuple(groups)
-

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .dependency_rules import Layout, Spaces, _add_module, _add_sliced, _freeze, _tensor_fqn, _total
+from .channel_spaces import Spaces
+from .dependency_rules import Layout, _add_module, _add_sliced, _freeze, _tensor_fqn, _total
 from .match import op_arguments, op_kind
 from .meta import get_sparse_target
 from .utils import get_tensor

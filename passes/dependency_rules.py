@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from math import gcd, prod
+from math import prod
 from typing import Any
 
 import torch
@@ -22,92 +22,15 @@ from torch.utils._pytree import tree_flatten
 from . import channel_ops as ops
 from .match import op_arguments, op_kind
 from .meta import get_sparse_target
-from .utils import get_tensor
+from .channel_spaces import Spaces
 
-__all__ = ["Layout", "Spaces", "follow_node"]
+__all__ = ["Layout", "follow_node"]
 
 
 @dataclass(frozen=True)
 class Layout:
     axis: int  # negative: counted from the last dim
     segs: tuple[tuple[int, int], ...]  # (space, inner) along the axis
-
-
-class Spaces:
-    """Union-find over channel spaces, each with its members, freeze reasons and block count."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.members: dict[int, list] = {}
-        self.reasons: dict[int, list[str]] = {}
-        self.blocks: dict[int, int] = {}
-        self.inexact: dict[int, list[str]] = {}
-        self._owner: dict[Any, int] = {}
-
-    def new(self, size: int) -> int:
-        s = len(self.parent)
-        self.parent.append(s)
-        self.size.append(size)
-        self.members[s], self.reasons[s], self.blocks[s], self.inexact[s] = [], [], 1, []
-        return s
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union(self, a: int, b: int) -> None:
-        a, b = sorted((self.find(a), self.find(b)))
-        if a == b:
-            return
-        if self.size[a] != self.size[b]:
-            reason = f"coupled channel spaces of sizes {self.size[a]} and {self.size[b]}"
-            self.freeze(a, reason)
-            self.freeze(b, reason)
-            return
-        self.parent[b] = a
-        self.members[a] += self.members.pop(b)
-        self.reasons[a] += self.reasons.pop(b)
-        self.inexact[a] += self.inexact.pop(b)
-        self.set_blocks(a, self.blocks.pop(b))
-
-    def add(self, s: int, member: Any) -> None:
-        """Add ``member`` to ``s``'s group; the same tensor slice seen twice (a shared layer) unites the groups."""
-        root = self.find(s)
-        if member.kind != "module" and member in self._owner:
-            self.union(self._owner[member], root)
-            return
-        self._owner[member] = root
-        self.members[root].append(member)
-
-    def freeze(self, s: int, reason: str) -> None:
-        self.reasons[self.find(s)].append(reason)
-
-    def set_blocks(self, s: int, blocks: int) -> None:
-        root = self.find(s)
-        lcm = self.blocks[root] * blocks // gcd(self.blocks[root], blocks)
-        if self.size[root] % lcm:
-            self.freeze(root, f"{self.size[root]} channels do not split into {lcm} equal blocks")
-        self.blocks[root] = lcm
-
-    def roots(self) -> list[int]:
-        return sorted({self.find(s) for s in range(len(self.parent))})
-
-    def freeze_overlaps(self) -> None:
-        """Freeze groups that slice overlapping ranges of one tensor dim (only whole spaces are followed)."""
-        ranges: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
-        for root in self.roots():
-            for m in self.members[root]:
-                if m.kind != "module":
-                    ranges.setdefault((m.target, m.dim), []).append((m.offset, m.offset + self.size[root] * m.inner, root))
-        for (target, dim), spans in ranges.items():
-            for i, (lo, hi, r) in enumerate(spans):
-                for lo2, hi2, r2 in spans[i + 1 :]:
-                    if r != r2 and lo < hi2 and lo2 < hi:
-                        for root in (r, r2):
-                            self.freeze(root, f"{target} dim {dim} is cut by two channel groups")
 
 
 def _member(target: str, kind: str, dim: int = 0, offset: int = 0, inner: int = 1) -> Any:
@@ -193,6 +116,12 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Group
 
 def _align(spaces: Spaces, a: Layout, b: Layout, why: str) -> bool:
     sizes = lambda lay: [(spaces.size[spaces.find(s)], inner) for s, inner in lay.segs]  # noqa: E731
+    if a.axis == b.axis and len(a.segs) == len(b.segs) == 1 and _total(spaces, a) == _total(spaces, b):
+        (s, i), (t, j) = a.segs[0], b.segs[0]
+        if i != j and max(i, j) % min(i, j) == 0:  # one is the other repeated: query heads vs repeated KV heads
+            fine, coarse = (s, t) if i < j else (t, s)
+            spaces.relate(fine, coarse, max(i, j) // min(i, j))
+            return True
     if a.axis != b.axis or sizes(a) != sizes(b):
         _freeze(spaces, a, why)
         _freeze(spaces, b, why)
@@ -266,6 +195,18 @@ def _reduction(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     return Layout(new_pos - len(shapes[node]), lay.segs)
 
 
+def _literal_at(node: fx.Node, p: int, rank: int) -> int | None:
+    """The literal size a view/reshape gives output dim ``p`` (``None``: computed, ``-1`` or not a view)."""
+    if node.target not in ops.SIZED_RESHAPES:
+        return None
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    if len(sizes) == rank and isinstance(sizes[p], int) and sizes[p] != -1:
+        return sizes[p]
+    return None
+
+
 def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     found = _first(node, layouts, spaces)
     if found is None:
@@ -280,16 +221,21 @@ def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     while p < len(out) - 1 and out[p] == 1 and channels != 1:
         p += 1
     merged = [prod(src[pos : k + 1]) for k in range(pos, len(src))]
-    if acc != lead or p >= len(out) or out[p] not in merged:
+    split = (
+        p < len(out) - 1 and out[p] * out[p + 1] == channels and prod(src[pos + 1 :]) == prod(out[p + 2 :])
+        and len(lay.segs) == 1 and lay.segs[0][1] == 1 and out[p] > 1
+    )
+    if acc != lead or p >= len(out) or (out[p] not in merged and not split):
         _freeze(spaces, lay, f"{node.name} reshapes the channel axis in a way the pass cannot follow")
         return None
-    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    if node.target in ("view", "reshape") or node.target is torch.reshape:
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = sizes[0]
-        if len(sizes) == len(out) and isinstance(sizes[p], int) and sizes[p] != -1:
-            _freeze(spaces, lay, f"{node.name} reshapes with the literal size {sizes[p]} at the channel axis")
-            return None
+    literal = _literal_at(node, p, len(out))
+    if literal is not None:
+        _freeze(spaces, lay, f"{node.name} reshapes with the literal size {literal} at the channel axis")
+        return None
+    if out[p] not in merged:  # [.., H * hd] -> [.., H, hd]: whole heads of hd channels
+        heads = spaces.new(out[p])
+        spaces.relate(lay.segs[0][0], heads, out[p + 1])
+        return Layout(p - len(out), ((heads, 1),))
     inner = out[p] // src[pos]
     return Layout(p - len(out), tuple((s, i * inner) for s, i in lay.segs))
 
@@ -302,7 +248,7 @@ def _transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     rank = len(shapes[x])
     pos = rank + lay.axis
     dims = node.args[1:]
-    if node.target in ("permute", torch.permute):
+    if node.target in ops.PERMUTES:
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
         order = [d % rank for d in dims]
         new_pos = order.index(pos)
@@ -358,13 +304,27 @@ def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     x, index = node.args
     if isinstance(layouts.get(x), tuple):
         return layouts[x][index] if isinstance(index, int) else None
-    lay = layouts[x]
+    lay, rank = layouts[x], len(shapes[x])
+    pos = rank + lay.axis
     index = index if isinstance(index, tuple) else (index,)
-    simple = all(isinstance(i, (int, slice)) for i in index)
-    if not simple or len(index) > len(shapes[x]) + lay.axis:
-        _freeze(spaces, lay, f"{node.name} indexes the channel axis")
+    known = all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
+    if not known or sum(i is Ellipsis for i in index) > 1:
+        _freeze(spaces, lay, f"{node.name} indexes the channel axis in a way the pass cannot follow")
         return None
-    return lay
+    real = sum(i is not None and i is not Ellipsis for i in index)
+    expanded = [e for i in index for e in ([slice(None)] * (rank - real) if i is Ellipsis else [i])]
+    src = dst = 0
+    for i in expanded:
+        if i is None:
+            dst += 1
+            continue
+        if src == pos:
+            if i != slice(None):
+                _freeze(spaces, lay, f"{node.name} indexes the channel axis")
+                return None
+            break
+        src, dst = src + 1, dst + (not isinstance(i, int))
+    return Layout(dst + (pos - src) - len(shapes[node]), lay.segs)
 
 
 _RULES = {
@@ -376,3 +336,7 @@ _RULES = {
     ops.CONCATS: _concat,
     ops.SPLITS: _split,
 }
+
+from .dependency_attention import ATTENTION_RULES  # noqa: E402  (the attention rules build on the ones above)
+
+_RULES.update(ATTENTION_RULES)

@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from .dependency import ChannelGroup, run_recording
 from .shrink_bias import bias_deltas
+from .shrink_modules import update_module
 from .match import op_arguments, op_kind
 from .utils import get_tensor, split_fqn, tensor_aliases
 
@@ -146,26 +147,6 @@ def _cut_grouped_columns(weight: torch.Tensor, groups: int, drop: torch.Tensor) 
     return torch.cat(blocks)
 
 
-def _update_module(module: nn.Module) -> None:
-    """Recompute a module's size attributes from its (sliced) tensors."""
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1 and module.groups == module.in_channels and module.weight.shape[1] == 1:
-            module.groups = module.in_channels = module.weight.shape[0]
-        module.out_channels = module.weight.shape[0]
-        module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        stats = module.running_mean if module.running_mean is not None else module.weight
-        module.num_features = stats.shape[0]
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = (module.weight.shape[0],)
-    elif isinstance(module, nn.GroupNorm):
-        module.num_channels = module.weight.shape[0]
-    elif isinstance(module, nn.Embedding):
-        module.embedding_dim = module.weight.shape[1]
-
-
 def _output_shapes(gm: fx.GraphModule, example_inputs: Any) -> list:
     out = run_recording(gm, example_inputs, lambda *a: None)
     return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -253,7 +234,7 @@ def shrink_channels(
             groups_of = new.get_submodule(split_fqn(fqn)[0]).groups
             _set_tensor(new, fqn, _cut_grouped_columns(get_tensor(new, fqn), groups_of, torch.cat(parts)), aliases)
     for module in modules.values():
-        _update_module(module)
+        update_module(module)
     new.recompile()
     before, after = _output_shapes(gm, example_inputs), _output_shapes(new, example_inputs)
     if before != after:

@@ -147,13 +147,15 @@ def test_flatten_into_linear_has_spatial_blocks_and_layer_scale_is_sliced():
 @pytest.mark.parametrize(
     "model, inputs, reason",
     [
-        (nn.Sequential(nn.Linear(4, 8), nn.Softmax(dim=-1), nn.Linear(8, 2)), (torch.randn(2, 4),), "does not know"),
+        (nn.Sequential(nn.Linear(4, 8), nn.LogSigmoid(), nn.Linear(8, 2)), (torch.randn(2, 4),), "does not know"),
+        (nn.Sequential(nn.Linear(4, 8), nn.Softmax(dim=-1), nn.Linear(8, 2)), (torch.randn(2, 4),), "normalizes across"),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(0)), (torch.randn(2, 3, 2, 2),), "reshapes the channel axis"),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), (torch.randn(2, 3, 2, 2),), "model output"),
     ],
 )
 def test_unknown_ops_reshapes_and_outputs_freeze(model, inputs, reason):
-    """An op the pass does not know, a flatten that merges the batch into the channels, a model output:
+    """An op the pass does not know, a softmax over the channels, a flatten that merges the batch into the channels,
+    a model output:
     the channels are frozen, with the reason."""
     _, groups = _groups(model, *inputs)
     assert not groups[0].prunable and reason in groups[0].frozen_reason
@@ -230,3 +232,95 @@ def test_torchvision_resnet18_groups():
     assert len(groups) == 13 and [g.frozen_reason for g in groups if not g.prunable] == [
         "reaches the model output through fc"
     ]
+
+
+class Attention(nn.Module):
+    """Llama-style attention written the transformers way: q/k/v/o Linears, views with -1 heads, key/value heads
+    repeated for grouped-query attention (repeat_kv), or F.scaled_dot_product_attention(enable_gqa=True)."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 2, head_dim: int = 8, hidden: int = 32, sdpa: bool = False):
+        super().__init__()
+        self.q_proj = nn.Linear(hidden, heads * head_dim)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.n_rep, self.head_dim, self.sdpa = heads // kv_heads, head_dim, sdpa
+
+    @staticmethod
+    def repeat_kv(h: torch.Tensor, n_rep: int) -> torch.Tensor:
+        batch, kv, length, head_dim = h.shape
+        return h[:, :, None, :, :].expand(batch, kv, n_rep, length, head_dim).reshape(batch, kv * n_rep, length, head_dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k, v = self.repeat_kv(k, self.n_rep), self.repeat_kv(v, self.n_rep)
+            out = torch.softmax(q @ k.transpose(2, 3) * self.head_dim**-0.5, dim=-1) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and a SiLU MLP on a residual stream."""
+
+    def __init__(self, **attention) -> None:
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(32), Attention(**attention)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.down(F.silu(self.up(x)))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (8, 2)])
+def test_attention_heads_are_units_and_kv_heads_carry_their_query_groups(heads, kv_heads, sdpa):
+    """One group of kv_heads units: q rows in blocks of head_dim * (heads / kv_heads) (a KV head's query group),
+    k/v rows in blocks of head_dim, o columns like q; the MLP hidden channels another group; the residual stream
+    (the model input) frozen."""
+    _, groups = _groups(Block(heads=heads, kv_heads=kv_heads, sdpa=sdpa).eval(), torch.randn(2, 5, 32))
+    attn = _group_of(groups, "attn.q_proj.weight")
+    assert attn.prunable and attn.size == kv_heads
+    n_rep = heads // kv_heads
+    inner = {(m.target, m.kind): m.inner for m in attn.members if m.kind != "module"}
+    assert inner == {
+        ("attn.q_proj.weight", "producer"): 8 * n_rep, ("attn.q_proj.bias", "param"): 8 * n_rep,
+        ("attn.k_proj.weight", "producer"): 8, ("attn.k_proj.bias", "param"): 8,
+        ("attn.v_proj.weight", "producer"): 8, ("attn.v_proj.bias", "param"): 8,
+        ("attn.o_proj.weight", "consumer"): 8 * n_rep,
+    }
+    assert _group_of(groups, "up.weight").prunable and not _group_of(groups, "down.weight").prunable
+
+
+def test_literal_head_count_and_fused_multihead_attention_are_refused():
+    """A view with a literal head count freezes the heads; nn.MultiheadAttention's fused in_proj is refused with
+    its own reason (captured through torch.export), while the MLP beside it stays prunable."""
+
+    class Literal(Attention):
+        def forward(self, x):
+            q = self.q_proj(x).view(2, 5, 4, 8).transpose(1, 2)
+            return self.o_proj(torch.softmax(q @ q.transpose(2, 3), -1).matmul(q).transpose(1, 2).reshape(2, 5, 32))
+
+    _, groups = _groups(Literal(kv_heads=4), torch.randn(2, 5, 32))
+    assert "literal size 4" in _group_of(groups, "q_proj.weight").frozen_reason
+
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.fc1, self.fc2 = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            h = x + self.attn(x, x, x, need_weights=False)[0]
+            return h + self.fc2(torch.relu(self.fc1(h)))
+
+    x = torch.randn(2, 5, 16)
+    gm = capture(WithMHA().eval(), example_inputs=(x,))
+    groups = find_channel_groups(gm, x)
+    assert gm.meta["capture"] == "export"
+    assert "fused q/k/v projection: its heads are not removed" in _group_of(groups, "attn.in_proj_weight").frozen_reason
+    assert _group_of(groups, "fc1.weight").prunable

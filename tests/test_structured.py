@@ -291,3 +291,25 @@ def test_torchvision_models_shrink_and_export(name):
         torch.testing.assert_close(small(x), gm(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
     _check_attributes(small)
+
+
+# ------------------------------------------------------------------ attention heads
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_gqa_attention_loses_kv_heads_with_their_query_groups(sdpa):
+    """Llama-style block, 8 query heads on 4 KV heads: ratio 0.5 removes 2 KV heads and their 4 query heads (q, k, v
+    rows, o columns), and half the MLP; the shrunk block equals the masked one and exports."""
+    from test_dependency import Block
+
+    model, x = Block(heads=8, kv_heads=4, sdpa=sdpa).eval(), torch.randn(2, 5, 32)
+    pruner, gm, small = _prune(model, x, ratio=0.5, mask_consumers=True)
+    report = shrink_report(small)
+    attn = next(g for g in pruner.channel_groups if g.size == 4 and g.prunable)
+    assert report.channels[attn.index] == (4, 2) and report.exact
+    shapes = {n: tuple(small.get_parameter(f"attn.{n}.weight").shape) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert shapes == {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32)}
+    removed = pruner.removed_channels()[attn.index]
+    q_mask = gm.get_buffer("attn.q_proj.weight_mask").reshape(4, 2 * 8, 32)  # [kv head, its query rows, in]
+    assert not q_mask[removed].any() and q_mask[[h for h in range(4) if h not in removed.tolist()]].all()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gm(x))
+        torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))

@@ -245,7 +245,7 @@ class ChannelPruner(BaseSparsifier):
             channels = torch.arange(group.size)
             rows = [
                 self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"])
-                .movedim(p.dim, 0)[p.indices(channels)].flatten(1).float()
+                .movedim(p.dim, 0)[p.indices(channels)].reshape(group.size, -1).float()
                 for p in group.producers
             ]
             scores[index] = channel_importance(torch.cat(rows, 1), self.criterion)
@@ -284,7 +284,8 @@ class ChannelPruner(BaseSparsifier):
             dead = torch.ones(group.size, dtype=torch.bool)
             for p in group.producers:
                 mask = self.get_mask(weights[p.target]["module"], weights[p.target]["tensor_name"])
-                dead &= mask.movedim(p.dim, 0).flatten(1).eq(0).all(1)[p.indices(torch.arange(group.size))]
+                rows = mask.movedim(p.dim, 0).flatten(1).eq(0).all(1)[p.indices(torch.arange(group.size))]
+                dead &= rows.reshape(group.size, -1).all(1)
             removed[index] = dead.nonzero().flatten()
         return removed
 
