@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=3)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', 'not installed')}, "
-          f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, input 1x3x{args.size}x{args.size}")
+          f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
+          f"input 1x3x{args.size}x{args.size}")
     headers = ["model", "ratio", "method", "params (M)", "MACs (M, ours)", "MACs (M, TP count)", "MACs reduction",
                "latency (ms)", "speedup", "exports", "shrunk == masked"]
     print(tabulate(run(args.size, args.rounds, args.inner), headers=headers, tablefmt="github"))

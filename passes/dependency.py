@@ -10,8 +10,15 @@ BatchNorm/LayerNorm/GroupNorm parameters and running stats, embedding columns,
 parameters combined elementwise (a class token, a layer scale), and the modules
 whose attributes (``in_features``, ``num_features``, ``groups`` ...) follow.
 
+Attention heads are channel units too: viewing a projection's ``[.., H * hd]`` as
+``[.., H, hd]`` relates its channels to a space of ``H`` heads, which ``q @ k^T``,
+``softmax``, ``attn @ v`` and ``scaled_dot_product_attention`` unite across q, k and
+v; repeated key/value heads (grouped-query attention) make each KV head carry its
+query group (see :mod:`passes.channel_spaces`, :mod:`passes.dependency_attention`).
+
 What the pass cannot prove safe is *frozen*, with the reason: a channel that
-reaches a model output, an unknown op, a reshape it cannot follow, a literal size.
+reaches a model output, an unknown op, a reshape it cannot follow, a literal size,
+``nn.MultiheadAttention``'s fused ``in_proj_weight`` (refused, by name).
 
 Shapes come from running the graph once on ``example_inputs`` (in eval mode,
 without gradients, so BatchNorm statistics are not touched). Both captured forms
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from .channel_spaces import Spaces
 from .dependency_rules import Layout, follow_node

@@ -89,7 +89,9 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, int, tuple,
     ndim = weight.dim() - 2
     dilation = bound["dilation"] if isinstance(bound["dilation"], (tuple, list)) else (bound["dilation"],) * ndim
     padding = bound["padding"]
-    padded = padding != "valid" if isinstance(padding, str) else any(p != 0 for p in torch.atleast_1d(torch.tensor(padding)))
+    if isinstance(padding, str):
+        return weight, bound["groups"], tuple(dilation), padding != "valid"
+    padded = any(p != 0 for p in torch.atleast_1d(torch.tensor(padding)).tolist())
     return weight, bound["groups"], tuple(dilation), padded
 
 
@@ -143,7 +145,10 @@ def bias_deltas(
             continue  # the consumer's columns are zero (masked) too: the channels add nothing
         const = _constant(values)
         if const is None:
-            inexact.append(f"group {index}: the removed channels carry values that vary with the input or the position into {fqn}: not folded")
+            inexact.append(
+                f"group {index}: the removed channels carry values that vary with the input or the position "
+                f"into {fqn}: not folded"
+            )
             continue
         if not bool(const.any()):
             continue

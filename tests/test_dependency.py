@@ -73,10 +73,12 @@ def test_residual_streams_are_one_group_each():
     assert len(groups) == 7 and [g.prunable for g in groups].count(False) == 1
     stream = _group_of(groups, "stem.0.weight")
     assert _layers(stream, "producer") == {"stem.0.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"}
-    assert {"layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer2.0.downsample.0.weight"} <= _layers(stream, "consumer")
+    inputs = {"layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer2.0.downsample.0.weight"}
+    assert inputs <= _layers(stream, "consumer")
     assert {"stem.1", "layer1.0.bn2", "layer1.1.bn2"} <= _layers(stream, "module")
     stream2 = _group_of(groups, "layer2.0.downsample.0.weight")
-    assert _layers(stream2, "producer") == {"layer2.0.downsample.0.weight", "layer2.0.conv2.weight", "layer2.1.conv2.weight"}
+    outputs = {"layer2.0.downsample.0.weight", "layer2.0.conv2.weight", "layer2.1.conv2.weight"}
+    assert _layers(stream2, "producer") == outputs
     assert "fc.weight" in _layers(stream2, "consumer")
 
 
@@ -148,7 +150,7 @@ def test_flatten_into_linear_has_spatial_blocks_and_layer_scale_is_sliced():
     "model, inputs, reason",
     [
         (nn.Sequential(nn.Linear(4, 8), nn.LogSigmoid(), nn.Linear(8, 2)), (torch.randn(2, 4),), "does not know"),
-        (nn.Sequential(nn.Linear(4, 8), nn.Softmax(dim=-1), nn.Linear(8, 2)), (torch.randn(2, 4),), "normalizes across"),
+        (nn.Sequential(nn.Linear(4, 8), nn.Softmax(-1), nn.Linear(8, 2)), (torch.randn(2, 4),), "normalizes across"),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(0)), (torch.randn(2, 3, 2, 2),), "reshapes the channel axis"),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), (torch.randn(2, 3, 2, 2),), "model output"),
     ],
@@ -189,7 +191,8 @@ def test_shared_layer_unites_groups_and_norms_and_embeddings():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.emb, self.shared, self.ln, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+            self.emb, self.shared, self.ln = nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 3)
             self.conv, self.gn, self.head = nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 1, 1)
 
         def forward(self, tokens, image):
@@ -226,7 +229,8 @@ def test_pruning_nothing_equals_the_original_exactly(make):
 
 
 def test_torchvision_resnet18_groups():
-    """resnet18: 4 residual streams + 8 inner block convs are prunable; only fc's output (the model output) is frozen."""
+    """resnet18: 4 residual streams + 8 inner block convs are prunable; only fc's output (the model output) is
+    frozen."""
     models = pytest.importorskip("torchvision.models")
     _, groups = _groups(models.resnet18().eval(), torch.randn(1, 3, 32, 32))
     assert len(groups) == 13 and [g.frozen_reason for g in groups if not g.prunable] == [
@@ -249,7 +253,8 @@ class Attention(nn.Module):
     @staticmethod
     def repeat_kv(h: torch.Tensor, n_rep: int) -> torch.Tensor:
         batch, kv, length, head_dim = h.shape
-        return h[:, :, None, :, :].expand(batch, kv, n_rep, length, head_dim).reshape(batch, kv * n_rep, length, head_dim)
+        repeated = h[:, :, None, :, :].expand(batch, kv, n_rep, length, head_dim)
+        return repeated.reshape(batch, kv * n_rep, length, head_dim)
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -312,7 +317,8 @@ def test_literal_head_count_and_fused_multihead_attention_are_refused():
     class WithMHA(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attn, self.fc1, self.fc2 = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 32), nn.Linear(32, 16)
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
 
         def forward(self, x):
             h = x + self.attn(x, x, x, need_weights=False)[0]
