@@ -21,7 +21,7 @@ from fx_sparsity.sparsifier.structured import ChannelPruner, channel_importance,
 from fx_sparsity.structured import shrink, shrink_report
 from passes import capture, find_channel_groups, shrink_channels
 
-from helpers import TinyMobileNet, TinyResNet, snapshot
+from helpers import TinyMobileNet, TinyResNet, TinyViT, snapshot
 
 
 def _randomize_norms(model: nn.Module) -> nn.Module:
@@ -263,6 +263,8 @@ def test_bad_inputs_get_clear_errors():
         ChannelPruner().prepare(model, {"stem.0": {"ratio": 0.2}, "layer1.0.conv2": {"ratio": 0.5}}, example_inputs=x)
     with pytest.raises(ValueError, match="needs example_inputs"):
         ChannelPruner().prepare(model)
+    with pytest.raises(ValueError, match="no channel group of Sequential can shrink .*model output"):
+        ChannelPruner().prepare(nn.Sequential(nn.Linear(3, 2)), example_inputs=torch.randn(1, 3))
     with pytest.raises(ValueError, match="prepared by ChannelPruner"):
         shrink(WeightNormSparsifier().prepare(model, None))
     gm = capture(model)
@@ -310,6 +312,19 @@ def test_gqa_attention_loses_kv_heads_with_their_query_groups(sdpa):
     removed = pruner.removed_channels()[attn.index]
     q_mask = gm.get_buffer("attn.q_proj.weight_mask").reshape(4, 2 * 8, 32)  # [kv head, its query rows, in]
     assert not q_mask[removed].any() and q_mask[[h for h in range(4) if h not in removed.tolist()]].all()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gm(x))
+        torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
+
+
+def test_exported_vit_shrinks_its_mlps_and_refuses_fused_attention():
+    """TinyViT (captured with torch.export: ATen ops): both encoder MLPs lose half their hidden channels exactly;
+    the residual stream (class token concat, outputs) and nn.MultiheadAttention's fused in_proj stay, with reasons."""
+    model, x = TinyViT().eval(), torch.randn(2, 3, 32, 32)
+    pruner, gm, small = _prune(model, x, ratio=0.5, mask_consumers=True)
+    assert gm.meta["capture"] == "export"
+    assert sorted(shrink_report(small).channels.values()) == [(64, 32), (64, 32)]
+    assert sum("fused q/k/v projection" in why for why in pruner.frozen.values()) == 2
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x))
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))

@@ -175,6 +175,9 @@ class ChannelPruner(BaseSparsifier):
             for m in groups[index].consumers if self.mask_consumers else ():
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry["channel_groups"] += (index,)
+        if not entries:
+            reasons = "; ".join(f"group {i}: {why}" for i, why in self.frozen.items()) or "it has no Linear/Conv"
+            raise ValueError(f"no channel group of {type(model).__name__} can shrink ({reasons})")
         self.channel_groups, self.example_inputs = groups, example_inputs
         return super().prepare(
             model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
