@@ -26,6 +26,8 @@ from .observe import InputNormObserver, insert_input_observers, remove_input_obs
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors
 from .observe import InputHessianObserver, ObserverFactory, accumulate_hessian, input_rows
+from .dependency import ChannelGroup, Member, find_channel_groups
+from .shrink import ShrinkReport, count_macs, shrink_channels
 
 __all__ = [
     "CaptureError",
@@ -62,4 +64,10 @@ __all__ = [
     "ObserverFactory",
     "accumulate_hessian",
     "input_rows",
+    "ChannelGroup",
+    "Member",
+    "ShrinkReport",
+    "count_macs",
+    "find_channel_groups",
+    "shrink_channels",
 ]

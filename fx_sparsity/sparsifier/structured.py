@@ -1,0 +1,306 @@
+"""``ChannelPruner``: structured pruning of whole channel groups, step 1 of the two-step flow.
+
+:func:`passes.dependency.find_channel_groups` says which channels must go together
+(a residual stream, a conv and the depthwise conv and BatchNorms after it). The
+pruner scores each group's channels, picks the ones to remove, and zeroes them in
+the explicit ``mul(weight, mask)`` masks of the group's producers (the weight rows
+that compute the channel), as torch.ao.pruning's structured pruners do. The model
+can be fine-tuned with the masks and ``step()`` called again; step 2,
+:func:`fx_sparsity.structured.shrink`, removes the channels physically.
+
+Counting rule (exact, per group of ``n`` channels in ``b`` blocks): remove
+``floor(ratio * n)`` channels, then fewer when needed so that the number kept is a
+multiple of ``lcm(round_to, b)``; the kept count is rounded *up*, so a group never
+loses more than ``ratio * n`` channels (Torch-Pruning rounds the removal up instead).
+A group whose kept count cannot be rounded within ``n`` keeps all its channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from passes import capture, find_weights, select_weights
+from passes.dependency import ChannelGroup, find_channel_groups
+
+from ..config import SparsityConfig, parse_config
+from .base import BaseSparsifier
+
+__all__ = ["ChannelPruner", "channel_importance", "channels_to_remove", "count_to_remove"]
+
+Criterion = Literal["l1", "l2", "fpgm"]
+
+
+def channel_importance(rows: torch.Tensor, criterion: Criterion = "l1") -> torch.Tensor:
+    """Importance of each channel from ``rows`` (``[channels, features]``, every producer's weights side by side).
+
+    ``"l1"``/``"l2"``: the norm of the channel's row (torch.ao.pruning's
+    ``SaliencyPruner`` uses L1). ``"fpgm"``: the summed L2 distance to every other
+    row (``FPGMPruner``): rows near the geometric median are redundant and score low.
+
+    Example::
+
+        >>> channel_importance(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
+        tensor([3.0000, 0.5000])
+    """
+    if criterion == "l1":
+        return rows.abs().sum(1)
+    if criterion == "l2":
+        return rows.pow(2).sum(1).sqrt()
+    if criterion == "fpgm":
+        return torch.cdist(rows[None], rows[None], p=2)[0].abs().sum(1)
+    raise ValueError(f"criterion must be 'l1', 'l2' or 'fpgm', got {criterion!r}")
+
+
+def count_to_remove(size: int, ratio: float, round_to: int = 1, blocks: int = 1) -> int:
+    """How many of ``size`` channels to remove (the rule in the module docstring).
+
+    Example::
+
+        >>> count_to_remove(64, 0.3), count_to_remove(64, 0.3, round_to=8), count_to_remove(4, 0.3)
+        (19, 16, 1)
+    """
+    multiple = round_to * blocks // math.gcd(round_to, blocks)
+    keep = size - math.floor(ratio * size)
+    keep = min(size, -(-keep // multiple) * multiple)
+    return size - keep
+
+
+def channels_to_remove(importance: torch.Tensor, count: int, blocks: int = 1) -> torch.Tensor:
+    """The ``count`` least important channels, ``count / blocks`` from each of ``blocks`` equal blocks (sorted).
+
+    Ties go to the lower channel number (a stable sort), so the choice is deterministic.
+
+    Example::
+
+        >>> channels_to_remove(torch.tensor([3.0, 1.0, 2.0, 0.0]), 2, blocks=2)
+        tensor([1, 3])
+    """
+    per_block = importance.numel() // blocks
+    chosen = []
+    for k in range(blocks):
+        block = importance[k * per_block : (k + 1) * per_block]
+        chosen.append(torch.sort(block, stable=True).indices[: count // blocks] + k * per_block)
+    return torch.cat(chosen).sort().values
+
+
+def _validate(args: dict[str, Any]) -> None:
+    ratio, round_to = args.get("ratio"), args.get("round_to")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(
+            f"ratio must be a number in [0, 1), got {ratio!r}; a ratio of 1 would remove whole channel groups"
+        )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int (1, 8, 16, ...), got {round_to!r}")
+
+
+class ChannelPruner(BaseSparsifier):
+    r"""Zero whole channel groups in the masks of their producers (step 1); ``shrink`` removes them (step 2).
+
+    Args:
+        ratio: fraction of each group's channels to remove, in ``[0, 1)`` (see the
+            counting rule in the module docstring); per-weight overridable in the
+            config (the entry of any producer of a group sets that group's ratio).
+        criterion: ``"l1"`` or ``"l2"`` row norms (saliency) or ``"fpgm"`` (geometric
+            median), scored on the masked weights of all the group's producers.
+        round_to: the kept count of each group is a multiple of this (8, 16 for
+            hardware-friendly shapes); per-weight overridable.
+        scope: ``"layer"`` (each group loses ``ratio`` of its channels) or ``"global"``
+            (``ratio`` of all selected channels go, chosen by importance divided by
+            the group's mean importance; per-weight ratios are then refused).
+        mask_consumers: also zero the removed channels' input columns in the
+            consumers, so the masked module computes exactly what the shrunk one will
+            (else a removed channel still passes its bias on, as in torch.ao.pruning,
+            and ``shrink`` folds that constant into the next biases).
+
+    ``prepare`` needs ``example_inputs`` (shapes are followed through the graph).
+    With ``config=None`` every group that can shrink is pruned; a config names
+    producer layers (``"layer1.0.conv1"``), and naming one whose channels cannot
+    shrink (a model output, an unknown op) is a ``ValueError`` with the reason.
+    ``frozen`` maps the groups left alone to why.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> pruner = ChannelPruner(ratio=0.5)
+        >>> gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
+        >>> pruner.step()
+        >>> int(gm.get_buffer("0.weight_mask").sum(1).eq(0).sum())
+        8
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.3,
+        criterion: Criterion = "l1",
+        round_to: int = 1,
+        scope: Literal["layer", "global"] = "layer",
+        mask_consumers: bool = False,
+    ) -> None:
+        defaults = {"ratio": ratio, "round_to": round_to}
+        _validate(defaults)
+        channel_importance(torch.zeros(1, 1), criterion)
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        super().__init__(defaults=defaults)
+        self.criterion, self.scope, self.mask_consumers = criterion, scope, bool(mask_consumers)
+        self.channel_groups: tuple[ChannelGroup, ...] = ()
+        self.frozen: dict[int, str] = {}
+        self.example_inputs: Any = None
+
+    def prepare(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        config: SparsityConfig = None,
+        *,
+        example_inputs: Any = None,
+        leaf_modules: Any = (),
+        concrete_args: dict[str, Any] | None = None,
+    ) -> fx.GraphModule:
+        """Find the channel groups of ``model``, then mask the producers (and consumers) of those to prune."""
+        if example_inputs is None:
+            raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
+        gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        groups = find_channel_groups(gm, example_inputs)
+        maskable = {alias for match in find_weights(gm) for alias in match.aliases}
+        plan = self._plan(model, gm, groups, config, maskable)
+        entries: dict[str, dict[str, Any]] = {}
+        for index, overrides in plan.items():
+            for m in groups[index].producers:
+                entry = entries.setdefault(m.target, {"channel_groups": ()})
+                entry.update(overrides, channel_groups=entry["channel_groups"] + (index,))
+            for m in groups[index].consumers if self.mask_consumers else ():
+                entry = entries.setdefault(m.target, {"channel_groups": ()})
+                entry["channel_groups"] += (index,)
+        if not entries:
+            reasons = "; ".join(f"group {i}: {why}" for i, why in self.frozen.items()) or "it has no Linear/Conv"
+            raise ValueError(f"no channel group of {type(model).__name__} can shrink ({reasons})")
+        self.channel_groups, self.example_inputs = groups, example_inputs
+        return super().prepare(
+            model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        )
+
+    def _plan(self, model: nn.Module, gm: fx.GraphModule, groups: tuple[ChannelGroup, ...], config: SparsityConfig,
+              maskable: set[str]) -> dict[int, dict[str, Any]]:
+        def blocker(group: ChannelGroup) -> str | None:
+            if not group.prunable:
+                return group.frozen_reason
+            unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
+            return f"its producers {unmaskable} have no mask (not Linear/Conv weights)" if unmaskable else None
+
+        self.frozen = {g.index: why for g in groups if (why := blocker(g)) is not None}
+        if config is None:
+            return {g.index: {} for g in groups if g.index not in self.frozen and g.producers}
+        producer_of = {p.target: g for g in groups for p in g.producers}
+        plan: dict[int, dict[str, Any]] = {}
+        for match, overrides in select_weights(model, find_weights(gm), parse_config(config)):
+            group = next((producer_of[a] for a in match.aliases if a in producer_of), None)
+            if group is None:
+                raise ValueError(f"config selects {match.tensor_fqn}, which produces no channels the pruner follows")
+            if group.index in self.frozen:
+                raise ValueError(
+                    f"config selects {match.tensor_fqn}, whose output channels (group {group.index}) cannot "
+                    f"shrink: {self.frozen[group.index]}; remove it from the config"
+                )
+            if group.index in plan and plan[group.index] != dict(overrides):
+                raise ValueError(
+                    f"config gives {match.tensor_fqn} {dict(overrides)} but another producer of its channel "
+                    f"group {group.index} {plan[group.index]}; coupled layers share one ratio"
+                )
+            plan[group.index] = dict(overrides)
+        return plan
+
+    def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+        _validate(group)
+
+    def validate_groups(self, groups: list[dict[str, Any]]) -> None:
+        args: dict[int, tuple] = {}
+        for group in groups:
+            for index in self._produced(group):
+                value = (group["ratio"], group["round_to"])
+                if args.setdefault(index, value) != value:
+                    raise ValueError(
+                        f"producers of channel group {index} disagree on (ratio, round_to): {args[index]} and "
+                        f"{value} at {group['tensor_fqn']}; coupled layers share one ratio"
+                    )
+                if self.scope == "global" and group["ratio"] != self.defaults["ratio"]:
+                    raise ValueError(
+                        f"{group['tensor_fqn']} sets ratio={group['ratio']} but scope='global' uses one ratio "
+                        f"({self.defaults['ratio']}) for all channels; drop the per-layer ratio or use scope='layer'"
+                    )
+
+    def _produced(self, group: dict[str, Any]) -> list[int]:
+        producers = lambda i: {p.target for p in self.channel_groups[i].producers}  # noqa: E731
+        return [i for i in group.get("channel_groups", ()) if group["tensor_fqn"] in producers(i)]
+
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
+        raise NotImplementedError("ChannelPruner updates all masks at once in update_masks()")
+
+    def update_masks(self) -> None:
+        weights = {g["tensor_fqn"]: g for g in self.groups}
+        args = {i: (g["ratio"], g["round_to"]) for g in self.groups for i in self._produced(g)}
+        scores = {}
+        for index in args:
+            group = self.channel_groups[index]
+            channels = torch.arange(group.size)
+            rows = [
+                self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"])
+                .movedim(p.dim, 0)[p.indices(channels)].reshape(group.size, -1).float()
+                for p in group.producers
+            ]
+            scores[index] = channel_importance(torch.cat(rows, 1), self.criterion)
+        counts = self._counts(scores, args)
+        for g in self.groups:
+            self.get_mask(g["module"], g["tensor_name"]).fill_(1)
+        kinds = ("producer", "consumer") if self.mask_consumers else ("producer",)
+        for index, count in counts.items():
+            group = self.channel_groups[index]
+            removed = channels_to_remove(scores[index], count, group.blocks)
+            for m in group.members:
+                if m.target in weights and m.kind in kinds:
+                    _zero(weights[m.target], m, removed, self.get_mask)
+
+    def _counts(self, scores: dict[int, torch.Tensor], args: dict[int, tuple]) -> dict[int, int]:
+        groups = self.channel_groups
+        if self.scope == "layer":
+            return {i: count_to_remove(groups[i].size, args[i][0], args[i][1], groups[i].blocks) for i in scores}
+        order = list(scores)
+        normalized = torch.cat([scores[i] / scores[i].mean().clamp_min(1e-12) for i in order])
+        owner = torch.cat([torch.full((groups[i].size,), n) for n, i in enumerate(order)])
+        taken = owner[torch.sort(normalized, stable=True).indices[: math.floor(args[order[0]][0] * len(owner))]]
+        counts = {}
+        for n, i in enumerate(order):
+            size, multiple = groups[i].size, args[i][1] * groups[i].blocks // math.gcd(args[i][1], groups[i].blocks)
+            keep = max(size - int((taken == n).sum()), 1)
+            counts[i] = size - min(size, -(-keep // multiple) * multiple)
+        return counts
+
+    def removed_channels(self) -> dict[int, torch.Tensor]:
+        """``{group index: channels}`` whose producer rows are zero in every mask (what ``shrink`` removes)."""
+        weights = {g["tensor_fqn"]: g for g in self.groups}
+        removed = {}
+        for index in {i for g in self.groups for i in self._produced(g)}:
+            group = self.channel_groups[index]
+            dead = torch.ones(group.size, dtype=torch.bool)
+            for p in group.producers:
+                mask = self.get_mask(weights[p.target]["module"], weights[p.target]["tensor_name"])
+                rows = mask.movedim(p.dim, 0).flatten(1).eq(0).all(1)[p.indices(torch.arange(group.size))]
+                dead &= rows.reshape(group.size, -1).all(1)
+            removed[index] = dead.nonzero().flatten()
+        return removed
+
+
+def _zero(group: dict[str, Any], member: Any, channels: torch.Tensor, get_mask: Any) -> None:
+    """Zero ``channels`` of ``member`` in its weight's mask (per block for a grouped conv's input columns)."""
+    module, mask = group["module"], get_mask(group["module"], group["tensor_name"])
+    groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+    if member.kind == "consumer" and groups > 1 and mask.shape[1] > 1:
+        per_group = mask.shape[1]
+        blocks = mask.view(groups, mask.shape[0] // groups, *mask.shape[1:])
+        for c in channels.tolist():
+            blocks[c // per_group, :, c % per_group] = 0
+        return
+    mask.index_fill_(member.dim, member.indices(channels), 0)

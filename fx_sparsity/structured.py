@@ -1,0 +1,73 @@
+"""``shrink``: step 2 of structured pruning, removing the channels a ``ChannelPruner`` masked.
+
+The recipe: clone the prepared module (sharing tensors), fuse its masks (the
+removed channels' producer rows become zero), and hand it with the pruner's
+channel groups and the channels its masks remove to :func:`passes.shrink.shrink_channels`,
+which builds a new, smaller, dense module. The prepared module and the user's
+model are not modified.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes import clone_sharing_tensors, fuse_masks
+from passes.shrink import ShrinkReport, shrink_channels
+
+from .sparsifier.base import SPARSIFIER_META_KEY, get_sparsifier
+from .sparsifier.structured import ChannelPruner
+
+__all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY"]
+
+SHRINK_REPORT_KEY = "fx_sparsity.shrink_report"
+
+
+def shrink(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` without the channels ``gm``'s ``ChannelPruner`` masked.
+
+    Args:
+        gm: a module returned by ``ChannelPruner.prepare`` (after ``step()``).
+
+    Returns:
+        The shrunk module: Linear/Conv weights and biases, norms and embeddings
+        physically smaller, module attributes updated, output shapes kept; it
+        exports with ``torch.export`` and saves like any module. Its
+        ``meta[SHRINK_REPORT_KEY]`` (see :func:`shrink_report`) holds parameters and
+        MACs before and after, and where the result is not exactly the masked module.
+
+    Raises:
+        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``.
+
+    Example::
+
+        >>> pruner = ChannelPruner(ratio=0.5)
+        >>> gm = pruner.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+        ...                     example_inputs=torch.randn(2, 8))
+        >>> pruner.step()
+        >>> shrink(gm)[0].out_features
+        8
+    """
+    pruner = get_sparsifier(gm)
+    if not isinstance(pruner, ChannelPruner):
+        raise ValueError(
+            f"shrink needs a module prepared by ChannelPruner, got one prepared by {type(pruner).__name__}; "
+            "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
+        )
+    removed = pruner.removed_channels()
+    sparsifier = gm.meta.pop(SPARSIFIER_META_KEY)
+    try:
+        source = clone_sharing_tensors(gm)
+    finally:
+        gm.meta[SPARSIFIER_META_KEY] = sparsifier
+    fuse_masks(source)
+    new, report = shrink_channels(source, pruner.channel_groups, removed, pruner.example_inputs)
+    new.meta[SHRINK_REPORT_KEY] = report
+    return new
+
+
+def shrink_report(gm: fx.GraphModule) -> ShrinkReport:
+    """The :class:`passes.shrink.ShrinkReport` of a module returned by :func:`shrink`."""
+    report = getattr(gm, "meta", {}).get(SHRINK_REPORT_KEY)
+    if report is None:
+        raise ValueError(f"{type(gm).__name__} was not returned by fx_sparsity.structured.shrink")
+    return report
