@@ -29,8 +29,10 @@ from .report import (
     sparsity_table,
 )
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
+from .structured import shrink, shrink_report
 from .sparsifier import (
     BaseSparsifier,
+    ChannelPruner,
     GlobalMagnitudeSparsifier,
     GroupView,
     MagnitudeSparsifier,
@@ -48,6 +50,7 @@ __all__ = [
     "BaseScheduler",
     "BaseSparsifier",
     "CaptureError",
+    "ChannelPruner",
     "CompareReport",
     "LayerError",
     "CubicSL",
@@ -69,6 +72,8 @@ __all__ = [
     "owl_levels",
     "print_compare",
     "set_owl_levels",
+    "shrink",
+    "shrink_report",
     "get_lowering",
     "get_sparsifier",
     "get_unmatched",

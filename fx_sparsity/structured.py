@@ -44,7 +44,7 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
         >>> gm = pruner.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
         ...                     example_inputs=torch.randn(2, 8))
         >>> pruner.step()
-        >>> shrink(gm)[0].out_features
+        >>> shrink(gm).get_submodule("0").out_features
         8
     """
     pruner = get_sparsifier(gm)

@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
+
+import fx_sparsity
 from torch.testing._internal import common_pruning
 
 from fx_sparsity import WeightNormSparsifier
@@ -328,3 +330,13 @@ def test_exported_vit_shrinks_its_mlps_and_refuses_fused_attention():
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x))
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
+
+
+def test_channel_pruner_needs_its_own_prepare():
+    """fx_sparsity.prepare(model, sparsifier=ChannelPruner()) would skip the dependency analysis: it raises, saying
+    to call pruner.prepare(model, example_inputs=...); a config may not set the derived 'channel_groups'."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"prepare it with pruner.prepare\(model, config, example_inputs"):
+        fx_sparsity.prepare(model, sparsifier=fx_sparsity.ChannelPruner(0.5))
+    with pytest.raises(ValueError, match="sets 'channel_groups', which prepare derives"):
+        fx_sparsity.ChannelPruner(0.5).prepare(model, {"0": {"channel_groups": (0,)}}, example_inputs=torch.randn(2, 8))

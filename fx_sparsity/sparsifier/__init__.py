@@ -5,12 +5,14 @@ from .group import GroupView, WeightGroup
 from .magnitude import GlobalMagnitudeSparsifier, MagnitudeSparsifier
 from .nearly_diagonal import NearlyDiagonalSparsifier
 from .nm import NMSparsifier
+from .structured import ChannelPruner
 from .sparsegpt import SparseGPTSparsifier
 from .wanda import WandaSparsifier
 from .weight_norm import WeightNormSparsifier
 
 __all__ = [
     "BaseSparsifier",
+    "ChannelPruner",
     "GlobalMagnitudeSparsifier",
     "MagnitudeSparsifier",
     "NMSparsifier",

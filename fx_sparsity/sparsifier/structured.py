@@ -140,7 +140,9 @@ class ChannelPruner(BaseSparsifier):
         scope: Literal["layer", "global"] = "layer",
         mask_consumers: bool = False,
     ) -> None:
-        defaults = {"ratio": ratio, "round_to": round_to}
+        # channel_groups: the indices of the channel groups a weight produces (or consumes), which prepare
+        # derives from the dependency analysis; a config may not set it.
+        defaults = {"ratio": ratio, "round_to": round_to, "channel_groups": ()}
         _validate(defaults)
         channel_importance(torch.zeros(1, 1), criterion)
         if scope not in ("layer", "global"):
@@ -183,6 +185,14 @@ class ChannelPruner(BaseSparsifier):
             model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
         )
 
+    def make_groups(self, selected: Any) -> Any:
+        if not self.channel_groups:
+            raise ValueError(
+                "a ChannelPruner needs its channel groups: prepare it with pruner.prepare(model, config, "
+                "example_inputs=...), not fx_sparsity.prepare(model, sparsifier=pruner)"
+            )
+        return super().make_groups(selected)
+
     def _plan(self, model: nn.Module, gm: fx.GraphModule, groups: tuple[ChannelGroup, ...], config: SparsityConfig,
               maskable: set[str]) -> dict[int, dict[str, Any]]:
         def blocker(group: ChannelGroup) -> str | None:
@@ -197,6 +207,11 @@ class ChannelPruner(BaseSparsifier):
         producer_of = {p.target: g for g in groups for p in g.producers}
         plan: dict[int, dict[str, Any]] = {}
         for match, overrides in select_weights(model, find_weights(gm), parse_config(config)):
+            if "channel_groups" in overrides:
+                raise ValueError(
+                    f"config entry for {match.tensor_fqn} sets 'channel_groups', which prepare derives from the "
+                    "dependency analysis; remove it"
+                )
             group = next((producer_of[a] for a in match.aliases if a in producer_of), None)
             if group is None:
                 raise ValueError(f"config selects {match.tensor_fqn}, which produces no channels the pruner follows")
