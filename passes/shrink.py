@@ -190,7 +190,7 @@ def shrink_channels(
         >>> x = torch.randn(2, 4)
         >>> groups = find_channel_groups(gm, x)
         >>> small, report = shrink_channels(gm, groups, {0: [1, 5]}, x)
-        >>> small[0].out_features, report.params_after
+        >>> small.get_submodule("0").out_features, report.params_after
         (6, 46)
     """
     if not isinstance(gm, fx.GraphModule):
