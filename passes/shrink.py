@@ -191,7 +191,7 @@ def shrink_channels(
         >>> groups = find_channel_groups(gm, x)
         >>> small, report = shrink_channels(gm, groups, {0: [1, 5]}, x)
         >>> small.get_submodule("0").out_features, report.params_after
-        (6, 46)
+        (6, 44)
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
