@@ -43,7 +43,7 @@ def _params(model: nn.Module) -> int:
 
 
 def _ours(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
-    pruner = ChannelPruner(ratio=ratio, criterion="l1", mask_consumers=True)
+    pruner = ChannelPruner(sparsity_level=ratio, criterion="l1", mask_consumers=True)
     gm = pruner.prepare(model, example_inputs=x)
     pruner.step()
     return shrink(gm)

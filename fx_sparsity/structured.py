@@ -40,7 +40,7 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
 
     Example::
 
-        >>> pruner = ChannelPruner(ratio=0.5)
+        >>> pruner = ChannelPruner(sparsity_level=0.5)
         >>> gm = pruner.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
         ...                     example_inputs=torch.randn(2, 8))
         >>> pruner.step()

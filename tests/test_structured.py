@@ -19,6 +19,7 @@ import fx_sparsity
 from torch.testing._internal import common_pruning
 
 from fx_sparsity import WeightNormSparsifier
+from fx_sparsity.scheduler import LambdaSL
 from fx_sparsity.sparsifier.structured import ChannelPruner, channel_importance, channels_to_remove, count_to_remove
 from fx_sparsity.structured import shrink, shrink_report
 from passes import capture, find_channel_groups, shrink_channels
@@ -117,7 +118,7 @@ def test_saliency_masks_and_pruned_model_match_torch_ao(name):
     ao.step()
     ao_masks = {layer: ao_model.get_submodule(layer).parametrizations.weight[0].mask.clone() for layer in layers}
     ao_pruned = ao.prune()
-    pruner, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], ratio=0.5)
+    pruner, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], sparsity_level=0.5)
     for layer in layers:
         assert torch.equal(gm.get_buffer(f"{layer}.weight_mask").flatten(1).any(1), ao_masks[layer]), layer
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_fpgm_masks_match_torch_ao(name):
     ao.prepare(ao_model, [{"tensor_fqn": f"{layer}.weight"} for layer in layers])
     ao.enable_mask_update = True
     ao.step()
-    pruner = ChannelPruner(ratio=0.5, criterion="fpgm")
+    pruner = ChannelPruner(sparsity_level=0.5, criterion="fpgm")
     gm = pruner.prepare(model, [f"{layer}.weight" for layer in layers], example_inputs=torch.randn(shape))
     pruner.step()
     for layer in layers:
@@ -153,10 +154,10 @@ def test_padded_and_pooled_chains_report_where_removal_is_inexact(name):
     from the masked one; with mask_consumers=True the two agree exactly and the report is clean."""
     layers = ["seq.0", "seq.3", "conv2d1", "conv2d2"] if "Pool" in name else ["seq.0", "seq.2", "seq.4", "conv2d1"]
     model, x = getattr(common_pruning, name)().eval(), torch.randn(1, 1, 28, 28)
-    _, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], ratio=0.5)
+    _, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], sparsity_level=0.5)
     report = shrink_report(small)
     assert not report.exact and any("padded conv" in note or "vary with" in note for note in report.inexact)
-    _, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], ratio=0.5, mask_consumers=True)
+    _, gm, small = _prune(model, x, [f"{layer}.weight" for layer in layers], sparsity_level=0.5, mask_consumers=True)
     assert shrink_report(small).exact
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x))
@@ -171,14 +172,14 @@ def test_shrunk_cnn_equals_the_channel_masked_module(make):
     they enter are named in the report. The user's model is untouched; attributes follow the tensors."""
     model, x = _randomize_norms(make()), torch.randn(2, 3, 16, 16)
     before = snapshot(model)
-    _, gm, small = _prune(model, x, ratio=0.5, mask_consumers=True)
+    _, gm, small = _prune(model, x, sparsity_level=0.5, mask_consumers=True)
     report = shrink_report(small)
     assert report.exact and report.params_after < 0.5 * report.params_before
     assert report.macs_after < 0.5 * report.macs_before
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x))
     _check_attributes(small)
-    _, gm, small = _prune(model, x, ratio=0.5)
+    _, gm, small = _prune(model, x, sparsity_level=0.5)
     assert shrink_report(small).folded and shrink_report(small).inexact
     assert all("padded conv" in note for note in shrink_report(small).inexact)
     after = snapshot(model)
@@ -194,7 +195,7 @@ def test_bias_folds_exactly_through_batchnorm_and_activation_into_1x1_conv_and_f
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Tanh(), nn.Flatten(), nn.Linear(54, 5)
     )
     model, x = _randomize_norms(model), torch.randn(4, 3, 5, 5)
-    _, gm, small = _prune(model, x, ratio=0.5)
+    _, gm, small = _prune(model, x, sparsity_level=0.5)
     report = shrink_report(small)
     assert report.exact and set(report.folded) == {"3.weight", "6.weight"}
     assert small.get_submodule("6").in_features == 27 and small.get_submodule("3").in_channels == 4
@@ -206,7 +207,7 @@ def test_shrunk_module_exports_and_round_trips(tmp_path):
     """The shrunk TinyResNet exports with a dynamic batch, saves and loads (torch.export.save/load), pickles, and
     its state_dict loads into a fresh copy; outputs equal throughout."""
     model, x = _randomize_norms(TinyResNet()), torch.randn(2, 3, 16, 16)
-    _, _, small = _prune(model, x, ratio=0.3, round_to=4, mask_consumers=True)
+    _, _, small = _prune(model, x, sparsity_level=0.3, round_to=4, mask_consumers=True)
     with torch.no_grad():
         expected = small(x)
         batch = torch.export.Dim("batch", min=1, max=64)
@@ -229,27 +230,31 @@ def test_shrunk_module_exports_and_round_trips(tmp_path):
 def test_round_to_and_global_scope():
     """round_to=8 keeps multiples of 8 in every pruned group; scope='global' removes about ratio of all channels."""
     model, x = TinyResNet().eval(), torch.randn(2, 3, 16, 16)
-    _, _, small = _prune(model, x, ratio=0.3, round_to=8)
+    _, _, small = _prune(model, x, sparsity_level=0.3, round_to=8)
     assert all(after % 8 == 0 for _, after in shrink_report(small).channels.values())
-    pruner, _, small = _prune(model, x, ratio=0.4, scope="global")
+    pruner, _, small = _prune(model, x, sparsity_level=0.4, scope="global")
     sizes = shrink_report(small).channels.values()
     removed, total = sum(b - a for b, a in sizes), sum(b for b, _ in sizes)
     assert removed == math.floor(0.4 * total) and len({a / b for b, a in sizes}) > 1
 
 
-def test_gradual_steps_keep_removed_channels_removed():
-    """step() again with a higher ratio: the channels removed before stay removed (scores on masked weights)."""
+def test_gradual_structured_pruning_with_a_scheduler():
+    """LambdaSL drives sparsity_level 0.25 -> 0.5 between steps (fine-tuning would go between them): the channels
+    removed first stay removed (scores on masked weights), more go, and the shrunk module equals the masked one."""
     model, x = TinyMobileNet().eval(), torch.randn(2, 3, 16, 16)
-    pruner = ChannelPruner(ratio=0.25)
-    pruner.prepare(model, example_inputs=x)
+    pruner = ChannelPruner(sparsity_level=0.5, mask_consumers=True)
+    gm = pruner.prepare(model, example_inputs=x)
+    scheduler = LambdaSL(pruner, lambda epoch: 0.5 if epoch == 0 else 1.0)
     pruner.step()
     first = pruner.removed_channels()
-    for group in pruner.groups:
-        group["ratio"] = 0.5
+    scheduler.step()
+    assert {g["sparsity_level"] for g in pruner.groups} == {0.5}
     pruner.step()
     second = pruner.removed_channels()
     assert all(set(first[i].tolist()) <= set(second[i].tolist()) for i in first)
     assert sum(len(c) for c in second.values()) > sum(len(c) for c in first.values())
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm)(x), gm(x))
 
 
 # ------------------------------------------------------------------ bad inputs
@@ -257,12 +262,12 @@ def test_bad_inputs_get_clear_errors():
     """ratio 1 (whole groups), a frozen layer named in the config, coupled layers with different ratios, no example
     inputs, a module not prepared by ChannelPruner, removing a whole or frozen group, unequal blocks."""
     model, x = TinyResNet().eval(), torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match="ratio must be a number in \\[0, 1\\).*whole channel groups"):
-        ChannelPruner(ratio=1.0)
+    with pytest.raises(ValueError, match="sparsity_level must be a number in \\[0, 1\\).*whole channel groups"):
+        ChannelPruner(sparsity_level=1.0)
     with pytest.raises(ValueError, match="fc.weight.*cannot shrink: reaches the model output"):
         ChannelPruner().prepare(model, ["fc"], example_inputs=x)
     with pytest.raises(ValueError, match="coupled layers share one ratio"):
-        ChannelPruner().prepare(model, {"stem.0": {"ratio": 0.2}, "layer1.0.conv2": {"ratio": 0.5}}, example_inputs=x)
+        ChannelPruner().prepare(model, {"stem.0": {"sparsity_level": 0.2}, "layer1.0.conv2": {"sparsity_level": 0.5}}, example_inputs=x)
     with pytest.raises(ValueError, match="needs example_inputs"):
         ChannelPruner().prepare(model)
     with pytest.raises(ValueError, match="no channel group of Sequential can shrink .*model output"):
@@ -288,7 +293,7 @@ def test_torchvision_models_shrink_and_export(name):
     fewer MACs, exact with consumer masks, exportable."""
     models = pytest.importorskip("torchvision.models")
     model, x = _randomize_norms(getattr(models, name)()), torch.randn(1, 3, 64, 64)
-    _, gm, small = _prune(model, x, ratio=0.3, mask_consumers=True)
+    _, gm, small = _prune(model, x, sparsity_level=0.3, mask_consumers=True)
     report = shrink_report(small)
     assert report.exact and report.macs_after < 0.6 * report.macs_before
     with torch.no_grad():
@@ -305,7 +310,7 @@ def test_gqa_attention_loses_kv_heads_with_their_query_groups(sdpa):
     from test_dependency import Block
 
     model, x = Block(heads=8, kv_heads=4, sdpa=sdpa).eval(), torch.randn(2, 5, 32)
-    pruner, gm, small = _prune(model, x, ratio=0.5, mask_consumers=True)
+    pruner, gm, small = _prune(model, x, sparsity_level=0.5, mask_consumers=True)
     report = shrink_report(small)
     attn = next(g for g in pruner.channel_groups if g.size == 4 and g.prunable)
     assert report.channels[attn.index] == (4, 2) and report.exact
@@ -323,7 +328,7 @@ def test_exported_vit_shrinks_its_mlps_and_refuses_fused_attention():
     """TinyViT (captured with torch.export: ATen ops): both encoder MLPs lose half their hidden channels exactly;
     the residual stream (class token concat, outputs) and nn.MultiheadAttention's fused in_proj stay, with reasons."""
     model, x = TinyViT().eval(), torch.randn(2, 3, 32, 32)
-    pruner, gm, small = _prune(model, x, ratio=0.5, mask_consumers=True)
+    pruner, gm, small = _prune(model, x, sparsity_level=0.5, mask_consumers=True)
     assert gm.meta["capture"] == "export"
     assert sorted(shrink_report(small).channels.values()) == [(64, 32), (64, 32)]
     assert sum("fused q/k/v projection" in why for why in pruner.frozen.values()) == 2

@@ -88,10 +88,10 @@ def channels_to_remove(importance: torch.Tensor, count: int, blocks: int = 1) ->
 
 
 def _validate(args: dict[str, Any]) -> None:
-    ratio, round_to = args.get("ratio"), args.get("round_to")
+    ratio, round_to = args.get("sparsity_level"), args.get("round_to")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(
-            f"ratio must be a number in [0, 1), got {ratio!r}; a ratio of 1 would remove whole channel groups"
+            f"sparsity_level must be a number in [0, 1), got {ratio!r}; 1 would remove whole channel groups"
         )
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int (1, 8, 16, ...), got {round_to!r}")
@@ -101,15 +101,17 @@ class ChannelPruner(BaseSparsifier):
     r"""Zero whole channel groups in the masks of their producers (step 1); ``shrink`` removes them (step 2).
 
     Args:
-        ratio: fraction of each group's channels to remove, in ``[0, 1)`` (see the
-            counting rule in the module docstring); per-weight overridable in the
-            config (the entry of any producer of a group sets that group's ratio).
+        sparsity_level: the ratio of each group's channels to remove, in ``[0, 1)``
+            (see the counting rule in the module docstring; torch.ao.pruning's name, and
+            what the schedulers of :mod:`fx_sparsity.scheduler` drive); per-weight
+            overridable in the config (the entry of any producer of a group sets that
+            group's ratio).
         criterion: ``"l1"`` or ``"l2"`` row norms (saliency) or ``"fpgm"`` (geometric
             median), scored on the masked weights of all the group's producers.
         round_to: the kept count of each group is a multiple of this (8, 16 for
             hardware-friendly shapes); per-weight overridable.
-        scope: ``"layer"`` (each group loses ``ratio`` of its channels) or ``"global"``
-            (``ratio`` of all selected channels go, chosen by importance divided by
+        scope: ``"layer"`` (each group loses ``sparsity_level`` of its channels) or ``"global"``
+            (``sparsity_level`` of all selected channels go, chosen by importance divided by
             the group's mean importance; per-weight ratios are then refused).
         mask_consumers: also zero the removed channels' input columns in the
             consumers, so the masked module computes exactly what the shrunk one will
@@ -125,7 +127,7 @@ class ChannelPruner(BaseSparsifier):
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-        >>> pruner = ChannelPruner(ratio=0.5)
+        >>> pruner = ChannelPruner(sparsity_level=0.5)
         >>> gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
         >>> pruner.step()
         >>> int(gm.get_buffer("0.weight_mask").sum(1).eq(0).sum())
@@ -134,7 +136,7 @@ class ChannelPruner(BaseSparsifier):
 
     def __init__(
         self,
-        ratio: float = 0.3,
+        sparsity_level: float = 0.3,
         criterion: Criterion = "l1",
         round_to: int = 1,
         scope: Literal["layer", "global"] = "layer",
@@ -142,7 +144,7 @@ class ChannelPruner(BaseSparsifier):
     ) -> None:
         # channel_groups: the indices of the channel groups a weight produces (or consumes), which prepare
         # derives from the dependency analysis; a config may not set it.
-        defaults = {"ratio": ratio, "round_to": round_to, "channel_groups": ()}
+        defaults = {"sparsity_level": sparsity_level, "round_to": round_to, "channel_groups": ()}
         _validate(defaults)
         channel_importance(torch.zeros(1, 1), criterion)
         if scope not in ("layer", "global"):
@@ -235,16 +237,17 @@ class ChannelPruner(BaseSparsifier):
         args: dict[int, tuple] = {}
         for group in groups:
             for index in self._produced(group):
-                value = (group["ratio"], group["round_to"])
+                value = (group["sparsity_level"], group["round_to"])
                 if args.setdefault(index, value) != value:
                     raise ValueError(
-                        f"producers of channel group {index} disagree on (ratio, round_to): {args[index]} and "
+                        f"producers of channel group {index} disagree on (sparsity_level, round_to): {args[index]} and "
                         f"{value} at {group['tensor_fqn']}; coupled layers share one ratio"
                     )
-                if self.scope == "global" and group["ratio"] != self.defaults["ratio"]:
+                if self.scope == "global" and group["sparsity_level"] != self.defaults["sparsity_level"]:
                     raise ValueError(
-                        f"{group['tensor_fqn']} sets ratio={group['ratio']} but scope='global' uses one ratio "
-                        f"({self.defaults['ratio']}) for all channels; drop the per-layer ratio or use scope='layer'"
+                        f"{group['tensor_fqn']} sets sparsity_level={group['sparsity_level']} but scope='global' "
+                        f"uses one ratio ({self.defaults['sparsity_level']}) for all channels; drop the per-layer "
+                        "value or use scope='layer'"
                     )
 
     def _produced(self, group: dict[str, Any]) -> list[int]:
@@ -256,7 +259,7 @@ class ChannelPruner(BaseSparsifier):
 
     def update_masks(self) -> None:
         weights = {g["tensor_fqn"]: g for g in self.groups}
-        args = {i: (g["ratio"], g["round_to"]) for g in self.groups for i in self._produced(g)}
+        args = {i: (g["sparsity_level"], g["round_to"]) for g in self.groups for i in self._produced(g)}
         scores = {}
         for index in args:
             group = self.channel_groups[index]
