@@ -59,6 +59,9 @@ def as_model_inputs(value: Any, name: str) -> ModelInputs:
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put ``module`` and every submodule in eval mode, and restore each one's own mode afterwards.
 
+    The flags are set directly: a ``torch.export``-captured module refuses ``.eval()``
+    (its graph was captured in one mode, which the flags then do not change).
+
     Example::
 
         >>> m = nn.Sequential(nn.BatchNorm1d(3))
@@ -69,7 +72,8 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         (True, 0)
     """
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in modes:
+        m.training = False
     try:
         yield module
     finally:
