@@ -28,6 +28,8 @@ from passes import SPARSE_OPS, get_sparse_target
 from passes.lower_sparse import COMPONENT_NAMES
 from passes.utils import split_fqn
 
+from .running import as_model_inputs, eval_mode
+
 __all__ = ["LayerError", "CompareReport", "compare", "print_compare"]
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -129,8 +131,10 @@ class _GraphRecorder(fx.Interpreter):
 
 
 def _run(model: nn.Module, batch: Any, layers: set[str]) -> tuple[Any, dict[str, list[Tensor]]]:
-    args = batch if isinstance(batch, tuple) else (batch,)
+    args, kwargs = as_model_inputs(batch, "each batch")
     if isinstance(model, fx.GraphModule):
+        if kwargs:
+            raise TypeError("compare runs a GraphModule on positional inputs: give each batch as a tensor or tuple")
         recorder = _GraphRecorder(model, layers)
         return recorder.run(*args), recorder.outputs
     outputs: dict[str, list[Tensor]] = {}
@@ -140,7 +144,7 @@ def _run(model: nn.Module, batch: Any, layers: set[str]) -> tuple[Any, dict[str,
         if name in layers
     ]
     try:
-        return model(*args), outputs
+        return model(*args, **kwargs), outputs
     finally:
         for handle in handles:
             handle.remove()
@@ -154,7 +158,8 @@ def compare(
 ) -> CompareReport:
     """Relative output error of each layer and of the whole candidate against the reference.
 
-    The models run as they are (call ``.eval()`` on them first for dropout or BatchNorm).
+    Both models run under ``no_grad`` in eval mode (dropout off, BatchNorm on its running
+    statistics, which therefore never move), their training flags restored afterwards.
 
     Args:
         reference: the dense model (or any module to compare against).
@@ -189,7 +194,7 @@ def compare(
     calls: dict[str, int] = {}
     missing: dict[str, str] = {}
     seen = 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
         for batch in batches:
             ref_out, ref_layers = _run(reference, batch, wanted)
             cand_out, cand_layers = _run(candidate, batch, wanted)

@@ -110,3 +110,4 @@ def test_calibrate_batch_forms():
         gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
         norms.append(fx_sparsity.calibrate(gm, [batch], progress_bar=False)["0.weight"])
     assert all(torch.equal(n, norms[0]) for n in norms)
+

@@ -13,7 +13,7 @@ from fx_sparsity import WandaSparsifier, calibrate, prepare
 from fx_sparsity.compare import compare, print_compare
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 
-from helpers import ConvNet1d3d
+from helpers import ConvNet1d3d, TinyResNet, snapshot
 
 
 class Net(nn.Module):
@@ -123,3 +123,17 @@ def test_missing_layers_and_errors():
         compare(model, model, [torch.randn(2, 16)], layers=["zz"])
     with pytest.raises(ValueError, match="at least one batch"):
         compare(model, model, [])
+
+
+def test_compare_leaves_the_users_model_alone():
+    """compare(model, gm, ...) on a TinyResNet in training mode runs both in eval mode: BatchNorm statistics and
+    hooks of the user's model are as before, and its training flags are restored."""
+    model = TinyResNet().train()
+    gm = fx_sparsity.prepare(model)
+    fx_sparsity.get_sparsifier(gm).step()
+    before = snapshot(model)
+    report = fx_sparsity.compare(model, gm, [torch.randn(2, 3, 16, 16)])
+    after = snapshot(model)
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+    assert all(m.training and not m._forward_hooks for m in model.modules())
+    assert 0 < report.output_error < 1
