@@ -41,7 +41,7 @@ from .sparsifier.base import SPARSIFIER_META_KEY, _clone_without_sparsifier
 
 __all__ = ["lower", "LayerLowering", "get_lowering", "BACKENDS", "AUTO_MIN_SPEEDUP", "LOWERING_META_KEY"]
 
-BACKENDS = ("fuse", "csr", "bsr", "semi_structured", "auto")
+BACKENDS = ("fuse", *LAYOUTS, "auto")
 LOWERING_META_KEY = "fx_sparsity.lowering"
 # "auto" keeps a sparse kernel only when it is this many times faster than the fused dense op,
 # so that timing noise never leaves a layer slower than dense.
