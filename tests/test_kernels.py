@@ -47,8 +47,7 @@ def _native_isas() -> list[str]:
             found.append(isa)
         except RuntimeError:  # this CPU lacks it
             pass
-    if found:
-        ops.isa(found[0])
+    ops.isa("auto")
     return found
 
 
@@ -66,7 +65,7 @@ def path(request, monkeypatch):
     ops = native.native_ops()
     ops.isa(request.param)
     yield request.param
-    ops.isa(ISAS[0])
+    ops.isa("auto")
 
 
 def random_weight(rows, cols, density, dtype, seed=0, nm=None):
@@ -167,7 +166,7 @@ def test_kernels_random_shapes(rows, groups, density, batch, dtype, layout, seed
             assert_matches(OPS[layout](x, *parts, bias), x, weight, bias)
     finally:
         if ISAS:
-            ops.isa(ISAS[0])
+            ops.isa("auto")
 
 
 @pytest.mark.parametrize("layout", ["bitmask", "nm", "csr"])
@@ -265,10 +264,10 @@ def test_kernels_refuse_bad_buffers():
 
 
 def test_native_isa_is_the_best_this_cpu_has():
-    """The kernels pick the widest ISA the CPU supports, once."""
+    """The kernels pick the widest ISA the CPU supports, once (on AMD, batch-1 bitmask decodes with AVX2)."""
     if not ISAS:
         pytest.skip("the C++ kernels are not built")
-    assert native.native_isa() == ISAS[0]
+    assert native.native_isa().startswith(ISAS[0])
     flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
     if "avx512bw" in flags and "avx512vl" in flags and "avx512dq" in flags:
         assert ISAS[0] == "avx512"

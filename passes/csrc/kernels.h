@@ -59,8 +59,8 @@ using CsrRowsFn = void (*)(const Dense&, const Csr&, int64_t, int64_t);
 
 struct KernelTable {
   const char* isa;
-  int lanes;  // floats per vector: the csr kernels read xt in columns of this many
-  BitmaskRowsFn bitmask_rows;
+  BitmaskRowsFn bitmask_rows_1;  // batch 1
+  BitmaskRowsFn bitmask_rows;    // batch > 1
   CsrRowsFn csr_rows;
 };
 
