@@ -65,6 +65,7 @@ struct KernelTable {
 };
 
 namespace avx512 { extern const KernelTable table; }
+namespace avx512_lut { extern const KernelTable table; }
 namespace avx2 { extern const KernelTable table; }
 namespace generic { extern const KernelTable table; }
 

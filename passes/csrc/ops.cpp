@@ -24,7 +24,7 @@ namespace {
 bool supports(const std::string& isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (isa == "avx512")
+  if (isa == "avx512" || isa == "avx512-lut")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
@@ -37,8 +37,7 @@ bool supports(const std::string& isa) {
 
 // AMD's Zen 4 runs vexpandps (even its register form) at a fraction of Intel's rate: measured
 // on an EPYC Zen 4, the AVX-512 batch-1 bitmask kernel ran about 1.7x slower than the AVX2 one,
-// which expands through a permutation table. Batch > 1 amortises the expand over the batch
-// tile, so the AVX-512 kernel stays faster there.
+// which expands through a permutation table; avx512_lut does the same with 16 lanes for batch 1.
 bool slow_expand() {
 #if defined(__x86_64__)
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -50,13 +49,12 @@ bool slow_expand() {
 
 const KernelTable* table_for(const std::string& isa) {
 #if defined(__x86_64__)
-  static const KernelTable avx512_amd{"avx512 (avx2 batch-1 bitmask)", avx2::table.bitmask_rows,
-                                      avx512::table.bitmask_rows, avx512::table.csr_rows};
   if (isa == "auto") {
-    if (supports("avx512")) return slow_expand() && supports("avx2") ? &avx512_amd : &avx512::table;
+    if (supports("avx512")) return slow_expand() ? &avx512_lut::table : &avx512::table;
     return supports("avx2") ? &avx2::table : &generic::table;
   }
   if (isa == "avx512") return &avx512::table;
+  if (isa == "avx512-lut") return &avx512_lut::table;
   if (isa == "avx2") return &avx2::table;
 #endif
   return &generic::table;
@@ -70,8 +68,8 @@ const KernelTable*& active() {
 
 std::string isa(const std::string& want) {
   if (!want.empty()) {
-    TORCH_CHECK(want == "auto" || want == "avx512" || want == "avx2" || want == "generic",
-                "isa must be 'auto', 'avx512', 'avx2' or 'generic', got '", want, "'");
+    TORCH_CHECK(want == "auto" || want == "avx512" || want == "avx512-lut" || want == "avx2" || want == "generic",
+                "isa must be 'auto', 'avx512', 'avx512-lut', 'avx2' or 'generic', got '", want, "'");
     TORCH_CHECK(supports(want) || want == "auto", "this CPU does not support ", want);
     active() = table_for(want);
   }
