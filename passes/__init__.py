@@ -10,6 +10,8 @@ from .capture import CaptureError, capture
 from .fuse_masks import fuse_masks, masked_targets
 from .insert_masks import insert_masks
 from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
+from .native import native_isa, native_ops
+from .sparse_formats import detect_nm
 from .match import WeightMatch, find_masked_weights, find_weights, op_arguments, op_kind
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .observe import InputNormObserver, insert_input_observers, remove_input_observers
@@ -27,6 +29,7 @@ __all__ = [
     "WeightMatch",
     "capture",
     "clone_sharing_tensors",
+    "detect_nm",
     "find_masked_weights",
     "find_weights",
     "fuse_masks",
@@ -37,6 +40,8 @@ __all__ = [
     "lower_sparse",
     "lowering_blocker",
     "masked_targets",
+    "native_isa",
+    "native_ops",
     "op_arguments",
     "op_kind",
     "remove_input_observers",

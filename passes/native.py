@@ -17,6 +17,7 @@ Without a C++ compiler, or when the build fails, :func:`native_ops` returns
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -33,7 +34,15 @@ _SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generi
 @functools.cache
 def _load() -> object | None:
     try:
-        from torch.utils import cpp_extension
+        # Importing cpp_extension logs "No CUDA runtime is found" on CUDA wheels without a GPU;
+        # these kernels are CPU-only, so that line is noise here.
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            logger.setLevel(level)
 
         cpp_extension.load(
             name="fx_sparsity_native",

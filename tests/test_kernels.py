@@ -246,7 +246,12 @@ def test_narrow_csr_indices():
     x = torch.randn(2, 40000)
     torch.testing.assert_close(csr_linear(x, crow, col, values, None), x @ weight.t())
     torch.testing.assert_close(csr_linear(x[:1], crow, col, values, None), x[:1] @ weight.t())
-    assert to_narrow_csr_components(torch.eye(2, 70000))[1].dtype == torch.int32
+    wide = random_weight(3, 70000, 0.01, torch.float32)
+    parts = to_narrow_csr_components(wide)
+    assert parts[1].dtype == torch.int32
+    x = torch.randn(3, 70000)
+    for rows in (x[:1], x):  # the batch-1 and the batch kernel, int32 indices (as in programs saved before)
+        assert_matches(csr_linear(rows, *parts, None), rows, wide, None)
 
 
 def test_kernels_refuse_bad_buffers():

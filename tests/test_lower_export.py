@@ -119,3 +119,12 @@ def test_nm_refuses_a_weight_that_is_not_nm():
     gm, _, _, _ = lowered_model("linear", "fuse")
     with pytest.raises(ValueError, match=r"cannot lower fc1.weight to nm: the weight is not N:M sparse"):
         lower(gm, "nm")
+
+
+@pytest.mark.parametrize("backend", ["bitmask", "csr"])
+def test_channels_last_conv_input(backend):
+    """1x1 convs lowered to our kernels take a channels-last input and match the prepared module."""
+    gm, lowered, x, other = lowered_model("conv", backend)
+    x_last = x.to(memory_format=torch.channels_last)
+    assert not x_last.is_contiguous()
+    torch.testing.assert_close(lowered(x_last), gm(x))
