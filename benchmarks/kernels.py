@@ -179,10 +179,13 @@ def main() -> None:
     parser.add_argument("--sparsities", default=",".join(SPARSITIES))
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="fp32, 50/70/90%% and 2:4, batch 1/16, streaming")
     args = parser.parse_args()
     if args.quick:
         args.regime, args.dtypes, args.sparsities, args.batches = "streaming", "float32", "50%,70%,90%,2:4", "1,16"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     l3 = l3_bytes()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()

@@ -12,6 +12,8 @@
 #include <cpuid.h>
 #endif
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -127,9 +129,17 @@ struct Call {
   at::Tensor result(at::ScalarType dtype) const { return out.to(dtype).view(out_shape); }
 };
 
+// Rows in chunks handed out by an atomic counter to torch's intra-op threads (as many as
+// torch.set_num_threads allows): a thread the OS deschedules (a shared machine) leaves its
+// chunks to the others instead of holding the whole call up, as a static split would.
 template <class F>
 void for_rows(int64_t rows, const F& f) {
-  at::parallel_for(0, rows, 16, f);
+  constexpr int64_t chunk = 32;
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) f(c * chunk, std::min(rows, (c + 1) * chunk));
+  });
 }
 
 int64_t mask_bytes_per_row(int64_t in) { return round_up(in, 64) / 8; }
