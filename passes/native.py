@@ -2,7 +2,7 @@
 
 The kernels are compiled against the installed torch by
 :func:`torch.utils.cpp_extension.load` the first time an operator needs them
-(about a minute on 2 cores), into torch's extension cache
+(20-45 s on a busy 2-core machine), into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes
 only check the sources' hash and load the library (under a second). A source
 change rebuilds, and a file lock lets concurrent processes share one build.

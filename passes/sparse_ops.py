@@ -38,6 +38,7 @@ A program exported with these operators needs them registered before
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -94,13 +95,18 @@ with warnings.catch_warnings():
     )
 
 
+def _as_rows(x: Tensor) -> Tensor:
+    """``x`` as ``[rows, features]`` (``reshape(-1, 0)`` is ambiguous when there are no features)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def _sparse_mm_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a sparse-layout ``weight``, computed as ``(W @ x.T).T``.
 
     A single CSR row vector goes through ``mv`` instead: on MKL that is about 1.5x
     faster than ``mm`` for a 4096x4096 weight at 90% (for BSR it is slower).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     if x2.shape[0] == 1 and weight.layout == torch.sparse_csr:
         out = torch.mv(weight, x2[0])
         out = out if bias is None else out + bias
@@ -203,7 +209,7 @@ def _(x, crow_indices, col_indices, values, bias):
 @torch.library.custom_op("fx_sparsity::semi_structured_linear", mutates_args=())
 def semi_structured_linear(x: Tensor, packed: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` with a 2:4 ``W`` given as CUTLASS ``packed`` values and ``meta``."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     out_features = packed.shape[0]
     if not x.is_cuda:
         weight = sparse_semi_structured_to_dense_cutlass(packed, meta)
@@ -226,7 +232,7 @@ def _(x, packed, meta, bias):
 @torch.library.custom_op("fx_sparsity::sparse_linear_grad_input", mutates_args=())
 def sparse_linear_grad_input(grad: Tensor, layout: str, components: list[Tensor], in_features: int) -> Tensor:
     """``grad @ W``: the input gradient of the ``<layout>_linear`` operator whose weight is ``components``."""
-    grad2 = grad.reshape(-1, grad.shape[-1])
+    grad2 = _as_rows(grad)
     if layout == "bitmask":
         out = grad2 @ bitmask_to_dense(*components, in_features).to(grad.dtype)
     elif layout == "nm":
@@ -267,7 +273,7 @@ def _register_autograd(op, layout: str) -> None:
         if ctx.needs_input_grad[0]:
             grad_x = sparse_linear_grad_input(grad, layout, list(components), ctx.in_features)
         if ctx.has_bias and ctx.needs_input_grad[-1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bias = _as_rows(grad).sum(0)
         return grad_x, *([None] * len(components)), grad_bias
 
     op.register_autograd(backward, setup_context=setup_context)

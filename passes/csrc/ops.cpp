@@ -105,7 +105,8 @@ struct Call {
     const int64_t in = x_in.size(-1);
     out_shape = x_in.sizes().vec();
     out_shape.back() = out_features;
-    const int64_t batch = in ? x_in.numel() / in : x_in.numel() / 1;  // in == 0: numel is 0 too
+    int64_t batch = 1;
+    for (int64_t i = 0; i + 1 < x_in.dim(); ++i) batch *= x_in.size(i);
     const auto f32 = x_in.options().dtype(at::kFloat);
     const at::Tensor x2 = x_in.reshape({batch, in});
     if (transposed && batch > 1) {
