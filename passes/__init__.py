@@ -21,6 +21,8 @@ from .match import (
     unmatched_weights,
     weight_position,
 )
+from .native import native_isa, native_ops
+from .sparse_formats import detect_nm
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
@@ -40,6 +42,7 @@ __all__ = [
     "WeightMatch",
     "capture",
     "clone_sharing_tensors",
+    "detect_nm",
     "find_masked_weights",
     "find_weights",
     "fuse_masks",
@@ -50,6 +53,8 @@ __all__ = [
     "lower_sparse",
     "lowering_blocker",
     "masked_targets",
+    "native_isa",
+    "native_ops",
     "op_arguments",
     "op_kind",
     "remove_input_observers",

@@ -4,8 +4,11 @@ For each weight named in ``formats`` the pass computes ``weight * mask``,
 compresses it to the requested layout (:mod:`passes.sparse_ops`) and registers
 the components as buffers on the module that owns the weight:
 
+* ``bitmask``: ``<tensor_name>_bitmask``, ``<tensor_name>_values`` and
+  ``<tensor_name>_row_offsets``; ``nm``: ``<tensor_name>_bitmask`` and
+  ``<tensor_name>_values`` (see :mod:`passes.sparse_formats`);
 * ``csr``/``bsr``: ``<tensor_name>_crow_indices``, ``<tensor_name>_col_indices``
-  (int32) and ``<tensor_name>_values``;
+  (csr: int16 when they fit, else int32) and ``<tensor_name>_values``;
 * ``semi_structured``: ``<tensor_name>_packed`` and ``<tensor_name>_meta``.
 
 Every op reading the masked weight becomes a call to the matching
@@ -33,7 +36,9 @@ from torch import Tensor, fx
 
 from .match import op_arguments
 from .meta import SparseTarget, get_sparse_target
-from .sparse_ops import to_bsr_components, to_csr_components, to_semi_structured_components
+from .native import native_ops
+from .sparse_formats import detect_nm, to_bitmask_components, to_nm_components
+from .sparse_ops import NATIVE_DTYPES, to_bsr_components, to_csr_components, to_semi_structured_components
 from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
 
 __all__ = [
@@ -48,12 +53,14 @@ __all__ = [
     "COMPONENT_NAMES",
 ]
 
-Layout = Literal["csr", "bsr", "semi_structured"]
+Layout = Literal["csr", "bsr", "semi_structured", "bitmask", "nm"]
 
 SPARSE_OPS = {
     "csr": torch.ops.fx_sparsity.csr_linear.default,
     "bsr": torch.ops.fx_sparsity.bsr_linear.default,
     "semi_structured": torch.ops.fx_sparsity.semi_structured_linear.default,
+    "bitmask": torch.ops.fx_sparsity.bitmask_linear.default,
+    "nm": torch.ops.fx_sparsity.nm_linear.default,
 }
 LAYOUTS: tuple[Layout, ...] = tuple(SPARSE_OPS)
 _MKL_DTYPES = (torch.float32, torch.float64)
@@ -63,15 +70,26 @@ COMPONENT_NAMES = {
     "csr": ("crow_indices", "col_indices", "values"),
     "bsr": ("crow_indices", "col_indices", "values"),
     "semi_structured": ("packed", "meta"),
+    # not "mask": <tensor_name>_mask is the prepared module's mask buffer
+    "bitmask": ("bitmask", "values", "row_offsets"),
+    "nm": ("bitmask", "values"),
 }
 
 
 @dataclass(frozen=True)
 class SparseFormat:
-    """How to store one weight: ``layout`` and, for ``"bsr"``, the ``blocksize`` (rows, cols)."""
+    """How to store one weight: ``layout``; for ``"bsr"`` the ``blocksize`` (rows, cols); for ``"nm"``
+    the pattern ``nm=(n, m)`` (``None``: :func:`passes.sparse_formats.detect_nm` finds it in the weight).
+
+    Example::
+
+        >>> SparseFormat("nm", nm=(2, 4)).components(torch.tensor([[1.0, 0.0, 0.0, 2.0]]))[1].tolist()
+        [[1.0, 2.0]]
+    """
 
     layout: Layout
     blocksize: tuple[int, int] | None = None
+    nm: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in SPARSE_OPS:
@@ -86,6 +104,17 @@ class SparseFormat:
             object.__setattr__(self, "blocksize", tuple(size))
         elif self.blocksize is not None:
             raise ValueError(f"blocksize applies to 'bsr' only, got blocksize={self.blocksize!r} for {self.layout!r}")
+        if self.nm is not None:
+            if self.layout != "nm":
+                raise ValueError(f"nm applies to 'nm' only, got nm={self.nm!r} for {self.layout!r}")
+            pattern = self.nm
+            if not (
+                isinstance(pattern, Sequence) and len(pattern) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+                and 1 <= pattern[0] < pattern[1]
+            ):
+                raise ValueError(f"nm must be a pair of ints (n, m) with 1 <= n < m, e.g. (2, 4), got {pattern!r}")
+            object.__setattr__(self, "nm", tuple(pattern))
 
     def components(self, weight: Tensor) -> tuple[Tensor, ...]:
         """The strided tensors the operator of this layout takes for a dense 2-D ``weight``."""
@@ -93,6 +122,16 @@ class SparseFormat:
             return to_csr_components(weight)
         if self.layout == "bsr":
             return to_bsr_components(weight, self.blocksize)
+        if self.layout == "bitmask":
+            return to_bitmask_components(weight)
+        if self.layout == "nm":
+            pattern = self.nm or detect_nm(weight)
+            if pattern is None:
+                raise ValueError(
+                    "the weight is not N:M sparse (no group of 4, 8 or 16 columns bounds the nonzeros "
+                    "per group to half or less); use 'bitmask' or prune it with an N:M sparsifier"
+                )
+            return to_nm_components(weight, *pattern)
         return to_semi_structured_components(weight)
 
 
@@ -102,7 +141,21 @@ def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] |
     Checks on the weight's values and shape (2:4 pattern, divisibility) are made
     when it is compressed (:class:`passes.SparseFormat`).
     """
-    if layout in ("csr", "bsr") and weight.device.type == "cpu" and weight.dtype not in _MKL_DTYPES:
+    cpu = weight.device.type == "cpu"
+    if layout in ("bitmask", "nm"):
+        if not cpu:
+            return f"{layout} kernels run on CPU only, the weight is on {weight.device}"
+        if weight.dtype not in NATIVE_DTYPES:
+            return f"{layout} kernels take float32, bfloat16 or float16 weights, the weight is {weight.dtype}"
+    if layout == "csr" and cpu and weight.dtype not in _MKL_DTYPES:
+        if weight.dtype not in NATIVE_DTYPES:
+            return f"csr on CPU takes float32, bfloat16, float16 or float64 weights, the weight is {weight.dtype}"
+        if native_ops() is None:
+            return (
+                f"the C++ csr kernel is not available (see the warning above) and MKL runs float32 and "
+                f"float64 only, the weight is {weight.dtype}"
+            )
+    if layout == "bsr" and cpu and weight.dtype not in _MKL_DTYPES:
         return f"torch.sparse on CPU runs float32 and float64 only, the weight is {weight.dtype}"
     if layout == "bsr":
         if blocksize is None:

@@ -1,30 +1,44 @@
 """Sparse linear kernels as custom operators (namespace ``fx_sparsity``).
 
-Each operator takes the weight as plain strided tensors (int32 index tensors and
-a values tensor, or a packed 2:4 tensor and its metadata) and builds the sparse
-view inside the kernel. Modules hold only strided buffers, so
+Each operator takes the weight as plain strided tensors (index tensors and a
+values tensor, a bit mask and values, or a packed 2:4 tensor and its metadata)
+and builds what it needs inside the kernel. Modules hold only strided buffers, so
 ``torch.export`` (with ``run_decompositions``, ``save``/``load``), AOTInductor and
 ``torch.compile(fullgraph=True)`` see an ordinary operator with a fake (meta)
 implementation and never a sparse-layout tensor.
 
+* ``fx_sparsity::bitmask_linear(x, mask, values, row_offsets, bias)``
+* ``fx_sparsity::nm_linear(x, mask, values, bias)`` (N:M, fixed row stride)
 * ``fx_sparsity::csr_linear(x, crow_indices, col_indices, values, bias)``
+  (int16 column indices read as unsigned, or int32)
 * ``fx_sparsity::bsr_linear(x, crow_indices, col_indices, values, bias)``
   (``values`` is ``[nnz_blocks, block_rows, block_cols]``)
 * ``fx_sparsity::semi_structured_linear(x, packed, meta, bias)`` (2:4, CUTLASS layout)
 
 All compute ``F.linear(x, W, bias)`` for ``x`` of shape ``[..., in_features]``
-and return a contiguous ``[..., out_features]`` tensor. CSR and BSR run
-``torch.sparse.mm(W, x.T).T`` (``addmm`` with a bias), several times faster than
-``F.linear(x, W_sparse)`` on MKL at batch > 1; on CUDA the same call runs
-cuSPARSE. The 2:4 kernel is CUTLASS on CUDA; on other devices it unpacks to
-dense (a reference, so that a program lowered on a GPU still runs anywhere).
+and return a contiguous ``[..., out_features]`` tensor. The formats are packed
+by :mod:`passes.sparse_formats`.
+
+On CPU, bitmask, nm and csr run our C++ kernels (:mod:`passes.native`;
+float32, bfloat16 and float16 with float32 accumulation, AVX-512 / AVX2 /
+portable, multithreaded over output rows with torch's intra-op pool). Without
+them (no compiler, ``FX_SPARSITY_NO_NATIVE=1``, another device, float64),
+bitmask and nm unpack to dense and call ``F.linear`` (the reference the kernels
+are tested against), and csr and bsr run ``torch.sparse.mm(W, x.T).T``
+(``addmm`` with a bias) on MKL (cuSPARSE on CUDA). The 2:4 kernel is CUTLASS on
+CUDA; on other devices it unpacks to dense (a reference, so that a program
+lowered on a GPU still runs anywhere).
 Autograd reaches the input and the bias (so a lowered module runs under
 ``torch.compile`` with trainable biases, and gradients flow to earlier layers);
 the weight components get none: fine-tune before lowering.
+
+A program exported with these operators needs them registered before
+``torch.export.load``: ``import fx_sparsity`` (or ``import passes``) is enough.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -35,16 +49,34 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass,
 )
 
+from .native import native_ops
+from .sparse_formats import (
+    bitmask_to_dense,
+    csr_to_dense,
+    nm_to_dense,
+    to_bitmask_components,
+    to_narrow_csr_components,
+    to_nm_components,
+)
+
 __all__ = [
+    "bitmask_linear",
+    "nm_linear",
     "csr_linear",
     "bsr_linear",
     "semi_structured_linear",
     "sparse_linear_grad_input",
+    "to_bitmask_components",
+    "to_nm_components",
     "to_csr_components",
     "to_bsr_components",
     "to_semi_structured_components",
     "SEMI_STRUCTURED_MIN_SHAPE",
+    "NATIVE_DTYPES",
 ]
+
+# Value dtypes our C++ kernels take (accumulating in float32).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Smallest weight (rows, cols), and the multiple both must be, that the CUTLASS
 # 2:4 kernel takes for fp16/bf16 (torch.sparse.SparseSemiStructuredTensorCUTLASS).
@@ -63,13 +95,18 @@ with warnings.catch_warnings():
     )
 
 
+def _as_rows(x: Tensor) -> Tensor:
+    """``x`` as ``[rows, features]`` (``reshape(-1, 0)`` is ambiguous when there are no features)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def _sparse_mm_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a sparse-layout ``weight``, computed as ``(W @ x.T).T``.
 
     A single CSR row vector goes through ``mv`` instead: on MKL that is about 1.5x
     faster than ``mm`` for a 4096x4096 weight at 90% (for BSR it is slower).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     if x2.shape[0] == 1 and weight.layout == torch.sparse_csr:
         out = torch.mv(weight, x2[0])
         out = out if bias is None else out + bias
@@ -92,15 +129,64 @@ def _out_features(crow_indices: Tensor, values: Tensor) -> int:
 
 
 def _sparse_weight(crow_indices: Tensor, col_indices: Tensor, values: Tensor, in_features: int) -> Tensor:
-    """The CSR or BSR view (no copy) of the components; BSR when ``values`` holds blocks."""
+    """The CSR or BSR view of the components (no copy for int32 indices); BSR when ``values`` holds blocks."""
     shape = (_out_features(crow_indices, values), in_features)
+    if col_indices.dtype == torch.int16:  # unsigned 16-bit, widened for torch.sparse
+        col_indices = (col_indices.to(torch.int32) & 0xFFFF).to(crow_indices.dtype)
     build = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
     return build(crow_indices, col_indices, values, shape, check_invariants=False)
 
 
+def _native_for(x: Tensor, values: Tensor) -> object | None:
+    """The C++ operators when they can run this call (CPU, a dtype they take), else ``None``."""
+    if x.device.type != "cpu" or values.dtype not in NATIVE_DTYPES or x.dtype != values.dtype:
+        return None
+    return native_ops()
+
+
+def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight.to(x.dtype), bias).contiguous()
+
+
+@torch.library.custom_op("fx_sparsity::bitmask_linear", mutates_args=())
+def bitmask_linear(x: Tensor, mask: Tensor, values: Tensor, row_offsets: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, W, bias)`` with ``W`` given by its bitmask components (see :func:`to_bitmask_components`)."""
+    native = _native_for(x, values)
+    if native is not None:
+        return native.bitmask_linear(x, mask, values, row_offsets, bias)
+    return _dense_linear(x, bitmask_to_dense(mask, values, row_offsets, x.shape[-1]), bias)
+
+
+@bitmask_linear.register_fake
+def _(x, mask, values, row_offsets, bias):
+    return _linear_fake(x, row_offsets.shape[0] - 1)
+
+
+@torch.library.custom_op("fx_sparsity::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, mask: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, W, bias)`` with an N:M ``W`` given by its components (see :func:`to_nm_components`)."""
+    native = _native_for(x, values)
+    if native is not None:
+        return native.nm_linear(x, mask, values, bias)
+    return _dense_linear(x, nm_to_dense(mask, values, x.shape[-1]), bias)
+
+
+@nm_linear.register_fake
+def _(x, mask, values, bias):
+    return _linear_fake(x, values.shape[0])
+
+
 @torch.library.custom_op("fx_sparsity::csr_linear", mutates_args=())
 def csr_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, W, bias)`` with ``W`` given by its CSR components (see :func:`to_csr_components`)."""
+    """``F.linear(x, W, bias)`` with ``W`` given by its CSR components (see :func:`to_csr_components`).
+
+    Our C++ kernel where it runs; else MKL (float32/float64), else a dense reference.
+    """
+    native = _native_for(x, values)
+    if native is not None:
+        return native.csr_linear(x, crow_indices, col_indices, values, bias)
+    if x.device.type == "cpu" and values.dtype not in (torch.float32, torch.float64):
+        return _dense_linear(x, csr_to_dense(crow_indices, col_indices, values, x.shape[-1]), bias)
     return _sparse_mm_linear(x, _sparse_weight(crow_indices, col_indices, values, x.shape[-1]), bias)
 
 
@@ -123,7 +209,7 @@ def _(x, crow_indices, col_indices, values, bias):
 @torch.library.custom_op("fx_sparsity::semi_structured_linear", mutates_args=())
 def semi_structured_linear(x: Tensor, packed: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` with a 2:4 ``W`` given as CUTLASS ``packed`` values and ``meta``."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     out_features = packed.shape[0]
     if not x.is_cuda:
         weight = sparse_semi_structured_to_dense_cutlass(packed, meta)
@@ -146,8 +232,14 @@ def _(x, packed, meta, bias):
 @torch.library.custom_op("fx_sparsity::sparse_linear_grad_input", mutates_args=())
 def sparse_linear_grad_input(grad: Tensor, layout: str, components: list[Tensor], in_features: int) -> Tensor:
     """``grad @ W``: the input gradient of the ``<layout>_linear`` operator whose weight is ``components``."""
-    grad2 = grad.reshape(-1, grad.shape[-1])
-    if layout == "csr":  # CSR transposed is CSC, which MKL multiplies directly
+    grad2 = _as_rows(grad)
+    if layout == "bitmask":
+        out = grad2 @ bitmask_to_dense(*components, in_features).to(grad.dtype)
+    elif layout == "nm":
+        out = grad2 @ nm_to_dense(*components, in_features).to(grad.dtype)
+    elif layout == "csr" and components[2].dtype not in (torch.float32, torch.float64):
+        out = grad2 @ csr_to_dense(*components, in_features).to(grad.dtype)
+    elif layout == "csr":  # CSR transposed is CSC, which MKL multiplies directly
         out = torch.sparse.mm(_sparse_weight(*components, in_features).t(), grad2.t()).t()
     elif layout == "bsr":  # MKL has no BSC product on CPU
         out = grad2 @ _sparse_weight(*components, in_features).to_dense()
@@ -181,12 +273,14 @@ def _register_autograd(op, layout: str) -> None:
         if ctx.needs_input_grad[0]:
             grad_x = sparse_linear_grad_input(grad, layout, list(components), ctx.in_features)
         if ctx.has_bias and ctx.needs_input_grad[-1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bias = _as_rows(grad).sum(0)
         return grad_x, *([None] * len(components)), grad_bias
 
     op.register_autograd(backward, setup_context=setup_context)
 
 
+_register_autograd(bitmask_linear, "bitmask")
+_register_autograd(nm_linear, "nm")
 _register_autograd(csr_linear, "csr")
 _register_autograd(bsr_linear, "bsr")
 _register_autograd(semi_structured_linear, "semi_structured")
@@ -204,17 +298,17 @@ def _int32(indices: Tensor) -> Tensor:
 
 
 def to_csr_components(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(crow_indices, col_indices, values)`` of a dense 2-D weight, indices as int32.
+    """``(crow_indices, col_indices, values)`` of a dense 2-D weight: int32 row pointers and the
+    narrowest column index that fits (int16, read as unsigned, up to 65536 columns; else int32).
 
     Example::
 
         >>> crow, col, values = to_csr_components(torch.eye(3))
-        >>> crow.tolist(), col.tolist(), values.tolist()
-        ([0, 1, 2, 3], [0, 1, 2], [1.0, 1.0, 1.0])
+        >>> crow.tolist(), col.tolist(), col.dtype, values.tolist()
+        ([0, 1, 2, 3], [0, 1, 2], torch.int16, [1.0, 1.0, 1.0])
     """
     _check_2d(weight)
-    csr = weight.detach().to_sparse_csr()
-    return _int32(csr.crow_indices()), _int32(csr.col_indices()), csr.values().clone()
+    return to_narrow_csr_components(weight)
 
 
 def to_bsr_components(weight: Tensor, blocksize: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -65,12 +65,13 @@ def test_all_zero_weight():
     torch.testing.assert_close(csr_linear(x, crow, col, values, bias), bias.expand(3, 8))
 
 
-def test_components_are_plain_int32_and_strided():
-    """Indices are int32, every component is a strided tensor with no sparse base (exportable buffers)."""
+def test_components_are_plain_narrow_and_strided():
+    """Row pointers are int32, csr column indices int16 (bsr int32), every component is a strided tensor
+    with no sparse base (exportable buffers)."""
     weight = sparse_weight(32, 32, 0.1)
-    for parts in (to_csr_components(weight), to_bsr_components(weight, (8, 8))):
+    for parts, col_dtype in ((to_csr_components(weight), torch.int16), (to_bsr_components(weight, (8, 8)), torch.int32)):
         crow, col, values = parts
-        assert crow.dtype == col.dtype == torch.int32
+        assert crow.dtype == torch.int32 and col.dtype == col_dtype
         for t in parts:
             assert t.layout == torch.strided and t._base is None and t.is_contiguous()
     assert to_csr_components(weight)[2].numel() == int(torch.count_nonzero(weight))

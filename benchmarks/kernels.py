@@ -1,0 +1,215 @@
+"""Our sparse CPU kernels (bitmask, nm, narrow csr) against torch dense and MKL csr, side by side.
+
+Weights are the Llama-2-7B layer shapes, one "block" = 4096x4096 + 11008x4096 +
+4096x11008 (attention projection, MLP up, MLP down). Two regimes:
+
+* streaming (the LLM-decode regime): enough blocks of different random weights
+  that the smallest format of the set exceeds twice the last-level cache, every
+  layer run once per pass, so every variant reads its weights from memory;
+* warm: one 2048x2048 layer called repeatedly (its weights stay in cache).
+
+Per dtype (fp32, bf16), sparsity (unstructured 50-90% and 2:4) and batch (1, 4,
+16, 64) it times torch dense (``F.linear``, same dtype), MKL csr
+(``torch.sparse``, fp32 only; int32 indices, as the csr backend ran before our
+kernels), and our ``bitmask``, ``csr`` (int16 indices) and ``nm`` (2:4 rows
+only) operators. Rounds are interleaved in a new random order each time so that
+load on a shared machine hits every variant alike; the speedups are ratios of
+medians (dense time / variant time). ``limit`` is dense bytes / format bytes,
+the speedup a purely memory-bound kernel would reach; ``of limit`` the measured
+speedup as a fraction of it. Outputs are checked against dense before timing.
+
+    python benchmarks/kernels.py                      # both regimes, about 20 minutes on 2 cores
+    python benchmarks/kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from passes.native import native_isa
+from passes.sparse_ops import _sparse_mm_linear, bitmask_linear, csr_linear, nm_linear
+from passes.sparse_formats import to_bitmask_components, to_narrow_csr_components, to_nm_components
+
+LLAMA_BLOCK = ((4096, 4096), (11008, 4096), (4096, 11008))
+WARM_SHAPE = (2048, 2048)
+SPARSITIES = ("50%", "60%", "70%", "80%", "90%", "2:4")
+BATCHES = (1, 4, 16, 64)
+
+
+def l3_bytes() -> int:
+    """Last-level cache size from sysfs (32 MiB if unreadable)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * 1024 if size.endswith("K") else int(size)
+        except OSError:
+            continue
+    return 32 << 20
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def sparse_weight(shape: tuple[int, int], sparsity: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    rows, cols = shape
+    w = torch.randn(rows, cols, generator=gen)
+    if sparsity == "2:4":
+        scores = torch.rand(rows, cols // 4, 4, generator=gen)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, -1).indices, True)
+        keep = keep.view(rows, cols)
+    else:
+        keep = torch.rand(rows, cols, generator=gen) >= float(sparsity.rstrip("%")) / 100
+    return (w * keep).to(dtype)
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_variants(weights: list[torch.Tensor], sparsity: str) -> dict[str, tuple[list[tuple], Callable, int]]:
+    """name -> (per-layer args, fn(x, *args), total bytes) for every variant that can run these weights."""
+    dtype = weights[0].dtype
+    variants = {"dense": ([(w,) for w in weights], lambda x, w: F.linear(x, w), nbytes(*weights))}
+    if dtype == torch.float32:
+        mkl = [w.to_sparse_csr() for w in weights]
+        size = sum(nbytes(m.crow_indices(), m.col_indices(), m.values()) for m in mkl)
+        variants["mkl csr"] = ([(m,) for m in mkl], lambda x, m: _sparse_mm_linear(x, m, None), size)
+    bm = [to_bitmask_components(w) for w in weights]
+    variants["bitmask"] = (bm, lambda x, *c: bitmask_linear(x, *c, None), sum(nbytes(*c) for c in bm))
+    cs = [to_narrow_csr_components(w) for w in weights]
+    variants["csr"] = (cs, lambda x, *c: csr_linear(x, *c, None), sum(nbytes(*c) for c in cs))
+    if sparsity == "2:4":
+        nm = [to_nm_components(w, 2, 4) for w in weights]
+        variants["nm"] = (nm, lambda x, *c: nm_linear(x, *c, None), sum(nbytes(*c) for c in nm))
+    return variants
+
+
+def check(variants, weights, xs) -> None:
+    for i in range(min(3, len(weights))):
+        x = xs[i]
+        ref = F.linear(x.float(), weights[i].float())
+        tol = 1e-3 if x.dtype == torch.float32 else 3e-2
+        for name, (args, fn, _) in variants.items():
+            out = fn(x, *args[i]).float()
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol * math.sqrt(x.shape[-1]), msg=name)
+
+
+def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
+    """Median seconds per layer call of each variant; each round runs the variants in a new random order.
+    ``xs[i]`` is layer i's input."""
+    samples = {name: [] for name in variants}
+    names = list(variants)
+    for name in names:  # warm up: first calls allocate and page in
+        args, fn, _ = variants[name]
+        for x, a in zip(xs, args):
+            fn(x, *a)
+    for _ in range(rounds):
+        random.shuffle(names)
+        for name in names:
+            args, fn, _ = variants[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                for x, a in zip(xs, args):
+                    fn(x, *a)
+            samples[name].append((time.perf_counter() - start) / (calls * len(args)))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for) -> list[list]:
+    gen = torch.Generator().manual_seed(0)
+    if regime == "streaming":
+        shapes = list(LLAMA_BLOCK)
+        weights = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
+        variants = build_variants(weights, sparsity)
+        n_blocks = blocks_for(min(v[2] for v in variants.values()))
+        for _ in range(n_blocks - 1):
+            more = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
+            extra = build_variants(more, sparsity)
+            for name, (args, fn, size) in extra.items():
+                old_args, _, old_size = variants[name]
+                variants[name] = (old_args + args, fn, old_size + size)
+            weights += more
+        calls = 1
+    else:
+        weights = [sparse_weight(WARM_SHAPE, sparsity, dtype, gen)]
+        variants = build_variants(weights, sparsity)
+        calls = 20
+    rows = []
+    for batch in batches:
+        by_in = {cols: torch.randn(batch, cols, generator=gen).to(dtype) for cols in {w.shape[1] for w in weights}}
+        xs = [by_in[w.shape[1]] for w in weights]
+        check(variants, weights, xs)
+        seconds = time_round_robin(variants, xs, rounds, calls)
+        dense_s, dense_bytes = seconds["dense"], variants["dense"][2]
+        for name in variants:
+            if name == "dense":
+                continue
+            speedup = dense_s / seconds[name]
+            limit = dense_bytes / variants[name][2]
+            rows.append([
+                str(dtype).removeprefix("torch."), sparsity, batch, name, f"{seconds[name] * 1e3:.3f}",
+                f"{dense_s * 1e3:.3f}", f"{speedup:.2f}x", f"{limit:.2f}x", f"{speedup / limit:.0%}",
+            ])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regime", choices=("streaming", "warm", "both"), default="both")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--sparsities", default=",".join(SPARSITIES))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="fp32, 50/70/90%% and 2:4, batch 1/16, streaming")
+    args = parser.parse_args()
+    if args.quick:
+        args.regime, args.dtypes, args.sparsities, args.batches = "streaming", "float32", "50%,70%,90%,2:4", "1,16"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    l3 = l3_bytes()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads), ISA: {isa}, kernels: {native_isa()}, "
+          f"L3: {l3 >> 20} MiB, torch {torch.__version__}, load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
+
+    def blocks_for(smallest_block_bytes: int) -> int:
+        return max(1, math.ceil(2 * l3 / smallest_block_bytes))
+
+    header = ["dtype", "sparsity", "batch", "variant", "ms/layer", "dense ms", "speedup", "limit", "of limit"]
+    regimes = ["streaming", "warm"] if args.regime == "both" else [args.regime]
+    for regime in regimes:
+        rows = []
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            for sparsity in args.sparsities.split(","):
+                rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, blocks_for)
+                print(f"  done {regime} {dtype_name} {sparsity}", flush=True)
+        what = ("Llama-2-7B block shapes, weights > 2x L3" if regime == "streaming"
+                else f"one {WARM_SHAPE[0]}x{WARM_SHAPE[1]} layer, warm")
+        print(f"\n### {regime}: {what}\n")
+        print(tabulate(rows, header, tablefmt="github"))
+    print(f"\nload average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
+
+
+if __name__ == "__main__":
+    main()

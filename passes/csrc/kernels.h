@@ -1,0 +1,72 @@
+// Problem descriptions shared by the operator file (ops.cpp) and the per-ISA kernel files.
+//
+// The operator boundary checks and converts everything once (x to a zero-padded fp32
+// matrix, bias to fp32); the kernels only read these raw pointers and write their rows
+// of the fp32 output. Each ISA file compiles the same body (kernel_body.h) under its own
+// target and fills one KernelTable; ops.cpp picks a table once, by cpuid.
+#pragma once
+
+#include <cstdint>
+
+namespace fxs {
+
+enum class ValueType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// 16-bit storage types, widened to fp32 by the kernels.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+// x: [batch, x_stride] fp32, row b at x + b * x_stride, zero beyond in_features.
+// xt (csr, batch > 1): [in_features, xt_stride] fp32, column b of row c at xt[c * xt_stride + b],
+// zero-padded up to xt_stride. out: [batch, out_features] fp32. bias: fp32 or null.
+struct Dense {
+  const float* x;
+  int64_t x_stride;
+  const float* xt;
+  int64_t xt_stride;
+  int64_t batch;
+  int64_t in_features;
+  int64_t out_features;
+  float* out;
+  const float* bias;
+};
+
+// Bitmask and N:M: bit j of row r (byte j / 8, bit j % 8 of mask + r * mask_stride) says
+// whether weight (r, j) is stored; the stored values of a row are consecutive, starting at
+// offsets[r] (bitmask) or r * row_stride when offsets is null (N:M, fixed stride).
+// Rows below safe_rows may be over-read by one vector past their end; later rows are not.
+struct Bitmask {
+  const uint8_t* mask;
+  int64_t mask_stride;
+  const void* values;
+  ValueType vtype;
+  const int64_t* offsets;
+  int64_t row_stride;
+  int64_t safe_rows;
+};
+
+// CSR with int32 or 16-bit (read as unsigned) column indices.
+struct Csr {
+  const int32_t* crow;
+  const void* col;
+  bool col16;
+  const void* values;
+  ValueType vtype;
+};
+
+using BitmaskRowsFn = void (*)(const Dense&, const Bitmask&, int64_t, int64_t);
+using CsrRowsFn = void (*)(const Dense&, const Csr&, int64_t, int64_t);
+
+struct KernelTable {
+  const char* isa;
+  BitmaskRowsFn bitmask_rows_1;  // batch 1
+  BitmaskRowsFn bitmask_rows;    // batch > 1
+  CsrRowsFn csr_rows;
+};
+
+namespace avx512 { extern const KernelTable table; }
+namespace avx512_lut { extern const KernelTable table; }
+namespace avx2 { extern const KernelTable table; }
+namespace generic { extern const KernelTable table; }
+
+}  // namespace fxs
