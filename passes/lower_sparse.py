@@ -36,7 +36,7 @@ from torch import Tensor, fx
 
 from .match import op_arguments
 from .meta import SparseTarget, get_sparse_target
-from .native import native_ops
+from .native import NO_NATIVE_ENV, native_ops
 from .sparse_formats import detect_nm, to_bitmask_components, to_nm_components
 from .sparse_ops import NATIVE_DTYPES, to_bsr_components, to_csr_components, to_semi_structured_components
 from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
@@ -147,6 +147,13 @@ def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] |
             return f"{layout} kernels run on CPU only, the weight is on {weight.device}"
         if weight.dtype not in NATIVE_DTYPES:
             return f"{layout} kernels take float32, bfloat16 or float16 weights, the weight is {weight.dtype}"
+        if native_ops() is None:
+            # The operator's pure-torch path (unpack, dense linear) keeps saved programs running anywhere,
+            # but it is never faster than the fused weight: lowering does not pick it.
+            return (
+                f"the C++ {layout} kernel is not available (see the warning above, or {NO_NATIVE_ENV} is set); "
+                "its pure-torch fallback would only unpack to dense"
+            )
     if layout == "csr" and cpu and weight.dtype not in _MKL_DTYPES:
         if weight.dtype not in NATIVE_DTYPES:
             return f"csr on CPU takes float32, bfloat16, float16 or float64 weights, the weight is {weight.dtype}"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
+from passes.lower_sparse import LAYOUTS
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
 from fx_sparsity.autotune import AUTO_MIN_SPEEDUP, choose_backend
 from fx_sparsity.layer_timing import last_level_cache_bytes, time_variants
@@ -159,7 +160,8 @@ def test_per_layer_config_forms_and_precedence():
 @pytest.mark.parametrize(
     "backend, error, match",
     [
-        ("dense", ValueError, r"backend must be one of 'fuse', 'csr', 'bsr', 'semi_structured', 'auto', got 'dense'"),
+        ("dense", ValueError,
+         r"backend must be one of 'fuse', 'csr', 'bsr', 'semi_structured', 'bitmask', 'nm', 'auto', got 'dense'"),
         ({"fc1": "sparse"}, ValueError, r"backend for fc1.weight must be one of .* got 'sparse'"),
         ({"fc3": "csr"}, ValueError, r"'fc3' selects no Linear or Conv weight: 'fc3' names nothing in the model; closest FQNs: fc2, fc1"),
         ({"fc1": {"backend": "bsr", "blocksize": (0, 4)}}, ValueError, r"blocksize for fc1.weight must be .* got \(0, 4\)"),
@@ -197,12 +199,17 @@ def test_bad_modules_raise():
         lower(prepared(LinearNet()), repeats=0)
 
 
-def test_bfloat16_csr_on_cpu_is_refused_and_auto_fuses():
-    """bf16 weights: csr names the dtype limit of CPU torch.sparse; auto fuses; fuse stays exact."""
+def test_bfloat16_csr_on_cpu_is_refused_and_auto_fuses(monkeypatch):
+    """bf16 weights without the C++ kernels (FX_SPARSITY_NO_NATIVE=1): csr names the dtype limit of CPU
+    torch.sparse, bitmask and nm say their kernel is missing; auto fuses; fuse stays exact."""
+    monkeypatch.setenv("FX_SPARSITY_NO_NATIVE", "1")
     gm = prepared(LinearNet().to(torch.bfloat16))
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"float32 and float64 only, the weight is torch.bfloat16"):
         lower(gm, "csr")
+    for layout in ("bitmask", "nm"):
+        with pytest.raises(ValueError, match=f"the C\\+\\+ {layout} kernel is not available"):
+            lower(gm, layout)
     lowered = lower(gm, "auto", example_inputs=x, repeats=1)
     assert [r.backend for r in get_lowering(lowered)] == ["fuse", "fuse"]
     assert all("no sparse kernel fits" in r.note for r in get_lowering(lowered))
@@ -216,7 +223,7 @@ def test_auto_matches_prepared_and_records_timings():
     lowered = lower(gm, "auto", example_inputs=(x,), repeats=2)
     torch.testing.assert_close(lowered(x), gm(x))
     for record in get_lowering(lowered):
-        assert record.requested == "auto" and record.backend in ("fuse", "csr")
+        assert record.requested == "auto" and record.backend in ("fuse", *LAYOUTS)
         assert record.time_before > 0 and record.time_after > 0 and record.note.startswith(("auto", "fused"))
 
 
