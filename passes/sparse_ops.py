@@ -85,16 +85,6 @@ SEMI_STRUCTURED_MIN_SHAPE = (32, 64)
 _SEMI_STRUCTURED_DENSE_MULTIPLE = 8
 
 
-# torch warns once per process that sparse CSR support is in beta. Users of these
-# operators never build a sparse tensor themselves: spend that one warning here,
-# silenced, rather than filter warnings on every call.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-    torch.sparse_csr_tensor(
-        torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), torch.tensor([]), (1, 1), check_invariants=False
-    )
-
-
 def _as_rows(x: Tensor) -> Tensor:
     """``x`` as ``[rows, features]`` (``reshape(-1, 0)`` is ambiguous when there are no features)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
@@ -134,7 +124,12 @@ def _sparse_weight(crow_indices: Tensor, col_indices: Tensor, values: Tensor, in
     if col_indices.dtype == torch.int16:  # unsigned 16-bit, widened for torch.sparse
         col_indices = (col_indices.to(torch.int32) & 0xFFFF).to(crow_indices.dtype)
     build = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
-    return build(crow_indices, col_indices, values, shape, check_invariants=False)
+    # torch warns once per process that sparse CSR support is in beta. Our callers build no sparse tensor
+    # themselves, so the warning is silenced here, where the view is built: only around this call, never by a
+    # filter for the whole process (a few microseconds, on the MKL paths only).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return build(crow_indices, col_indices, values, shape, check_invariants=False)
 
 
 def _native_for(x: Tensor, values: Tensor) -> object | None:

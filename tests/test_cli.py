@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
+import passes
 from fx_sparsity import cli
 from fx_sparsity.models import DemoNet, load_model
 
@@ -116,8 +118,9 @@ def test_methods(argv, achieved, capsys):
     assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked")
 
 
-def test_nm_on_cpu_warns_that_it_will_not_run_fast(capsys):
-    """2:4 on a CPU-only machine: a warning says lower() will fuse it."""
+def test_nm_on_cpu_warns_that_it_will_not_run_fast(capsys, monkeypatch):
+    """2:4 on a CPU-only machine without the C++ kernels: a warning says lower() will fuse it."""
+    monkeypatch.setenv("FX_SPARSITY_NO_NATIVE", "1")
     with pytest.warns(UserWarning, match="2:4 masks run fast only"):
         assert cli.main(["--method=nm", "--no-graph", "--no-progress"]) == 0
 
@@ -183,3 +186,14 @@ def test_capture_failure_is_one_line(tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("fx-sparsity: error: could not capture Net.") and "Remedies:" in last
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(passes.native_ops() is None, reason="the C++ kernels did not build here")
+def test_nm_runs_on_the_cpu_kernel(capsys):
+    """2:4 masks with the C++ kernels built: no warning, and --backend nm lowers every Linear to fx_sparsity::nm_linear
+    (the 3x3 convs fuse), matching the masked eager model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["--method=nm", "--backend=nm", "--no-graph", "--no-progress"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count(" nm ") >= 3 and out.strip().splitlines()[-1].startswith("OK: 5 weights masked, lowered (nm)")

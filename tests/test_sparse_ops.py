@@ -151,3 +151,21 @@ def test_cuda_kernels_match_cpu_reference():
         bias = torch.randn(128, dtype=torch.float16, device="cuda")
         out = semi_structured_linear(x, *to_semi_structured_components(weight), bias)
         torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-2, atol=1e-2)
+
+
+def test_importing_leaves_torch_sparse_warnings_to_the_user():
+    """Importing fx_sparsity neither filters warnings for the process nor spends torch's one-time "Sparse CSR
+    tensor support is in beta" warning: the user's own first CSR tensor still shows it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, fx_sparsity\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), (1, 1))\n"
+        "print(any('in beta' in str(w.message) for w in caught))\n"
+        "print(any('beta' in str(f[1].pattern if hasattr(f[1], 'pattern') else f[1]) for f in warnings.filters))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["True", "False"], result.stderr

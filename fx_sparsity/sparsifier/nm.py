@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from passes import native_ops
+
 from ..masks import nm_keep, validate_nm
 from ..user_frames import caller_stacklevel
 from .base import BaseSparsifier
@@ -54,8 +56,10 @@ class NMSparsifier(BaseSparsifier):
         two_four = [g for g in groups if (g.args["n"], g.args["m"]) == (2, 4)]
         if two_four and not _fast_two_four(getattr(gm.get_submodule(two_four[0].module_fqn), two_four[0].tensor_name)):
             warnings.warn(
-                "2:4 masks run fast only through lower(gm, 'semi_structured') on a CUDA GPU of compute "
-                "capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into dense weights",
+                "2:4 masks run fast only through lower(gm, 'nm') with fx_sparsity's C++ CPU kernels (not built "
+                "here: see the warning about them, or FX_SPARSITY_NO_NATIVE) or lower(gm, 'semi_structured') on "
+                "a CUDA GPU of compute capability 8.0+ with fp16/bf16 weights; here lower() will fuse them into "
+                "dense weights",
                 UserWarning,
                 stacklevel=caller_stacklevel(),
             )
@@ -67,4 +71,6 @@ class NMSparsifier(BaseSparsifier):
 def _fast_two_four(weight: torch.Tensor) -> bool:
     if weight.is_cuda:
         return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    if native_ops() is not None:  # the nm kernel; lower_sparse refuses the layouts it cannot run
+        return True
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
