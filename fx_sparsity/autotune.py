@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from torch import fx
 
-from passes.lower_sparse import LAYOUTS, SparseFormat, lowering_blocker, unsupported_reason
+from passes import LAYOUTS, SparseFormat, lowering_blocker, unsupported_reason
 
 from .layer_timing import LayerTimer
 from .lower_config import LayerRequest

@@ -21,8 +21,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import InputNormObserver, SparseTarget, insert_input_observers, remove_input_observers
-from passes.observe import input_norm_observer
+from passes import (
+    InputNormObserver,
+    SparseTarget,
+    input_norm_observer,
+    insert_input_observers,
+    remove_input_observers,
+)
 
 from .progress import progress
 from .running import as_model_inputs, eval_mode

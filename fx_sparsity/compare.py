@@ -24,9 +24,7 @@ from tabulate import tabulate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
-from passes import SPARSE_OPS, get_sparse_target
-from passes.lower_sparse import COMPONENT_NAMES
-from passes.utils import split_fqn
+from passes import COMPONENT_NAMES, SPARSE_OPS, get_sparse_target, split_fqn
 
 from .running import as_model_inputs, eval_mode
 

@@ -31,8 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import SparseTarget, get_sparse_target, op_arguments, weight_position
-from passes.lower_sparse import SparseFormat, conv_strides, sparse_layer_forward
+from passes import (
+    SparseFormat,
+    SparseTarget,
+    conv_strides,
+    get_sparse_target,
+    op_arguments,
+    sparse_layer_forward,
+    weight_position,
+)
 
 from .running import eval_mode
 

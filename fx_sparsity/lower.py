@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import fuse_masks, masked_targets
-from passes.lower_sparse import COMPONENT_NAMES, lower_sparse
+from passes import COMPONENT_NAMES, fuse_masks, lower_sparse, masked_targets
 
 from .autotune import resolve_layer
 from .layer_timing import LayerTimer, last_level_cache_bytes, record_op_calls

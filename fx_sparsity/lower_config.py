@@ -19,8 +19,7 @@ from typing import Any, Union
 
 from torch import fx
 
-from passes import find_masked_weights, select_weights
-from passes.lower_sparse import LAYOUTS
+from passes import LAYOUTS, find_masked_weights, select_weights
 
 from .config import parse_config
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from passes import clone_sharing_tensors, fuse_masks
-from passes.shrink import ShrinkReport, shrink_channels
+from passes import ShrinkReport, fuse_masks, shrink_channels
 
-from .sparsifier.base import SPARSIFIER_META_KEY, get_sparsifier
+from .sparsifier.base import clone_without_sparsifier, get_sparsifier
 from .sparsifier.structured import ChannelPruner
 
 __all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY"]
@@ -54,12 +53,7 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
             "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
         )
     removed = pruner.removed_channels()
-    sparsifier = gm.meta.pop(SPARSIFIER_META_KEY)
-    try:
-        source = clone_sharing_tensors(gm)
-    finally:
-        gm.meta[SPARSIFIER_META_KEY] = sparsifier
-    fuse_masks(source)
+    source = fuse_masks(clone_without_sparsifier(gm))
     new, report = shrink_channels(source, pruner.channel_groups, removed, pruner.example_inputs)
     new.meta[SHRINK_REPORT_KEY] = report
     return new

@@ -9,7 +9,17 @@ Importing the package registers the ``fx_sparsity::*_linear`` custom operators
 from .capture import CapturedModule, CaptureError, capture
 from .fuse_masks import fuse_masks, masked_targets
 from .insert_masks import insert_masks
-from .lower_sparse import SPARSE_OPS, SparseFormat, lower_sparse, lowering_blocker, sparse_layer_forward
+from .lower_sparse import (
+    COMPONENT_NAMES,
+    LAYOUTS,
+    SPARSE_OPS,
+    SparseFormat,
+    conv_strides,
+    lower_sparse,
+    lowering_blocker,
+    sparse_layer_forward,
+    unsupported_reason,
+)
 from .match import (
     UnmatchedWeight,
     WeightMatch,
@@ -21,35 +31,61 @@ from .match import (
     unmatched_weights,
     weight_position,
 )
-from .native import native_isa, native_ops
+from .native import NO_NATIVE_ENV, native_isa, native_ops
 from .sparse_formats import detect_nm
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .observe import InputNormObserver, insert_input_observers, remove_input_observers
 from .select import FqnRule, is_pattern, select_weights
-from .utils import clone_sharing_tensors
-from .observe import InputHessianObserver, ObserverFactory, accumulate_hessian, input_rows
+from .utils import clone_sharing_tensors, fqns_read, split_fqn, tensor_aliases
+from .observe import (
+    InputHessianObserver,
+    InputNormObserver,
+    ObserverFactory,
+    accumulate_hessian,
+    input_norm_observer,
+    input_rows,
+    insert_input_observers,
+    remove_input_observers,
+)
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
 
 __all__ = [
+    "COMPONENT_NAMES",
     "CaptureError",
+    "CapturedModule",
+    "ChannelGroup",
     "FqnRule",
+    "InputHessianObserver",
     "InputNormObserver",
+    "LAYOUTS",
+    "Member",
+    "NO_NATIVE_ENV",
+    "ObserverFactory",
     "SPARSE_OPS",
     "SPARSITY_META_KEY",
+    "ShrinkReport",
     "SparseFormat",
     "SparseTarget",
+    "UnmatchedWeight",
     "WeightMatch",
+    "accumulate_hessian",
     "capture",
     "clone_sharing_tensors",
+    "conv_strides",
+    "count_macs",
     "detect_nm",
+    "find_channel_groups",
     "find_masked_weights",
     "find_weights",
+    "fqns_read",
     "fuse_masks",
     "get_sparse_target",
+    "input_norm_observer",
+    "input_rows",
     "insert_input_observers",
     "insert_masks",
     "is_pattern",
+    "is_transposed_linear",
     "lower_sparse",
     "lowering_blocker",
     "masked_targets",
@@ -59,20 +95,11 @@ __all__ = [
     "op_kind",
     "remove_input_observers",
     "select_weights",
-    "sparse_layer_forward",
-    "UnmatchedWeight",
-    "unmatched_weights",
-    "is_transposed_linear",
-    "weight_position",
-    "CapturedModule",
-    "InputHessianObserver",
-    "ObserverFactory",
-    "accumulate_hessian",
-    "input_rows",
-    "ChannelGroup",
-    "Member",
-    "ShrinkReport",
-    "count_macs",
-    "find_channel_groups",
     "shrink_channels",
+    "sparse_layer_forward",
+    "split_fqn",
+    "tensor_aliases",
+    "unmatched_weights",
+    "unsupported_reason",
+    "weight_position",
 ]

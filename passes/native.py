@@ -75,7 +75,7 @@ def native_ops() -> object | None:
     Example::
 
         >>> ops = native_ops()
-        >>> ops is None or ops.isa() in ("avx512", "avx2", "generic")
+        >>> ops is None or ops.isa() in ("avx512", "avx512-lut", "avx2", "generic")
         True
     """
     if os.environ.get(NO_NATIVE_ENV, "") not in ("", "0"):
@@ -84,11 +84,12 @@ def native_ops() -> object | None:
 
 
 def native_isa() -> str | None:
-    """The instruction set the C++ kernels run with (``"avx512"``, ``"avx2"``, ``"generic"``), or ``None`` without them.
+    """The instruction set the C++ kernels run with (``"avx512"``, ``"avx512-lut"`` on AMD for batch 1, ``"avx2"``, ``"generic"``), or ``None``
+    without them.
 
     Example::
 
-        >>> native_isa() in ("avx512", "avx2", "generic", None)
+        >>> native_isa() in ("avx512", "avx512-lut", "avx2", "generic", None)
         True
     """
     ops = native_ops()

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import InputHessianObserver, SparseTarget, get_sparse_target
-from passes.utils import fqns_read, split_fqn, tensor_aliases
+from passes import InputHessianObserver, SparseTarget, fqns_read, get_sparse_target, split_fqn, tensor_aliases
 
 from ..masks import validate_level, validate_nm
 from ..sparsegpt import sparsegpt_prune, validate_block_size

@@ -23,8 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from passes import capture, find_weights, select_weights
-from passes.dependency import ChannelGroup, find_channel_groups
+from passes import ChannelGroup, capture, find_channel_groups, find_weights, select_weights
 
 from ..config import SparsityConfig, parse_config
 from .base import BaseSparsifier
