@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import fx
-
-from passes import LAYOUTS, SparseFormat, lowering_blocker, unsupported_reason
+from passes import LAYOUTS, SparseFormat, unsupported_reason
 
 from .layer_timing import LayerTimer
 from .lower_config import LayerRequest
@@ -51,9 +49,12 @@ def _format(layout: str, blocksize: tuple[int, int] | None) -> SparseFormat:
 
 
 def resolve_layer(
-    gm: fx.GraphModule, layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, timed: bool
+    layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, blocker: str | None, timed: bool
 ) -> LayerChoice:
     """The format a layer gets (``None``: fuse), the note, and its times before/after when ``timed``.
+
+    ``blocker`` is why the layer's ops cannot run as a sparse linear at all
+    (:func:`passes.lowering_blockers`), ``None`` when they can.
 
     Raises:
         ValueError: an explicitly requested backend cannot run this layer here.
@@ -61,10 +62,10 @@ def resolve_layer(
     fqn, wanted = layer.target.tensor_fqn, request.backend
     fused = layer.fused()
     variants = {"masked": layer.masked_fn(), "fuse": layer.dense_fn(fused)} if timed else {}
-    blocker = None if wanted == "fuse" else lowering_blocker(gm, fqn)
     if wanted == "fuse" or blocker is not None:
         times = layer.time(variants) if timed else {}
-        return None, f"fused: {blocker}" if blocker else "", times.get("masked"), times.get("fuse")
+        note = f"fused: {blocker}" if wanted != "fuse" and blocker else ""
+        return None, note, times.get("masked"), times.get("fuse")
     if wanted != "auto":
         reason = unsupported_reason(wanted, fused, blocksize)
         if reason is not None:

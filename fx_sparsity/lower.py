@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import COMPONENT_NAMES, fuse_masks, lower_sparse, masked_targets
+from passes import COMPONENT_NAMES, fuse_masks, lower_sparse, lowering_blockers, masked_targets
 
 from .autotune import resolve_layer
 from .layer_timing import LayerTimer, last_level_cache_bytes, record_op_calls
@@ -84,13 +84,11 @@ def get_lowering(gm: fx.GraphModule) -> tuple[LayerLowering, ...]:
     return records
 
 
-def _default_blocksize(gm: fx.GraphModule, tensor_fqn: str) -> tuple[int, int] | None:
-    """The sparsifier's ``sparse_block_shape`` for the weight, when it has one."""
+def _default_blocksizes(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """Tensor FQN -> the sparsifier's ``sparse_block_shape``, for the weights whose group has one."""
     sparsifier = getattr(gm, "meta", {}).get(SPARSIFIER_META_KEY)
-    for record in getattr(sparsifier, "records", ()):
-        if record.tensor_fqn == tensor_fqn and "sparse_block_shape" in record.args:
-            return tuple(record.args["sparse_block_shape"])
-    return None
+    records = getattr(sparsifier, "records", ())
+    return {r.tensor_fqn: tuple(r.args["sparse_block_shape"]) for r in records if "sparse_block_shape" in r.args}
 
 
 def _stored_bytes(gm: fx.GraphModule, tensor_fqn: str) -> int:
@@ -184,12 +182,13 @@ def lower(
     cold = timed and _weights_exceed_cache(gm)
 
     formats, choices = {}, []
+    blockers, blocksizes = lowering_blockers(gm), _default_blocksizes(gm)
     targets = masked_targets(gm)
     for target in progress(targets, progress_bar and timed, "lower: timing layers", len(targets)):
         request = requests[target.tensor_fqn]
         layer = LayerTimer(gm, target, calls.get(target.tensor_fqn, []), repeats, cold)
-        blocksize = request.blocksize or _default_blocksize(gm, target.tensor_fqn)
-        fmt, note, before, after = resolve_layer(gm, layer, request, blocksize, timed)
+        blocksize = request.blocksize or blocksizes.get(target.tensor_fqn)
+        fmt, note, before, after = resolve_layer(layer, request, blocksize, blockers[target.tensor_fqn], timed)
         if fmt is not None:
             formats[target.tensor_fqn] = fmt
         choices.append((layer, request, fmt, note, before, after))

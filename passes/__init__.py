@@ -17,6 +17,7 @@ from .lower_sparse import (
     conv_strides,
     lower_sparse,
     lowering_blocker,
+    lowering_blockers,
     sparse_layer_forward,
     unsupported_reason,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "is_transposed_linear",
     "lower_sparse",
     "lowering_blocker",
+    "lowering_blockers",
     "masked_targets",
     "native_isa",
     "native_ops",

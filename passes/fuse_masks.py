@@ -14,12 +14,10 @@ model, the user keeps the dense values. The pass mutates and returns ``gm``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from torch import fx, nn
 
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .utils import erase_unused_get_attrs, split_fqn, tensor_aliases
+from .utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_aliases
 
 __all__ = ["fuse_masks", "masked_targets"]
 
@@ -30,33 +28,8 @@ def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
     return [t for t in targets if t is not None and t.role == "mask_mul"]
 
 
-class _Reads:
-    """Which FQNs the graph reads, indexed once so that fusing n masks takes time linear in n.
-
-    A ``get_attr`` node reads its target; a ``call_module`` node reads every tensor
-    below its module. Fusing one mask adds or removes reads only of that mask's
-    own weight, so the index taken before the first fuse stays right for the rest.
-    """
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.get_attrs: dict[str, list[fx.Node]] = {}
-        self.called: set[str] = set()
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                self.get_attrs.setdefault(node.target, []).append(node)
-            elif node.op == "call_module":
-                self.called.add(node.target)
-
-    def is_read(self, fqn: str, skip: Collection[fx.Node]) -> bool:
-        """Whether a node but ``skip`` reads ``fqn`` (the same rule as :func:`passes.utils.fqns_read`)."""
-        if any(n not in skip for n in self.get_attrs.get(fqn, ())):
-            return True
-        parts = fqn.split(".")
-        return any(".".join(parts[:i]) in self.called for i in range(len(parts)))
-
-
 def _set_fused_weight(
-    gm: fx.GraphModule, target: SparseTarget, mul: fx.Node, aliases: dict[int, list[str]], reads: _Reads
+    gm: fx.GraphModule, target: SparseTarget, mul: fx.Node, aliases: dict[int, list[str]], reads: ReadIndex
 ) -> list[str]:
     """Register ``weight * mask`` and delete the mask; return the FQNs that hold the fused weight.
 
@@ -125,7 +98,7 @@ def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphM
         ['placeholder', 'call_module', 'output']
     """
     graph = gm.graph
-    aliases, reads = tensor_aliases(gm), _Reads(graph)
+    aliases, reads = tensor_aliases(gm), ReadIndex(graph)
     for mul in list(graph.nodes):
         target = get_sparse_target(mul)
         if target is None or target.role != "mask_mul":

@@ -39,7 +39,7 @@ from .meta import SparseTarget, get_sparse_target
 from .native import NO_NATIVE_ENV, native_ops
 from .sparse_formats import detect_nm, to_bitmask_components, to_nm_components
 from .sparse_ops import NATIVE_DTYPES, to_bsr_components, to_csr_components, to_semi_structured_components
-from .utils import erase_unused_get_attrs, fqns_read, split_fqn, tensor_aliases
+from .utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_aliases
 
 __all__ = [
     "LAYOUTS",
@@ -47,6 +47,7 @@ __all__ = [
     "unsupported_reason",
     "lower_sparse",
     "lowering_blocker",
+    "lowering_blockers",
     "sparse_layer_forward",
     "conv_strides",
     "SPARSE_OPS",
@@ -199,6 +200,11 @@ def _as_tuple(value: object, n: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
+def lowering_blockers(gm: fx.GraphModule) -> dict[str, str | None]:
+    """:func:`lowering_blocker` of every masked weight of ``gm``, in one pass over the graph."""
+    return {fqn: _blocker(mul) for fqn, mul in _mask_muls(gm).items()}
+
+
 def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
     """Why the ops using masked weight ``tensor_fqn`` cannot run as a sparse linear; ``None`` if they can.
 
@@ -340,9 +346,10 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
 
     graph = gm.graph
     aliases = tensor_aliases(gm)
+    dense_weights = []
     for target, fmt, components in plans:
         owner = gm.get_submodule(target.module_fqn)
-        weight_aliases = aliases[id(getattr(owner, target.tensor_name))]
+        dense_weights.append(aliases[id(getattr(owner, target.tensor_name))])
         names = []
         for part, tensor in zip(COMPONENT_NAMES[fmt.layout], components):
             owner.register_buffer(f"{target.tensor_name}_{part}", tensor)
@@ -357,7 +364,9 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
         graph.erase_node(mul)
         erase_unused_get_attrs(graph, inputs)
         del owner._buffers[target.mask_name]
-        if not fqns_read(gm, weight_aliases):
+    reads = ReadIndex(graph)  # once all ops are rewritten: linear in the number of lowered weights
+    for weight_aliases in dense_weights:
+        if not any(reads.is_read(alias) for alias in weight_aliases):
             for alias in weight_aliases:
                 module_fqn, name = split_fqn(alias)
                 delattr(gm.get_submodule(module_fqn), name)

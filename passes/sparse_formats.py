@@ -29,10 +29,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "sparse_beta_silenced",
     "to_bitmask_components",
     "to_nm_components",
     "to_narrow_csr_components",
@@ -193,13 +198,27 @@ def to_narrow_csr_components(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ([0, 1, 2, 3], torch.int16, [1.0, 1.0, 1.0])
     """
     _check_2d(weight)
-    csr = weight.detach().to_sparse_csr()
+    with sparse_beta_silenced():
+        csr = weight.detach().to_sparse_csr()
     crow, col = csr.crow_indices(), csr.col_indices()
     if crow.numel() and int(crow[-1]) > torch.iinfo(torch.int32).max:
         raise ValueError(f"the weight has {int(crow[-1])} nonzeros, more than int32 row pointers can count")
     if weight.shape[1] <= 1 << 16:
         col = col.to(torch.int32).to(torch.int16)  # 32768..65535 wrap to negative: read as unsigned
     return crow.to(torch.int32), col.to(torch.int32) if col.dtype != torch.int16 else col, csr.values().clone()
+
+
+@contextlib.contextmanager
+def sparse_beta_silenced() -> Iterator[None]:
+    """Silence torch's "Sparse CSR tensor support is in beta" warning inside the block only.
+
+    Packing and the MKL paths build sparse-layout tensors internally; the user never
+    sees one, so the warning would only confuse. Nothing is filtered outside the block
+    (no process-wide filter at import).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
 
 
 def _wide_indices(col_indices: Tensor) -> Tensor:
@@ -210,7 +229,8 @@ def _wide_indices(col_indices: Tensor) -> Tensor:
 
 def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, cols: int) -> Tensor:
     """The dense ``[rows, cols]`` weight of CSR components with int16 (unsigned) or int32 column indices."""
-    return torch.sparse_csr_tensor(
-        crow_indices.to(torch.int64), _wide_indices(col_indices), values, (crow_indices.numel() - 1, cols),
-        check_invariants=False,
-    ).to_dense()
+    with sparse_beta_silenced():
+        return torch.sparse_csr_tensor(
+            crow_indices.to(torch.int64), _wide_indices(col_indices), values, (crow_indices.numel() - 1, cols),
+            check_invariants=False,
+        ).to_dense()

@@ -39,7 +39,6 @@ A program exported with these operators needs them registered before
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +50,7 @@ from torch.sparse._semi_structured_conversions import (
 
 from .native import native_ops
 from .sparse_formats import (
+    sparse_beta_silenced,
     bitmask_to_dense,
     csr_to_dense,
     nm_to_dense,
@@ -124,11 +124,7 @@ def _sparse_weight(crow_indices: Tensor, col_indices: Tensor, values: Tensor, in
     if col_indices.dtype == torch.int16:  # unsigned 16-bit, widened for torch.sparse
         col_indices = (col_indices.to(torch.int32) & 0xFFFF).to(crow_indices.dtype)
     build = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
-    # torch warns once per process that sparse CSR support is in beta. Our callers build no sparse tensor
-    # themselves, so the warning is silenced here, where the view is built: only around this call, never by a
-    # filter for the whole process (a few microseconds, on the MKL paths only).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with sparse_beta_silenced():  # a few microseconds, on the MKL paths only
         return build(crow_indices, col_indices, values, shape, check_invariants=False)
 
 
@@ -316,7 +312,8 @@ def to_bsr_components(weight: Tensor, blocksize: tuple[int, int]) -> tuple[Tenso
     rows, cols = weight.shape
     if rows % blocksize[0] or cols % blocksize[1]:
         raise ValueError(f"blocksize {tuple(blocksize)} does not divide the weight shape {tuple(weight.shape)}")
-    bsr = weight.detach().to_sparse_bsr(tuple(blocksize))
+    with sparse_beta_silenced():
+        bsr = weight.detach().to_sparse_bsr(tuple(blocksize))
     return _int32(bsr.crow_indices()), _int32(bsr.col_indices()), bsr.values().clone()
 
 
