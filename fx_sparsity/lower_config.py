@@ -89,8 +89,9 @@ def parse_backends(gm: fx.GraphModule, backend: BackendConfig) -> dict[str, Laye
 
     Example::
 
-        >>> parse_backends(gm, {"fc": {"backend": "bsr", "blocksize": 4}})["fc.weight"]  # doctest: +SKIP
-        LayerRequest(backend='bsr', blocksize=(4, 4))
+        >>> gm = fx_sparsity.prepare(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+        >>> parse_backends(gm, {"1": {"backend": "bsr", "blocksize": 4}})
+        {'0.weight': LayerRequest(backend='fuse', blocksize=None), '1.weight': LayerRequest(backend='bsr', blocksize=(4, 4))}
     """
     matches = find_masked_weights(gm)
     if isinstance(backend, str):
