@@ -36,7 +36,7 @@ from .native import NO_NATIVE_ENV, native_isa, native_ops
 from .sparse_formats import detect_nm
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .select import FqnRule, is_pattern, select_weights
-from .utils import clone_sharing_tensors, fqns_read, split_fqn, tensor_aliases
+from .utils import clone_sharing_tensors, fqns_read, set_tensor, split_fqn, tensor_aliases
 from .observe import (
     InputHessianObserver,
     InputNormObserver,
@@ -99,6 +99,7 @@ __all__ = [
     "select_weights",
     "shrink_channels",
     "sparse_layer_forward",
+    "set_tensor",
     "split_fqn",
     "tensor_aliases",
     "unmatched_weights",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_aliases
+from .utils import ReadIndex, erase_unused_get_attrs, set_tensor, tensor_aliases
 
 __all__ = ["fuse_masks", "masked_targets"]
 
@@ -52,13 +52,7 @@ def _set_fused_weight(
         if hasattr(owner, name):
             raise ValueError(f"cannot add {target.module_fqn or '<root>'}.{name}: the module already has it")
         fused_fqns = [f"{target.module_fqn}.{name}" if target.module_fqn else name]
-    for alias in fused_fqns:
-        module_fqn, name = split_fqn(alias)
-        module = gm.get_submodule(module_fqn)
-        if isinstance(fused, nn.Parameter):
-            module._parameters[name] = fused
-        else:
-            module._buffers[name] = fused
+    set_tensor(gm, fused_fqns, fused)
     del owner._buffers[target.mask_name]
     return fused_fqns
 

@@ -14,6 +14,7 @@ __all__ = [
     "clone_sharing_tensors",
     "tensor_aliases",
     "get_tensor",
+    "set_tensor",
     "fqns_read",
     "ReadIndex",
     "erase_unused_get_attrs",
@@ -24,6 +25,18 @@ def split_fqn(fqn: str) -> tuple[str, str]:
     """Split ``"a.b.weight"`` into ``("a.b", "weight")``; ``"weight"`` into ``("", "weight")``."""
     owner, _, name = fqn.rpartition(".")
     return owner, name
+
+
+def set_tensor(module: nn.Module, fqns: Iterable[str], tensor: torch.Tensor) -> None:
+    """Register ``tensor`` under every FQN of ``fqns`` below ``module``: as a parameter when it is an
+    ``nn.Parameter``, else as a buffer (replacing what was there; tied names stay tied)."""
+    for fqn in fqns:
+        owner_fqn, name = split_fqn(fqn)
+        owner = module.get_submodule(owner_fqn)
+        if isinstance(tensor, nn.Parameter):
+            owner._parameters[name] = tensor
+        else:
+            owner._buffers[name] = tensor
 
 
 def get_tensor(module: nn.Module, fqn: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import InputHessianObserver, SparseTarget, fqns_read, get_sparse_target, split_fqn, tensor_aliases
+from passes import InputHessianObserver, SparseTarget, fqns_read, get_sparse_target, set_tensor, tensor_aliases
 
 from ..masks import validate_level, validate_nm
 from ..sparsegpt import sparsegpt_prune, validate_block_size
@@ -143,13 +143,7 @@ class SparseGPTSparsifier(BaseSparsifier):
         new = self.to_stored_layout(group["module"], group["tensor_name"], new_weight).to(old.dtype).detach().contiguous()
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
-        for alias in aliases:
-            owner_fqn, name = split_fqn(alias)
-            owner = model.get_submodule(owner_fqn)
-            if isinstance(new, nn.Parameter):
-                owner._parameters[name] = new
-            else:
-                owner._buffers[name] = new
+        set_tensor(model, aliases, new)
         self.get_mask(group["module"], group["tensor_name"]).copy_(keep)
 
 
