@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 def _format_group_args(args: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={args[k]}" for k in sorted(args))
+    # Levels OWL or a scheduler computed are floats with many digits: four significant ones say enough.
+    return " ".join(f"{k}={args[k]:.4g}" if isinstance(args[k], float) else f"{k}={args[k]}" for k in sorted(args))
 
 
 def _percent(x: float | None) -> str:
