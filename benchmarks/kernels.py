@@ -20,6 +20,7 @@ speedup as a fraction of it. Outputs are checked against dense before timing.
 
     python benchmarks/kernels.py                      # both regimes, about 20 minutes on 2 cores
     python benchmarks/kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
+    python benchmarks/kernels.py --auto ...           # also fx_sparsity.lower(gm, "auto")'s per-layer picks
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
+from torch import nn
+
+import fx_sparsity
 
 from passes.native import native_isa
 from passes.sparse_ops import _sparse_mm_linear, bitmask_linear, csr_linear, nm_linear
@@ -103,6 +107,39 @@ def build_variants(weights: list[torch.Tensor], sparsity: str) -> dict[str, tupl
     return variants
 
 
+class _Layers(nn.Module):
+    """Bias-free Linears holding ``weights``, each applied to the input of its width (as the benchmark runs them)."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype) for w in weights)
+        for layer, w in zip(self.layers, weights):
+            layer.weight = nn.Parameter(w, requires_grad=False)
+        self.widths = sorted({w.shape[1] for w in weights})
+        assert len(self.widths) <= 2, "the Llama block has two input widths"
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor | None = None) -> list[torch.Tensor]:
+        by_width = dict(zip(self.widths, (x0, x1)))
+        return [layer(by_width[layer.in_features]) for layer in self.layers]
+
+
+def add_auto(variants, weights, xs) -> None:
+    """The ``auto`` variant: ``fx_sparsity.lower(gm, "auto")`` of the layers (masks of ones: the weights are
+    sparse already), each layer then run by the variant auto picked for it; ``fuse`` is dense."""
+    model = _Layers(weights)
+    by_width = {x.shape[1]: x for x in xs}
+    gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.MagnitudeSparsifier(0.0))
+    lowered = fx_sparsity.lower(gm, "auto", example_inputs=tuple(by_width[w] for w in model.widths), progress_bar=False)
+    picks = [r.backend for r in fx_sparsity.get_lowering(lowered)]
+    names = ["dense" if p == "fuse" else p for p in picks]
+    fns = [variants[n][1] for n in names]
+    args = [(fn, *variants[n][0][i]) for i, (fn, n) in enumerate(zip(fns, names))]
+    size = sum(nbytes(*variants[n][0][i]) for i, n in enumerate(names))
+    variants["auto"] = (args, lambda x, fn, *a: fn(x, *a), size)
+    counts = {n: names.count(n) for n in dict.fromkeys(names)}
+    print(f"    auto picked {counts}", flush=True)
+
+
 def check(variants, weights, xs) -> None:
     for i in range(min(3, len(weights))):
         x = xs[i]
@@ -134,7 +171,7 @@ def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for) -> list[list]:
+def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for, auto=False) -> list[list]:
     gen = torch.Generator().manual_seed(0)
     if regime == "streaming":
         shapes = list(LLAMA_BLOCK)
@@ -157,6 +194,9 @@ def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for) -> list[list]
     for batch in batches:
         by_in = {cols: torch.randn(batch, cols, generator=gen).to(dtype) for cols in {w.shape[1] for w in weights}}
         xs = [by_in[w.shape[1]] for w in weights]
+        if auto:
+            variants.pop("auto", None)
+            add_auto(variants, weights, xs)
         check(variants, weights, xs)
         seconds = time_round_robin(variants, xs, rounds, calls)
         dense_s, dense_bytes = seconds["dense"], variants["dense"][2]
@@ -180,6 +220,8 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--auto", action="store_true",
+                        help="also time lower(gm, 'auto')'s per-layer picks (each layer timed by auto first)")
     parser.add_argument("--quick", action="store_true", help="fp32, 50/70/90%% and 2:4, batch 1/16, streaming")
     args = parser.parse_args()
     if args.quick:
@@ -202,7 +244,8 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             for sparsity in args.sparsities.split(","):
-                rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, blocks_for)
+                rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")], args.rounds,
+                                 blocks_for, auto=args.auto)
                 print(f"  done {regime} {dtype_name} {sparsity}", flush=True)
         what = ("Llama-2-7B block shapes, weights > 2x L3" if regime == "streaming"
                 else f"one {WARM_SHAPE[0]}x{WARM_SHAPE[1]} layer, warm")
