@@ -78,40 +78,14 @@ const KernelTable table{"avx512", bitmask_rows, bitmask_rows, csr_rows};
 
 namespace fxs::avx512_lut {
 
-struct V {
-  static constexpr int L = 16;
-  using R = __m512;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
-  static R bcast(float v) { return _mm512_set1_ps(v); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
-  static R vals(const float* p) { return _mm512_loadu_ps(p); }
-  static R vals(const bf16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static R vals(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// The avx512 vector operations but the bitmask decode.
+struct V : avx512::V {
   static R expand(R v, uint32_t m) {
     const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(expand_table.idx[m & 255]));
     const __m256i hi = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(expand_table.idx[m >> 8])),
                                         _mm256_set1_epi32(__builtin_popcount(m & 255)));
     const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     return _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(m), idx, v);
-  }
-  static uint32_t bits(const uint8_t* row, int64_t c) {
-    uint16_t b;
-    std::memcpy(&b, row + 2 * c, 2);
-    return b;
-  }
-  static R gather(const float* x, const int32_t* idx) {
-    return _mm512_i32gather_ps(_mm512_loadu_si512(idx), x, 4);
-  }
-  static R gather(const float* x, const uint16_t* idx) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
-    return _mm512_i32gather_ps(_mm512_cvtepu16_epi32(h), x, 4);
   }
 };
 
