@@ -10,8 +10,12 @@ Two regimes, chosen by the caller from the model's weight bytes:
 * warm: a model whose weights fit in the last-level cache reads them from the
   cache; each sample runs a variant enough times to last about a millisecond;
 * streaming (``cold=True``): a model whose weights exceed the last-level cache
-  reads each layer's weights from memory; before every single timed call a
-  buffer of twice the last-level cache is written, so the call starts cold.
+  reads each layer's weights from memory. Each variant rotates through copies of
+  its tensors that together exceed twice the last-level cache (at most
+  :data:`MAX_COPIES`), called back to back as the model runs its layers, so every
+  call reads from memory. (A cache flush before a lone call, tried first, also
+  charged every variant a single call's fixed costs, which hid most of the byte
+  savings of layers of a few MB.)
 
 Variants of one layer are timed in interleaved rounds, each in a new random
 order, and each variant's median is kept, so that a burst of load on a shared
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
+import math
 import random
 import statistics
 import time
@@ -48,6 +54,8 @@ __all__ = ["OpCall", "record_op_calls", "last_level_cache_bytes", "time_variants
 OpCall = tuple[Any, tuple, dict]  # (op target, args, kwargs) as the op was called
 
 _DEFAULT_LLC_BYTES = 32 << 20
+# Most copies of a layer's tensors the streaming regime rotates through (a tiny layer would need thousands).
+MAX_COPIES = 64
 
 
 class _Recorder(fx.Interpreter):
@@ -86,23 +94,13 @@ def last_level_cache_bytes() -> int:
     return best_size or _DEFAULT_LLC_BYTES
 
 
-class _Flusher:
-    """Writes a buffer of twice the last-level cache, evicting whatever a timed call would find cached."""
-
-    def __init__(self) -> None:
-        self.buffer = torch.empty(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
-
-    def __call__(self) -> None:
-        self.buffer.fill_(1.0)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_variants(
-    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, *, cold: bool = False
+    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, *, calls: int | None = None
 ) -> dict[str, float]:
     """Median seconds per call of each variant, timed in ``repeats`` interleaved rounds of random order.
 
@@ -110,27 +108,24 @@ def time_variants(
         variants: name -> a call to time.
         repeats: rounds; each round takes one sample of every variant.
         device: where the calls run (CUDA calls are synchronised).
-        cold: flush the last-level cache before every call (one call per sample);
-            else each sample runs a variant enough times to last about a millisecond.
+        calls: calls per sample (a variant rotating through that many copies of its tensors
+            reads each from memory); ``None``: enough calls to last about a millisecond.
     """
-    flush = _Flusher() if cold and device.type == "cpu" else None
-    calls = {}
-    for name, fn in variants.items():  # warm-up, and the calls per sample of the warm regime
+    per_sample = {}
+    for name, fn in variants.items():  # warm-up, and the calls per sample
         fn()
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        calls[name] = 1 if cold else max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
+        per_sample[name] = calls or max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     rng = random.Random(0)
     for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
-            if flush is not None:
-                flush()
-            fn, n = variants[name], calls[name]
+            fn, n = variants[name], per_sample[name]
             _sync(device)
             start = time.perf_counter()
             for _ in range(n):
@@ -192,28 +187,43 @@ class LayerTimer:
         self.weight = getattr(owner, target.tensor_name)
         self.mask = getattr(owner, target.mask_name)
         self.calls, self.repeats, self.cold = calls, repeats, cold
+        # Streaming regime: enough copies of the layer's tensors to exceed twice the last-level cache (at most
+        # MAX_COPIES), called in turn, so each call reads memory, back to back as the model runs its layers.
+        weight_bytes = self.weight.numel() * self.weight.element_size()
+        self.copies = min(MAX_COPIES, max(1, math.ceil(2 * last_level_cache_bytes() / weight_bytes))) if cold else 1
 
     def fused(self) -> Tensor:
         """``weight * mask``, detached."""
         return (self.weight * self.mask).detach()
 
-    def _op_fn(self, weight: Callable[[], Tensor]) -> Callable[[], None] | None:
+    def _rotation(self, tensors: tuple[Tensor, ...]) -> Callable[[], tuple[Tensor, ...]]:
+        """A function handing out ``tensors``, or in the streaming regime one of several copies of them in turn,
+        so that every call reads its tensors from memory as a layer of a large model does."""
+        if not self.cold:
+            return lambda: tensors
+        copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(self.copies - 1)]
+        rotation = itertools.cycle(copies)
+        return lambda: next(rotation)
+
+    def _op_fn(self, tensors: tuple[Tensor, ...], weight: Callable[..., Tensor]) -> Callable[[], None] | None:
         if not self.calls:
             return None
+        current = self._rotation(tensors)
 
         def run() -> None:
+            w = weight(*current())
             for op, args, kwargs in self.calls:
-                args, kwargs = _with_weight(op, args, kwargs, weight())
+                args, kwargs = _with_weight(op, args, kwargs, w)
                 op(*args, **kwargs)
         return run
 
     def masked_fn(self) -> Callable[[], None] | None:
         """The prepared layer: mask multiply, then the op."""
-        return self._op_fn(lambda: self.weight * self.mask)
+        return self._op_fn((self.weight.detach(), self.mask), lambda weight, mask: weight * mask)
 
     def dense_fn(self, weight: Tensor) -> Callable[[], None] | None:
         """The op on a given (fused) weight."""
-        return self._op_fn(lambda: weight)
+        return self._op_fn((weight,), lambda w: w)
 
     def sparse_fn(self, fmt: SparseFormat, components: tuple[Tensor, ...]) -> Callable[[], None] | None:
         """The sparse operator of ``fmt`` on the given components."""
@@ -223,15 +233,19 @@ class LayerTimer:
         for op, args, kwargs in self.calls:
             bound = op_arguments(op, args, kwargs)
             prepared.append((bound["input"], bound["bias"], conv_strides(self.target, op, args, kwargs)))
+        current = self._rotation(tuple(components))
 
         def run() -> None:
+            parts = current()
             for x, bias, strides in prepared:
-                sparse_layer_forward(fmt.layout, x, components, bias, strides)
+                sparse_layer_forward(fmt.layout, x, parts, bias, strides)
         return run
 
     def time(self, variants: Mapping[str, Callable[[], None] | None]) -> dict[str, float | None]:
         """Median seconds of each variant (``None`` for a layer that was never called)."""
         runnable = {k: v for k, v in variants.items() if v is not None}
+        if not runnable:
+            return dict.fromkeys(variants)
         with torch.no_grad():
-            times = time_variants(runnable, self.repeats, self.weight.device, cold=self.cold) if runnable else {}
+            times = time_variants(runnable, self.repeats, self.weight.device, calls=self.copies if self.cold else None)
         return {k: times.get(k) for k in variants}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import operator
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
+import passes
 from passes.lower_sparse import LAYOUTS
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
 from fx_sparsity.autotune import AUTO_MIN_SPEEDUP, choose_backend
@@ -345,8 +347,8 @@ def test_timing_leaves_batchnorm_statistics_alone():
 
 def test_timing_regimes():
     """last_level_cache_bytes reads this CPU's last-level cache from sysfs (at least 1 MiB); time_variants
-    returns a positive median per variant, warm and cold (flushing twice that cache before each call), having
-    called every variant in each of its rounds."""
+    returns a positive median per variant, with calls per sample chosen to last about a millisecond (warm) or
+    given (streaming: one call per copy of the layer's tensors), having called every variant in each round."""
     llc = last_level_cache_bytes()
     assert llc >= 1 << 20
     calls = {"a": 0, "b": 0}
@@ -356,8 +358,30 @@ def test_timing_regimes():
             calls[name] += 1
         return fn
 
-    for cold in (False, True):
+    for per_sample in (None, 4):
         calls.update(a=0, b=0)
-        times = time_variants({"a": make("a"), "b": make("b")}, repeats=3, device=torch.device("cpu"), cold=cold)
+        times = time_variants({"a": make("a"), "b": make("b")}, repeats=3, device=torch.device("cpu"), calls=per_sample)
         assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
-        assert calls["a"] >= 5 if cold else calls["a"] > 5  # 2 warm-up calls, then 3 rounds
+        # 2 warm-up calls, then 3 rounds of 4 calls (streaming) or of about a millisecond's worth (warm)
+        assert calls["a"] == 2 + 3 * 4 if per_sample else calls["a"] > 5
+
+
+def test_streaming_timing_rotates_through_copies(monkeypatch):
+    """When the model's weights exceed the last-level cache, each variant of a layer rotates through copies of its
+    tensors that together exceed twice that cache (so every call reads memory, back to back), and auto still
+    matches the prepared module. The cache size is patched small so that a test model is "large"."""
+    layer_timing = importlib.import_module("fx_sparsity.layer_timing")
+    lower_module = importlib.import_module("fx_sparsity.lower")  # the package's `lower` is the function
+
+    monkeypatch.setattr(layer_timing, "last_level_cache_bytes", lambda: 64 << 10)
+    monkeypatch.setattr(lower_module, "last_level_cache_bytes", lambda: 64 << 10)
+    gm = prepared(LinearNet(), level=0.9)
+    x = torch.randn(3, 64)
+    assert lower_module._weights_exceed_cache(gm)
+    target = passes.masked_targets(gm)[0]
+    calls = layer_timing.record_op_calls(gm, (x,), {})[target.tensor_fqn]
+    timer = layer_timing.LayerTimer(gm, target, calls, repeats=1, cold=True)
+    weight_bytes = timer.weight.numel() * timer.weight.element_size()
+    assert timer.copies == min(layer_timing.MAX_COPIES, -(-2 * (64 << 10) // weight_bytes)) > 1
+    lowered = lower(gm, "auto", example_inputs=(x,), repeats=1, progress_bar=False)
+    torch.testing.assert_close(lowered(x), gm(x))
