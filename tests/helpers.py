@@ -23,6 +23,7 @@ __all__ = [
     "TinyResNet",
     "TinyMobileNet",
     "TinyViT",
+    "ThreeLinear",
     "ImplementedSparsifier",
     "AOImplementedSparsifier",
     "MockSparseLinear",
@@ -225,6 +226,17 @@ class TinyViT(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+class ThreeLinear(nn.Module):
+    """Three Linears (24 -> 48 -> 40 -> 8) with ReLUs between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(24, 48), nn.Linear(48, 40), nn.Linear(40, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 class ImplementedSparsifier(BaseSparsifier):

@@ -15,7 +15,7 @@ from fx_sparsity.sparsifier import SparseGPTSparsifier
 from fx_sparsity.masks import magnitude_keep, nm_keep
 from fx_sparsity.sparsegpt import accumulate_hessian, input_rows, sparsegpt_prune
 
-from helpers import ConvNet1d3d, MixedNet, TiedEmbeddingNet, snapshot
+from helpers import ConvNet1d3d, MixedNet, ThreeLinear, TiedEmbeddingNet, snapshot
 
 
 def sparsegpt_reference(w, h, level, nm, block_size, dampening):
@@ -177,15 +177,6 @@ def test_reconstruction_error_below_wanda_and_magnitude(nm):
 
 
 # ---------------------------------------------------------------- the sparsifier
-
-
-class ThreeLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(24, 48), nn.Linear(48, 40), nn.Linear(40, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def eager_inputs(model: nn.Module, batches, names) -> dict[str, list[torch.Tensor]]:

@@ -23,16 +23,7 @@ from fx_sparsity import (
     prepare,
 )
 
-from helpers import MixedNet, PointwiseConvNet, count_nodes
-
-
-class ThreeLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(24, 48), nn.Linear(48, 40), nn.Linear(40, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+from helpers import MixedNet, PointwiseConvNet, ThreeLinear, count_nodes
 
 
 def masks_of(gm, sparsifier) -> dict[str, torch.Tensor]:
