@@ -13,24 +13,51 @@ Counting rule (exact, per group of ``n`` channels in ``b`` blocks): remove
 multiple of ``lcm(round_to, b)``; the kept count is rounded *up*, so a group never
 loses more than ``ratio * n`` channels (Torch-Pruning rounds the removal up instead).
 A group whose kept count cannot be rounded within ``n`` keeps all its channels.
+
+Criteria (``ChannelPruner(criterion=...)``): ``"l1"``/``"l2"``/``"fpgm"`` score the
+masked producer rows; ``"taylor"`` scores ``sum |w * dL/dw|`` over every member of
+the group that is a parameter with a gradient (producer rows, consumer columns,
+biases, norm weights), with gradients from :func:`accumulate_gradients` (consumed by
+the next ``step()``) or else the ``.grad`` the user's own training steps left on the
+parameters; ``"activation"`` scores the L2 norm of each channel where its
+consumers read it (after any norm or activation), from ``fx_sparsity.calibrate``'s
+input observers on the consumers. For these two, channels an earlier ``step()``
+removed score 0, so gradual pruning only adds channels (as the norm criteria do,
+scoring masked weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
 from passes import ChannelGroup, capture, find_channel_groups, find_weights, select_weights
+from passes.dependency import Member
+from passes.utils import get_tensor
 
 from ..config import SparsityConfig, parse_config
-from .base import BaseSparsifier
+from ..running import as_model_inputs, eval_mode
+from .base import BaseSparsifier, get_sparsifier
+from .wanda import INPUT_NORM_KEY
 
-__all__ = ["ChannelPruner", "channel_importance", "channels_to_remove", "count_to_remove"]
+__all__ = [
+    "ChannelPruner",
+    "accumulate_gradients",
+    "activation_importance",
+    "channel_importance",
+    "channels_to_remove",
+    "count_to_remove",
+    "taylor_importance",
+]
 
-Criterion = Literal["l1", "l2", "fpgm"]
+Criterion = Literal["l1", "l2", "fpgm", "taylor", "activation"]
+_WEIGHT_CRITERIA = ("l1", "l2", "fpgm")
+_CRITERIA = (*_WEIGHT_CRITERIA, "taylor", "activation")
 
 
 def channel_importance(rows: torch.Tensor, criterion: Criterion = "l1") -> torch.Tensor:
@@ -52,6 +79,142 @@ def channel_importance(rows: torch.Tensor, criterion: Criterion = "l1") -> torch
     if criterion == "fpgm":
         return torch.cdist(rows[None], rows[None], p=2)[0].abs().sum(1)
     raise ValueError(f"criterion must be 'l1', 'l2' or 'fpgm', got {criterion!r}")
+
+
+def taylor_importance(rows: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """First-order Taylor importance of each channel: ``sum_j |rows[c, j] * gradients[c, j]|``.
+
+    Args:
+        rows: ``[channels, entries]``, every group member's entries of the channel side by side.
+        gradients: the loss gradient of each entry, same shape.
+
+    Returns:
+        ``[channels]`` scores (the loss change a first-order expansion predicts for zeroing each entry, summed).
+
+    Example::
+
+        >>> taylor_importance(torch.tensor([[1.0, -2.0], [0.5, 0.0]]), torch.tensor([[0.5, 1.0], [-4.0, 9.0]]))
+        tensor([2.5000, 2.0000])
+    """
+    if rows.shape != gradients.shape:
+        raise ValueError(f"rows {tuple(rows.shape)} and gradients {tuple(gradients.shape)} must have one shape")
+    return (rows * gradients).abs().sum(1)
+
+
+def activation_importance(sum_squares: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each channel's activation from ``[channels, entries]`` sums of squares (over batches, positions
+    and every consumer reading the channel, side by side).
+
+    Example::
+
+        >>> activation_importance(torch.tensor([[9.0, 16.0], [1.0, 0.0]]))
+        tensor([5., 1.])
+    """
+    return sum_squares.sum(1).sqrt()
+
+
+def _grouped_columns(module: nn.Module) -> int:
+    """``groups`` of a grouped (not depthwise) conv, whose weight columns are per block; else 1."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.weight.shape[1] > 1:
+        return module.groups
+    return 1
+
+
+def _channel_rows(tensor: torch.Tensor, member: Member, size: int, groups: int = 1) -> torch.Tensor:
+    """``[size, entries]``: the entries of ``tensor`` each of the group's channels owns in ``member``.
+
+    A grouped conv's input columns are per block (``groups`` > 1): input channel ``c`` is column
+    ``c % per_block`` of the rows of block ``c // per_block``.
+    """
+    if member.kind == "consumer" and groups > 1:
+        out, per_block = tensor.shape[0] // groups, tensor.shape[1]
+        by_input = tensor.reshape(groups, out, per_block, -1).permute(0, 2, 1, 3).reshape(groups * per_block, -1)
+        return by_input[member.indices(torch.arange(size))].reshape(size, -1)
+    return tensor.movedim(member.dim, 0)[member.indices(torch.arange(size))].reshape(size, -1)
+
+
+def _taylor_tensors(gm: fx.GraphModule, groups: Iterable[ChannelGroup]) -> dict[str, torch.Tensor]:
+    """Tensor FQN -> parameter, for every member (not a module) of ``groups`` that is a parameter needing grad."""
+    found = {}
+    for group in groups:
+        for m in group.members:
+            if m.kind == "module":
+                continue
+            tensor = get_tensor(gm, m.target)
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                found[m.target] = tensor
+    return found
+
+
+def accumulate_gradients(
+    gm: fx.GraphModule, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Sum the loss gradients of the pruned groups' parameters over ``batches``, for ``criterion="taylor"``.
+
+    Each batch runs ``loss_fn(gm(*inputs), target)`` and ``torch.autograd.grad`` in eval
+    mode (the prepared module shares its parameters and BatchNorm statistics with the
+    user's model: no ``.grad`` is set and no statistic moves). The sums are kept by the
+    module's ``ChannelPruner`` and used, then dropped, by its next ``step()``; a second call
+    replaces them. Users who train ``gm`` themselves can skip this: ``step()`` then reads
+    the parameters' ``.grad``.
+
+    Args:
+        gm: a module returned by ``ChannelPruner(criterion="taylor").prepare``.
+        batches: an iterable of ``(inputs, target)`` pairs; ``inputs`` a tensor, a tuple of
+            positional inputs or a dict of keyword inputs.
+        loss_fn: ``loss_fn(output, target)`` returning a scalar tensor (e.g. ``nn.CrossEntropyLoss()``).
+
+    Returns:
+        tensor FQN -> summed gradient, for every parameter member of a pruned group.
+
+    Raises:
+        TypeError / ValueError: ``gm`` has no ChannelPruner, a batch is not an ``(inputs, target)``
+            pair, ``batches`` is empty, or the loss is not a scalar; nothing is kept then.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> pruner = ChannelPruner(0.5, criterion="taylor")
+        >>> gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
+        >>> grads = accumulate_gradients(gm, [(torch.randn(4, 8), torch.randn(4, 4))], nn.MSELoss())
+        >>> sorted(grads)
+        ['0.bias', '0.weight', '2.weight']
+        >>> pruner.step()
+    """
+    pruner = get_sparsifier(gm)
+    if not isinstance(pruner, ChannelPruner):
+        raise ValueError(
+            f"accumulate_gradients needs a module prepared by ChannelPruner, got one prepared by "
+            f"{type(pruner).__name__}; use ChannelPruner(criterion='taylor').prepare(model, example_inputs=...)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
+    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of (inputs, target) pairs, got {type(batches).__name__}")
+    tensors = _taylor_tensors(gm, (pruner.channel_groups[i] for i in pruner.pruned_groups()))
+    names, params = list(tensors), list(tensors.values())
+    sums: list[torch.Tensor | None] = [None] * len(params)
+    seen = 0
+    with eval_mode(gm), torch.enable_grad():
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(
+                    f"batch {seen} of batches must be an (inputs, target) pair, got {type(batch).__name__}"
+                )
+            args, kwargs = as_model_inputs(batch[0], f"inputs of batch {seen}")
+            loss = loss_fn(gm(*args, **kwargs), batch[1])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} at batch {seen}; reduce it"
+                )
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            sums = [s if g is None else g.detach() if s is None else s + g.detach() for s, g in zip(sums, grads)]
+            seen += 1
+    if not seen:
+        raise ValueError("accumulate_gradients needs at least one batch; batches was empty")
+    pruner.gradients = {name: s for name, s in zip(names, sums) if s is not None}
+    return dict(pruner.gradients)
 
 
 def count_to_remove(size: int, ratio: float, round_to: int = 1, blocks: int = 1) -> int:
@@ -106,7 +269,12 @@ class ChannelPruner(BaseSparsifier):
             overridable in the config (the entry of any producer of a group sets that
             group's ratio).
         criterion: ``"l1"`` or ``"l2"`` row norms (saliency) or ``"fpgm"`` (geometric
-            median), scored on the masked weights of all the group's producers.
+            median), scored on the masked weights of all the group's producers;
+            ``"taylor"`` (``|weight x gradient|`` over the group's members: call
+            :func:`accumulate_gradients` or leave ``.grad`` from training steps before
+            ``step()``) or ``"activation"`` (L2 norm of each channel's activation at its
+            consumers: call ``fx_sparsity.calibrate(gm, batches)`` before ``step()``; the
+            consumers get masks, all ones unless ``mask_consumers``, for the observers).
         round_to: the kept count of each group is a multiple of this (8, 16 for
             hardware-friendly shapes); per-weight overridable.
         scope: ``"layer"`` (each group loses ``sparsity_level`` of its channels) or ``"global"``
@@ -145,7 +313,8 @@ class ChannelPruner(BaseSparsifier):
         # derives from the dependency analysis; a config may not set it.
         defaults = {"sparsity_level": sparsity_level, "round_to": round_to, "channel_groups": ()}
         _validate(defaults)
-        channel_importance(torch.zeros(1, 1), criterion)
+        if criterion not in _CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(map(repr, _CRITERIA))}, got {criterion!r}")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         super().__init__(defaults=defaults)
@@ -153,6 +322,8 @@ class ChannelPruner(BaseSparsifier):
         self.channel_groups: tuple[ChannelGroup, ...] = ()
         self.frozen: dict[int, str] = {}
         self.example_inputs: Any = None
+        # Summed gradients from accumulate_gradients (criterion "taylor"), dropped by the next step().
+        self.gradients: dict[str, torch.Tensor] = {}
 
     def prepare(  # type: ignore[override]
         self,
@@ -175,7 +346,9 @@ class ChannelPruner(BaseSparsifier):
             for m in groups[index].producers:
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry.update(overrides, channel_groups=entry["channel_groups"] + (index,))
-            for m in groups[index].consumers if self.mask_consumers else ():
+            # The activation criterion observes the channels where the consumers read them: they need masks.
+            observed = self.mask_consumers or self.criterion == "activation"
+            for m in groups[index].consumers if observed else ():
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry["channel_groups"] += (index,)
         if not entries:
@@ -200,7 +373,12 @@ class ChannelPruner(BaseSparsifier):
             if not group.prunable:
                 return group.frozen_reason
             unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
-            return f"its producers {unmaskable} have no mask (not Linear/Conv weights)" if unmaskable else None
+            if unmaskable:
+                return f"its producers {unmaskable} have no mask (not Linear/Conv weights)"
+            unobserved = [c.target for c in group.consumers if c.target not in maskable]
+            if self.criterion == "activation" and (unobserved or not group.consumers):
+                return f"criterion 'activation' observes its consumers, and {unobserved or 'none'} cannot be observed"
+            return None
 
         self.frozen = {g.index: why for g in groups if (why := blocker(g)) is not None}
         if config is None:
@@ -256,19 +434,68 @@ class ChannelPruner(BaseSparsifier):
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         raise NotImplementedError("ChannelPruner updates all masks at once in update_masks()")
 
+    def pruned_groups(self) -> list[int]:
+        """Indices of the channel groups this pruner scores (those with a producer in its config)."""
+        return sorted({i for g in self.groups for i in self._produced(g)})
+
+    def _score(self, index: int, weights: dict[str, Any]) -> torch.Tensor:
+        group = self.channel_groups[index]
+        if self.criterion in _WEIGHT_CRITERIA:
+            rows = [
+                _channel_rows(self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"]),
+                              p, group.size).float()
+                for p in group.producers
+            ]
+            return channel_importance(torch.cat(rows, 1), self.criterion)
+        gm = self._require_model("step()")
+        if self.criterion == "taylor":
+            return self._taylor_score(gm, group, weights)
+        sums = []
+        for c in group.consumers:
+            norm = self.state.get(c.target, {}).get(INPUT_NORM_KEY)
+            if norm is None:
+                raise ValueError(
+                    f"criterion 'activation' needs the activations {c.target} reads: run "
+                    "fx_sparsity.calibrate(gm, batches) before step()"
+                )
+            # The observer's norms run over the input channels (global ones for a grouped conv), along dim 0.
+            sums.append(_channel_rows(norm.double().square(), dataclasses.replace(c, dim=0), group.size))
+        return activation_importance(torch.cat(sums, 1)).float()
+
+    def _taylor_score(self, gm: fx.GraphModule, group: ChannelGroup, weights: dict[str, Any]) -> torch.Tensor:
+        rows, grads = [], []
+        for m in group.members:
+            tensor = get_tensor(gm, m.target) if m.kind != "module" else None
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            grad = self.gradients.get(m.target) if self.gradients else tensor.grad
+            if grad is None and m.kind == "producer":
+                raise ValueError(
+                    f"criterion 'taylor' needs the gradient of {m.target}: call "
+                    "fx_sparsity.accumulate_gradients(gm, batches, loss_fn), or run loss.backward() on gm, "
+                    "before step()"
+                )
+            if grad is None:
+                continue
+            if m.target in weights:  # the weight as the model sees it, masked (stored layout, as the gradient)
+                w = weights[m.target]
+                tensor = tensor * getattr(w["module"], f"{w['tensor_name']}_mask")
+            module = gm.get_submodule(m.target.rpartition(".")[0])
+            groups = _grouped_columns(module)
+            rows.append(_channel_rows(tensor.detach(), m, group.size, groups).double())
+            grads.append(_channel_rows(grad, m, group.size, groups).double())
+        return taylor_importance(torch.cat(rows, 1), torch.cat(grads, 1)).float()
+
     def update_masks(self) -> None:
         weights = {g["tensor_fqn"]: g for g in self.groups}
         args = {i: (g["sparsity_level"], g["round_to"]) for g in self.groups for i in self._produced(g)}
+        dead = self.removed_channels() if self.criterion not in _WEIGHT_CRITERIA else {}
         scores = {}
         for index in args:
-            group = self.channel_groups[index]
-            channels = torch.arange(group.size)
-            rows = [
-                self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"])
-                .movedim(p.dim, 0)[p.indices(channels)].reshape(group.size, -1).float()
-                for p in group.producers
-            ]
-            scores[index] = channel_importance(torch.cat(rows, 1), self.criterion)
+            scores[index] = self._score(index, weights)
+            if index in dead:  # removed by an earlier step: stays removed
+                scores[index][dead[index]] = 0.0
+        self.gradients = {}
         counts = self._counts(scores, args)
         for g in self.groups:
             self.get_mask(g["module"], g["tensor_name"]).fill_(1)
