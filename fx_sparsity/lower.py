@@ -13,6 +13,11 @@ the sparsity config (layers no entry selects are fused)::
   / ``bsr_linear`` operators (:mod:`passes.sparse_ops`); other convs are fused.
   On CPU these run on MKL, which takes float32/float64 and square blocks only.
 * ``"semi_structured"``: 2:4 weights in fp16/bf16 on a CUDA GPU (CUTLASS).
+* ``"shrink"`` (whole model only): a module prepared by a
+  :class:`~fx_sparsity.ChannelPruner` loses its masked channels physically
+  (:func:`fx_sparsity.shrink`); one record per masked weight gives its shape before
+  and after, and with ``example_inputs`` the report (:func:`fx_sparsity.shrink_report`)
+  holds the model's latency before (masks fused, dense) and after, timed side by side.
 * ``"auto"``: per layer, times every backend the layer can take on its own
   input from ``example_inputs`` and keeps a sparse kernel only when it beats the
   fused dense op by :data:`~fx_sparsity.autotune.AUTO_MIN_SPEEDUP`. When the
@@ -26,22 +31,33 @@ weight; :func:`fx_sparsity.lowering_table` prints them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 
-from passes import COMPONENT_NAMES, fuse_masks, lower_sparse, lowering_blockers, masked_targets
+from passes import COMPONENT_NAMES, ShrinkReport, fuse_masks, lower_sparse, lowering_blockers, masked_targets
+from passes.utils import get_tensor
 
 from .autotune import resolve_layer
-from .layer_timing import LayerTimer, last_level_cache_bytes, record_op_calls
-from .lower_config import BACKENDS, BackendConfig, LayerRequest, parse_backends
+from .layer_timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
+from .lower_config import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest, parse_backends
 from .progress import progress
-from .running import as_model_inputs
-from .sparsifier.base import SPARSIFIER_META_KEY, clone_without_sparsifier
+from .running import as_model_inputs, eval_mode
+from .sparsifier.base import SPARSIFIER_META_KEY, clone_without_sparsifier, get_sparsifier
+from .sparsifier.structured import ChannelPruner
+from .structured import SHRINK_REPORT_KEY, shrink
 
-__all__ = ["lower", "LayerLowering", "get_lowering", "BACKENDS", "LOWERING_META_KEY"]
+__all__ = [
+    "lower",
+    "LayerLowering",
+    "TimedShrinkReport",
+    "get_lowering",
+    "BACKENDS",
+    "MODEL_BACKENDS",
+    "LOWERING_META_KEY",
+]
 
 LOWERING_META_KEY = "fx_sparsity.lowering"
 
@@ -59,7 +75,8 @@ class LayerLowering:
         dense_bytes: bytes of the dense weight; ``lowered_bytes``: bytes the lowered
             module stores for it (index and value tensors, or the fused weight).
         time_before, time_after: seconds per call of the masked layer and of the
-            lowered layer on its input from ``example_inputs`` (medians); ``None`` without them.
+            lowered layer on its input from ``example_inputs`` (medians); ``None`` without them,
+            and for ``"shrink"`` (whose latency is the whole model's, in :class:`TimedShrinkReport`).
     """
 
     tensor_fqn: str
@@ -74,6 +91,27 @@ class LayerLowering:
     lowered_bytes: int
     time_before: float | None = None
     time_after: float | None = None
+
+
+@dataclass(frozen=True)
+class TimedShrinkReport(ShrinkReport):
+    """The :class:`passes.ShrinkReport` of ``lower(gm, "shrink")``, with the model's latency.
+
+    Attributes:
+        latency_before: seconds per call of the module before shrinking, masks fused (what the dense,
+            unpruned model costs), median of interleaved rounds; ``None`` without ``example_inputs``.
+        latency_after: the same for the shrunk module, timed in the same rounds.
+    """
+
+    latency_before: float | None = None
+    latency_after: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """``latency_before / latency_after``, or ``None`` when not timed."""
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return self.latency_before / self.latency_after
 
 
 def get_lowering(gm: fx.GraphModule) -> tuple[LayerLowering, ...]:
@@ -147,7 +185,8 @@ def lower(
 
     Args:
         gm: a module returned by :func:`fx_sparsity.prepare` (masks still in place).
-        backend: one of :data:`BACKENDS` for every layer, or a per-layer config
+        backend: one of :data:`BACKENDS` for every layer, ``"shrink"`` for a module
+            prepared by a ``ChannelPruner`` (whole model only), or a per-layer config
             (FQN-keyed dict or list of dicts with ``"backend"`` and, for bsr and
             auto, ``"blocksize"``); layers it does not select are fused.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword
@@ -163,7 +202,8 @@ def lower(
         TypeError / ValueError: ``gm`` has no masks, a backend, blocksize or
             ``example_inputs`` is invalid, or an explicit backend cannot hold a
             layer on this machine (the message says why; ``"auto"`` falls back
-            to fusing instead). Raised before anything is built.
+            to fusing instead), or ``"shrink"`` is asked per layer or of a module not
+            prepared by a ``ChannelPruner``. Raised before anything is built.
 
     Example::
 
@@ -174,6 +214,8 @@ def lower(
         ['csr']
     """
     _check_arguments(gm, repeats)
+    if isinstance(backend, str) and backend in MODEL_BACKENDS:
+        return _lower_shrink(gm, example_inputs, repeats)
     requests = parse_backends(gm, backend)
     timed = example_inputs is not None
     if not timed and any(r.backend == "auto" for r in requests.values()):
@@ -198,3 +240,51 @@ def lower(
     fuse_masks(lowered)
     lowered.meta[LOWERING_META_KEY] = tuple(_record(*choice, lowered) for choice in choices)
     return lowered
+
+
+def _lower_shrink(gm: fx.GraphModule, example_inputs: Any, repeats: int) -> fx.GraphModule:
+    """``lower(gm, "shrink")``: :func:`fx_sparsity.shrink`, one record per masked weight, and the latency."""
+    pruner = get_sparsifier(gm)
+    if not isinstance(pruner, ChannelPruner):
+        raise ValueError(
+            f"backend 'shrink' removes the channels a ChannelPruner masked; gm was prepared by "
+            f"{type(pruner).__name__}: use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...), "
+            "or another backend"
+        )
+    inputs = as_model_inputs(example_inputs, "example_inputs") if example_inputs is not None else None
+    small = shrink(gm)
+    records = []
+    for target in masked_targets(gm):
+        owner = gm.get_submodule(target.module_fqn)
+        weight, mask = getattr(owner, target.tensor_name), getattr(owner, target.mask_name)
+        after = get_tensor(small, target.tensor_fqn)
+        records.append(LayerLowering(
+            tensor_fqn=target.tensor_fqn,
+            kind=target.kind,
+            weight_shape=target.weight_shape,
+            requested="shrink",
+            backend="shrink",
+            blocksize=None,
+            note=f"-> {'x'.join(map(str, after.shape))}",
+            sparsity=1.0 - int(torch.count_nonzero(mask)) / mask.numel(),
+            dense_bytes=weight.numel() * weight.element_size(),
+            lowered_bytes=after.numel() * after.element_size(),
+        ))
+    small.meta[LOWERING_META_KEY] = tuple(records)
+    report = small.meta[SHRINK_REPORT_KEY]
+    timed = {f.name: getattr(report, f.name) for f in fields(ShrinkReport)}
+    if inputs is not None:
+        timed["latency_before"], timed["latency_after"] = _time_models(gm, small, inputs, repeats)
+    small.meta[SHRINK_REPORT_KEY] = TimedShrinkReport(**timed)
+    return small
+
+
+def _time_models(gm: fx.GraphModule, small: fx.GraphModule, inputs: Any, repeats: int) -> tuple[float, float]:
+    """Median seconds per call of ``gm`` with its masks fused and of ``small``, in interleaved rounds."""
+    dense = fuse_masks(clone_without_sparsifier(gm))
+    args, kwargs = inputs
+    device = next(iter(small.parameters()), torch.empty(0)).device
+    with torch.no_grad(), eval_mode(dense), eval_mode(small):
+        times = time_variants({"dense": lambda: dense(*args, **kwargs), "shrunk": lambda: small(*args, **kwargs)},
+                              repeats, device)
+    return times["dense"], times["shrunk"]

@@ -23,14 +23,21 @@ from passes import LAYOUTS, find_masked_weights, select_weights
 
 from .config import parse_config
 
-__all__ = ["BACKENDS", "BackendConfig", "LayerRequest", "parse_backends"]
+__all__ = ["BACKENDS", "MODEL_BACKENDS", "BackendConfig", "LayerRequest", "parse_backends"]
 
 BACKENDS = ("fuse", *LAYOUTS, "auto")
+# Backends that rewrite the whole model at once (coupled layers change together): never per layer.
+MODEL_BACKENDS = ("shrink",)
 BackendConfig = Union[str, Sequence[Mapping[str, Any]], Mapping[str, Union[str, Mapping[str, Any]]]]
 _TAKES_BLOCKSIZE = ("bsr", "auto")
 
 
 def _check_backend(value: object, where: str) -> str:
+    if value in MODEL_BACKENDS:
+        raise ValueError(
+            f"{where} is {value!r}, which removes channels from the whole model at once (coupled layers shrink "
+            f"together): call lower(gm, {value!r}) with no per-layer entries"
+        )
     if value not in BACKENDS:
         raise ValueError(f"{where} must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
     return value
