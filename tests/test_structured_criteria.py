@@ -92,6 +92,9 @@ def test_taylor_matches_direct_computation_on_a_conv_bn_chain():
     torch.testing.assert_close(summed["0.weight"], grads["0.weight"])
     torch.testing.assert_close(summed["1.bias"], grads["1.bias"])
     assert all(q.grad is None for q in model.parameters())  # no .grad left on the user's (shared) parameters
+    scores = pruner.importance()
+    torch.testing.assert_close(scores[0], score0)
+    torch.testing.assert_close(scores[1], score1)
     pruner.step()
     removed = pruner.removed_channels()
     assert removed[0].tolist() == _expected_removed(score0, 0.5)
@@ -100,6 +103,31 @@ def test_taylor_matches_direct_computation_on_a_conv_bn_chain():
     assert after["attrs"] == before["attrs"]
     for key, value in before["state"].items():
         torch.testing.assert_close(after["state"][key], value, rtol=0, atol=0)
+
+
+def test_taylor_scores_match_torch_pruning():
+    """Torch-Pruning's TaylorImportance (sum over the group, no normalizer, biases included) on the same gradients
+    gives our scores: exactly for the 1x1 conv's group (rows, bias, the Linear's flattened columns); for conv0's group
+    ours adds the BatchNorm's |w * g| terms, which Torch-Pruning 1.6 skips (it tests BatchNorm members against
+    prune_groupnorm_out_channels)."""
+    tp = pytest.importorskip("torch_pruning", reason="Torch-Pruning (PyPI torch-pruning) is not installed")
+    model, batches, loss_fn = _conv_model(), _batches(), nn.CrossEntropyLoss()
+    eager = copy.deepcopy(model).eval()
+    for x, y in batches:
+        loss_fn(eager(x), y).backward()
+    graph = tp.DependencyGraph().build_dependency(eager, example_inputs=batches[0][0])
+    scorer = tp.importance.TaylorImportance(group_reduction="sum", normalizer=None, bias=True)
+    theirs = [
+        scorer(graph.get_pruning_group(eager[i], tp.prune_conv_out_channels, idxs=list(range(eager[i].out_channels))))
+        for i in (0, 3)
+    ]
+    bn = (eager[1].weight * eager[1].weight.grad).abs() + (eager[1].bias * eager[1].bias.grad).abs()
+    pruner = ChannelPruner(0.5, criterion="taylor")
+    gm = pruner.prepare(model, example_inputs=batches[0][0])
+    accumulate_gradients(gm, batches, loss_fn)
+    ours = pruner.importance()
+    torch.testing.assert_close(ours[1], theirs[1])
+    torch.testing.assert_close(ours[0], theirs[0] + bn.detach())
 
 
 def test_taylor_grouped_conv_consumer_columns_are_read_per_block():
@@ -181,6 +209,9 @@ def test_activation_matches_direct_computation_on_a_conv_bn_chain():
     code = gm.code
     fx_sparsity.calibrate(gm, batches, progress_bar=False)
     assert gm.code == code
+    scores = pruner.importance()
+    torch.testing.assert_close(scores[0], score0)
+    torch.testing.assert_close(scores[1], score1)
     pruner.step()
     removed = pruner.removed_channels()
     assert removed[0].tolist() == _expected_removed(score0, 0.5)

@@ -486,15 +486,30 @@ class ChannelPruner(BaseSparsifier):
             grads.append(_channel_rows(grad, m, group.size, groups).double())
         return taylor_importance(torch.cat(rows, 1), torch.cat(grads, 1)).float()
 
-    def update_masks(self) -> None:
+    def importance(self) -> dict[int, torch.Tensor]:
+        """``{group index: score of each channel}`` under the criterion: what ``step()`` ranks (lowest go first).
+
+        Example::
+
+            >>> pruner = ChannelPruner(0.5)
+            >>> gm = pruner.prepare(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+            ...                     example_inputs=torch.randn(1, 4))
+            >>> {i: tuple(s.shape) for i, s in pruner.importance().items()}
+            {0: (3,)}
+        """
         weights = {g["tensor_fqn"]: g for g in self.groups}
-        args = {i: (g["sparsity_level"], g["round_to"]) for g in self.groups for i in self._produced(g)}
         dead = self.removed_channels() if self.criterion not in _WEIGHT_CRITERIA else {}
         scores = {}
-        for index in args:
+        for index in self.pruned_groups():
             scores[index] = self._score(index, weights)
             if index in dead:  # removed by an earlier step: stays removed
                 scores[index][dead[index]] = 0.0
+        return scores
+
+    def update_masks(self) -> None:
+        weights = {g["tensor_fqn"]: g for g in self.groups}
+        args = {i: (g["sparsity_level"], g["round_to"]) for g in self.groups for i in self._produced(g)}
+        scores = self.importance()
         self.gradients = {}
         counts = self._counts(scores, args)
         for g in self.groups:
