@@ -345,3 +345,18 @@ def test_channel_pruner_needs_its_own_prepare():
         fx_sparsity.prepare(model, sparsifier=fx_sparsity.ChannelPruner(0.5))
     with pytest.raises(ValueError, match="sets 'channel_groups', which prepare derives"):
         fx_sparsity.ChannelPruner(0.5).prepare(model, {"0": {"channel_groups": (0,)}}, example_inputs=torch.randn(2, 8))
+
+
+def test_layers_outside_every_group_are_reported():
+    """An nn.LSTM (not followed by the dependency analysis) is named in pruner.unfollowed, and in the error when
+    nothing else can shrink; TinyResNet has every parameter in some group."""
+    lstm_linear = common_pruning.LSTMLinearModel(8, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"LSTM lstm: its parameters \['weight_ih_l0', .*are in no channel group"):
+        ChannelPruner().prepare(lstm_linear, example_inputs=torch.randn(3, 1, 8))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.LSTM(8, 4))
+    pruner = ChannelPruner(0.5)
+    pruner.prepare(model, example_inputs=torch.randn(3, 2, 8))
+    assert list(pruner.unfollowed) == ["3"] and "LSTM 3" in pruner.unfollowed["3"]
+    pruner = ChannelPruner(0.5)
+    pruner.prepare(TinyResNet().eval(), example_inputs=torch.randn(2, 3, 16, 16))
+    assert pruner.unfollowed == {}

@@ -289,7 +289,9 @@ class ChannelPruner(BaseSparsifier):
     With ``config=None`` every group that can shrink is pruned; a config names
     producer layers (``"layer1.0.conv1"``), and naming one whose channels cannot
     shrink (a model output, an unknown op) is a ``ValueError`` with the reason.
-    ``frozen`` maps the groups left alone to why.
+    ``frozen`` maps the groups left alone to why; ``unfollowed`` maps the modules whose
+    parameters are in no group at all (a layer the dependency analysis does not know,
+    such as ``nn.LSTM``, or one it cannot reach) to why; both are kept whole.
 
     Example::
 
@@ -321,6 +323,7 @@ class ChannelPruner(BaseSparsifier):
         self.criterion, self.scope, self.mask_consumers = criterion, scope, bool(mask_consumers)
         self.channel_groups: tuple[ChannelGroup, ...] = ()
         self.frozen: dict[int, str] = {}
+        self.unfollowed: dict[str, str] = {}
         self.example_inputs: Any = None
         # Summed gradients from accumulate_gradients (criterion "taylor"), dropped by the next step().
         self.gradients: dict[str, torch.Tensor] = {}
@@ -351,9 +354,12 @@ class ChannelPruner(BaseSparsifier):
             for m in groups[index].consumers if observed else ():
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry["channel_groups"] += (index,)
+        self.unfollowed = _unfollowed(gm, groups)
         if not entries:
-            reasons = "; ".join(f"group {i}: {why}" for i, why in self.frozen.items()) or "it has no Linear/Conv"
-            raise ValueError(f"no channel group of {type(model).__name__} can shrink ({reasons})")
+            reasons = [f"group {i}: {why}" for i, why in self.frozen.items()] + list(self.unfollowed.values())
+            raise ValueError(
+                f"no channel group of {type(model).__name__} can shrink ({'; '.join(reasons) or 'it has no Linear/Conv'})"
+            )
         self.channel_groups, self.example_inputs = groups, example_inputs
         return super().prepare(
             model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
@@ -550,6 +556,21 @@ class ChannelPruner(BaseSparsifier):
                 dead &= rows.reshape(group.size, -1).all(1)
             removed[index] = dead.nonzero().flatten()
         return removed
+
+
+def _unfollowed(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> dict[str, str]:
+    """Module FQN -> why, for the modules owning parameters that no channel group holds."""
+    members = {m.target for g in groups for m in g.members}
+    missing: dict[str, list[str]] = {}
+    for fqn, _ in gm.named_parameters():
+        if fqn not in members:
+            owner, _, name = fqn.rpartition(".")
+            missing.setdefault(owner, []).append(name)
+    return {
+        owner: f"{type(gm.get_submodule(owner)).__name__} {owner or '(root)'}: its parameters {names} are in no channel "
+        "group (the dependency analysis does not follow this layer, or no channel reaches it); kept whole"
+        for owner, names in missing.items()
+    }
 
 
 def _zero(group: dict[str, Any], member: Any, channels: torch.Tensor, get_mask: Any) -> None:
