@@ -17,7 +17,7 @@ from .api import get_unmatched, prepare
 from .calibrate import calibrate
 from .compare import CompareReport, LayerError, compare, print_compare
 from .owl import outlier_ratio, owl_levels, set_owl_levels
-from .lower import BACKENDS, LayerLowering, get_lowering, lower
+from .lower import BACKENDS, LayerLowering, TimedShrinkReport, get_lowering, lower
 from .config import SparsityConfig, parse_config
 from .masks import nearly_diagonal_mask, weight_norm_mask
 from .report import (
@@ -44,6 +44,7 @@ from .sparsifier import (
     WeightNormSparsifier,
     get_sparsifier,
 )
+from .sparsifier.structured import accumulate_gradients
 
 __all__ = [
     "BACKENDS",
@@ -61,6 +62,8 @@ __all__ = [
     "NMSparsifier",
     "SparseGPTSparsifier",
     "LayerLowering",
+    "TimedShrinkReport",
+    "accumulate_gradients",
     "NearlyDiagonalSparsifier",
     "SparsityConfig",
     "WandaSparsifier",

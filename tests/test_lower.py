@@ -362,8 +362,9 @@ def test_timing_regimes():
         calls.update(a=0, b=0)
         times = time_variants({"a": make("a"), "b": make("b")}, repeats=3, device=torch.device("cpu"), calls=per_sample)
         assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
-        # 2 warm-up calls, then 3 rounds of 4 calls (streaming) or of about a millisecond's worth (warm)
-        assert calls["a"] == 2 + 3 * 4 if per_sample else calls["a"] > 5
+        # 2 warm-up calls, then 3 rounds of 4 calls (streaming) or of at least one call each (warm: how many fit
+        # in a millisecond depends on the machine's load, so only the lower bound is checked)
+        assert calls["a"] == 2 + 3 * 4 if per_sample else calls["a"] >= 2 + 3
 
 
 def test_streaming_timing_rotates_through_copies(monkeypatch):
