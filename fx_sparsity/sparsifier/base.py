@@ -179,8 +179,8 @@ class BaseSparsifier(abc.ABC):
         return any(m is module and n == tensor_name for m, n in self._transposed)
 
     def get_mask(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The mask buffer of ``module.<tensor_name>``, in the ``[out, in]`` view (a transposed view of the
-        buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
+        """The bool mask buffer (``True`` = kept) of ``module.<tensor_name>``, in the ``[out, in]`` view (a
+        transposed view of the buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
         mask = getattr(module, f"{tensor_name}_mask")
         return mask.t() if self._is_transposed(module, tensor_name) else mask
 
