@@ -77,7 +77,7 @@ def run(size: int, repeats: int) -> list[list[object]]:
                 ours.step()
 
             t_ao, t_ours = _time(ao_step, repeats), _time(ours_step, repeats)
-            equal = torch.equal(ao_mask.mask.float(), mask)
+            equal = torch.equal(ao_mask.mask.bool(), mask)
             rows.append([
                 f"{level}", f"{block[0]}x{block[1]}", "all" if zeros is None else zeros, seed,
                 "yes" if _boundary_tied(weight, level, block) else "no",

@@ -145,7 +145,7 @@ def prepare(
 
         >>> gm = prepare(nn.Sequential(nn.Linear(8, 8)), {"0": {"sparsity_level": 0.75}})
         >>> get_sparsifier(gm).step()
-        >>> gm.get_buffer("0.weight_mask").mean().item()
+        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
         0.25
     """
     sparsifier = _check_sparsifier(sparsifier)

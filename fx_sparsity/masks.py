@@ -32,6 +32,7 @@ __all__ = [
     "nm_keep",
     "validate_level",
     "validate_nm",
+    "to_bool_mask",
 ]
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
@@ -326,3 +327,47 @@ def nm_keep(weight: torch.Tensor, n: int, m: int, scores: torch.Tensor | None = 
     drop = torch.topk(padded, m - n, dim=-1, largest=False, sorted=False).indices
     keep = torch.ones(padded.shape, dtype=torch.bool, device=weight.device).scatter_(-1, drop, False)
     return keep.reshape(rows, -1)[:, :cols].reshape(weight.shape)
+
+
+def to_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """``mask`` as a bool tensor (``True`` = kept), the form fx_sparsity stores masks in.
+
+    A bool tensor is returned as it is. A numeric one (a float mask of an older
+    state dict, torch.ao.pruning's masks of the weight's dtype, a 0/1 int tensor)
+    must hold only 0 and 1: any other value (0.5, NaN, ...) scaled the weight
+    rather than masked it, and is refused instead of being silently rounded.
+    Tensors on the meta device have no values to check and are converted as they are.
+
+    Args:
+        mask: the mask, of any real or bool dtype.
+        name: what the error message calls it (``"mask of 'fc.weight'"``).
+
+    Returns:
+        A bool tensor of ``mask``'s shape and device (``mask`` itself when it is bool).
+
+    Raises:
+        TypeError: ``mask`` is not a real or bool tensor.
+        ValueError: ``mask`` holds values other than 0 and 1.
+
+    Example::
+
+        >>> to_bool_mask(torch.tensor([0.0, 1.0, 1.0]))
+        tensor([False,  True,  True])
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of 0/1 or bool values, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool or real tensor of 0/1 values, got dtype {mask.dtype}")
+    if mask.device.type != "meta":
+        other = (mask != 0) & (mask != 1)  # NaN is caught too: it differs from both
+        count = int(torch.count_nonzero(other))
+        if count:
+            example = mask[other].flatten()[0].item()
+            raise ValueError(
+                f"{name} must hold only 0 and 1 (or be a bool tensor), but {count} of its {mask.numel()} values "
+                f"are not, e.g. {example!r}; masks keep or drop weights, they do not scale them: "
+                "pass (mask != 0) to keep every nonzero entry"
+            )
+    return mask != 0

@@ -111,7 +111,7 @@ class LambdaSL(BaseScheduler):
         >>> for epoch in range(20):
         ...     sparsifier.step()                       # after each epoch's training
         ...     scheduler.step()
-        >>> gm.get_buffer("0.weight_mask").mean().item()
+        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
         0.19921875
     """
 

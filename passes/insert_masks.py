@@ -1,7 +1,8 @@
 """Rewrite Linear/Conv ops so the graph shows an explicit ``mul(weight, mask)``.
 
-For each selected weight tensor a mask buffer of ones (same shape, dtype and
-device as the weight) is registered on the module that owns the weight as
+For each selected weight tensor a boolean mask buffer of ``True`` (same shape
+and device as the weight; one byte per entry whatever the weight's dtype, and
+``mul`` promotes it to the weight's dtype) is registered on the module that owns the weight as
 ``<tensor_name>_mask``, and one ``mul`` node is inserted before the weight's
 first use. Every use then reads the masked weight:
 
@@ -83,8 +84,9 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
 
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
         >>> gm = insert_masks(gm, find_weights(gm))
-        >>> gm.get_buffer("0.weight_mask").sum().item()
-        16.0
+        >>> mask = gm.get_buffer("0.weight_mask")
+        >>> mask.dtype, mask.all().item()
+        (torch.bool, True)
     """
     matches = list(matches)
     _check_mask_names(gm, matches)
@@ -101,7 +103,7 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
         if match.tensor_fqn not in masked_weight:
             weight = get_tensor(gm, match.tensor_fqn)
             owner = gm.get_submodule(match.module_fqn)
-            owner.register_buffer(base.mask_name, torch.ones_like(weight, requires_grad=False))
+            owner.register_buffer(base.mask_name, torch.ones_like(weight, dtype=torch.bool))
             with graph.inserting_before(node):
                 w = graph.get_attr(match.tensor_fqn)
                 m = graph.get_attr(base.mask_fqn)

@@ -374,8 +374,8 @@ def test_streaming_timing_rotates_through_copies(monkeypatch):
     layer_timing = importlib.import_module("fx_sparsity.layer_timing")
     lower_module = importlib.import_module("fx_sparsity.lower")  # the package's `lower` is the function
 
-    monkeypatch.setattr(layer_timing, "last_level_cache_bytes", lambda: 64 << 10)
-    monkeypatch.setattr(lower_module, "last_level_cache_bytes", lambda: 64 << 10)
+    monkeypatch.setattr(layer_timing, "last_level_cache_bytes", lambda: 32 << 10)
+    monkeypatch.setattr(lower_module, "last_level_cache_bytes", lambda: 32 << 10)
     gm = prepared(LinearNet(), level=0.9)
     x = torch.randn(3, 64)
     assert lower_module._weights_exceed_cache(gm)
@@ -383,6 +383,6 @@ def test_streaming_timing_rotates_through_copies(monkeypatch):
     calls = layer_timing.record_op_calls(gm, (x,), {})[target.tensor_fqn]
     timer = layer_timing.LayerTimer(gm, target, calls, repeats=1, cold=True)
     weight_bytes = timer.weight.numel() * timer.weight.element_size()
-    assert timer.copies == min(layer_timing.MAX_COPIES, -(-2 * (64 << 10) // weight_bytes)) > 1
+    assert timer.copies == min(layer_timing.MAX_COPIES, -(-2 * (32 << 10) // weight_bytes)) > 1
     lowered = lower(gm, "auto", example_inputs=(x,), repeats=1, progress_bar=False)
     torch.testing.assert_close(lowered(x), gm(x))

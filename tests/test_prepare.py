@@ -74,7 +74,7 @@ def test_groups_are_typed_records_under_a_dict_view():
     assert sparsifier.records[0].args["sparsity_level"] == 0.75
     sparsifier.update_group("linear1.weight", sparsity_level=0.25)
     sparsifier.step()
-    assert gm.get_buffer("linear1.weight_mask").mean().item() == 0.75
+    assert gm.get_buffer("linear1.weight_mask").float().mean().item() == 0.75
 
 
 def test_scheduler_levels_are_checked_before_any_is_set():
@@ -170,8 +170,8 @@ def test_pickled_prepared_module_keeps_its_own_sparsifier():
     assert sparsifier is not get_sparsifier(gm) and sparsifier.model is loaded
     assert sparsifier.groups[0].module is loaded.get_submodule("seq.0")
     sparsifier.step()
-    assert loaded.get_buffer("linear1.weight_mask").mean().item() == 0.5
-    assert gm.get_buffer("linear1.weight_mask").mean().item() == 1.0
+    assert loaded.get_buffer("linear1.weight_mask").float().mean().item() == 0.5
+    assert gm.get_buffer("linear1.weight_mask").all()
 
 
 class Conv1DLike(nn.Module):

@@ -132,4 +132,4 @@ def test_gradual_pruning_fine_tune_loss_falls():
             sparsifier.step()
             scheduler.step()
     assert losses[-1] < 0.5 * losses[0]
-    assert all(abs(1 - gm.get_buffer(f"{g['tensor_fqn']}_mask").mean().item() - 0.8) < 0.01 for g in sparsifier.groups)
+    assert all(abs(1 - gm.get_buffer(f"{g['tensor_fqn']}_mask").float().mean().item() - 0.8) < 0.01 for g in sparsifier.groups)

@@ -13,7 +13,10 @@ The differences from ``torch.ao.pruning.BaseSparsifier``:
   explicit ``mul(weight, mask)`` per selected weight; the user's model is not
   modified and shares its parameters with the returned module.
 * A sparsifier serves one prepared module: preparing a second one with it is an error.
-* Masks are buffers ``<module_fqn>.<tensor_name>_mask`` of the returned module.
+* Masks are bool buffers ``<module_fqn>.<tensor_name>_mask`` of the returned module
+  (``True`` = kept; one byte per weight whatever the weight's dtype), and bool in
+  ``state_dict``; :meth:`load_state_dict` and the config's initial ``"mask"`` also
+  take 0/1 masks of any numeric dtype (torch.ao.pruning's, older state dicts).
 * ``state_dict`` returns copies, and ``load_state_dict`` validates everything,
   then copies in: two sparsifiers never share a mask or a state dict.
 * Arguments are validated when they are set (config, constructor, scheduler),
@@ -34,6 +37,7 @@ from torch import fx, nn
 
 from passes import WeightMatch, clone_sharing_tensors, fuse_masks, masked_targets
 
+from ..masks import to_bool_mask
 from .group import STRUCTURAL_KEYS, GroupView, WeightGroup
 
 __all__ = ["BaseSparsifier", "SPARSIFIER_META_KEY", "get_sparsifier", "clone_without_sparsifier"]
@@ -94,12 +98,12 @@ class BaseSparsifier(abc.ABC):
 
         >>> class RowZero(BaseSparsifier):
         ...     def update_mask(self, module, tensor_name, **kwargs):
-        ...         getattr(module, tensor_name + "_mask")[0] = 0
+        ...         getattr(module, tensor_name + "_mask")[0] = False
         >>> sparsifier = RowZero()
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(4, 4)), None)
         >>> sparsifier.step()
-        >>> gm.get_buffer("0.weight_mask")[0].sum().item()
-        0.0
+        >>> gm.get_buffer("0.weight_mask")[0].tolist()
+        [False, False, False, False]
     """
 
     def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
@@ -164,7 +168,7 @@ class BaseSparsifier(abc.ABC):
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
-        """Update ``getattr(module, tensor_name + "_mask")`` in place.
+        """Update ``getattr(module, tensor_name + "_mask")`` (a bool tensor, ``True`` = kept) in place.
 
         ``module`` owns the weight and its mask inside the prepared module;
         ``kwargs`` holds the rest of the group (``tensor_fqn``, arguments, ...).
@@ -175,8 +179,8 @@ class BaseSparsifier(abc.ABC):
         return any(m is module and n == tensor_name for m, n in self._transposed)
 
     def get_mask(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The mask buffer of ``module.<tensor_name>``, in the ``[out, in]`` view (a transposed view of the
-        buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
+        """The bool mask buffer (``True`` = kept) of ``module.<tensor_name>``, in the ``[out, in]`` view (a
+        transposed view of the buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
         mask = getattr(module, f"{tensor_name}_mask")
         return mask.t() if self._is_transposed(module, tensor_name) else mask
 
@@ -292,7 +296,7 @@ class BaseSparsifier(abc.ABC):
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """``{"sparsifier", "state", "groups"}``: deep copies; masks (while there are any) under ``state[fqn]["mask"]``."""
+        """``{"sparsifier", "state", "groups"}``: deep copies; bool masks (while there are any) under ``state[fqn]["mask"]``."""
         state = {fqn: copy.deepcopy(dict(s)) for fqn, s in self.state.items()}
         model = self.model
         for record in self.records:
@@ -308,6 +312,8 @@ class BaseSparsifier(abc.ABC):
         Everything is validated before anything changes: the state dict must come
         from a sparsifier of this type, its groups must name masked weights of the
         prepared module with valid arguments, and its masks must have their shapes.
+        Masks may be bool or hold 0/1 values of any numeric dtype (torch.ao.pruning's
+        float masks, older fx_sparsity state dicts); they are stored as bool.
 
         Args:
             state_dict: what :meth:`state_dict` returned.
@@ -387,7 +393,7 @@ class BaseSparsifier(abc.ABC):
                 if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
                     shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                     raise ValueError(f"mask of {fqn!r} has shape {shape} but the prepared weight has {expected}")
-                masks[fqn] = mask
+                masks[fqn] = to_bool_mask(mask, f"state_dict mask of {fqn!r}")
             state[fqn] = {k: copy.deepcopy(v) for k, v in raw.items() if k != "mask"}
         return groups, state, masks
 
@@ -447,7 +453,5 @@ def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tens
         raise TypeError(f"{where}: 'mask' must be a tensor of the weight's shape {match.weight_shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(match.weight_shape):
         raise ValueError(f"{where}: 'mask' has shape {tuple(mask.shape)}, the weight has {tuple(match.weight_shape)}")
-    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
-        raise ValueError(f"{where}: 'mask' holds NaN or inf; give 0/1 values")
-    return mask.detach()
+    return to_bool_mask(mask.detach(), f"{where}: 'mask'")
 

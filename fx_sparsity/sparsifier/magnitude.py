@@ -26,7 +26,7 @@ class MagnitudeSparsifier(BaseSparsifier):
         >>> sparsifier = MagnitudeSparsifier(sparsity_level=0.75)
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(8, 8)), None)
         >>> sparsifier.step()
-        >>> gm.get_buffer("0.weight_mask").mean().item()
+        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
         0.25
     """
 

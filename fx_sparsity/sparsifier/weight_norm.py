@@ -39,7 +39,7 @@ class WeightNormSparsifier(BaseSparsifier):
         >>> sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(8, 8)), None)
         >>> sparsifier.step()
-        >>> gm.get_buffer("0.weight_mask").mean().item()
+        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
         0.5
     """
 
