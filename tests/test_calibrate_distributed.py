@@ -21,6 +21,7 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, calibrate, prepare
+from passes import InputNormObserver, all_reduce_observers
 
 WORLD = 2
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,6 +113,13 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         except Exception as e:  # what each process raised, for the test to check
             results["failure"] = (type(e).__name__, str(e), gm.code)
         results["code"] = prepare(build(), sparsifier=make()).code
+        observer = InputNormObserver(0)
+        observer(torch.ones(2, 3 + rank))  # a different width on each process
+        try:
+            all_reduce_observers({"fc.weight": observer})
+            results["mismatch"] = None
+        except RuntimeError as e:
+            results["mismatch"] = str(e)
         torch.save(results, out)
     finally:
         dist.destroy_process_group()
@@ -183,6 +191,12 @@ def test_a_failing_process_makes_every_process_raise(ranks):
     name, message, code0 = ranks[0]["failure"]
     assert name == "RuntimeError" and "another process failed" in message
     assert code == code0 == ranks[0]["code"]
+
+
+def test_different_shapes_are_refused_on_every_process(ranks):
+    """Processes whose observers recorded different shapes for one statistic all raise, naming it."""
+    for result in ranks:
+        assert "sum_squares of fc.weight with different shapes" in result["mismatch"]
 
 
 def test_distributed_option_is_checked():
