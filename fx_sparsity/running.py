@@ -6,19 +6,20 @@ checked here before anything runs, so that a wrong form gets a ``TypeError``
 naming the argument instead of a failure deep inside the model. They run the
 module under :func:`eval_mode`: the prepared module shares its buffers with the
 user's model, so a forward pass in training mode would update the user's
-BatchNorm statistics.
+BatchNorm statistics. :func:`batch_token_mask` finds a batch's padding mask
+for ``calibrate(token_mask=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelInputs", "as_model_inputs", "eval_mode"]
+__all__ = ["ModelInputs", "TokenMask", "as_model_inputs", "batch_token_mask", "eval_mode"]
 
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -79,3 +80,52 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+TokenMask = str | Callable[[Any], "torch.Tensor | None"] | None
+
+
+def batch_token_mask(batch: Any, token_mask: TokenMask, name: str) -> torch.Tensor | None:
+    """The ``[batch, seq]`` token mask of ``batch`` (non-zero = a real token), or ``None`` for every position.
+
+    Args:
+        batch: one calibration batch, in a form :func:`as_model_inputs` accepts.
+        token_mask: a key (a dict batch holding it gives the mask, as a tokenizer's
+            ``"attention_mask"``; other batches have none), a callable
+            ``batch -> mask or None``, or ``None`` (no mask).
+        name: how errors name the batch.
+
+    Raises:
+        TypeError: the mask is not a tensor.
+        ValueError: the mask is not 2-D or holds values other than 0 and 1
+            (an additive ``-inf`` mask would be read backwards).
+
+    Example::
+
+        >>> batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+        >>> batch_token_mask(batch, "attention_mask", "batch 0").sum().item()
+        3
+    """
+    if token_mask is None:
+        return None
+    if isinstance(token_mask, str):
+        mask = batch.get(token_mask) if isinstance(batch, Mapping) else None
+        source = f"{name}[{token_mask!r}]"
+    else:
+        mask = token_mask(batch)
+        source = f"token_mask({name})"
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{source} must be a [batch, seq] tensor (1 = a real token, 0 = padding), got {type(mask).__name__}")
+    if mask.dim() != 2:
+        raise ValueError(
+            f"{source} must be [batch, seq] (1 = a real token, 0 = padding), got shape {tuple(mask.shape)}; "
+            "give the 2-D padding mask, not an expanded attention bias"
+        )
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(
+            f"{source} must hold only 0 and 1 (1 = a real token), got values {mask.unique()[:8].tolist()}; "
+            "an additive mask (0 / -inf) reads backwards: pass (bias == 0) instead"
+        )
+    return mask

@@ -49,6 +49,7 @@ from .observe import (
 )
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
+from .observe import InputObserver, all_reduce_observers, token_rows
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -105,4 +106,7 @@ __all__ = [
     "unmatched_weights",
     "unsupported_reason",
     "weight_position",
+    "InputObserver",
+    "all_reduce_observers",
+    "token_rows",
 ]
