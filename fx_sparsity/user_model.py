@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from passes import SPARSE_OPS, clone_sharing_tensors, fuse_masks, masked_targets, set_tensor, tensor_aliases
+from passes.utils import get_tensor
 
 from .sparsifier.base import clone_without_sparsifier
 from .user_frames import caller_stacklevel
@@ -92,17 +93,24 @@ def _fused(gm: fx.GraphModule) -> fx.GraphModule:
     targets = masked_targets(gm)
     if not targets:
         return gm
-    before = {t.tensor_fqn: t for t in targets}
+    aliases = tensor_aliases(gm)
+    names = {t.tensor_fqn: aliases[id(get_tensor(gm, t.tensor_fqn))] for t in targets}
     fused = fuse_masks(clone_without_sparsifier(gm))
-    for t in before.values():
+    for t in targets:
         owner = fused.get_submodule(t.module_fqn)
         if f"{t.tensor_name}_fused" in owner._parameters or f"{t.tensor_name}_fused" in owner._buffers:
-            raise ValueError(
-                f"{t.tensor_fqn} is masked for some ops while every name it has is also read unmasked "
-                "(a weight tied to an unmasked use): the model has no place for its masked value. "
-                "Leave it out of the config"
-            )
+            raise ValueError(_tied_message(names[t.tensor_fqn]))
     return fused
+
+
+def _tied_message(names: list[str]) -> str:
+    return (
+        f"{' and '.join(names)} are one tied tensor that the prepared module reads masked in some ops and "
+        "dense in others (a head tied to an embedding, say), and its capture does not say which module reads "
+        "which: to_model cannot put the masked value in its place. Leave the tied weight out of the config "
+        "(SparseGPT and Wanda's reference code prune the decoder layers only, not the head), or capture "
+        "with capture_method='symbolic_trace'"
+    )
 
 
 def _lookup(module: nn.Module, fqn: str) -> torch.Tensor | None:
@@ -144,8 +152,14 @@ def _check_names(model: nn.Module, fused: fx.GraphModule) -> None:
             )
 
 
-def _replacements(model: nn.Module, fused: fx.GraphModule) -> list[tuple[list[str], torch.Tensor]]:
-    """``(fqns, tensor)`` for every tensor of ``model`` whose value ``fused`` changed; raises before any change."""
+def _replacements(
+    model: nn.Module, fused: fx.GraphModule, by_module: bool
+) -> list[tuple[list[str], torch.Tensor]]:
+    """``(fqns, tensor)`` for every tensor of ``model`` whose value ``fused`` changed; raises before any change.
+
+    ``by_module``: a name of a tied tensor in ``fused`` is the name the module calling it uses (symbolic
+    tracing); torch.export picks one name of a tied tensor for all its uses, so its names cannot be untied.
+    """
     _check_names(model, fused)
     changes, untied = [], []
     for fqns in tensor_aliases(model).values():
@@ -166,6 +180,8 @@ def _replacements(model: nn.Module, fused: fx.GraphModule) -> list[tuple[list[st
                 changes.append((fqns, _as_kind_of(new, old)))
             continue
         # The tie is broken in gm: some names are read masked, others dense (a head tied to an embedding).
+        if not by_module:
+            raise ValueError(_tied_message(fqns))
         groups: dict[int, list[str]] = {}
         for fqn, new in found.items():
             groups.setdefault(id(new), []).append(fqn)
@@ -196,9 +212,10 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     unchanged are the original's own objects (shared, as ``prepare`` shares them);
     changed ones are new tensors (those of ``gm`` itself once it is squashed or
     lowered with ``"fuse"``). Tied weights stay tied, unless ``gm`` reads one name
-    masked and another dense (a head tied to an unmasked embedding): then they
-    are untied as ``gm`` computes them, with a ``UserWarning``. The user's model
-    is not modified.
+    masked and another dense (a head tied to an unmasked embedding): then a
+    symbolically traced ``gm`` has them untied as it computes them, with a
+    ``UserWarning``, and an export-captured one (whose graph reads a tied tensor
+    under one name for every use) is refused. The user's model is not modified.
 
     Args:
         gm: a module returned by :func:`fx_sparsity.prepare`, stepped, squashed
@@ -211,9 +228,10 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
 
     Raises:
         TypeError: ``gm`` is not a ``GraphModule`` or ``model`` not a module.
-        ValueError: the model cannot be found, ``gm`` is lowered to sparse
-            kernels (packed weights), or a weight changed shape (structured
-            shrinking); raised before anything is built.
+        ValueError: the model cannot be found or lacks a parameter of ``gm``,
+            ``gm`` is lowered to sparse kernels (packed weights), a weight changed
+            shape (structured shrinking), or a tied weight is read masked and dense
+            in an export capture; raised before anything is built.
 
     Example::
 
@@ -229,7 +247,7 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
         raise TypeError(f"gm must be the GraphModule fx_sparsity.prepare returned, got {type(gm).__name__}")
     source = _source_model(gm, model)
     _check_not_packed(gm)
-    changes = _replacements(source, _fused(gm))
+    changes = _replacements(source, _fused(gm), by_module=gm.meta.get("capture") != "export")
     pruned = clone_sharing_tensors(source)
     for fqns, tensor in changes:
         set_tensor(pruned, fqns, tensor)

@@ -215,3 +215,32 @@ def test_training_mode_and_class_attributes_are_kept():
     assert pruned.a is not model.a
     pruned(torch.randn(4, 24)).sum().backward()
     assert pruned.a.weight.grad is not None and model.a.weight.grad is None
+
+
+def test_export_captured_llama_with_tied_head():
+    """A Llama with tie_word_embeddings (export capture, which reads the tied tensor under one name for both uses):
+    masking the head but not the embedding is refused with the remedy; leaving the head out of the config (as
+    SparseGPT's and Wanda's reference code do) gives a model whose head and embedding stay one dense tensor, the
+    decoder pruned, logits equal to gm's."""
+    transformers, _ = tiny_llama()
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 8))
+    sparsifier = MagnitudeSparsifier(0.5)
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(ids,))
+    sparsifier.step()
+    with pytest.raises(ValueError, match=r"are one tied tensor .* Leave the tied weight out of the config"):
+        to_model(gm)
+    sparsifier = MagnitudeSparsifier(0.5)
+    gm = prepare(model, {"model.layers.*": {}}, sparsifier=sparsifier, example_inputs=(ids,))
+    sparsifier.step()
+    assert all(g["tensor_fqn"].startswith("model.layers.") for g in sparsifier.groups)
+    pruned = to_model(gm)
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight is model.lm_head.weight
+    assert (pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean().item() == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, gm(ids).logits, rtol=0, atol=0)
