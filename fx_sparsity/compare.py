@@ -247,8 +247,11 @@ def compare_table(reports: Mapping[str, CompareReport], tablefmt: str = "simple"
 
     Example::
 
-        >>> reports = {"prepared": compare(model, gm, batches), "csr": compare(model, lower(gm, "csr"), batches)}
-        >>> print(compare_table(reports))
+        >>> gm = fx_sparsity.prepare(model)
+        >>> fx_sparsity.get_sparsifier(gm).step()
+        >>> reports = {"prepared": compare(model, gm, batches), "fused": compare(model, fx_sparsity.lower(gm), batches)}
+        >>> compare_table(reports).splitlines()[0].split()
+        ['layer', 'prepared', 'fused', 'note']
     """
     if not isinstance(reports, Mapping) or not reports:
         raise ValueError("reports must be a non-empty dict of form name -> CompareReport")

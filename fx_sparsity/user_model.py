@@ -236,12 +236,14 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     Example::
 
         >>> sparsifier = fx_sparsity.SparseGPTSparsifier(0.5)
-        >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier, example_inputs=(ids,))
-        >>> fx_sparsity.calibrate(gm, batches)
+        >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)
         >>> sparsifier.step()
-        >>> pruned = fx_sparsity.to_model(gm)      # a LlamaForCausalLM again
-        >>> pruned.generate(ids, max_new_tokens=8)
-        >>> pruned.save_pretrained("pruned-llama")
+        >>> pruned = to_model(gm)       # model's class again: a transformers LlamaForCausalLM stays one
+        >>> type(pruned).__name__, (pruned[0].weight == 0).float().mean().item()
+        ('Sequential', 0.5)
+        >>> pruned[0].bias is model[0].bias, pruned[0].weight is model[0].weight
+        (True, False)
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm must be the GraphModule fx_sparsity.prepare returned, got {type(gm).__name__}")
