@@ -244,3 +244,20 @@ def test_export_captured_llama_with_tied_head():
     assert (pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean().item() == 0.5
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, gm(ids).logits, rtol=0, atol=0)
+
+
+def test_shrunk_module_is_refused_the_prepared_one_works():
+    """ChannelPruner on a Linear-ReLU-Linear: to_model of the shrunk module (smaller weights than the class holds) is
+    a ValueError naming the shapes; of the prepared module, a Sequential whose zeroed rows equal the masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    pruner = fx_sparsity.ChannelPruner(sparsity_level=0.5)
+    gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
+    pruner.step()
+    with pytest.raises(ValueError, match=r"has shape \(8, 8\) in gm but \(16, 8\) in Sequential: structured"):
+        to_model(fx_sparsity.shrink(gm))
+    pruned = to_model(gm)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), gm(x), rtol=0, atol=0)
+    assert int((pruned[0].weight.abs().sum(1) == 0).sum()) == 8
