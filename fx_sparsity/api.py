@@ -29,6 +29,7 @@ from passes import (
 from .config import SparsityConfig, parse_config
 from .sparsifier import BaseSparsifier, WeightNormSparsifier
 from .user_frames import caller_stacklevel
+from .user_model import SOURCE_MODEL_META_KEY, SourceModel
 
 __all__ = ["prepare", "UNMATCHED_META_KEY", "get_unmatched"]
 
@@ -132,6 +133,9 @@ def prepare(
     ``get_unmatched(gm)`` lists them with the reason and the remedy, the
     sparsity table shows them, and a ``UserWarning`` names those the config selects.
 
+    ``gm`` keeps a reference to ``model`` (not pickled) so that
+    :func:`fx_sparsity.to_model` can return a pruned copy of its class.
+
     Returns:
         The prepared ``GraphModule``.
 
@@ -169,5 +173,6 @@ def prepare(
     gm = insert_masks(gm, chosen)
     sparsifier.attach(gm, groups, initial_masks)
     gm.meta[UNMATCHED_META_KEY] = tuple(unmatched)
+    gm.meta[SOURCE_MODEL_META_KEY] = SourceModel(model)  # for to_model(gm)
     _warn_unmatched(unmatched, rules)
     return gm

@@ -1,8 +1,10 @@
 """``fx-sparsity`` / ``python -m fx_sparsity``: the whole flow on one model.
 
-capture -> match -> insert masks -> step -> print tables -> lower (and, with
-``--export``, torch.export.save and reload) -> squash -> check every stage's
-output against the eager model with masked weights -> one-line verdict.
+capture -> match -> insert masks -> (calibrate) -> step -> print tables -> lower
+(and, with ``--export``, torch.export.save and reload) -> (with ``--eval``, the
+per-layer error of the prepared and lowered forms against the dense model) ->
+squash -> check every stage's output against the eager model with the pruned
+weights -> one-line verdict.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from passes import CaptureError
 
 from .api import prepare
 from .calibrate import calibrate
+from .compare import compare, compare_table
 from .lower import BACKENDS, lower
 from .models import load_model
 from .report import graph_table, lowering_table, sparsity_table
@@ -27,6 +30,7 @@ from .sparsifier import (
     GlobalMagnitudeSparsifier,
     MagnitudeSparsifier,
     NMSparsifier,
+    SparseGPTSparsifier,
     WandaSparsifier,
     WeightNormSparsifier,
 )
@@ -84,7 +88,9 @@ def _nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-METHODS = ("weight-norm", "magnitude", "global", "nm", "wanda")
+METHODS = ("weight-norm", "magnitude", "global", "nm", "wanda", "sparsegpt")
+# Methods that need calibration batches before step().
+CALIBRATED = ("wanda", "sparsegpt")
 
 
 def _sparsifier(args: argparse.Namespace) -> BaseSparsifier:
@@ -96,6 +102,8 @@ def _sparsifier(args: argparse.Namespace) -> BaseSparsifier:
         return GlobalMagnitudeSparsifier(args.sparsity_level)
     if args.method == "nm":
         return NMSparsifier(*(args.nm or (2, 4)))
+    if args.method == "sparsegpt":
+        return SparseGPTSparsifier(args.sparsity_level, nm=args.nm)
     return WandaSparsifier(args.sparsity_level, nm=args.nm)
 
 
@@ -112,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1,3,224,224 for torchvision; required for file models)")
     parser.add_argument("--method", choices=METHODS, default="weight-norm",
                         help="weight-norm (blocks, torch.ao.pruning's), magnitude (per layer), global (one "
-                        "threshold), nm (N:M), wanda (|W| x input norm, calibrated); default weight-norm")
+                        "threshold), nm (N:M), wanda (|W| x input norm, calibrated), sparsegpt (optimal brain "
+                        "surgeon: masks and updated weights, calibrated); default weight-norm")
     parser.add_argument("--sparsity-level", type=_level, default=0.5,
                         help="fraction of blocks (weight-norm) or weights to sparsify (default 0.5)")
     parser.add_argument("--block-shape", type=_block, default=(1, 4),
@@ -120,9 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zeros-per-block", type=int, default=None,
                         help="weight-norm: zeros in each sparse block (default: the whole block)")
     parser.add_argument("--nm", type=_nm, default=None,
-                        help="N:M pattern like 2:4, for --method nm (default 2:4) or wanda (default: unstructured)")
+                        help="N:M pattern like 2:4, for --method nm (default 2:4), wanda or sparsegpt (default: "
+                        "unstructured)")
     parser.add_argument("--calibration-batches", type=int, default=4,
-                        help="wanda: random batches of --input-shape to calibrate on (default 4)")
+                        help="wanda, sparsegpt: random batches of --input-shape to calibrate on; also the number "
+                        "of --eval batches (default 4)")
+    parser.add_argument("--eval", action="store_true",
+                        help="print each layer's relative output error of the prepared and lowered modules "
+                        "against the dense model, on --calibration-batches fresh random batches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--backend", choices=BACKENDS, default="fuse",
                         help="lowering backend for every masked layer (default fuse; auto times each layer)")
@@ -148,8 +162,8 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Option combinations that cannot work, refused before anything runs."""
-    if args.nm is not None and args.method not in ("nm", "wanda"):
-        raise ValueError(f"--nm applies to --method nm or wanda, not {args.method}: add --method nm")
+    if args.nm is not None and args.method not in ("nm", *CALIBRATED):
+        raise ValueError(f"--nm applies to --method nm, wanda or sparsegpt, not {args.method}: add --method nm")
     if args.calibration_batches < 1:
         raise ValueError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
     if args.blocksize is not None and args.backend not in ("bsr", "auto"):
@@ -162,12 +176,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--export {args.export}: the folder {folder} is not writable")
 
 
-def _masked_reference(model: torch.nn.Module, sparsifier: BaseSparsifier) -> torch.nn.Module:
+def _masked_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, sparsifier: BaseSparsifier) -> torch.nn.Module:
+    """An eager copy of ``model`` holding ``weight * mask`` of the prepared module (SparseGPT's updated weights too)."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for view in sparsifier.groups:
-            mask = sparsifier.get_mask(view.module, view.record.tensor_name)
-            reference.get_parameter(view.record.tensor_fqn).mul_(mask)
+        for record in sparsifier.records:
+            fqn = record.tensor_fqn
+            reference.get_parameter(fqn).copy_(gm.get_parameter(fqn) * gm.get_buffer(f"{fqn}_mask"))
     return reference
 
 
@@ -179,6 +194,17 @@ def _lower_backend(args: argparse.Namespace) -> str | dict[str, dict[str, object
     if blocksize is None:
         return args.backend
     return {"*": {"backend": args.backend, "blocksize": blocksize}}
+
+
+def _print_eval(
+    args: argparse.Namespace, model: torch.nn.Module, forms: dict[str, torch.nn.Module], example: torch.Tensor
+) -> None:
+    """The per-layer error table of ``forms`` against the dense ``model`` on fresh random batches."""
+    batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
+    reports = {name: compare(model, form, batches) for name, form in forms.items()}
+    print(f"\nrelative error of each layer's output against the dense model ({len(batches)} random batches of "
+          f"shape {tuple(example.shape)}, not the calibration batches):")
+    print(compare_table(reports))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         gm = prepare(model, sparsifier=sparsifier, example_inputs=(example,))
         checks = {"prepared (all-ones masks) == dense": (gm(example), dense_out)}
-        if isinstance(sparsifier, WandaSparsifier):
+        if args.method in CALIBRATED:
             batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
             calibrate(gm, batches, progress_bar=not args.no_progress)
         sparsifier.step()
@@ -206,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         print(sparsity_table(gm))
         if not args.no_graph:
             print("\n" + graph_table(gm))
-        reference = _masked_reference(model, sparsifier)(example)
+        reference = _masked_reference(model, gm, sparsifier)(example)
         checks["prepared == masked eager"] = (gm(example), reference)
         lowered = lower(gm, _lower_backend(args), example_inputs=(example,), progress_bar=not args.no_progress)
         print("\n" + lowering_table(lowered))
@@ -218,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(f"\nexported program written to {args.export}; load it where fx_sparsity is installed, "
                   "after `import fx_sparsity` (which registers the fx_sparsity:: operators it calls)")
+        if args.eval:
+            _print_eval(args, model, {"prepared": gm, f"lowered ({args.backend})": lowered}, example)
         sparsifier.squash_mask()
         checks["squashed == masked eager"] = (gm(example), reference)
     failures = []

@@ -15,7 +15,7 @@ recognisably is reported as such, never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from passes import COMPONENT_NAMES, SPARSE_OPS, get_sparse_target, split_fqn
 
 from .running import as_model_inputs, eval_mode
 
-__all__ = ["LayerError", "CompareReport", "compare", "print_compare"]
+__all__ = ["LayerError", "CompareReport", "compare", "print_compare", "compare_table"]
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SPARSE_TARGETS = frozenset(SPARSE_OPS.values())
@@ -228,3 +228,44 @@ def print_compare(
     report = compare(reference, candidate, batches, layers)
     print(report.table())
     return report
+
+
+def compare_table(reports: Mapping[str, CompareReport], tablefmt: str = "simple") -> str:
+    """One table of several candidates' :func:`compare` reports against the same reference and batches.
+
+    Args:
+        reports: ``{form name: report}``, e.g. ``{"prepared": compare(model, gm, b), "lowered": compare(model, low, b)}``;
+            every report must list the same layers in the same order.
+        tablefmt: a ``tabulate`` format.
+
+    Returns:
+        The table: one row per layer and one for the output, one relative-error column per form, then the
+        notes (a layer a form did not compute shows ``-``).
+
+    Raises:
+        ValueError: ``reports`` is empty or its reports list different layers.
+
+    Example::
+
+        >>> gm = fx_sparsity.prepare(model)
+        >>> fx_sparsity.get_sparsifier(gm).step()
+        >>> reports = {"prepared": compare(model, gm, batches), "fused": compare(model, fx_sparsity.lower(gm), batches)}
+        >>> compare_table(reports).splitlines()[0].split()
+        ['layer', 'prepared', 'fused', 'note']
+    """
+    if not isinstance(reports, Mapping) or not reports:
+        raise ValueError("reports must be a non-empty dict of form name -> CompareReport")
+    forms = list(reports)
+    names = [e.name for e in reports[forms[0]].layers]
+    for form in forms[1:]:
+        other = [e.name for e in reports[form].layers]
+        if other != names:
+            raise ValueError(f"reports[{form!r}] lists the layers {other}, reports[{forms[0]!r}] lists {names}: "
+                             "compare every form on the same layers")
+    rows = []
+    for i, name in enumerate(names):
+        errors = [reports[f].layers[i] for f in forms]
+        notes = "; ".join(f"{f}: {e.note}" for f, e in zip(forms, errors) if e.note)
+        rows.append([name, *("-" if e.relative_error is None else f"{e.relative_error:.3e}" for e in errors), notes])
+    rows.append(["(output)", *(f"{reports[f].output_error:.3e}" for f in forms), ""])
+    return tabulate(rows, headers=["layer", *forms, "note"], tablefmt=tablefmt, disable_numparse=True)

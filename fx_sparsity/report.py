@@ -6,6 +6,7 @@ Functions return strings; ``print_*`` wrappers print them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from .lower import get_lowering
 from .sparsifier import BaseSparsifier, get_sparsifier
 
 __all__ = [
+    "LayerSparsity",
+    "layer_sparsity",
     "sparsity_table",
     "graph_table",
     "lowering_table",
@@ -34,6 +37,60 @@ def _format_group_args(args: Mapping[str, Any]) -> str:
 
 def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One sparsified weight: its ``target`` fraction of zeros (``None`` when the sparsifier does not say), and
+    the zeros it has (from the mask while there is one, else from the squashed weight)."""
+
+    tensor_fqn: str
+    label: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    args: Mapping[str, Any]
+    target: float | None
+    nonzeros: int
+    total: int
+
+    @property
+    def achieved(self) -> float:
+        """The fraction of zeros."""
+        return 1 - self.nonzeros / self.total
+
+
+def layer_sparsity(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None) -> tuple[LayerSparsity, ...]:
+    """Target and achieved sparsity of every weight of ``sparsifier`` (default ``get_sparsifier(gm)``), in group order.
+
+    Args:
+        gm: a module returned by ``prepare`` (masked or squashed).
+        sparsifier: defaults to ``get_sparsifier(gm)``.
+
+    Returns:
+        One :class:`LayerSparsity` per sparsified weight; :func:`sparsity_table` prints them.
+
+    Example::
+
+        >>> gm = fx_sparsity.prepare(nn.Sequential(nn.Linear(8, 8)), sparsifier=MagnitudeSparsifier(0.75))
+        >>> fx_sparsity.get_sparsifier(gm).step()
+        >>> [(r.label, r.target, r.achieved) for r in layer_sparsity(gm)]
+        [('0', 0.75, 0.75)]
+    """
+    sparsifier = sparsifier or get_sparsifier(gm)
+    layers = []
+    for view in sparsifier.groups:
+        record = view.record
+        owner = view.module
+        mask = getattr(owner, f"{record.tensor_name}_mask", None)
+        values = mask if mask is not None else getattr(owner, record.tensor_name)
+        label = record.module_fqn or "(root)"
+        if record.tensor_name != "weight":
+            label += f" [{record.tensor_name}]"
+        layers.append(LayerSparsity(
+            record.tensor_fqn, label, record.kind, tuple(record.weight_shape), record.args,
+            sparsifier.target_sparsity(view), int(torch.count_nonzero(values)), values.numel(),
+        ))
+    return tuple(layers)
 
 
 def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None, tablefmt: str = "simple") -> str:
@@ -54,26 +111,16 @@ def sparsity_table(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None,
     name = type(sparsifier).__name__
     rows, nnz_sum, total_sum, target_sum = [], 0, 0, 0.0
     targets_known = True
-    for view in sparsifier.groups:
-        record = view.record
-        owner = view.module
-        weight = getattr(owner, record.tensor_name)
-        mask = getattr(owner, f"{record.tensor_name}_mask", None)
-        values = mask if mask is not None else weight
-        total = values.numel()
-        nnz = int(torch.count_nonzero(values))
-        target = sparsifier.target_sparsity(view)
-        label = record.module_fqn or "(root)"
-        if record.tensor_name != "weight":
-            label += f" [{record.tensor_name}]"
+    for layer in layer_sparsity(gm, sparsifier):
+        nnz, total, target = layer.nonzeros, layer.total, layer.target
         rows.append([
-            label,
-            record.kind,
-            "x".join(map(str, record.weight_shape)),
+            layer.label,
+            layer.kind,
+            "x".join(map(str, layer.weight_shape)),
             name,
-            _format_group_args(record.args),
+            _format_group_args(layer.args),
             _percent(target),
-            _percent(1 - nnz / total),
+            _percent(layer.achieved),
             f"{nnz:,} / {total:,}",
         ])
         nnz_sum, total_sum = nnz_sum + nnz, total_sum + total

@@ -108,9 +108,12 @@ def test_module_entry_point():
     (["--method=nm", "--nm=1:4"], "75.0%"),
     (["--method=wanda", "--sparsity-level=0.5", "--calibration-batches=2"], "50.0%"),
     (["--method=wanda", "--nm=2:4"], "50.0%"),
+    (["--method=sparsegpt", "--sparsity-level=0.75", "--calibration-batches=2"], "75.0%"),
+    (["--method=sparsegpt", "--nm=2:4"], "50.0%"),
 ])
 def test_methods(argv, achieved, capsys):
-    """Each --method runs the whole flow (wanda calibrates first); the total row shows the achieved level."""
+    """Each --method runs the whole flow (wanda and sparsegpt calibrate first); the total row shows the achieved level,
+    and the outputs match the eager model holding the pruned (for sparsegpt, updated) weights."""
     assert cli.main([*argv, "--no-graph", "--no-progress"]) == 0
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
@@ -128,7 +131,7 @@ def test_nm_on_cpu_warns_that_it_will_not_run_fast(capsys, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--method=nm", "--nm=4:4"], "0 <= n < m, got n=4, m=4"),
     (["--method=wanda", "--calibration-batches=0"], "--calibration-batches must be at least 1"),
-    (["--nm=2:4"], "--nm applies to --method nm or wanda, not weight-norm"),
+    (["--nm=2:4"], "--nm applies to --method nm, wanda or sparsegpt, not weight-norm"),
     (["--export=/no/such/folder/m.pt2"], "the folder /no/such/folder does not exist"),
     (["--blocksize=4"], "--blocksize applies to --backend bsr or auto, not fuse"),
     (["--input-shape=1,3,8"], "DemoNet failed on an input of shape (1, 3, 8)"),
@@ -197,3 +200,49 @@ def test_nm_runs_on_the_cpu_kernel(capsys):
         assert cli.main(["--method=nm", "--backend=nm", "--no-graph", "--no-progress"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert out.count(" nm ") >= 3 and out.strip().splitlines()[-1].startswith("OK: 5 weights masked, lowered (nm)")
+
+
+def test_eval_prints_the_error_table_of_each_form(capsys):
+    """--eval with SparseGPT and the fuse backend: a table with a row per layer and the output, one error column for
+    the prepared and one for the lowered module, equal (fuse computes what the masks do), nonzero (half the weights
+    are gone), and the verdict still OK."""
+    assert cli.main(["--method=sparsegpt", "--eval", "--no-graph", "--no-progress"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("relative error of each layer's output"))
+    assert "4 random batches of shape (2, 3, 32, 32)" in lines[start]
+    assert lines[start + 1].split() == ["layer", "prepared", "lowered", "(fuse)", "note"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 3:start + 9]}
+    assert list(rows) == ["conv1", "conv2", "proj", "mix", "mix_t", "(output)"]
+    for name, (prepared, lowered) in rows.items():
+        assert float(prepared) > 0 and float(prepared) == pytest.approx(float(lowered), rel=1e-3), name
+    assert out.strip().splitlines()[-1].startswith("OK: 5 weights masked, lowered (fuse) and squashed")
+
+
+def test_eval_errors_equal_compare_on_the_same_batches(capsys, monkeypatch):
+    """--eval's numbers are fx_sparsity.compare's on the batches it draws: the table printed equals compare_table of
+    compare(model, gm) recomputed from the same seeded batches, and a model without --eval prints no table."""
+    import torch
+
+    from fx_sparsity.compare import compare, compare_table
+
+    seen = {}
+    real_compare = cli.compare
+
+    def spy(reference, candidate, batches, layers=None):
+        batches = list(batches)
+        report = real_compare(reference, candidate, batches, layers)
+        seen.setdefault("runs", []).append((reference, candidate, batches, report))
+        return report
+
+    monkeypatch.setattr(cli, "compare", spy)
+    assert cli.main(["--method=magnitude", "--eval", "--no-graph", "--no-progress"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    (model, prepared, batches, first), (_, lowered, batches2, second) = seen["runs"]
+    assert batches is batches2 or all(torch.equal(a, b) for a, b in zip(batches, batches2))
+    assert len(batches) == 4
+    recomputed = compare(model, lowered, batches)
+    assert recomputed == second
+    assert compare_table({"prepared": first, "lowered (fuse)": second}) in out
+    assert cli.main(["--method=magnitude", "--no-graph", "--no-progress"]) == cli.EXIT_OK
+    assert "relative error of each layer" not in capsys.readouterr().out

@@ -137,3 +137,34 @@ def test_compare_leaves_the_users_model_alone():
     assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
     assert all(m.training and not m._forward_hooks for m in model.modules())
     assert 0 < report.output_error < 1
+
+
+def test_compare_table_lines_up_forms_and_to_model_matches_prepared():
+    """Net pruned by Wanda: compare_table puts the prepared, csr-lowered and to_model forms side by side, each
+    column the report's own numbers (to_model's equal to the prepared module's, it holds the same weights); reports
+    on different layers and an empty dict raise."""
+    from fx_sparsity.compare import compare_table
+    from fx_sparsity.user_model import to_model
+
+    torch.manual_seed(0)
+    model = Net()
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    sparsifier = WandaSparsifier(0.5)
+    gm = prepare(model, sparsifier=sparsifier)
+    calibrate(gm, batches, progress_bar=False)
+    sparsifier.step()
+    reports = {"prepared": compare(model, gm, batches), "csr": compare(model, fx_sparsity.lower(gm, "csr"), batches),
+               "to_model": compare(model, to_model(gm), batches)}
+    assert reports["to_model"] == reports["prepared"]
+    lines = compare_table(reports).splitlines()
+    assert lines[0].split() == ["layer", "prepared", "csr", "to_model", "note"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert list(rows) == ["a", "b", "c", "(output)"]
+    for i, form in enumerate(reports):
+        for e in reports[form].layers:
+            assert rows[e.name][i] == f"{e.relative_error:.3e}"
+        assert rows["(output)"][i] == f"{reports[form].output_error:.3e}"
+    with pytest.raises(ValueError, match=r"reports\['other'\] lists the layers \['a'\]"):
+        compare_table({"prepared": reports["prepared"], "other": compare(model, gm, batches, layers=["a"])})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        compare_table({})
