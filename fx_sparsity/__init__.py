@@ -15,13 +15,16 @@ from passes import CaptureError
 
 from .api import get_unmatched, prepare
 from .calibrate import calibrate
-from .compare import CompareReport, LayerError, compare, print_compare
+from .compare import CompareReport, LayerError, compare, compare_table, print_compare
 from .owl import outlier_ratio, owl_levels, set_owl_levels
 from .lower import BACKENDS, LayerLowering, TimedShrinkReport, get_lowering, lower
 from .config import SparsityConfig, parse_config
 from .masks import nearly_diagonal_mask, weight_norm_mask
+from .plots import draw_graph, plot_compare, plot_sparsity
 from .report import (
+    LayerSparsity,
     graph_table,
+    layer_sparsity,
     lowering_table,
     print_graph_table,
     print_lowering_table,
@@ -30,6 +33,7 @@ from .report import (
 )
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
 from .structured import shrink, shrink_report
+from .user_model import to_model
 from .sparsifier import (
     BaseSparsifier,
     ChannelPruner,
@@ -71,6 +75,13 @@ __all__ = [
     "WeightNormSparsifier",
     "calibrate",
     "compare",
+    "compare_table",
+    "draw_graph",
+    "layer_sparsity",
+    "LayerSparsity",
+    "plot_compare",
+    "plot_sparsity",
+    "to_model",
     "outlier_ratio",
     "owl_levels",
     "print_compare",
