@@ -158,6 +158,9 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
         if owner.bias is None:
             owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
         return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
+    if type(owner) is nn.LSTM and owner.bias:  # weight_ih_l0[_reverse] -> bias_ih_l0[_reverse]
+        owner_fqn, name = split_fqn(weight_fqn)
+        return f"{owner_fqn}.{name.replace('weight_ih_', 'bias_ih_')}".lstrip(".")
     return None
 
 

@@ -352,6 +352,8 @@ class ChannelPruner(BaseSparsifier):
             # The activation criterion observes the channels where the consumers read them: they need masks.
             observed = self.mask_consumers or self.criterion == "activation"
             for m in groups[index].consumers if observed else ():
+                if m.target not in maskable:  # read inside an nn.LSTM: shrink folds or reports it
+                    continue
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry["channel_groups"] += (index,)
         self.unfollowed = _unfollowed(gm, groups)
@@ -378,7 +380,7 @@ class ChannelPruner(BaseSparsifier):
         def blocker(group: ChannelGroup) -> str | None:
             if not group.prunable:
                 return group.frozen_reason
-            unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
+            unmaskable = list(dict.fromkeys(p.target for p in group.producers if p.dim != 0 or p.target not in maskable))
             if unmaskable:
                 return f"its producers {unmaskable} have no mask (not Linear/Conv weights)"
             unobserved = [c.target for c in group.consumers if c.target not in maskable]
