@@ -291,7 +291,7 @@ class ChannelPruner(BaseSparsifier):
     shrink (a model output, an unknown op) is a ``ValueError`` with the reason.
     ``frozen`` maps the groups left alone to why; ``unfollowed`` maps the modules whose
     parameters are in no group at all (a layer the dependency analysis does not know,
-    such as ``nn.LSTM``, or one it cannot reach) to why; both are kept whole.
+    such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole.
 
     Example::
 
