@@ -225,3 +225,45 @@ def test_channel_pruner_prunes_around_an_lstm_and_names_why_units_wait():
         assert small.lstm.input_size == 4 and small.lstm.hidden_size == 6
         assert shrink_report(small).folded == ("lstm.weight_ih_l0",) and shrink_report(small).exact
         torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"proj": 4, "bidirectional": True}])
+def test_macs_count_lstm_weight_products_and_shrunk_module_saves(kwargs, tmp_path):
+    """count_macs adds, per LSTM, steps x (every weight matrix's entries): 7 steps x batch 2 here; the shrunk LSTM's
+    MACs follow its smaller matrices, and the shrunk module saves and loads with the same output."""
+    x = torch.randn(7, 2, 5)
+    gm = torch.fx.symbolic_trace(_LSTMNet(**kwargs).eval())
+    groups = find_channel_groups(gm, x)
+    units = _units_group(groups)
+    small, report = shrink_channels(gm, groups, {units.index: [0]}, x)
+
+    def expected(module):
+        lstm_weights = sum(w.numel() for n, w in module.lstm.named_parameters() if n.startswith("weight_"))
+        return 14 * (module.inp.weight.numel() + lstm_weights + module.out.weight.numel())
+
+    assert (report.macs_before, report.macs_after) == (expected(gm), expected(small))
+    assert report.macs_after < report.macs_before
+    torch.save(small, tmp_path / "small.pt")
+    loaded = torch.load(tmp_path / "small.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), small(x))
+
+
+def test_taylor_scores_read_the_lstm_input_columns():
+    """criterion='taylor' on Linear -> LSTM: the features group's score includes |w x grad| of lstm.weight_ih_l0's
+    columns (a consumer member), checked against a direct computation."""
+    torch.manual_seed(0)
+    from fx_sparsity.sparsifier.structured import accumulate_gradients
+
+    x, target = torch.randn(7, 2, 5), torch.randn(7, 2, 3)
+    model = _LSTMNet(layers=1).eval()
+    pruner = ChannelPruner(0.5, criterion="taylor")
+    gm = pruner.prepare(model, example_inputs=x)
+    grads = accumulate_gradients(gm, [(x, target)], nn.MSELoss())
+    inputs = next(g for g in pruner.channel_groups if any(p.target == "inp.weight" for p in g.producers))
+    score = pruner.importance()[inputs.index]
+    loss = nn.MSELoss()(model(x), target)
+    gi, gb, gl = torch.autograd.grad(loss, [model.inp.weight, model.inp.bias, model.lstm.weight_ih_l0])
+    direct = ((model.inp.weight * gi).abs().sum(1) + (model.inp.bias * gb).abs()
+              + (model.lstm.weight_ih_l0 * gl).abs().sum(0))
+    assert "lstm.weight_ih_l0" in grads
+    torch.testing.assert_close(score, direct.detach(), rtol=1e-4, atol=1e-6)
