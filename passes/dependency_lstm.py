@@ -65,7 +65,7 @@ def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, 
         not isinstance(lay, Layout) or len(shapes[x]) + lay.axis != len(shapes[x]) - 1
         or _total(spaces, lay) != lstm.input_size
     ):
-        _freeze(spaces, lay, f"LSTM {fqn} reads its input features from a dim other than the last")
+        _freeze(spaces, lay, f"LSTM {fqn} reads tracked channels other than as the input features of its last dim")
         lay = None
     hidden = lstm.hidden_size
     directions = ("", "_reverse") if lstm.bidirectional else ("",)
@@ -73,7 +73,8 @@ def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, 
     for layer in range(lstm.num_layers):
         outputs = []
         for sfx in directions:
-            names = {w: f"{fqn}.{w}_l{layer}{sfx}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+            names = {w: f"{fqn}.{w}_l{layer}{sfx}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                               "weight_hr")}
             if lay is not None:
                 _add_sliced(spaces, lay, names["weight_ih"], "consumer", 1)
                 _add_module(spaces, lay, fqn)

@@ -2,10 +2,11 @@
 
 Size attributes (``in_features``, ``out_channels``, ``groups`` of a depthwise conv,
 ``num_features``, ``normalized_shape``, ``embedding_dim``, an LSTM's ``input_size``,
-``hidden_size`` and ``proj_size``) are recomputed from the tensors. Head counts need no update: a captured graph holds no attention module
-(symbolic tracing copies only the leaf layers), its views read the number of heads
-as ``-1`` or from tensor shapes, and a view with a literal head count is frozen by
-:mod:`passes.dependency`.
+``hidden_size`` and ``proj_size``) are recomputed from the tensors; an LSTM then rebuilds
+the flat weight list its ``forward`` reads. Head counts need no update: a captured
+graph holds no attention module (symbolic tracing copies only the leaf layers), its
+views read the number of heads as ``-1`` or from tensor shapes, and a view with a
+literal head count is frozen by :mod:`passes.dependency`.
 """
 
 from __future__ import annotations

@@ -380,7 +380,8 @@ class ChannelPruner(BaseSparsifier):
         def blocker(group: ChannelGroup) -> str | None:
             if not group.prunable:
                 return group.frozen_reason
-            unmaskable = list(dict.fromkeys(p.target for p in group.producers if p.dim != 0 or p.target not in maskable))
+            unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
+            unmaskable = list(dict.fromkeys(unmaskable))  # an LSTM weight produces in four gate blocks
             if unmaskable:
                 return f"its producers {unmaskable} have no mask (not Linear/Conv weights)"
             unobserved = [c.target for c in group.consumers if c.target not in maskable]
