@@ -95,6 +95,10 @@ def follow_node(
         from .dependency_layers import follow_layer
 
         return follow_layer(node, gm, shapes, layouts, spaces)
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM:
+        from .dependency_lstm import follow_lstm
+
+        return follow_lstm(node, gm, shapes, layouts, spaces)
     if node.op == "call_module" and type(gm.get_submodule(node.target)) in _NORMS:
         from .dependency_layers import follow_module
 

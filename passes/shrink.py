@@ -42,7 +42,7 @@ class ShrinkReport:
     Attributes:
         params_before, params_after: parameter counts (each tensor once).
         macs_before, macs_after: multiply-accumulates of the Linear/Conv layers
-            on the example inputs (all of the batch).
+            and LSTM weight products on the example inputs (all of the batch).
         channels: ``{group index: (size before, size after)}`` of shrunk groups.
         folded: consumers whose bias received removed channels' constants.
         inexact: where the shrunk module's output differs from the input module's.
@@ -62,7 +62,7 @@ class ShrinkReport:
 
 
 def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
-    """Multiply-accumulates of the Linear/Conv ops of ``gm`` on ``example_inputs``.
+    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``.
 
     Example::
 
@@ -72,6 +72,9 @@ def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
     total = [0]
 
     def record(node: fx.Node, result: Any, args: tuple, kwargs: dict) -> None:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM:
+            total[0] += _lstm_macs(gm.get_submodule(node.target), result[0])
+            return
         if op_kind(node, gm) is None:
             return
         if node.op == "call_module":
@@ -83,6 +86,12 @@ def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
 
     run_recording(gm, example_inputs, record)
     return total[0]
+
+
+def _lstm_macs(lstm: nn.LSTM, output: torch.Tensor) -> int:
+    """Each time step of each sequence multiplies every weight matrix (gates, recurrence, projection) once."""
+    steps = output.numel() // output.shape[-1]
+    return steps * sum(w.numel() for name, w in lstm.named_parameters() if name.startswith("weight_"))
 
 
 def _count_params(module: nn.Module) -> int:
@@ -158,6 +167,9 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
         if owner.bias is None:
             owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
         return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
+    if type(owner) is nn.LSTM and owner.bias:  # weight_ih_l0[_reverse] -> bias_ih_l0[_reverse]
+        owner_fqn, name = split_fqn(weight_fqn)
+        return f"{owner_fqn}.{name.replace('weight_ih_', 'bias_ih_')}".lstrip(".")
     return None
 
 

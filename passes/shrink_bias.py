@@ -4,7 +4,9 @@ A removed channel whose producer rows are zero carries ``act(bias)`` (after any
 BatchNorm, activation, pooling): the same value for every input. Running the
 unshrunk module on the example inputs and on a random input shows which removed
 channels are constant at each consumer; their contribution (``W[:, c] @ value``,
-or the conv of a constant image) moves into the consumer's bias.
+or the conv of a constant image) moves into the consumer's bias (``bias_ih_l0``
+for an LSTM reading them). Units removed from an LSTM vary with the input, so the
+columns that read them inside the LSTM must be zero for the removal to be exact.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def _consumer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Weight FQN -> the Linear/Conv nodes reading it."""
     found: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
+        if _is_lstm(node, gm):  # its input columns: layer 0's weight_ih, per direction
+            for sfx in ("", "_reverse"):
+                if hasattr(gm.get_submodule(node.target), f"weight_ih_l0{sfx}"):
+                    found.setdefault(f"{node.target}.weight_ih_l0{sfx}", []).append(node)
+            continue
         if op_kind(node, gm) is None:
             continue
         if node.op == "call_module":
@@ -40,6 +47,10 @@ def _consumer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return found
 
 
+def _is_lstm(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM
+
+
 def _random_like(args: tuple) -> tuple:
     return tuple(torch.randn_like(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
@@ -47,16 +58,18 @@ def _random_like(args: tuple) -> tuple:
 def _measure(gm: fx.GraphModule, example_inputs: Any, wanted: dict[str, list[tuple[Member, torch.Tensor]]]):
     """For each (weight FQN, member, channels): the removed channels' input values over two runs."""
     nodes = _consumer_nodes(gm)
-    targets = {node: fqn for fqn in wanted for node in nodes.get(fqn, [])}
+    targets: dict[fx.Node, list[str]] = {}  # a bidirectional LSTM reads its input with two weights
+    for fqn in wanted:
+        for node in nodes.get(fqn, []):
+            targets.setdefault(node, []).append(fqn)
     seen: dict[tuple[str, Member], list[torch.Tensor]] = {}
 
     def record(node: fx.Node, result: Any, args: tuple, kwargs: dict) -> None:
-        fqn = targets.get(node)
-        if fqn is None:
+        if node not in targets:
             return
         x = args[0] if node.op == "call_module" else op_arguments(node.target, args, kwargs)["input"]
-        axis = -1 if op_kind(node, gm) == "linear" else 1
-        for member, channels in wanted[fqn]:
+        axis = -1 if _is_lstm(node, gm) or op_kind(node, gm) == "linear" else 1
+        for fqn, (member, channels) in ((f, w) for f in targets[node] for w in wanted[f]):
             values = x.index_select(axis, member.indices(channels)).movedim(axis, -1)
             seen.setdefault((fqn, member), []).append(values.reshape(-1, values.shape[-1]))
 
@@ -140,7 +153,10 @@ def bias_deltas(
     nodes = _consumer_nodes(gm)
     for (fqn, member), values in _measure(gm, example_inputs, wanted).items():
         index, channels = owner[member], removed[owner[member]]
-        weight, layer_groups, dilation, padded = _layer(gm, nodes[fqn][0])
+        if _is_lstm(nodes[fqn][0], gm):  # the gates add W_ih @ x to bias_ih: a Linear's fold
+            weight, layer_groups, dilation, padded = get_tensor(gm, fqn), 1, (), False
+        else:
+            weight, layer_groups, dilation, padded = _layer(gm, nodes[fqn][0])
         if not _reads(weight, layer_groups, member.indices(channels)):
             continue  # the consumer's columns are zero (masked) too: the channels add nothing
         const = _constant(values)
@@ -160,4 +176,11 @@ def bias_deltas(
                 f"group {index}: {fqn} is a padded conv; the removed channels' constant is folded into its "
                 "bias, which is exact away from the borders only"
             )
+    for fqn in wanted.keys() - nodes.keys():  # read inside an LSTM (its recurrence, its next layer): not measured
+        for member, channels in wanted[fqn]:
+            if _reads(get_tensor(gm, fqn), 1, member.indices(channels)):
+                inexact.append(
+                    f"group {owner[member]}: the removed units still feed {fqn} inside the LSTM (its columns for "
+                    "them are not zero; ChannelPruner(mask_consumers=True) zeroes them): not folded"
+                )
     return deltas, folded, inexact

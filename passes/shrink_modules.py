@@ -1,11 +1,12 @@
 """Module attributes after :mod:`passes.shrink` sliced their tensors.
 
 Size attributes (``in_features``, ``out_channels``, ``groups`` of a depthwise conv,
-``num_features``, ``normalized_shape``, ``embedding_dim``) are recomputed from the
-tensors. Head counts need no update: a captured graph holds no attention module
-(symbolic tracing copies only the leaf layers), its views read the number of heads
-as ``-1`` or from tensor shapes, and a view with a literal head count is frozen by
-:mod:`passes.dependency`.
+``num_features``, ``normalized_shape``, ``embedding_dim``, an LSTM's ``input_size``,
+``hidden_size`` and ``proj_size``) are recomputed from the tensors; an LSTM then rebuilds
+the flat weight list its ``forward`` reads. Head counts need no update: a captured
+graph holds no attention module (symbolic tracing copies only the leaf layers), its
+views read the number of heads as ``-1`` or from tensor shapes, and a view with a
+literal head count is frozen by :mod:`passes.dependency`.
 """
 
 from __future__ import annotations
@@ -33,4 +34,21 @@ def update_module(module: nn.Module) -> None:
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif type(module) is nn.LSTM:
+        _update_lstm(module)
+
+
+def _update_lstm(lstm: nn.LSTM) -> None:
+    """Sizes from layer 0's tensors (every layer and direction shrinks alike, or the pass froze it), then the
+    flat weight list ``forward`` reads, which still holds the tensors replaced in ``_parameters``."""
+    lstm.input_size = lstm.weight_ih_l0.shape[1]
+    lstm.hidden_size = lstm.weight_hh_l0.shape[0] // 4
+    if lstm.proj_size > 0:
+        lstm.proj_size = lstm.weight_hr_l0.shape[0]
+        if lstm.proj_size >= lstm.hidden_size:
+            raise ValueError(
+                f"shrinking leaves an LSTM with hidden_size {lstm.hidden_size} and proj_size {lstm.proj_size}, but "
+                "nn.LSTM needs proj_size < hidden_size; remove fewer hidden units (or more projection channels)"
+            )
+    lstm._init_flat_weights()
 

@@ -348,15 +348,14 @@ def test_channel_pruner_needs_its_own_prepare():
 
 
 def test_layers_outside_every_group_are_reported():
-    """An nn.LSTM (not followed by the dependency analysis) is named in pruner.unfollowed, and in the error when
+    """An nn.GRU (not followed by the dependency analysis) is named in pruner.unfollowed, and in the error when
     nothing else can shrink; TinyResNet has every parameter in some group."""
-    lstm_linear = common_pruning.LSTMLinearModel(8, 8, 8, 1)
-    with pytest.raises(ValueError, match=r"LSTM lstm: its parameters \['weight_ih_l0', .*are in no channel group"):
-        ChannelPruner().prepare(lstm_linear, example_inputs=torch.randn(3, 1, 8))
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.LSTM(8, 4))
+    with pytest.raises(ValueError, match=r"GRU 0: its parameters \['weight_ih_l0', .*are in no channel group"):
+        ChannelPruner().prepare(nn.Sequential(nn.GRU(8, 8)), example_inputs=torch.randn(3, 1, 8))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.GRU(8, 4))
     pruner = ChannelPruner(0.5)
     pruner.prepare(model, example_inputs=torch.randn(3, 2, 8))
-    assert list(pruner.unfollowed) == ["3"] and "LSTM 3" in pruner.unfollowed["3"]
+    assert list(pruner.unfollowed) == ["3"] and "GRU 3" in pruner.unfollowed["3"]
     pruner = ChannelPruner(0.5)
     pruner.prepare(TinyResNet().eval(), example_inputs=torch.randn(2, 3, 16, 16))
     assert pruner.unfollowed == {}

@@ -291,7 +291,7 @@ class ChannelPruner(BaseSparsifier):
     shrink (a model output, an unknown op) is a ``ValueError`` with the reason.
     ``frozen`` maps the groups left alone to why; ``unfollowed`` maps the modules whose
     parameters are in no group at all (a layer the dependency analysis does not know,
-    such as ``nn.LSTM``, or one it cannot reach) to why; both are kept whole.
+    such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole.
 
     Example::
 
@@ -352,6 +352,8 @@ class ChannelPruner(BaseSparsifier):
             # The activation criterion observes the channels where the consumers read them: they need masks.
             observed = self.mask_consumers or self.criterion == "activation"
             for m in groups[index].consumers if observed else ():
+                if m.target not in maskable:  # read inside an nn.LSTM: shrink folds or reports it
+                    continue
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 entry["channel_groups"] += (index,)
         self.unfollowed = _unfollowed(gm, groups)
@@ -379,6 +381,7 @@ class ChannelPruner(BaseSparsifier):
             if not group.prunable:
                 return group.frozen_reason
             unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
+            unmaskable = list(dict.fromkeys(unmaskable))  # an LSTM weight produces in four gate blocks
             if unmaskable:
                 return f"its producers {unmaskable} have no mask (not Linear/Conv weights)"
             unobserved = [c.target for c in group.consumers if c.target not in maskable]
