@@ -49,6 +49,7 @@ from .observe import (
 )
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
+from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -105,4 +106,11 @@ __all__ = [
     "unmatched_weights",
     "unsupported_reason",
     "weight_position",
+    "Stage",
+    "StageRunner",
+    "carried_bytes",
+    "find_blocks",
+    "match_blocks",
+    "module_paths",
+    "plan_stages",
 ]
