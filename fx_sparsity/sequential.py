@@ -41,6 +41,7 @@ from .calibrate import calibration_key, calibration_observer, calibration_statis
 from .progress import progress
 from .running import as_model_inputs, eval_mode
 from .sparsifier import BaseSparsifier, get_sparsifier
+from .streaming import SafetensorsWeights, WeightStreamer
 
 __all__ = ["SequentialReport", "StageRecord", "prune_sequential"]
 
@@ -55,6 +56,7 @@ class StageRecord:
         input_bytes: the values carried into the stage, for all batches (tensor storages).
         output_bytes: the values the stage carried on to later stages, for all batches.
         statistic_bytes: the statistics recorded for the stage's weights.
+        weight_bytes: with ``weights=``, the tensors loaded for the stage (0 otherwise).
     """
 
     name: str
@@ -62,6 +64,7 @@ class StageRecord:
     input_bytes: int
     output_bytes: int
     statistic_bytes: int
+    weight_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +75,8 @@ class SequentialReport:
 
     @property
     def peak_bytes(self) -> int:
-        """The most bytes held at once: one stage's inputs, outputs and statistics."""
-        return max((s.input_bytes + s.output_bytes + s.statistic_bytes for s in self.stages), default=0)
+        """The most bytes held at once (at most): one stage's inputs, outputs, statistics and loaded weights."""
+        return max((s.input_bytes + s.output_bytes + s.statistic_bytes + s.weight_bytes for s in self.stages), default=0)
 
     @property
     def blocks(self) -> tuple[str, ...]:
@@ -132,6 +135,7 @@ def prune_sequential(
     batches: Iterable[Any],
     *,
     blocks: Sequence[str] | None = None,
+    weights: SafetensorsWeights | None = None,
     keep_statistics: bool = False,
     progress_bar: bool = True,
 ) -> SequentialReport:
@@ -172,6 +176,14 @@ def prune_sequential(
         blocks: the block modules, as FQNs or globs whose ``*`` stays within one
             name (``["model.layers.*"]``); default: found from the graph
             (:func:`passes.find_blocks`: the repeated indexed submodules).
+        weights: for a module prepared on the meta device
+            (:func:`fx_sparsity.streaming.prepare_on_meta`): where its weights
+            are read from and the pruned ones go. Each stage's tensors are
+            loaded just before it runs (masks start as ones) and, once it ran,
+            its weights are written pruned (``weight * mask``, SparseGPT's
+            updates included) and every tensor goes back to the meta device;
+            the other tensors of the checkpoint are copied at the end. Stages
+            after the last one holding a sparsified weight do not run.
         keep_statistics: leave every weight's statistic in ``sparsifier.state``
             as ``calibrate`` does; by default each stage's are dropped after its
             step, so that only one stage's are held.
@@ -186,7 +198,8 @@ def prune_sequential(
             ``blocks`` is not a list of strings.
         ValueError: ``batches`` is empty; ``blocks`` names nothing, overlapping
             modules, or blocks that do not run one after another; a weight is
-            read in two blocks. All raised before any mask changes.
+            read in two blocks; ``gm`` has meta tensors and no ``weights``, or
+            ``weights`` lacks one of them. All raised before any mask changes.
 
     Example::
 
@@ -211,12 +224,16 @@ def prune_sequential(
     if not carried:
         raise ValueError("prune_sequential needs at least one batch; batches was empty")
     last = max((i for i, s in enumerate(stages) if s.tensor_fqns), default=-1)
+    stages = stages[: last + 1]
+    streamer = _streamer(gm, weights, stages)
     key = calibration_key(sparsifier)
     for group in sparsifier.groups:
         sparsifier.state[group["tensor_fqn"]].pop(key, None)
     records = []
     with torch.no_grad(), eval_mode(gm):
-        for stage in progress(stages[: last + 1], progress_bar, "prune_sequential"):
+        for index, stage in enumerate(progress(stages, progress_bar, "prune_sequential")):
+            if streamer is not None:
+                streamer.load(index)
             input_bytes = carried_bytes(v for env in carried for v in env.values())
             statistic_bytes = 0
             if stage.tensor_fqns:
@@ -233,5 +250,27 @@ def prune_sequential(
                 carried[j] = runner.run(stage, env)
             runner.forget_constants()
             output_bytes = carried_bytes(v for env in carried for v in env.values())
-            records.append(StageRecord(stage.name, stage.tensor_fqns, input_bytes, output_bytes, statistic_bytes))
+            weight_bytes = 0
+            if streamer is not None:
+                weight_bytes = streamer.loaded_bytes
+                streamer.release(index)
+            records.append(
+                StageRecord(stage.name, stage.tensor_fqns, input_bytes, output_bytes, statistic_bytes, weight_bytes)
+            )
+    if streamer is not None:
+        streamer.finish()
     return SequentialReport(tuple(records))
+
+
+def _streamer(gm: fx.GraphModule, weights: Any, stages: Sequence[Stage]) -> WeightStreamer | None:
+    if weights is None:
+        meta = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"gm has tensors on the meta device ({meta[0]}, ...): pass weights=SafetensorsWeights(checkpoint, out=...) "
+                "to load each block's weights while it is pruned"
+            )
+        return None
+    if not isinstance(weights, SafetensorsWeights):
+        raise TypeError(f"weights must be a SafetensorsWeights, got {type(weights).__name__}")
+    return WeightStreamer(gm, weights, stages)

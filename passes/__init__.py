@@ -49,7 +49,7 @@ from .observe import (
 )
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
-from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages
+from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages, stage_tensors
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -113,4 +113,5 @@ __all__ = [
     "match_blocks",
     "module_paths",
     "plan_stages",
+    "stage_tensors",
 ]

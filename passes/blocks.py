@@ -36,7 +36,16 @@ from torch.utils._pytree import tree_leaves
 
 from .meta import get_sparse_target
 
-__all__ = ["Stage", "StageRunner", "carried_bytes", "find_blocks", "match_blocks", "module_paths", "plan_stages"]
+__all__ = [
+    "Stage",
+    "StageRunner",
+    "carried_bytes",
+    "find_blocks",
+    "match_blocks",
+    "module_paths",
+    "plan_stages",
+    "stage_tensors",
+]
 
 
 def module_paths(gm: fx.GraphModule) -> dict[str, str]:
@@ -284,6 +293,38 @@ def _stage_name(s: int, order: Sequence[str]) -> str:
     if s % 2:
         return order[(s - 1) // 2]
     return f"(before {order[0]})" if s <= 0 else f"(after {order[s // 2 - 1]})"
+
+
+def stage_tensors(gm: fx.GraphModule, stage: Stage) -> tuple[str, ...]:
+    """The FQNs of the parameters and buffers ``stage`` reads: ``get_attr`` targets its nodes reach
+    through input-independent nodes (``weight * mask``), and the tensors of the modules it calls.
+
+    Example::
+
+        >>> [stage] = plan_stages(gm, ["0"])  # gm = symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        >>> stage_tensors(gm, stage)
+        ('0.weight', '0.bias')
+    """
+    free = _free_nodes(gm.graph)
+    own = set(stage.nodes)
+    seen: set[fx.Node] = set()
+    fqns: list[str] = []
+    todo = [a for n in stage.nodes for a in (n, *n.all_input_nodes)]
+    while todo:
+        node = todo.pop()
+        if node in seen or (node not in own and node not in free):
+            continue
+        seen.add(node)
+        if node in free:
+            todo += node.all_input_nodes
+        if node.op == "get_attr":
+            fqns.append(node.target)
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            prefix = f"{node.target}." if node.target else ""
+            for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+                fqns.append(prefix + name)
+    return tuple(dict.fromkeys(sorted(fqns)))
 
 
 def carried_bytes(values: Iterable[Any]) -> int:

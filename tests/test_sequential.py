@@ -343,3 +343,92 @@ def test_no_repeated_blocks_asks_for_names():
         prune_sequential(gm, [torch.randn(2, 4)], progress_bar=False)
     report = prune_sequential(gm, [torch.randn(2, 4)], blocks=["a", "b"], progress_bar=False)
     assert report.blocks == ("a", "b")
+
+
+# ---------------------------------------------------------------- weights streamed from a checkpoint
+
+
+def _checkpoint(model: nn.Module, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _read_pruned(directory) -> dict[str, torch.Tensor]:
+    import json
+
+    from safetensors.torch import load_file
+
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(directory / file)))
+    assert set(index["weight_map"]) == set(out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+def test_streamed_from_safetensors_equals_in_memory(name, tmp_path):
+    """TinyGPT built on the meta device, prepared there (no weight memory), pruned block by block with its
+    weights read from a safetensors file: the written checkpoint holds every tensor, the pruned weights equal
+    weight * mask of the same run in memory (SparseGPT's updates included), the rest is copied bit for bit;
+    each stage loaded only its own tensors, and the prepared module is back on meta afterwards."""
+    from fx_sparsity.streaming import SafetensorsWeights, prepare_on_meta
+
+    model, batches = _gpt(), _batches()
+    source = _checkpoint(model, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        meta_model = TinyGPT(3).eval()
+    sparsifier = SPARSIFIERS[name](0.5)
+    gm = prepare_on_meta(meta_model, sparsifier=sparsifier)
+    assert all(t.is_meta for t in [*gm.parameters(), *gm.buffers()])
+    report = prune_sequential(gm, batches, weights=SafetensorsWeights(source, tmp_path / "out"), progress_bar=False)
+    out = _read_pruned(tmp_path / "out")
+    reference_sparsifier = SPARSIFIERS[name](0.5)
+    reference = prepare(model, sparsifier=reference_sparsifier)
+    prune_sequential(reference, batches, progress_bar=False)
+    masked = {g["tensor_fqn"] for g in reference_sparsifier.groups}
+    state = model.state_dict()
+    assert set(out) == set(state)
+    for fqn, tensor in state.items():
+        if fqn in masked:
+            expected = reference.get_parameter(fqn) * reference.get_buffer(fqn + "_mask")
+            torch.testing.assert_close(out[fqn], expected)
+            assert (out[fqn] == 0).float().mean().item() >= 0.5
+        else:
+            assert torch.equal(out[fqn], tensor), fqn
+    block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    masks = sum(model.get_parameter(f).numel() * 4 for f in masked if f.startswith("blocks.0."))
+    assert [s.weight_bytes for s in report.stages if s.name == "blocks.1"] == [block + masks]
+    assert all(t.is_meta for t in [*gm.parameters(), *gm.buffers()])
+    collected: dict[str, torch.Tensor] = {}  # the callback form of out
+    gm2 = prepare_on_meta(meta_model, sparsifier=SPARSIFIERS[name](0.5))
+    prune_sequential(gm2, batches, weights=SafetensorsWeights(source, collected.update), progress_bar=False)
+    assert set(collected) == set(state)
+    for fqn in state:
+        torch.testing.assert_close(collected[fqn], out[fqn])
+
+
+def test_streamed_bad_input(tmp_path):
+    """A meta-prepared module without weights=, a checkpoint missing a tensor, or a missing file: clear errors."""
+    from fx_sparsity.streaming import SafetensorsWeights, prepare_on_meta
+
+    model = _gpt()
+    with torch.device("meta"):
+        meta_model = TinyGPT(3).eval()
+    gm = prepare_on_meta(meta_model, sparsifier=WandaSparsifier(0.5))
+    with pytest.raises(ValueError, match="meta device.*weights=SafetensorsWeights"):
+        prune_sequential(gm, _batches(), progress_bar=False)
+    state = {k: v for k, v in model.state_dict().items() if k != "blocks.1.fc1.bias"}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.fc1\.bias.*not in the checkpoint"):
+        prune_sequential(gm, _batches(), weights=SafetensorsWeights(tmp_path / "partial.safetensors", tmp_path / "o"),
+                         progress_bar=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        SafetensorsWeights(tmp_path / "missing.safetensors", tmp_path / "o")
+    with pytest.raises(ValueError, match="no tensor on the meta device"):
+        prepare_on_meta(model, sparsifier=WandaSparsifier(0.5))
