@@ -33,7 +33,7 @@ from passes import Stage, fqns_read, get_sparse_target, set_tensor, split_fqn, s
 from .api import prepare
 from .sparsifier import BaseSparsifier, get_sparsifier
 
-__all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta"]
+__all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta", "write_safetensors"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -131,11 +131,9 @@ class SafetensorsWeights:
         if self._callback is not None:
             self._callback(tensors)
             return
-        from safetensors.torch import save_file
-
         self._dir.mkdir(parents=True, exist_ok=True)
         name = f"pruned-{len(set(self._weight_map.values())):05d}.safetensors"
-        save_file(tensors, str(self._dir / name), metadata={"format": "pt"})
+        write_safetensors(self._dir / name, tensors)
         self._weight_map.update(dict.fromkeys(tensors, name))
 
     def close(self, chunk_bytes: int) -> None:
@@ -155,6 +153,37 @@ class SafetensorsWeights:
             )
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self._weight_map.items()))}
             (self._dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (contiguous, CPU) to a safetensors file, straight from their memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a Python
+    ``bytes``; this writes the header and then each tensor's bytes, so that
+    writing a block costs no second copy of it.
+
+    Example::
+
+        >>> write_safetensors("/tmp/x.safetensors", {"w": torch.ones(2, 2)})
+        >>> safetensors.torch.load_file("/tmp/x.safetensors")["w"].sum().item()
+        4.0
+    """
+    names = {dtype: name for name, dtype in _DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def prepare_on_meta(
@@ -300,8 +329,8 @@ class WeightStreamer:
                 continue
             key = self._key(fqn)
             if key is not None and key not in self.store.written and key not in done:
-                if fqn in self._masked:
-                    tensor = tensor * _get(self.gm, fqn + "_mask")
+                if fqn in self._masked:  # the loaded copy (or SparseGPT's own) goes right after: prune in place
+                    tensor.detach().mul_(_get(self.gm, fqn + "_mask"))
                 done[key] = tensor
         self.store.save(done)
         for fqn in self._tensors[index]:
