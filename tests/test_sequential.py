@@ -184,6 +184,25 @@ def test_block_statistics_equal_eager_model_with_earlier_blocks_pruned(name):
         assert mask.float().mean().item() == pytest.approx(0.5, abs=0.02), g["tensor_fqn"]
 
 
+def test_exported_llama_layer_statistics_equal_eager_model_with_earlier_layers_pruned():
+    """transformers Llama captured with torch.export, SparseGPT 50%: layer 1's input Hessians (and lm_head's)
+    equal those of the eager Llama whose earlier layers carry the pruned, updated weights."""
+    model, batches = _llama(), _batches(vocab=64)
+    sparsifier = SPARSIFIERS["sparsegpt"](0.5)
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=(batches[0],), capture_method="export")
+    report = prune_sequential(gm, batches, keep_statistics=True, progress_bar=False)
+    stage_fqns = [s.tensor_fqns for s in report.stages if s.tensor_fqns]
+    assert len(stage_fqns) == 3
+    for k in (1, 2):
+        reference = copy.deepcopy(model)
+        for fqn in [f for earlier in stage_fqns[:k] for f in earlier]:
+            reference.get_parameter(fqn).data.copy_(gm.get_parameter(fqn) * gm.get_buffer(fqn + "_mask"))
+        modules = {f: reference.get_submodule(f.rpartition(".")[0]) for f in stage_fqns[k]}
+        expected = _eager_statistics(reference, modules, batches, "input_hessian")
+        for fqn in stage_fqns[k]:
+            torch.testing.assert_close(sparsifier.state[fqn]["input_hessian"], expected[fqn])
+
+
 def test_magnitude_masks_equal_whole_model_step():
     """Magnitude ignores statistics: pruning block by block gives the masks one step() gives."""
     model, batches = _gpt(), _batches()
