@@ -41,6 +41,7 @@ from .calibrate import calibration_key, calibration_observer, calibration_statis
 from .progress import progress
 from .running import as_model_inputs, eval_mode
 from .sparsifier import BaseSparsifier, get_sparsifier
+from .sparsifier.structured import ChannelPruner
 from .streaming import SafetensorsWeights, WeightStreamer
 
 __all__ = ["SequentialReport", "StageRecord", "prune_sequential"]
@@ -195,7 +196,8 @@ def prune_sequential(
 
     Raises:
         TypeError: ``batches`` is not an iterable or a batch has the wrong form;
-            ``blocks`` is not a list of strings.
+            ``blocks`` is not a list of strings; the sparsifier is a
+            ``ChannelPruner`` (its channel groups span blocks).
         ValueError: ``batches`` is empty; ``blocks`` names nothing, overlapping
             modules, or blocks that do not run one after another; a weight is
             read in two blocks; ``gm`` has meta tensors and no ``weights``, or
@@ -210,6 +212,11 @@ def prune_sequential(
         ('(before blocks.0)', 'blocks.0', 'blocks.1', '(after blocks.1)')
     """
     sparsifier = get_sparsifier(gm)
+    if isinstance(sparsifier, ChannelPruner):
+        raise TypeError(
+            "ChannelPruner couples channels of layers across blocks and cannot prune one block at a time: "
+            "use fx_sparsity.calibrate and step() on the whole model"
+        )
     _check_batches(batches)
     fqns = [g["tensor_fqn"] for g in sparsifier.groups]
     stages = plan_stages(gm, _blocks(gm, blocks, fqns))

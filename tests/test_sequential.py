@@ -329,6 +329,16 @@ def test_bad_input_is_refused_before_anything_changes(kwargs, error, match):
     assert not any(sparsifier.state.get(g["tensor_fqn"]) for g in sparsifier.groups)
 
 
+def test_channel_pruner_is_refused():
+    """ChannelPruner's channel groups span layers: pruning block by block is refused with a TypeError."""
+    from fx_sparsity import ChannelPruner
+
+    model = _gpt()
+    gm = ChannelPruner().prepare(model, None, example_inputs=(_batches()[0],))
+    with pytest.raises(TypeError, match="ChannelPruner couples channels"):
+        prune_sequential(gm, _batches(), progress_bar=False)
+
+
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
