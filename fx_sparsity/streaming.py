@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -239,6 +241,27 @@ def prepare_on_meta(
     return gm
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_heap() -> None:
+    """Give the memory of the tensors just freed back to the OS (glibc's ``malloc_trim``, where there is one).
+
+    glibc serves allocations below its mmap threshold from a heap, and raises
+    that threshold to the size of the largest block freed so far: after the
+    first block, a block's tensors land in the heap, whose free pages stay
+    resident and fragment, so without a trim the peak grows well past one block.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _get(module: nn.Module, fqn: str) -> torch.Tensor:
     owner, name = split_fqn(fqn)
     return getattr(module.get_submodule(owner), name)
@@ -337,6 +360,7 @@ class WeightStreamer:
             tensor = _get(self.gm, fqn)
             if isinstance(tensor, torch.Tensor) and not tensor.is_meta and (self._key(fqn) is not None or fqn.endswith("_mask")):
                 set_tensor(self.gm, self._aliases.get(fqn, [fqn]), _meta_like(tensor))
+        _release_heap()
 
     def finish(self) -> None:
         """Copy the checkpoint's other tensors to the output and close it."""
