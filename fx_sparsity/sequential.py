@@ -205,11 +205,13 @@ def prune_sequential(
 
     Example::
 
-        >>> sparsifier = fx_sparsity.SparseGPTSparsifier(0.5)
-        >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
-        >>> report = prune_sequential(gm, batches, blocks=["blocks.*"], progress_bar=False)
+        >>> from fx_sparsity.sequential import prune_sequential
+        >>> gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
+        >>> report = prune_sequential(gm, batches, progress_bar=False)  # blocks found: the Linears 0 and 2
         >>> report.blocks
-        ('(before blocks.0)', 'blocks.0', 'blocks.1', '(after blocks.1)')
+        ('0', '(after 0)', '2')
+        >>> gm.get_buffer("2.weight_mask").mean().item()
+        0.5
     """
     sparsifier = get_sparsifier(gm)
     if isinstance(sparsifier, ChannelPruner):

@@ -69,9 +69,12 @@ class SafetensorsWeights:
 
     Example::
 
-        >>> weights = SafetensorsWeights("model.safetensors", out="pruned/")
-        >>> weights.load("blocks.0.fc1.weight").shape
-        torch.Size([64, 16])
+        >>> import pathlib, tempfile
+        >>> directory = pathlib.Path(tempfile.mkdtemp())
+        >>> write_safetensors(directory / "model.safetensors", model.state_dict())
+        >>> weights = SafetensorsWeights(directory / "model.safetensors", out=directory / "pruned")
+        >>> weights.load("0.weight").shape
+        torch.Size([64, 64])
     """
 
     def __init__(self, source: str | Path, out: str | Path | Callable[[dict[str, torch.Tensor]], None]) -> None:
@@ -166,8 +169,11 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> 
 
     Example::
 
-        >>> write_safetensors("/tmp/x.safetensors", {"w": torch.ones(2, 2)})
-        >>> safetensors.torch.load_file("/tmp/x.safetensors")["w"].sum().item()
+        >>> import pathlib, tempfile
+        >>> from safetensors.torch import load_file
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.safetensors"
+        >>> write_safetensors(path, {"w": torch.ones(2, 2)})
+        >>> load_file(str(path))["w"].sum().item()
         4.0
     """
     names = {dtype: name for name, dtype in _DTYPES.items()}
@@ -215,10 +221,10 @@ def prepare_on_meta(
     Example::
 
         >>> with torch.device("meta"):
-        ...     model = TinyGPT(layers=48)
-        >>> gm = prepare_on_meta(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
-        >>> gm.get_parameter("blocks.0.fc1.weight").is_meta
-        True
+        ...     big = nn.Sequential(nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 8192))  # 512 MiB, none used
+        >>> gm = prepare_on_meta(big, sparsifier=fx_sparsity.WandaSparsifier(0.5))
+        >>> gm.get_parameter("0.weight").is_meta, gm.get_buffer("0.weight_mask").is_meta
+        (True, True)
     """
     method = kwargs.pop("capture_method", "symbolic_trace")
     if method != "symbolic_trace":

@@ -301,9 +301,10 @@ def stage_tensors(gm: fx.GraphModule, stage: Stage) -> tuple[str, ...]:
 
     Example::
 
-        >>> [stage] = plan_stages(gm, ["0"])  # gm = symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        >>> [stage] = plan_stages(gm, ["0"])
         >>> stage_tensors(gm, stage)
-        ('0.weight', '0.bias')
+        ('0.bias', '0.weight')
     """
     free = _free_nodes(gm.graph)
     own = set(stage.nodes)
@@ -350,10 +351,14 @@ class StageRunner:
 
     Example::
 
-        >>> runner = StageRunner(gm)
-        >>> env = runner.inputs((x,), {})
-        >>> for stage in plan_stages(gm, find_blocks(gm, fqns)):
-        ...     env = runner.run(stage, env)
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+        >>> stages = plan_stages(gm, ["0", "2"])
+        >>> [s.name for s in stages]
+        ['0', '(after 0)', '2']
+        >>> runner, x = StageRunner(gm), torch.randn(3, 4)
+        >>> carried = runner.run(stages[0], runner.inputs((x,), {}))  # what the later stages read
+        >>> torch.equal(list(carried.values())[0], gm.get_submodule("0")(x))
+        True
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
