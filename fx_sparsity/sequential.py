@@ -152,7 +152,8 @@ def prune_sequential(
     2. the statistics go to ``sparsifier.state[fqn]`` and ``step()`` runs for
        the stage's weights only (a sparsifier with a global threshold, such as
        ``GlobalMagnitudeSparsifier``, thresholds each stage on its own);
-    3. the stage runs again, pruned, and its outputs replace its inputs.
+    3. the stage runs again, pruned, and its outputs replace its inputs (not
+       for the last stage holding a sparsified weight: nothing after it runs).
 
     Layers outside every block are calibrated and pruned in the same way, in
     their place in the sequence: the embedding before the first block on the
@@ -255,9 +256,12 @@ def prune_sequential(
                 if not keep_statistics:
                     for fqn in stage.tensor_fqns:
                         sparsifier.state[fqn].pop(key, None)
-            for j, env in enumerate(carried):
-                carried[j] = runner.run(stage, env)
-            runner.forget_constants()
+            if index < len(stages) - 1:  # the last stage hands nothing on
+                for j, env in enumerate(carried):
+                    carried[j] = runner.run(stage, env)
+                runner.forget_constants()
+            else:
+                carried = [{} for _ in carried]
             output_bytes = carried_bytes(v for env in carried for v in env.values())
             weight_bytes = 0
             if streamer is not None:
