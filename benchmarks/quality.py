@@ -11,9 +11,10 @@ prune and evaluate.
 Then every Linear of the transformer blocks (not the embedding or the head, as
 in the papers) is pruned one-shot with magnitude, Wanda and SparseGPT at 50%
 unstructured, 4:8 and 2:4, each unstructured one with and without OWL levels,
-and Wanda/SparseGPT also with *sequential* calibration (block by block, each
-block calibrated on the outputs of the already pruned blocks before it, as the
-reference implementations do). Calibration: ``--calib`` training windows.
+and Wanda/SparseGPT also with *sequential* calibration
+(``fx_sparsity.sequential.prune_sequential``: block by block, each block
+calibrated on the outputs of the already pruned blocks before it, as the
+reference implementations do; with OWL, the levels come from the dense model). Calibration: ``--calib`` training windows.
 The table gives held-out perplexity (per byte) and the dense model's.
 
     PYTHONPATH=. python benchmarks/quality.py     # trains once (40 min on a busy 2-core CPU), then prunes and evaluates
@@ -40,6 +41,7 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, calibrate, prepare
 from fx_sparsity.owl import set_owl_levels
+from fx_sparsity.sequential import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 
 
@@ -179,20 +181,17 @@ def prune(model: TinyGPT, method: str, pattern: str, owl: bool, sequential: bool
     if method == "magnitude" and not owl:
         sparsifier.step()
         return gm
-    if not sequential:
+    if owl:  # OWL's outlier ratios come from the dense model's statistics, sequential or not
         calibrate(gm, calib, progress_bar=False)
-        if owl:
-            set_owl_levels(gm, 0.5, blocks=lambda fqn: fqn.split(".")[1])
-        sparsifier.step()
+        set_owl_levels(gm, 0.5, blocks=lambda fqn: fqn.split(".")[1])
+    if sequential:
+        # Block by block (fx_sparsity.prune_sequential): each block calibrated on the outputs of the pruned blocks
+        # before it, then pruned; only the blocks' Linears are in CONFIG, so the embeddings and head stay dense.
+        prune_sequential(gm, calib, blocks=["blocks.*"], progress_bar=False)
         return gm
-    # Block by block: calibrate on the outputs of the blocks already pruned, then prune the next one.
-    # (The statistics of every layer are recorded each time; only the current block's are used.)
-    for block in range(len(model.blocks)):
+    if not owl:
         calibrate(gm, calib, progress_bar=False)
-        for group in sparsifier.groups:
-            if group["tensor_fqn"].split(".")[1] == str(block):
-                with torch.no_grad():
-                    sparsifier.update_mask(**group)
+    sparsifier.step()
     return gm
 
 
@@ -230,7 +229,8 @@ def main() -> None:
     calib = list(windows(train_stream, args.context - 1, args.calib, torch.Generator().manual_seed(1)).split(8))
     dense = perplexity(model, held, args.context)
     runs = [("magnitude", False, False), ("magnitude", True, False), ("wanda", False, False), ("wanda", True, False),
-            ("wanda", False, True), ("sparsegpt", False, False), ("sparsegpt", True, False), ("sparsegpt", False, True)]
+            ("wanda", False, True), ("wanda", True, True), ("sparsegpt", False, False), ("sparsegpt", True, False),
+            ("sparsegpt", False, True), ("sparsegpt", True, True)]
     rows = []
     for method, owl, sequential in runs:
         row = [method + (" + OWL" if owl else "") + (" (sequential)" if sequential else "")]

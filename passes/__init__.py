@@ -50,6 +50,7 @@ from .observe import (
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
 from .observe import InputObserver, all_reduce_observers, token_rows
+from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages, stage_tensors
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -109,4 +110,12 @@ __all__ = [
     "InputObserver",
     "all_reduce_observers",
     "token_rows",
+    "Stage",
+    "StageRunner",
+    "carried_bytes",
+    "find_blocks",
+    "match_blocks",
+    "module_paths",
+    "plan_stages",
+    "stage_tensors",
 ]
