@@ -32,6 +32,8 @@ from .report import (
     sparsity_table,
 )
 from .scheduler import BaseScheduler, CubicSL, LambdaSL
+from .sequential import SequentialReport, StageRecord, prune_sequential
+from .streaming import SafetensorsWeights, prepare_on_meta
 from .structured import shrink, shrink_report
 from .user_model import to_model
 from .sparsifier import (
@@ -75,6 +77,11 @@ __all__ = [
     "WeightNormSparsifier",
     "calibrate",
     "compare",
+    "prune_sequential",
+    "prepare_on_meta",
+    "SafetensorsWeights",
+    "SequentialReport",
+    "StageRecord",
     "compare_table",
     "draw_graph",
     "layer_sparsity",

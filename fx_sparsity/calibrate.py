@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from passes import (
 )
 
 from .progress import progress
-from .running import TokenMask, as_model_inputs, batch_token_mask, eval_mode
+from .running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
 from .sparsifier import BaseSparsifier, get_sparsifier
 from .sparsifier.wanda import INPUT_NORM_KEY
 
@@ -46,7 +46,9 @@ __all__ = [
     "calibration_key",
     "calibration_observer",
     "calibration_statistic",
+    "apply_token_mask",
     "process_group",
+    "run_observed",
 ]
 
 
@@ -162,28 +164,13 @@ def calibrate(
             "batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
             f"got {type(batches).__name__}" + (" (wrap one tensor in a list: [x])" if isinstance(batches, torch.Tensor) else "")
         )
-    if token_mask is not None and not isinstance(token_mask, str) and not callable(token_mask):
-        raise TypeError(
-            "token_mask must be a key of dict batches (like 'attention_mask'), a callable batch -> [batch, seq] "
-            f"mask, or None; got {type(token_mask).__name__}"
-        )
+    check_token_mask_source(token_mask)
     group = process_group(distributed)
     groups = {g["tensor_fqn"]: g for g in sparsifier.groups}
     factories = {fqn: functools.partial(calibration_observer, sparsifier, g) for fqn, g in groups.items()}
     observers = insert_input_observers(gm, factories)
     try:
-        if group is not None:
-            _check_reducible(observers)
-        try:
-            seen = _run(gm, observers, batches, token_mask, progress_bar)
-        except Exception:
-            if group is not None:
-                _share_failure(True, group)
-            raise
-        if group is not None:
-            _share_failure(False, group)
-            seen = _sum(seen, group)
-            all_reduce_observers(observers, group)
+        seen = run_observed(observers, lambda: _run(gm, observers, batches, token_mask, progress_bar), group)
     finally:
         remove_input_observers(gm)
     if not seen:
@@ -233,18 +220,46 @@ def _run(gm: fx.GraphModule, observers: dict[str, nn.Module], batches: Iterable[
             for batch in progress(batches, progress_bar, "calibrate", total):
                 name = f"batch {seen} of batches"
                 args, kwargs = as_model_inputs(batch, name)
-                mask = batch_token_mask(batch, token_mask, name)
-                if mask is not None:
-                    _check_maskable(observers)
-                for observer in observers.values():
-                    if hasattr(observer, "token_mask"):
-                        observer.token_mask = mask
+                apply_token_mask(observers, batch_token_mask(batch, token_mask, name))
                 gm(*args, **kwargs)
                 seen += 1
     finally:
-        for observer in observers.values():
-            if hasattr(observer, "token_mask"):
-                observer.token_mask = None
+        apply_token_mask(observers, None)
+    return seen
+
+
+def apply_token_mask(observers: dict[str, nn.Module], mask: torch.Tensor | None) -> None:
+    """Make ``mask`` (a batch's ``[batch, seq]`` token mask, or ``None``) the token mask of every observer.
+
+    Raises:
+        TypeError: ``mask`` is given and an observer cannot apply token masks.
+    """
+    if mask is not None:
+        _check_maskable(observers)
+    for observer in observers.values():
+        if hasattr(observer, "token_mask"):
+            observer.token_mask = mask
+
+
+def run_observed(observers: dict[str, nn.Module], run: Callable[[], int], group: Any) -> int:
+    """``run()`` (which runs batches through the observers and returns how many); under a process ``group``,
+    every process learns whether another failed, and the observers' sums are all-reduced.
+
+    Returns:
+        The number of batches run, summed over the group's processes.
+    """
+    if group is not None:
+        _check_reducible(observers)
+    try:
+        seen = run()
+    except Exception:
+        if group is not None:
+            _share_failure(True, group)
+        raise
+    if group is not None:
+        _share_failure(False, group)
+        seen = _sum(seen, group)
+        all_reduce_observers(observers, group)
     return seen
 
 

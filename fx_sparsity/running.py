@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelInputs", "TokenMask", "as_model_inputs", "batch_token_mask", "eval_mode"]
+__all__ = ["ModelInputs", "TokenMask", "as_model_inputs", "batch_token_mask", "check_token_mask_source", "eval_mode"]
 
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -83,6 +83,19 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 TokenMask = str | Callable[[Any], "torch.Tensor | None"] | None
+
+
+def check_token_mask_source(token_mask: Any) -> None:
+    """Refuse a ``token_mask`` argument that is not a key, a callable or ``None`` (before any batch runs).
+
+    Raises:
+        TypeError: ``token_mask`` is something else.
+    """
+    if token_mask is not None and not isinstance(token_mask, str) and not callable(token_mask):
+        raise TypeError(
+            "token_mask must be a key of dict batches (like 'attention_mask'), a callable batch -> [batch, seq] "
+            f"mask, or None; got {type(token_mask).__name__}"
+        )
 
 
 def batch_token_mask(batch: Any, token_mask: TokenMask, name: str) -> torch.Tensor | None:

@@ -37,9 +37,16 @@ from passes import (
     remove_input_observers,
 )
 
-from .calibrate import calibration_key, calibration_observer, calibration_statistic
+from .calibrate import (
+    apply_token_mask,
+    calibration_key,
+    calibration_observer,
+    calibration_statistic,
+    process_group,
+    run_observed,
+)
 from .progress import progress
-from .running import as_model_inputs, eval_mode
+from .running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
 from .sparsifier import BaseSparsifier, get_sparsifier
 from .sparsifier.structured import ChannelPruner
 from .streaming import SafetensorsWeights, WeightStreamer
@@ -116,15 +123,31 @@ def _step(sparsifier: BaseSparsifier, fqns: Sequence[str]) -> None:
 
 
 def _calibrate(
-    gm: fx.GraphModule, sparsifier: BaseSparsifier, runner: StageRunner, stage: Stage, carried: list[dict]
+    gm: fx.GraphModule,
+    sparsifier: BaseSparsifier,
+    runner: StageRunner,
+    stage: Stage,
+    carried: list[dict],
+    token_masks: list[torch.Tensor | None],
+    group: Any,
 ) -> dict[str, Any]:
-    """The stage's statistics: its observers in, every batch's carried values through the stage, observers out."""
+    """The stage's statistics: its observers in, every batch's carried values through the stage (with its token
+    mask), the sums all-reduced under a process group, observers out."""
     groups = {g["tensor_fqn"]: g for g in sparsifier.groups if g["tensor_fqn"] in stage.tensor_fqns}
     factories = {fqn: functools.partial(calibration_observer, sparsifier, g) for fqn, g in groups.items()}
     observers = insert_input_observers(gm, factories)
+
+    def run() -> int:
+        try:
+            for env, mask in zip(carried, token_masks):
+                apply_token_mask(observers, mask)
+                runner.run(stage, env)
+        finally:
+            apply_token_mask(observers, None)
+        return len(carried)
+
     try:
-        for env in carried:
-            runner.run(stage, env)
+        run_observed(observers, run, group)
     finally:
         remove_input_observers(gm)
         runner.forget_constants()
@@ -138,6 +161,8 @@ def prune_sequential(
     blocks: Sequence[str] | None = None,
     weights: SafetensorsWeights | None = None,
     keep_statistics: bool = False,
+    token_mask: TokenMask = "attention_mask",
+    distributed: Any = None,
     progress_bar: bool = True,
 ) -> SequentialReport:
     """Calibrate and prune ``gm`` one block at a time, each block on the outputs of the pruned blocks before it.
@@ -189,6 +214,12 @@ def prune_sequential(
         keep_statistics: leave every weight's statistic in ``sparsifier.state``
             as ``calibrate`` does; by default each stage's are dropped after its
             step, so that only one stage's are held.
+        token_mask: where a batch's ``[batch, seq]`` token mask comes from, as in
+            :func:`fx_sparsity.calibrate`: padded positions enter no statistic.
+        distributed: as in :func:`fx_sparsity.calibrate`: under an initialized
+            process group each stage's statistics are all-reduced before its
+            step, so every process prunes alike from its own share of the batches
+            (each process must run every stage: give each at least one batch).
         progress_bar: show a progress bar over the stages on stderr.
 
     Returns:
@@ -211,7 +242,7 @@ def prune_sequential(
         >>> report = prune_sequential(gm, batches, progress_bar=False)  # blocks found: the Linears 0 and 2
         >>> report.blocks
         ('0', '(after 0)', '2')
-        >>> gm.get_buffer("2.weight_mask").mean().item()
+        >>> gm.get_buffer("2.weight_mask").float().mean().item()
         0.5
     """
     sparsifier = get_sparsifier(gm)
@@ -221,12 +252,16 @@ def prune_sequential(
             "use fx_sparsity.calibrate and step() on the whole model"
         )
     _check_batches(batches)
+    check_token_mask_source(token_mask)
     fqns = [g["tensor_fqn"] for g in sparsifier.groups]
     stages = plan_stages(gm, _blocks(gm, blocks, fqns))
     runner = StageRunner(gm)
+    reduce_over = process_group(distributed)
     carried: list[dict] = []
+    token_masks: list[torch.Tensor | None] = []
     for i, batch in enumerate(batches):
         args, kwargs = as_model_inputs(batch, f"batch {i} of batches")
+        token_masks.append(batch_token_mask(batch, token_mask, f"batch {i} of batches"))
         try:
             carried.append(runner.inputs(args, kwargs))
         except (TypeError, ValueError) as e:
@@ -247,7 +282,7 @@ def prune_sequential(
             input_bytes = carried_bytes(v for env in carried for v in env.values())
             statistic_bytes = 0
             if stage.tensor_fqns:
-                statistics = _calibrate(gm, sparsifier, runner, stage, carried)
+                statistics = _calibrate(gm, sparsifier, runner, stage, carried, token_masks, reduce_over)
                 statistic_bytes = carried_bytes(statistics.values())
                 for fqn, statistic in statistics.items():
                     sparsifier.state[fqn][key] = statistic

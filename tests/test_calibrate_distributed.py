@@ -21,6 +21,7 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, calibrate, prepare
+from fx_sparsity.sequential import prune_sequential
 from passes import InputNormObserver, all_reduce_observers
 
 WORLD = 2
@@ -97,6 +98,17 @@ def calibrate_and_step(name: str, share: slice, **extra: Any) -> dict[str, Any]:
     return {"statistics": statistics, "state": {k: v.clone() for k, v in gm.state_dict().items()}}
 
 
+def sequential_and_step(share: slice) -> dict[str, Any]:
+    """SparseGPT 50% on TokenMLP pruned layer by layer (prune_sequential) on padded ``token_batches(7)[share]``:
+    every layer's Hessian and the state dict."""
+    torch.manual_seed(0)
+    sparsifier = SparseGPTSparsifier(0.5, block_size=8)
+    gm = prepare(TokenMLP(), sparsifier=sparsifier)
+    prune_sequential(gm, token_batches(7)[share], blocks=["fc1", "fc2", "head"], keep_statistics=True, progress_bar=False)
+    statistics = {fqn: state["input_hessian"] for fqn, state in sparsifier.state.items()}
+    return {"statistics": statistics, "state": {k: v.clone() for k, v in gm.state_dict().items()}}
+
+
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One process: every scenario on batches[rank::world], then a failing batch on the last rank."""
     import torch.distributed as dist
@@ -104,6 +116,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results: dict[str, Any] = {name: calibrate_and_step(name, slice(rank, None, world)) for name in SCENARIOS}
+        results["sequential"] = sequential_and_step(slice(rank, None, world))
         build, make, batches, _ = SCENARIOS["wanda"]
         gm = prepare(build(), sparsifier=make())
         bad = batches()[:2] + (["not a batch"] if rank == world - 1 else [])
@@ -170,6 +183,25 @@ def test_two_processes_match_one(ranks, name):
                 torch.testing.assert_close(result[name]["state"][key], value, rtol=1e-5, atol=1e-6)
     for key, value in ranks[0][name]["state"].items():
         assert torch.equal(ranks[1][name]["state"][key], value), key
+    masks = [v for k, v in single["state"].items() if k.endswith("_mask")]
+    assert masks and all(0 < m.float().mean() < 1 for m in masks)
+
+
+def test_sequential_two_processes_match_one(ranks):
+    """prune_sequential under a process group all-reduces each stage's Hessians before its step: each process,
+    pruning layer by layer from every other padded batch, gets the Hessians (each computed on the outputs of the
+    layers pruned before it), masks and SparseGPT weights of one process running all the batches."""
+    single = sequential_and_step(slice(None))
+    for result in ranks:
+        got = result["sequential"]
+        assert got["statistics"].keys() == single["statistics"].keys() == {"fc1.weight", "fc2.weight", "head.weight"}
+        for fqn, statistic in single["statistics"].items():
+            torch.testing.assert_close(got["statistics"][fqn], statistic)
+        for key, value in single["state"].items():
+            if key.endswith("_mask"):
+                assert torch.equal(got["state"][key], value), key
+            else:
+                torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6)
     masks = [v for k, v in single["state"].items() if k.endswith("_mask")]
     assert masks and all(0 < m.float().mean() < 1 for m in masks)
 

@@ -111,6 +111,25 @@ def test_level_zero_equals_whole_model_calibration(name):
 
 
 @pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+def test_padding_is_left_out_as_calibrate_does(name):
+    """Token masks reach each stage's observers: at sparsity 0 the statistics equal calibrate's with the same
+    token_mask, and differ from those counting the padded positions."""
+    model, batches = _gpt(), _batches()
+    masks = {id(b): (torch.arange(8) < torch.tensor([[8], [5]])).long() for b in batches}
+    token_mask = lambda batch: masks[id(batch)]  # noqa: E731
+    sequential = SPARSIFIERS[name](0.0)
+    gm = prepare(model, sparsifier=sequential)
+    prune_sequential(gm, batches, keep_statistics=True, token_mask=token_mask, progress_bar=False)
+    masked = calibrate(prepare(model, sparsifier=SPARSIFIERS[name](0.0)), batches, token_mask=token_mask, progress_bar=False)
+    full = calibrate(prepare(model, sparsifier=SPARSIFIERS[name](0.0)), batches, progress_bar=False)
+    for fqn, statistic in masked.items():
+        torch.testing.assert_close(sequential.state[fqn][_key(sequential)], statistic)
+        assert not torch.allclose(statistic, full[fqn])
+    with pytest.raises(TypeError, match="token_mask must be a key"):
+        prune_sequential(prepare(model, sparsifier=SPARSIFIERS[name](0.5)), batches, token_mask=3, progress_bar=False)
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
 def test_exported_llama_level_zero_equals_whole_model_calibration(name):
     """transformers Llama (2 decoder layers) captured with torch.export: the blocks are found from the nodes'
     nn_module_stack, keyword batches work, and at sparsity 0 the statistics equal whole-model calibrate's."""
@@ -428,7 +447,7 @@ def test_streamed_from_safetensors_equals_in_memory(name, tmp_path):
         else:
             assert torch.equal(out[fqn], tensor), fqn
     block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
-    masks = sum(model.get_parameter(f).numel() * 4 for f in masked if f.startswith("blocks.0."))
+    masks = sum(model.get_parameter(f).numel() for f in masked if f.startswith("blocks.0."))  # bool masks: a byte each
     assert [s.weight_bytes for s in report.stages if s.name == "blocks.1"] == [block + masks]
     assert all(t.is_meta for t in [*gm.parameters(), *gm.buffers()])
     collected: dict[str, torch.Tensor] = {}  # the callback form of out
