@@ -17,7 +17,7 @@ from torch import fx
 
 from . import channel_ops as ops
 from .channel_spaces import Spaces
-from .dependency_rules import Layout, _align, _broadcast, _first, _freeze
+from .dependency_rules import Layout, _add_literal, _align, _broadcast, _first, _freeze
 
 __all__ = ["ATTENTION_RULES"]
 
@@ -58,6 +58,8 @@ def _expand(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layou
         if shapes[node][lay.axis] != shapes[x][lay.axis]:
             _freeze(spaces, lay, f"{node.name} broadcasts the channel axis")
             return None
+        rank = len(shapes[node])
+        _add_literal(spaces, lay, node, rank + lay.axis, rank)
         return lay
     repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")

@@ -23,7 +23,7 @@ from .match import op_kind
 from .meta import get_sparse_target
 from .channel_spaces import Spaces
 
-__all__ = ["Layout", "follow_node"]
+__all__ = ["Layout", "follow_node", "size_slot", "literal_at"]
 
 
 @dataclass(frozen=True)
@@ -198,16 +198,30 @@ def _reduction(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     return Layout(new_pos - len(shapes[node]), lay.segs)
 
 
-def _literal_at(node: fx.Node, p: int, rank: int) -> int | None:
-    """The literal size a view/reshape gives output dim ``p`` (``None``: computed, ``-1`` or not a view)."""
-    if node.target not in ops.SIZED_RESHAPES:
+def size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:
+    """Where the size of output dim ``p`` is written in a view/reshape/expand ``node``: ``(argument, position)``
+    (position ``-1``: the argument itself, as in ``x.view(b, 8, 64)``), or ``None``."""
+    if node.target not in ops.SIZED_RESHAPES and node.target not in ops.EXPANDING:
         return None
-    sizes = node.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = sizes[0]
-    if len(sizes) == rank and isinstance(sizes[p], int) and sizes[p] != -1:
-        return sizes[p]
-    return None
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return (1, p) if len(node.args[1]) == rank else None
+    return (1 + p, -1) if len(node.args) == 1 + rank else None
+
+
+def literal_at(node: fx.Node, slot: tuple[int, int]) -> Any:
+    """The value at ``slot`` (see :func:`size_slot`) of ``node``'s arguments."""
+    arg, pos = slot
+    return node.args[arg] if pos < 0 else node.args[arg][pos]
+
+
+def _add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int, per: int = 1) -> None:
+    """Record the literal size of output dim ``p`` (if it is one) as a member of every space of ``layout``:
+    it drops by ``per * inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
+    slot = size_slot(node, p, rank)
+    if slot is None or not isinstance(literal_at(node, slot), int) or literal_at(node, slot) == -1:
+        return
+    for s, inner in layout.segs:
+        spaces.add(s, _member(node.name, "literal", slot[0], slot[1], inner * per))
 
 
 def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
@@ -231,16 +245,16 @@ def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     if acc != lead or p >= len(out) or (out[p] not in merged and not split):
         _freeze(spaces, lay, f"{node.name} reshapes the channel axis in a way the pass cannot follow")
         return None
-    literal = _literal_at(node, p, len(out))
-    if literal is not None:
-        _freeze(spaces, lay, f"{node.name} reshapes with the literal size {literal} at the channel axis")
-        return None
     if out[p] not in merged:  # [.., H * hd] -> [.., H, hd]: whole heads of hd channels
         heads = spaces.new(out[p])
         spaces.relate(lay.segs[0][0], heads, out[p + 1])
-        return Layout(p - len(out), ((heads, 1),))
+        result = Layout(p - len(out), ((heads, 1),))
+        _add_literal(spaces, result, node, p, len(out))
+        return result
     inner = out[p] // src[pos]
-    return Layout(p - len(out), tuple((s, i * inner) for s, i in lay.segs))
+    result = Layout(p - len(out), tuple((s, i * inner) for s, i in lay.segs))
+    _add_literal(spaces, result, node, p, len(out))
+    return result
 
 
 _RULES = {

@@ -5,8 +5,10 @@ to remove from each, every member loses those indices: producer weight rows,
 consumer weight columns (per block for grouped convs), biases, norm parameters
 and running statistics, embedding columns; module attributes (``in_features``,
 ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
-``normalized_shape``, ``embedding_dim``) follow. The input module is not touched:
-the result is a deep copy with new tensors.
+``normalized_shape``, ``embedding_dim``) follow, and literal sizes in the graph (the
+head count of ``view(b, s, 8, 64)``, repeat_kv's ``expand``/``reshape``) are lowered
+by the channels removed. The input module is not touched: the result is a deep copy
+with new tensors.
 
 A removed channel whose value is the same for every input (its producer rows are
 zero, so it carries ``act(bias)``) still adds a constant to each consumer. That
@@ -161,6 +163,23 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     return None
 
 
+def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]) -> None:
+    """Lower each literal size (node name, argument, position in a list or -1) by its removed count."""
+    nodes = {n.name: n for n in graph.nodes}
+    for (name, arg, pos), drop in drops.items():
+        node = nodes.get(name)
+        if node is None:
+            raise RuntimeError(f"the literal size of node {name!r} was recorded, but the graph has no such node")
+        args = list(node.args)
+        if pos < 0:
+            args[arg] -= drop
+        else:
+            sizes = list(args[arg])
+            sizes[pos] -= drop
+            args[arg] = type(node.args[arg])(sizes)
+        node.args = tuple(args)
+
+
 def shrink_channels(
     gm: fx.GraphModule,
     groups: Sequence[ChannelGroup],
@@ -209,10 +228,14 @@ def shrink_channels(
     plain: dict[tuple[str, int], list[torch.Tensor]] = {}
     grouped: dict[str, list[torch.Tensor]] = {}
     modules = {}
+    literals: dict[tuple[str, int, int], int] = {}
     for index, channels in checked.items():
         for m in by_index[index].members:
             if m.kind == "module":
                 modules[m.target] = new.get_submodule(m.target)
+            elif m.kind == "literal":
+                key = (m.target, m.dim, m.offset)
+                literals[key] = literals.get(key, 0) + len(channels) * m.inner
             elif m.kind == "consumer" and _is_grouped(new, m.target):
                 grouped.setdefault(m.target, []).append(m.indices(channels))
             else:
@@ -235,6 +258,7 @@ def shrink_channels(
             _set_tensor(new, fqn, _cut_grouped_columns(get_tensor(new, fqn), groups_of, torch.cat(parts)), aliases)
     for module in modules.values():
         update_module(module)
+    _rewrite_literals(new.graph, literals)
     new.recompile()
     before, after = _output_shapes(gm, example_inputs), _output_shapes(new, example_inputs)
     if before != after:

@@ -1,0 +1,173 @@
+"""Attention heads as structured-pruning units through torch.export: transformers BERT and Llama (grouped-query
+attention) built from small configs, literal view/expand/reshape sizes rewritten in the shrunk graph,
+nn.MultiheadAttention's fused in_proj, the counting rule for heads, and bad requests."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from fx_sparsity.sparsifier.structured import ChannelPruner, count_to_remove
+from fx_sparsity.structured import shrink, shrink_report
+from passes import capture, find_channel_groups, shrink_channels
+
+from helpers import snapshot
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(heads: int = 8, kv_heads: int = 2, layers: int = 2) -> nn.Module:
+    """A randomly initialised Llama (hidden 64, head_dim 8) with grouped-query attention, no KV cache."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=32, use_cache=False,
+    )
+    return transformers.LlamaModel(config).eval()
+
+
+def tiny_bert(layers: int = 2) -> nn.Module:
+    """A randomly initialised BERT (hidden 64, 4 heads of 16, intermediate 128)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if not isinstance(out, torch.Tensor) else out
+
+
+def _prune(model: nn.Module, x, ratio: float, **kwargs):
+    pruner = ChannelPruner(sparsity_level=ratio, **kwargs)
+    gm = pruner.prepare(model, example_inputs=(x,))
+    pruner.step()
+    return pruner, gm, shrink(gm)
+
+
+def _group_of(groups, producer: str):
+    return next(g for g in groups if producer in {m.target for m in g.producers})
+
+
+def _literals(group) -> set[tuple[str, int]]:
+    return {(m.target, m.inner) for m in group.members if m.kind == "literal"}
+
+
+# ------------------------------------------------------------------ transformers Llama (GQA) and BERT via export
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_llama_gqa_groups_follow_literal_repeat_kv_sizes(kv_heads):
+    """Exported Llama, 8 query heads on kv_heads KV heads: one group of kv_heads units per layer holding q/k/v rows
+    and o columns; repeat_kv's literal expand [1, kv, n_rep, s, d] and reshape [1, 8, s, d] are recorded (1 and
+    n_rep per KV head); the rotary slices of the head dim are followed; the residual stream stays frozen."""
+    model, x = tiny_llama(kv_heads=kv_heads), _tokens()
+    gm = capture(model, example_inputs=(x,))
+    groups = find_channel_groups(gm, (x,))
+    assert gm.meta["capture"] == "export"
+    n_rep = 8 // kv_heads
+    for layer in range(2):
+        attn = _group_of(groups, f"layers.{layer}.self_attn.q_proj.weight")
+        assert attn.prunable and attn.size == kv_heads
+        inner = {(m.target.split(".")[-2], m.kind): m.inner for m in attn.members if m.kind in ("producer", "consumer")}
+        assert inner == {("q_proj", "producer"): 8 * n_rep, ("k_proj", "producer"): 8, ("v_proj", "producer"): 8,
+                         ("o_proj", "consumer"): 8 * n_rep}
+        if n_rep > 1:
+            assert sorted(i for _, i in _literals(attn)) == [1, 1, n_rep, n_rep]
+    assert not _group_of(groups, "layers.0.self_attn.o_proj.weight").prunable
+    assert _group_of(groups, "layers.0.mlp.up_proj.weight").prunable
+
+
+@pytest.mark.parametrize("ratio, kept_kv", [(0.5, 1), (0.3, 2)])
+def test_llama_shrinks_kv_heads_with_their_query_groups_exactly(ratio, kept_kv):
+    """Llama, 8 heads on 2 KV heads: ratio 0.5 removes 1 KV head and its 4 query heads (0.3 of 2 removes none:
+    floor); q/k/v/o and MLP shapes shrink, the hidden size and output shape stay, the shrunk module equals the
+    masked one and exports; the user's model is untouched."""
+    model, x = tiny_llama(), _tokens()
+    before = snapshot(model)
+    pruner, gm, small = _prune(model, x, ratio, mask_consumers=True)
+    report = shrink_report(small)
+    assert report.exact
+    q = small.get_parameter("layers.0.self_attn.q_proj.weight")
+    k = small.get_parameter("layers.1.self_attn.k_proj.weight")
+    o = small.get_parameter("layers.0.self_attn.o_proj.weight")
+    assert tuple(q.shape) == (kept_kv * 4 * 8, 64) and tuple(k.shape) == (kept_kv * 8, 64)
+    assert tuple(o.shape) == (64, kept_kv * 4 * 8)
+    up = small.get_parameter("layers.0.mlp.up_proj.weight")
+    assert up.shape[0] == 128 - math.floor(ratio * 128)
+    with torch.no_grad():
+        expected = _hidden(gm(x))
+        assert _hidden(small(x)).shape == _hidden(model(x)).shape == (2, 6, 64)
+        torch.testing.assert_close(_hidden(small(x)), expected)
+        torch.testing.assert_close(_hidden(torch.export.export(small, (x,)).module()(x)), expected)
+    after = snapshot(model)
+    for key, value in before["state"].items():
+        torch.testing.assert_close(after["state"][key], value, rtol=0, atol=0)
+
+
+def test_bert_heads_and_intermediate_shrink_hidden_size_kept(tmp_path):
+    """BERT (4 heads of 16): ratio 0.3 removes floor(0.3 * 4) = 1 head per layer (Torch-Pruning would remove 2)
+    and 38 of 128 intermediate channels; the hidden size (64) and output shapes are kept; shrunk == masked;
+    the shrunk module exports, saves and loads."""
+    model, x = tiny_bert(), _tokens()
+    pruner, gm, small = _prune(model, x, 0.3, mask_consumers=True)
+    for layer in range(2):
+        prefix = f"encoder.layer.{layer}"
+        for name in ("query", "key", "value"):
+            assert tuple(small.get_parameter(f"{prefix}.attention.self.{name}.weight").shape) == (48, 64)
+        assert tuple(small.get_parameter(f"{prefix}.attention.output.dense.weight").shape) == (64, 48)
+        assert tuple(small.get_parameter(f"{prefix}.intermediate.dense.weight").shape) == (90, 64)
+    assert shrink_report(small).exact
+    with torch.no_grad():
+        out, expected = tree_leaves(small(x)), tree_leaves(gm(x))
+        assert [tuple(t.shape) for t in out] == [tuple(t.shape) for t in tree_leaves(model(x))] == [(2, 6, 64), (2, 64)]
+        torch.testing.assert_close(out, expected)
+        program = torch.export.export(small, (x,))
+        torch.export.save(program, tmp_path / "bert.pt2")
+        loaded = torch.export.load(tmp_path / "bert.pt2").module()
+        torch.testing.assert_close(tree_leaves(loaded(x)), out)
+        buffer = io.BytesIO()
+        torch.save(small, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(tree_leaves(torch.load(buffer, weights_only=False)(x)), out)
+
+
+def test_pruning_no_head_equals_the_original_exactly():
+    """shrink_channels on the exported Llama with nothing removed reproduces the model bit for bit."""
+    model, x = tiny_llama(layers=1), _tokens()
+    gm = capture(model, example_inputs=(x,))
+    small, report = shrink_channels(gm, find_channel_groups(gm, (x,)), {}, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(small(x)), _hidden(model(x)), rtol=0, atol=0)
+    assert report.params_after == report.params_before
+
+
+def test_head_counting_rule_rounds_down():
+    """The documented rule: floor(ratio * heads) go, so 0.3 of 4 heads removes 1 (Torch-Pruning rounds up to 2),
+    0.5 of 8 removes 4, 0.3 of 2 KV heads removes none; round_to keeps a multiple of it."""
+    assert [count_to_remove(4, 0.3), count_to_remove(8, 0.5), count_to_remove(2, 0.3), count_to_remove(12, 0.3)] == [
+        1, 4, 0, 3
+    ]
+    assert count_to_remove(12, 0.3, round_to=4) == 0 and count_to_remove(12, 0.5, round_to=4) == 4
+
+
+def test_bad_head_requests_get_clear_errors():
+    """Naming the frozen residual producer (o_proj) in a config, or removing every KV head, is a ValueError naming
+    the layer or group and the fix; nothing is built."""
+    model, x = tiny_llama(layers=1), _tokens()
+    with pytest.raises(ValueError, match=r"o_proj.weight, whose output channels .* cannot shrink"):
+        ChannelPruner(0.5).prepare(model, {"layers.0.self_attn.o_proj": {}}, example_inputs=(x,))
+    gm = capture(model, example_inputs=(x,))
+    groups = find_channel_groups(gm, (x,))
+    attn = _group_of(groups, "layers.0.self_attn.q_proj.weight")
+    with pytest.raises(ValueError, match=rf"removes all 2 channels of group {attn.index}; keep at least one"):
+        shrink_channels(gm, groups, {attn.index: [0, 1]}, (x,))
