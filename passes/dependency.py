@@ -22,7 +22,8 @@ as ``torch.export`` writes it) is recorded as a ``"literal"`` member, which
 
 What the pass cannot prove safe is *frozen*, with the reason: a channel that
 reaches a model output, an unknown op, a reshape it cannot follow,
-``nn.MultiheadAttention``'s fused ``in_proj_weight`` (refused, by name).
+``nn.MultiheadAttention``'s fused ``in_proj_weight`` in a form other than the exported
+self-attention of :mod:`passes.dependency_attention` (refused, with the reason).
 
 Shapes come from running the graph once on ``example_inputs`` (in eval mode,
 without gradients, so BatchNorm statistics are not touched). Both captured forms
@@ -200,23 +201,13 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> tuple[Channe
     return _groups(spaces)
 
 
-def _refusals(members: tuple[Member, ...]) -> list[str]:
-    # nn.MultiheadAttention (kept whole by symbolic tracing, or exported) stores q, k and v in one
-    # in_proj_weight; its parameter name is what survives both captures.
-    fused = [m.target for m in members if m.target.endswith("in_proj_weight")]
-    return [
-        f"{fused[0]} is nn.MultiheadAttention's fused q/k/v projection: its heads are not removed "
-        "(rewrite the attention with separate q/k/v Linears to prune heads)"
-    ] if fused else []
-
-
 def _groups(spaces: Spaces) -> tuple[ChannelGroup, ...]:
     groups = []
     for resolved in spaces.resolve():
         members = tuple(dict.fromkeys(resolved["members"]))
         if not members:
             continue
-        reasons = tuple(dict.fromkeys(resolved["reasons"] + _refusals(members)))
+        reasons = tuple(dict.fromkeys(resolved["reasons"]))
         groups.append(
             ChannelGroup(
                 index=len(groups),

@@ -22,6 +22,7 @@ a channel that changes with the input cannot be folded at all: the report lists 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,10 @@ def _output_shapes(gm: fx.GraphModule, example_inputs: Any) -> list:
 
 def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     owner = gm.get_submodule(split_fqn(weight_fqn)[0])
+    bias = getattr(owner, "bias", None)
+    if split_fqn(weight_fqn)[1] == "weight" and isinstance(bias, torch.Tensor) and bias.shape == owner.weight.shape[:1]:
+        # an exported module keeps plain containers: its Linear's bias is the tensor beside the weight
+        return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
     if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         if owner.bias is None:
             owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
@@ -163,21 +168,37 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     return None
 
 
+def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int) -> Any:
+    """``size - drop`` for a literal int, or a new ``sym * (k - drop)`` node for a ``sym * k`` node (which
+    torch.export shares among layers, so it is not changed in place)."""
+    if isinstance(size, int):
+        return size - drop
+    if isinstance(size, fx.Node) and size.target is operator.mul and isinstance(size.args[1], int):
+        with graph.inserting_before(node):
+            return graph.call_function(operator.mul, (size.args[0], size.args[1] - drop))
+    raise RuntimeError(f"{node.format_node()} has no literal size to lower by {drop}")
+
+
 def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]) -> None:
     """Lower each literal size (node name, argument, position in a list or -1) by its removed count."""
     nodes = {n.name: n for n in graph.nodes}
+    replaced = []
     for (name, arg, pos), drop in drops.items():
         node = nodes.get(name)
         if node is None:
             raise RuntimeError(f"the literal size of node {name!r} was recorded, but the graph has no such node")
         args = list(node.args)
         if pos < 0:
-            args[arg] -= drop
+            args[arg] = _lowered(graph, node, args[arg], drop)
         else:
             sizes = list(args[arg])
-            sizes[pos] -= drop
+            replaced.append(sizes[pos])
+            sizes[pos] = _lowered(graph, node, sizes[pos], drop)
             args[arg] = type(node.args[arg])(sizes)
         node.args = tuple(args)
+    for old in dict.fromkeys(n for n in replaced if isinstance(n, fx.Node)):
+        if not old.users:
+            graph.erase_node(old)
 
 
 def shrink_channels(

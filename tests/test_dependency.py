@@ -304,9 +304,11 @@ def test_attention_heads_are_units_and_kv_heads_carry_their_query_groups(heads, 
     assert _group_of(groups, "up.weight").prunable and not _group_of(groups, "down.weight").prunable
 
 
-def test_literal_head_count_and_fused_multihead_attention_are_refused():
-    """A view with a literal head count freezes the heads; nn.MultiheadAttention's fused in_proj is refused with
-    its own reason (captured through torch.export), while the MLP beside it stays prunable."""
+def test_literal_head_count_is_recorded_and_fused_multihead_attention_heads_are_units():
+    """A view with a literal head count is followed (literal members for shrink to rewrite); nn.MultiheadAttention
+    captured through torch.export (need_weights=False) has one group of 4 heads: rows of each q/k/v third of
+    in_proj in blocks of head_dim, out_proj's columns; with need_weights=True it is refused with the reason, while
+    the MLP beside it stays prunable."""
 
     class Literal(Attention):
         def forward(self, x):
@@ -319,18 +321,31 @@ def test_literal_head_count_and_fused_multihead_attention_are_refused():
     assert heads.prunable and heads.size == 4 and literals == {("view", 3, -1, 1), ("reshape", 3, -1, 8)}
 
     class WithMHA(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, need_weights: bool) -> None:
             super().__init__()
             self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
             self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+            self.need_weights = need_weights
 
         def forward(self, x):
-            h = x + self.attn(x, x, x, need_weights=False)[0]
+            h = x + self.attn(x, x, x, need_weights=self.need_weights)[0]
             return h + self.fc2(torch.relu(self.fc1(h)))
 
     x = torch.randn(2, 5, 16)
-    gm = capture(WithMHA().eval(), example_inputs=(x,))
+    gm = capture(WithMHA(False).eval(), example_inputs=(x,))
     groups = find_channel_groups(gm, x)
     assert gm.meta["capture"] == "export"
-    assert "fused q/k/v projection: its heads are not removed" in _group_of(groups, "attn.in_proj_weight").frozen_reason
+    heads = _group_of(groups, "attn.in_proj_weight")
+    assert heads.prunable and heads.size == 4
+    assert [(m.target, m.kind, m.dim, m.offset, m.inner) for m in heads.members if m.kind != "literal"] == [
+        ("attn.in_proj_weight", "producer", 0, 0, 4), ("attn.in_proj_bias", "param", 0, 0, 4),
+        ("attn.in_proj_weight", "producer", 0, 16, 4), ("attn.in_proj_bias", "param", 0, 16, 4),
+        ("attn.in_proj_weight", "producer", 0, 32, 4), ("attn.in_proj_bias", "param", 0, 32, 4),
+        ("attn.out_proj.weight", "consumer", 1, 0, 4),
+    ]
+    gm = capture(WithMHA(True).eval(), example_inputs=(x,))
+    groups = find_channel_groups(gm, x)
+    assert "fused q/k/v projection in a form the pass does not follow" in _group_of(
+        groups, "attn.in_proj_weight"
+    ).frozen_reason
     assert _group_of(groups, "fc1.weight").prunable

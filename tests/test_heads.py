@@ -171,3 +171,118 @@ def test_bad_head_requests_get_clear_errors():
     attn = _group_of(groups, "layers.0.self_attn.q_proj.weight")
     with pytest.raises(ValueError, match=rf"removes all 2 channels of group {attn.index}; keep at least one"):
         shrink_channels(gm, groups, {attn.index: [0, 1]}, (x,))
+
+
+# ------------------------------------------------------------------ nn.MultiheadAttention (fused in_proj)
+class MHABlock(nn.Module):
+    """Self-attention with nn.MultiheadAttention (4 heads of 8, need_weights=False), optional causal mask, then a
+    residual and an MLP; in_proj and out_proj biases made non-zero so removed heads carry constants."""
+
+    def __init__(self, batch_first: bool = True, masked: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.masked = masked
+        with torch.no_grad():
+            self.attn.in_proj_bias.normal_()
+            self.attn.out_proj.bias.normal_()
+
+    def forward(self, x):
+        n = x.shape[1] if self.attn.batch_first else x.shape[0]
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().logical_not() if self.masked else None
+        h = x + self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        return h + self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("mask_consumers", [True, False])
+@pytest.mark.parametrize("batch_first, masked", [(True, False), (False, False), (True, True)])
+def test_multihead_attention_loses_whole_heads_from_fused_in_proj(batch_first, masked, mask_consumers):
+    """MHABlock at ratio 0.5: 2 of 4 heads go from each q/k/v third of in_proj_weight/bias and from out_proj's
+    columns (embed_dim 32 stays the residual width); the literal sizes of the exported decomposition are lowered;
+    shrunk == masked (without consumer masks the removed heads' constant is folded into out_proj's bias), and the
+    shrunk module exports with a dynamic batch."""
+    model = MHABlock(batch_first, masked).eval()
+    x = torch.randn(3, 5, 32) if batch_first else torch.randn(5, 3, 32)
+    pruner, gm, small = _prune(model, x, 0.5, mask_consumers=mask_consumers)
+    heads = _group_of(pruner.channel_groups, "attn.in_proj_weight")
+    report = shrink_report(small)
+    assert report.channels[heads.index] == (4, 2) and report.exact
+    assert ("attn.out_proj.weight" in report.folded) is not mask_consumers
+    removed = pruner.removed_channels()[heads.index]
+    kept_rows = torch.cat([third * 32 + h * 8 + torch.arange(8) for third in range(3) for h in range(4)
+                           if h not in removed.tolist()])
+    torch.testing.assert_close(small.get_parameter("attn.in_proj_weight"), model.attn.in_proj_weight[kept_rows])
+    assert tuple(small.get_parameter("attn.out_proj.weight").shape) == (32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gm(x))
+        if not batch_first:  # capture keeps dim 0 dynamic: here the sequence, the batch (B * H literal) is static
+            torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
+            return
+        batch = torch.export.Dim("batch", min=1, max=64)
+        program = torch.export.export(small, (x,), dynamic_shapes=({0: batch},))
+        torch.testing.assert_close(program.module()(x), small(x))
+        torch.testing.assert_close(program.module()(x[:1]), gm(x[:1]))
+
+
+def test_multihead_attention_pruned_heads_equal_zeroed_heads_of_the_eager_model():
+    """Against the eager nn.MultiheadAttention: zeroing heads 1 and 3 (their q/k/v rows and out_proj columns) in
+    a copy of the model gives the output of the shrunk module without those heads."""
+    model, x = MHABlock().eval(), torch.randn(2, 5, 32)
+    gm = capture(model, example_inputs=(x,))
+    groups = find_channel_groups(gm, (x,))
+    heads = _group_of(groups, "attn.in_proj_weight")
+    small, report = shrink_channels(gm, groups, {heads.index: [1, 3]}, (x,))
+    reference = MHABlock().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for h in (1, 3):
+            for third in range(3):
+                rows = slice(third * 32 + h * 8, third * 32 + h * 8 + 8)
+                reference.attn.in_proj_weight[rows] = 0
+                reference.attn.in_proj_bias[rows] = 0
+            reference.attn.out_proj.weight[:, h * 8 : h * 8 + 8] = 0
+        torch.testing.assert_close(small(x), reference(x))
+    assert report.params_before - report.params_after == 2 * (3 * 8 * 32 + 3 * 8 + 32 * 8)
+
+
+def test_multihead_attention_nothing_removed_is_exact_and_unfollowed_forms_are_refused():
+    """MHABlock: shrinking nothing reproduces the captured module bit for bit (and the eager model to rounding: the
+    exported decomposition is not the eager kernel); need_weights=True (averaged attention weights) is refused
+    with the reason, and naming it in a config is a ValueError."""
+    model, x = MHABlock().eval(), torch.randn(2, 5, 32)
+    gm = capture(model, example_inputs=(x,))
+    small, _ = shrink_channels(gm, find_channel_groups(gm, (x,)), {}, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gm(x), rtol=0, atol=0)
+        torch.testing.assert_close(small(x), model(x))
+
+    class Weights(MHABlock):
+        def forward(self, x):
+            return x + self.attn(x, x, x)[0]
+
+    weights = Weights().eval()
+    groups = find_channel_groups(capture(weights, example_inputs=(x,)), (x,))
+    why = _group_of(groups, "attn.in_proj_weight").frozen_reason
+    assert "fused q/k/v projection in a form the pass does not follow" in why and "need_weights=False" in why
+    with pytest.raises(ValueError, match=r"attn.in_proj_weight, whose output channels .* cannot shrink"):
+        ChannelPruner(0.5).prepare(weights, {"attn.in_proj_weight": {}}, example_inputs=(x,))
+
+
+def test_torchvision_vit_heads_and_mlp_shrink_hidden_dim_kept():
+    """torchvision's VisionTransformer (vit_b_16's code at 2 layers, 4 heads, hidden 32, 32x32 images): ratio 0.5
+    removes 2 heads per layer and half of each MLP, exactly; hidden_dim (the residual width, read by a literal
+    reshape) is kept, so no attribute needs patching; output shape kept; exports."""
+    vision = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    model = vision.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                                     mlp_dim=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner, gm, small = _prune(model, x, 0.5, mask_consumers=True)
+    report = shrink_report(small)
+    assert sorted(report.channels.values()) == [(4, 2), (4, 2), (64, 32), (64, 32)] and report.exact
+    weight = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert tuple(small.get_parameter(weight).shape) == (48, 32)
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape == (2, 10)
+        torch.testing.assert_close(small(x), gm(x))
+        torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
