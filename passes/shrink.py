@@ -168,32 +168,36 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     return None
 
 
-def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int) -> Any:
-    """``size - drop`` for a literal int, or a new ``sym * (k - drop)`` node for a ``sym * k`` node (which
-    torch.export shares among layers, so it is not changed in place)."""
+def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int, made: dict) -> Any:
+    """``size - drop`` for a literal int, or a ``sym * (k - drop)`` node for a ``sym * k`` node (which
+    torch.export shares among layers, so it is not changed in place; one new node per new value)."""
     if isinstance(size, int):
         return size - drop
     if isinstance(size, fx.Node) and size.target is operator.mul and isinstance(size.args[1], int):
-        with graph.inserting_before(node):
-            return graph.call_function(operator.mul, (size.args[0], size.args[1] - drop))
+        key = (size, size.args[1] - drop)
+        if key not in made:
+            with graph.inserting_after(size):
+                made[key] = graph.call_function(operator.mul, (size.args[0], key[1]))
+        return made[key]
     raise RuntimeError(f"{node.format_node()} has no literal size to lower by {drop}")
 
 
 def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]) -> None:
     """Lower each literal size (node name, argument, position in a list or -1) by its removed count."""
     nodes = {n.name: n for n in graph.nodes}
-    replaced = []
+    replaced, made = [], {}
     for (name, arg, pos), drop in drops.items():
         node = nodes.get(name)
         if node is None:
             raise RuntimeError(f"the literal size of node {name!r} was recorded, but the graph has no such node")
         args = list(node.args)
         if pos < 0:
-            args[arg] = _lowered(graph, node, args[arg], drop)
+            replaced.append(args[arg])
+            args[arg] = _lowered(graph, node, args[arg], drop, made)
         else:
             sizes = list(args[arg])
             replaced.append(sizes[pos])
-            sizes[pos] = _lowered(graph, node, sizes[pos], drop)
+            sizes[pos] = _lowered(graph, node, sizes[pos], drop, made)
             args[arg] = type(node.args[arg])(sizes)
         node.args = tuple(args)
     for old in dict.fromkeys(n for n in replaced if isinstance(n, fx.Node)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import operator
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from fx_sparsity.sparsifier.structured import ChannelPruner, count_to_remove
 from fx_sparsity.structured import shrink, shrink_report
 from passes import capture, find_channel_groups, shrink_channels
 
-from helpers import snapshot
+from helpers import count_nodes, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,6 +214,11 @@ def test_multihead_attention_loses_whole_heads_from_fused_in_proj(batch_first, m
                            if h not in removed.tolist()])
     torch.testing.assert_close(small.get_parameter("attn.in_proj_weight"), model.attn.in_proj_weight[kept_rows])
     assert tuple(small.get_parameter("attn.out_proj.weight").shape) == (32, 16)
+    # the same graph, its literal sizes lowered (the shared sym * 4 of a dynamic batch becomes sym * 2)
+    captured = capture(model, example_inputs=(x,))
+    assert count_nodes(small) == count_nodes(captured)
+    factors = lambda g: sorted(str(n.args[1]) for n in g.graph.nodes if n.target is operator.mul)  # noqa: E731
+    assert factors(small) == sorted("2" if f == "4" else f for f in factors(captured))
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x))
         if not batch_first:  # capture keeps dim 0 dynamic: here the sequence, the batch (B * H literal) is static
@@ -286,3 +292,37 @@ def test_torchvision_vit_heads_and_mlp_shrink_hidden_dim_kept():
         assert small(x).shape == model(x).shape == (2, 10)
         torch.testing.assert_close(small(x), gm(x))
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
+
+
+# ------------------------------------------------------------------ literal sizes in symbolically traced graphs
+class LiteralHeads(nn.Module):
+    """Hand-written attention whose views spell the head count (4) and width (32) as literals, and a conv whose
+    flatten into a Linear spells its size (4 channels x 2 x 2 = 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(16, 32)
+
+    def forward(self, x, image):
+        q, k, v = (f(x).view(2, 5, 4, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        attn = torch.softmax(q @ k.transpose(2, 3) * 8**-0.5, -1) @ v
+        h = x + self.o(attn.transpose(1, 2).reshape(2, 5, 32))
+        return h + self.fc(torch.relu(self.conv(image)).view(2, 16))[:, None]
+
+
+def test_symbolically_traced_literal_sizes_are_rewritten():
+    """LiteralHeads (symbolic trace: sizes as call_method arguments), ratio 0.5: removing 2 of 4 heads and 2 of 4
+    conv channels
+    lowers view(2, 5, 4, 8) to 2 heads, reshape(2, 5, 32) to 16 and view(2, 16) to 8 (2 of 4 channels x 2 x 2);
+    the shrunk module equals the masked one (ChannelPruner, consumer columns masked)."""
+    model, x, image = LiteralHeads().eval(), torch.randn(2, 5, 32), torch.randn(2, 3, 2, 2)
+    pruner = ChannelPruner(sparsity_level=0.5, mask_consumers=True)
+    gm = pruner.prepare(model, example_inputs=(x, image))
+    assert gm.meta["capture"] == "symbolic_trace"
+    pruner.step()
+    small = shrink(gm)
+    views = {n.name: n.args[1:] for n in small.graph.nodes if n.op == "call_method" and n.target in ("view", "reshape")}
+    assert views["view"] == (2, 5, 2, 8) and views["reshape"] == (2, 5, 16) and views["view_3"] == (2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, image), gm(x, image))
