@@ -91,7 +91,8 @@ _ATEN = {
         aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.relu.default,
         aten.relu_.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
         aten.hardswish.default, aten.hardsigmoid.default, aten.dropout.default, aten.clone.default,
-        aten._to_copy.default, aten.alias.default,
+        aten._to_copy.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout,
+        aten.to.device,
     )},
     **{op: SPATIAL for op in (aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default)},
     aten.mean.dim: REDUCTIONS, aten.sum.dim_IntList: REDUCTIONS,
@@ -105,7 +106,7 @@ _ATEN = {
     aten.softmax.int: SOFTMAXES, aten._softmax.default: SOFTMAXES,
     aten.scaled_dot_product_attention.default: ATTENTION,
     aten.expand.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
-    aten.sym_size.int: SHAPE_QUERIES,
+    aten.sym_size.int: SHAPE_QUERIES, aten._assert_tensor_metadata.default: SHAPE_QUERIES,
     aten.slice.Tensor: SLICES, aten.select.int: SLICES,
 }
 # The ops among these that take a list of sizes (a literal there pins the channel count).

@@ -142,6 +142,24 @@ def test_bert_heads_and_intermediate_shrink_hidden_size_kept(tmp_path):
         torch.testing.assert_close(tree_leaves(torch.load(buffer, weights_only=False)(x)), out)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_eager_attention_implementation_prunes_heads_too(make):
+    """attn_implementation="eager" (q @ k^T, softmax in float32, .to(dtype), dropout, contiguous): the same head
+    groups as the SDPA path, ratio 0.5 halves them per layer, shrunk == masked."""
+    torch.manual_seed(0)
+    model = make()
+    model.config._attn_implementation = "eager"
+    x = _tokens()
+    pruner, gm, small = _prune(model, x, 0.5, mask_consumers=True)
+    report = shrink_report(small)
+    heads = [g for g in pruner.channel_groups if g.prunable and g.size in (2, 4)]
+    assert len(heads) == 2 and all(report.channels[g.index] == (g.size, g.size // 2) for g in heads)
+    assert report.exact and not any(n.target is torch.ops.aten.scaled_dot_product_attention.default
+                                    for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(tree_leaves(small(x)), tree_leaves(gm(x)))
+
+
 def test_pruning_no_head_equals_the_original_exactly():
     """shrink_channels on the exported Llama with nothing removed reproduces the model bit for bit."""
     model, x = tiny_llama(layers=1), _tokens()
