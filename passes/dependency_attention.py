@@ -172,7 +172,8 @@ def follow_fused_heads(
         return str(e)
     if op_kind(found["out_proj"], gm) != "linear":
         return f"{found['out_proj'].name} is not out_proj's linear"
-    out_weight = _tensor_fqn(op_arguments(found["out_proj"].target, found["out_proj"].args, {})["weight"])
+    out_proj = found["out_proj"]
+    out_weight = _tensor_fqn(op_arguments(out_proj.target, out_proj.args, out_proj.kwargs)["weight"])
     width = shapes[node][-1] // 3
     batch, heads, _, head_dim = shapes[found["unfolded"][0]]
     merged_sizes = found["merged"].args[1]
@@ -186,6 +187,9 @@ def follow_fused_heads(
     spaces.add(space, _member(out_weight, "consumer", 1, 0, head_dim))
     literals = {(found["unflatten"].name, 2, 1, head_dim), (found["merged"].name, 1, len(merged_sizes) - 1, head_dim)}
     for folded, unfolded in zip(found["folded"], found["unfolded"]):
+        if len(unfolded.args[1]) != 4 or unfolded.args[1][1] != heads or len(folded.args[1]) != 3:
+            spaces.freeze(space, f"{folded.name} or {unfolded.name} has sizes the pass cannot read")
+            continue
         literals.add((unfolded.name, 1, 1, 1))
         size = folded.args[1][1]
         if isinstance(size, fx.Node) and size.target is operator.mul and size.args[1] == heads:

@@ -23,7 +23,7 @@ from .match import op_kind
 from .meta import get_sparse_target
 from .channel_spaces import Spaces
 
-__all__ = ["Layout", "follow_node", "size_slot", "literal_at"]
+__all__ = ["Layout", "follow_node"]
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _reduction(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     return Layout(new_pos - len(shapes[node]), lay.segs)
 
 
-def size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:
+def _size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:
     """Where the size of output dim ``p`` is written in a view/reshape/expand ``node``: ``(argument, position)``
     (position ``-1``: the argument itself, as in ``x.view(b, 8, 64)``), or ``None``."""
     if node.target not in ops.SIZED_RESHAPES and node.target not in ops.EXPANDING:
@@ -208,20 +208,20 @@ def size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:
     return (1 + p, -1) if len(node.args) == 1 + rank else None
 
 
-def literal_at(node: fx.Node, slot: tuple[int, int]) -> Any:
-    """The value at ``slot`` (see :func:`size_slot`) of ``node``'s arguments."""
+def _literal_at(node: fx.Node, slot: tuple[int, int]) -> Any:
+    """The value at ``slot`` (see :func:`_size_slot`) of ``node``'s arguments."""
     arg, pos = slot
     return node.args[arg] if pos < 0 else node.args[arg][pos]
 
 
-def _add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int, per: int = 1) -> None:
+def _add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int) -> None:
     """Record the literal size of output dim ``p`` (if it is one) as a member of every space of ``layout``:
-    it drops by ``per * inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
-    slot = size_slot(node, p, rank)
-    if slot is None or not isinstance(literal_at(node, slot), int) or literal_at(node, slot) == -1:
+    it drops by ``inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
+    slot = _size_slot(node, p, rank)
+    if slot is None or not isinstance(_literal_at(node, slot), int) or _literal_at(node, slot) == -1:
         return
     for s, inner in layout.segs:
-        spaces.add(s, _member(node.name, "literal", slot[0], slot[1], inner * per))
+        spaces.add(s, _member(node.name, "literal", slot[0], slot[1], inner))
 
 
 def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
