@@ -106,9 +106,14 @@ def follow_node(
         return _getitem(node, shapes, layouts, spaces)
     rule = _RULES.get(category)
     result = rule(node, shapes, layouts, spaces) if rule is not None else None
+    why = f"used by {name}, an op the dependency pass does not know"
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        # As a module it needs num_heads * head_dim == embed_dim == the query's width: no head can go alone.
+        why = (f"used by {name}, an nn.MultiheadAttention kept whole (a leaf module); capture it with torch.export "
+               "(example_inputs=..., not in leaf_modules) to remove its heads")
     if rule is None:
         for n in tracked:
-            _freeze(spaces, layouts[n], f"used by {name}, an op the dependency pass does not know")
+            _freeze(spaces, layouts[n], why)
     return result
 
 

@@ -292,6 +292,25 @@ def test_multihead_attention_nothing_removed_is_exact_and_unfollowed_forms_are_r
         ChannelPruner(0.5).prepare(weights, {"attn.in_proj_weight": {}}, example_inputs=(x,))
 
 
+def test_multihead_attention_kept_as_a_leaf_module_says_how_to_prune_its_heads():
+    """leaf_modules=[nn.MultiheadAttention] keeps it a call_module, whose heads cannot go (as a module its inner
+    width must equal embed_dim): the channels it reads are frozen with a reason naming the remedy."""
+    model, x = MHABlock().eval(), torch.randn(2, 5, 32)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.block = nn.Linear(32, 32), model
+
+        def forward(self, x):
+            return self.block(self.pre(x))
+
+    gm = capture(Wrapped().eval(), example_inputs=(x,), leaf_modules=[nn.MultiheadAttention])
+    assert gm.meta["capture"] == "symbolic_trace"
+    why = _group_of(find_channel_groups(gm, (x,)), "pre.weight").frozen_reason
+    assert "nn.MultiheadAttention kept whole (a leaf module); capture it with torch.export" in why
+
+
 def test_torchvision_vit_heads_and_mlp_shrink_hidden_dim_kept():
     """torchvision's VisionTransformer (vit_b_16's code at 2 layers, 4 heads, hidden 32, 32x32 images): ratio 0.5
     removes 2 heads per layer and half of each MLP, exactly; hidden_dim (the residual width, read by a literal
