@@ -22,8 +22,10 @@ with the recipe of its examples:
 
 MACs: Linear/Conv multiply-accumulates from :func:`passes.count_macs` (attention's own matmuls are not counted)
 and Torch-Pruning's ``count_ops_and_params``. Latency: median over interleaved rounds in random order,
-``inference_mode``, batch 1; "dense" is the eager model. Each pruned model is checked to ``torch.export``,
-and its output shapes against the dense model's.
+``inference_mode``, batch 1; "dense" is the eager model, "dense captured" the ``GraphModule`` our pruner starts from
+(for vit_b_16, BERT and Llama a ``torch.export`` graph run op by op, which costs per-op overhead at small sizes:
+compare fx_sparsity with both). Each pruned model is checked to ``torch.export``, and its output shapes against the
+dense model's.
 
     python benchmarks/structured.py [--rounds 20] [--inner 3] [--models resnet18,bert] [--tiny]
 """
@@ -194,7 +196,8 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
         dense, x = build(name, tiny)
         dense_macs, dense_shapes = _macs(dense, x), _shapes(dense, x)
         for ratio in (0.3, 0.5):
-            candidates: dict[str, nn.Module] = {"dense": dense, "fx_sparsity": _ours(dense, x, ratio)}
+            candidates: dict[str, nn.Module] = {"dense": dense, "dense captured": capture(dense, example_inputs=(x,))}
+            candidates["fx_sparsity"] = _ours(dense, x, ratio)
             notes = {"fx_sparsity": "exact" if shrink_report(candidates["fx_sparsity"]).exact else "inexact"}
             if tp is not None:
                 try:
@@ -206,12 +209,13 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
                                  f"failed: {type(e).__name__}: {str(e)[:60]}"])
             latency = _latency(candidates, x, rounds, inner)
             for label, module in candidates.items():
-                if label == "dense" and ratio != 0.3:
+                if label.startswith("dense") and ratio != 0.3:
                     continue
                 macs = _macs(module, x)
                 tp_macs = _tp_macs(module, x)
+                params = sum(p.numel() for p in module.parameters())
                 rows.append([
-                    name, "-" if label == "dense" else ratio, label, f"{sum(p.numel() for p in module.parameters()) / 1e6:.3f}",
+                    name, "-" if label.startswith("dense") else ratio, label, f"{params / 1e6:.3f}",
                     f"{macs / 1e6:.1f}", f"{tp_macs / 1e6:.1f}", f"{dense_macs / macs:.2f}x",
                     f"{latency[label] * 1e3:.2f}", f"{latency['dense'] / latency[label]:.2f}x",
                     "yes" if _shapes(module, x) == dense_shapes else "no",
