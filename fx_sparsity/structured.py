@@ -5,6 +5,21 @@ removed channels' producer rows become zero), and hand it with the pruner's
 channel groups and the channels its masks remove to :func:`passes.shrink.shrink_channels`,
 which builds a new, smaller, dense module. The prepared module and the user's
 model are not modified.
+
+Attention heads are units of their groups (see :mod:`passes.dependency_attention`):
+hand-written q/k/v/o attention, transformers' BERT and Llama captured by
+``torch.export`` (a KV head goes with its query group under grouped-query attention),
+and ``nn.MultiheadAttention`` captured by ``torch.export`` with ``need_weights=False``
+(whole heads cut from each q/k/v third of the fused ``in_proj``; other forms are
+refused with the reason). Counting is per group in units, exactly as
+``count_to_remove`` says: ``floor(ratio * units)`` go, so 0.3 of 4 heads removes 1
+(Torch-Pruning rounds up and removes 2) and 0.3 of 2 KV heads removes none. The
+literal sizes the captured graph holds (the head count of ``view(b, s, 8, 64)``,
+repeat_kv's ``expand``/``reshape``, ``nn.MultiheadAttention``'s ``E``, ``H`` and ``B*H``)
+are rewritten in the shrunk graph, so no attribute or config needs patching (the
+captured module keeps no attention classes or configs to patch). The residual width
+(BERT's and Llama's hidden size, ViT's ``hidden_dim``) reaches the model output and is
+never pruned, so output shapes are kept.
 """
 
 from __future__ import annotations

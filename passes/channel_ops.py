@@ -10,6 +10,7 @@ Each table names ops by what they do to a channel axis:
   channel axis, cut it into pieces (heads) or repeat it (grouped-query attention);
 * ``MATMULS``, ``SOFTMAXES``, ``ATTENTION``: attention math, which keeps head axes
   among the batch dims;
+* ``SLICES``: ATen ``slice``/``select`` of one dim (rotary embeddings slice the head dim);
 * ``SHAPE_QUERIES``: ops that read only a tensor's shape.
 
 An op in no table is unknown, and the dependency pass freezes every channel it reads.
@@ -36,6 +37,7 @@ __all__ = [
     "SOFTMAXES",
     "ATTENTION",
     "EXPANDS",
+    "SLICES",
     "SIZED_RESHAPES",
     "EXPANDING",
     "PERMUTES",
@@ -80,6 +82,7 @@ MATMULS = "matmul"
 SOFTMAXES = "softmax"
 ATTENTION = "attention"
 EXPANDS = "expand"
+SLICES = "slice"
 
 aten = torch.ops.aten
 # torch.export captures ATen ops; these take their arguments in the positions of the torch functions above.
@@ -88,7 +91,8 @@ _ATEN = {
         aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.relu.default,
         aten.relu_.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
         aten.hardswish.default, aten.hardsigmoid.default, aten.dropout.default, aten.clone.default,
-        aten._to_copy.default, aten.alias.default,
+        aten._to_copy.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout,
+        aten.to.device,
     )},
     **{op: SPATIAL for op in (aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default)},
     aten.mean.dim: REDUCTIONS, aten.sum.dim_IntList: REDUCTIONS,
@@ -102,7 +106,8 @@ _ATEN = {
     aten.softmax.int: SOFTMAXES, aten._softmax.default: SOFTMAXES,
     aten.scaled_dot_product_attention.default: ATTENTION,
     aten.expand.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
-    aten.sym_size.int: SHAPE_QUERIES,
+    aten.sym_size.int: SHAPE_QUERIES, aten._assert_tensor_metadata.default: SHAPE_QUERIES,
+    aten.slice.Tensor: SLICES, aten.select.int: SLICES,
 }
 # The ops among these that take a list of sizes (a literal there pins the channel count).
 SIZED_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}

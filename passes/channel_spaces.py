@@ -63,7 +63,7 @@ class Spaces:
     def add(self, s: int, member: Any) -> None:
         """Add ``member`` to ``s``'s group; the same tensor slice seen twice (a shared layer) unites the groups."""
         root = self.find(s)
-        if member.kind != "module" and member in self._owner:
+        if member.kind not in ("module", "literal") and member in self._owner:
             self.union(self._owner[member], root)
             return
         self._owner[member] = root
@@ -146,7 +146,7 @@ def _freeze_overlaps(groups: dict[int, dict[str, Any]]) -> None:
     ranges: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
     for root, group in groups.items():
         for m in dict.fromkeys(group["members"]):
-            if m.kind != "module":
+            if m.kind not in ("module", "literal"):
                 ranges.setdefault((m.target, m.dim), []).append((m.offset, m.offset + group["size"] * m.inner, root))
     for (target, dim), spans in ranges.items():
         for i, (lo, hi, r) in enumerate(spans):

@@ -16,9 +16,14 @@ Attention heads are channel units too: viewing a projection's ``[.., H * hd]`` a
 v; repeated key/value heads (grouped-query attention) make each KV head carry its
 query group (see :mod:`passes.channel_spaces`, :mod:`passes.dependency_attention`).
 
+A literal size at the channel axis of a view, reshape or expand (``view(b, s, 8, 64)``
+as ``torch.export`` writes it) is recorded as a ``"literal"`` member, which
+:mod:`passes.shrink` lowers by the channels removed.
+
 What the pass cannot prove safe is *frozen*, with the reason: a channel that
-reaches a model output, an unknown op, a reshape it cannot follow, a literal size,
-``nn.MultiheadAttention``'s fused ``in_proj_weight`` (refused, by name).
+reaches a model output, an unknown op, a reshape it cannot follow,
+``nn.MultiheadAttention``'s fused ``in_proj_weight`` in a form other than the exported
+self-attention of :mod:`passes.dependency_attention` (refused, with the reason).
 
 Shapes come from running the graph once on ``example_inputs`` (in eval mode,
 without gradients, so BatchNorm statistics are not touched). Both captured forms
@@ -50,16 +55,20 @@ class Member:
         kind: ``"producer"`` (rows of a Linear/Conv weight, columns of an Embedding:
             what importance is scored on and masks zero), ``"consumer"`` (input
             columns of a Linear/Conv weight), ``"param"`` (any other tensor:
-            biases, norm parameters and statistics) or ``"module"`` (a module whose
-            size attributes are recomputed from its tensors).
+            biases, norm parameters and statistics), ``"module"`` (a module whose
+            size attributes are recomputed from its tensors) or ``"literal"`` (a size
+            written in the graph, such as the head count of ``view(b, s, 8, 64)``:
+            ``target`` names the node, ``dim`` the argument, ``offset`` the position
+            in that argument when it is a list of sizes, else ``-1``).
         dim: the tensor dimension that shrinks.
         offset: index along ``dim`` of the group's first channel (concatenation).
         inner: consecutive entries per channel along ``dim`` (a flatten of
-            ``[C, H, W]`` into a Linear gives ``inner = H * W``).
+            ``[C, H, W]`` into a Linear gives ``inner = H * W``); for a literal, how
+            much it drops per removed channel.
     """
 
     target: str
-    kind: Literal["producer", "consumer", "param", "module"]
+    kind: Literal["producer", "consumer", "param", "module", "literal"]
     dim: int = 0
     offset: int = 0
     inner: int = 1
@@ -192,23 +201,13 @@ def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> tuple[Channe
     return _groups(spaces)
 
 
-def _refusals(members: tuple[Member, ...]) -> list[str]:
-    # nn.MultiheadAttention (kept whole by symbolic tracing, or exported) stores q, k and v in one
-    # in_proj_weight; its parameter name is what survives both captures.
-    fused = [m.target for m in members if m.target.endswith("in_proj_weight")]
-    return [
-        f"{fused[0]} is nn.MultiheadAttention's fused q/k/v projection: its heads are not removed "
-        "(rewrite the attention with separate q/k/v Linears to prune heads)"
-    ] if fused else []
-
-
 def _groups(spaces: Spaces) -> tuple[ChannelGroup, ...]:
     groups = []
     for resolved in spaces.resolve():
         members = tuple(dict.fromkeys(resolved["members"]))
         if not members:
             continue
-        reasons = tuple(dict.fromkeys(resolved["reasons"] + _refusals(members)))
+        reasons = tuple(dict.fromkeys(resolved["reasons"]))
         groups.append(
             ChannelGroup(
                 index=len(groups),

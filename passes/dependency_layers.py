@@ -82,6 +82,22 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
         _add_module(spaces, lay, module_fqn)
         if groups > 1:
             spaces.set_blocks(lay.segs[0][0], groups)
+    if linear and weight.endswith("in_proj_weight"):
+        from .dependency_attention import follow_fused_heads
+
+        why = follow_fused_heads(node, gm, weight, bias, shapes, spaces)
+        if why is None:  # the heads are a space of their own; nothing downstream tracks the fused output
+            return None
+        out = Layout(-1, ((spaces.new(shape[0]), 1),))
+        spaces.freeze(
+            out.segs[0][0],
+            f"{weight} is nn.MultiheadAttention's fused q/k/v projection in a form the pass does not follow "
+            f"({why}): its heads are not removed (call it with need_weights=False as self-attention, or "
+            "rewrite it with separate q/k/v Linears)",
+        )
+        _add_sliced(spaces, out, weight, "producer", 0)
+        _add_sliced(spaces, out, bias, "param", 0)
+        return out
     out = Layout(-1 if linear else 1 - out_rank, ((spaces.new(shape[0]), 1),))
     if groups > 1:
         spaces.set_blocks(out.segs[0][0], groups)

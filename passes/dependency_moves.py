@@ -3,7 +3,8 @@
 ``transpose``/``permute`` move it; ``cat`` along it chains the spaces of its inputs
 (each whole, at increasing offsets), along another dim it lines them up; ``split``
 and ``chunk`` along it are followed when the pieces fall on the boundaries of the
-concatenated spaces; indexing is followed when it leaves the channel axis whole.
+concatenated spaces; indexing, ATen ``slice`` and ``select`` are followed when they
+leave the channel axis whole.
 """
 
 from __future__ import annotations
@@ -104,4 +105,25 @@ def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     return Layout(dst + (pos - src) - len(shapes[node]), lay.segs)
 
 
-MOVE_RULES = {ops.TRANSPOSES: _transpose, ops.CONCATS: _concat, ops.SPLITS: _split}
+def _slice(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """ATen ``slice.Tensor(x, dim, start, end, step)`` and ``select.int(x, dim, index)``: followed off the channel
+    axis, or when a slice keeps the channel axis whole."""
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if not isinstance(dim, int):
+        _freeze(spaces, lay, f"{node.name} slices a dim the pass cannot tell")
+        return None
+    dim %= rank
+    if dim == pos and (node.target is ops.aten.select.int or shapes[node] != shapes[x]):
+        _freeze(spaces, lay, f"{node.name} slices the channel axis")
+        return None
+    if node.target is ops.aten.select.int and dim > pos:
+        return Layout(lay.axis + 1, lay.segs)
+    return lay
+
+
+MOVE_RULES = {ops.TRANSPOSES: _transpose, ops.CONCATS: _concat, ops.SPLITS: _split, ops.SLICES: _slice}

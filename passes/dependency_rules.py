@@ -110,9 +110,14 @@ def follow_node(
         return _getitem(node, shapes, layouts, spaces)
     rule = _RULES.get(category)
     result = rule(node, shapes, layouts, spaces) if rule is not None else None
+    why = f"used by {name}, an op the dependency pass does not know"
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        # As a module it needs num_heads * head_dim == embed_dim == the query's width: no head can go alone.
+        why = (f"used by {name}, an nn.MultiheadAttention kept whole (a leaf module); capture it with torch.export "
+               "(example_inputs=..., not in leaf_modules) to remove its heads")
     if rule is None:
         for n in tracked:
-            _freeze(spaces, layouts[n], f"used by {name}, an op the dependency pass does not know")
+            _freeze(spaces, layouts[n], why)
     return result
 
 
@@ -202,16 +207,30 @@ def _reduction(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     return Layout(new_pos - len(shapes[node]), lay.segs)
 
 
-def _literal_at(node: fx.Node, p: int, rank: int) -> int | None:
-    """The literal size a view/reshape gives output dim ``p`` (``None``: computed, ``-1`` or not a view)."""
-    if node.target not in ops.SIZED_RESHAPES:
+def _size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:
+    """Where the size of output dim ``p`` is written in a view/reshape/expand ``node``: ``(argument, position)``
+    (position ``-1``: the argument itself, as in ``x.view(b, 8, 64)``), or ``None``."""
+    if node.target not in ops.SIZED_RESHAPES and node.target not in ops.EXPANDING:
         return None
-    sizes = node.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = sizes[0]
-    if len(sizes) == rank and isinstance(sizes[p], int) and sizes[p] != -1:
-        return sizes[p]
-    return None
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return (1, p) if len(node.args[1]) == rank else None
+    return (1 + p, -1) if len(node.args) == 1 + rank else None
+
+
+def _literal_at(node: fx.Node, slot: tuple[int, int]) -> Any:
+    """The value at ``slot`` (see :func:`_size_slot`) of ``node``'s arguments."""
+    arg, pos = slot
+    return node.args[arg] if pos < 0 else node.args[arg][pos]
+
+
+def _add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int) -> None:
+    """Record the literal size of output dim ``p`` (if it is one) as a member of every space of ``layout``:
+    it drops by ``inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
+    slot = _size_slot(node, p, rank)
+    if slot is None or not isinstance(_literal_at(node, slot), int) or _literal_at(node, slot) == -1:
+        return
+    for s, inner in layout.segs:
+        spaces.add(s, _member(node.name, "literal", slot[0], slot[1], inner))
 
 
 def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
@@ -235,16 +254,16 @@ def _reshape(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     if acc != lead or p >= len(out) or (out[p] not in merged and not split):
         _freeze(spaces, lay, f"{node.name} reshapes the channel axis in a way the pass cannot follow")
         return None
-    literal = _literal_at(node, p, len(out))
-    if literal is not None:
-        _freeze(spaces, lay, f"{node.name} reshapes with the literal size {literal} at the channel axis")
-        return None
     if out[p] not in merged:  # [.., H * hd] -> [.., H, hd]: whole heads of hd channels
         heads = spaces.new(out[p])
         spaces.relate(lay.segs[0][0], heads, out[p + 1])
-        return Layout(p - len(out), ((heads, 1),))
+        result = Layout(p - len(out), ((heads, 1),))
+        _add_literal(spaces, result, node, p, len(out))
+        return result
     inner = out[p] // src[pos]
-    return Layout(p - len(out), tuple((s, i * inner) for s, i in lay.segs))
+    result = Layout(p - len(out), tuple((s, i * inner) for s, i in lay.segs))
+    _add_literal(spaces, result, node, p, len(out))
+    return result
 
 
 _RULES = {

@@ -5,8 +5,10 @@ to remove from each, every member loses those indices: producer weight rows,
 consumer weight columns (per block for grouped convs), biases, norm parameters
 and running statistics, embedding columns; module attributes (``in_features``,
 ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
-``normalized_shape``, ``embedding_dim``) follow. The input module is not touched:
-the result is a deep copy with new tensors.
+``normalized_shape``, ``embedding_dim``) follow, and literal sizes in the graph (the
+head count of ``view(b, s, 8, 64)``, repeat_kv's ``expand``/``reshape``) are lowered
+by the channels removed. The input module is not touched: the result is a deep copy
+with new tensors.
 
 A removed channel whose value is the same for every input (its producer rows are
 zero, so it carries ``act(bias)``) still adds a constant to each consumer. That
@@ -20,6 +22,7 @@ a channel that changes with the input cannot be folded at all: the report lists 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +166,10 @@ def _output_shapes(gm: fx.GraphModule, example_inputs: Any) -> list:
 
 def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     owner = gm.get_submodule(split_fqn(weight_fqn)[0])
+    bias = getattr(owner, "bias", None)
+    if split_fqn(weight_fqn)[1] == "weight" and isinstance(bias, torch.Tensor) and bias.shape == owner.weight.shape[:1]:
+        # an exported module keeps plain containers: its Linear's bias is the tensor beside the weight
+        return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
     if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         if owner.bias is None:
             owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
@@ -171,6 +178,43 @@ def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
         owner_fqn, name = split_fqn(weight_fqn)
         return f"{owner_fqn}.{name.replace('weight_ih_', 'bias_ih_')}".lstrip(".")
     return None
+
+
+def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int, made: dict) -> Any:
+    """``size - drop`` for a literal int, or a ``sym * (k - drop)`` node for a ``sym * k`` node (which
+    torch.export shares among layers, so it is not changed in place; one new node per new value)."""
+    if isinstance(size, int):
+        return size - drop
+    if isinstance(size, fx.Node) and size.target is operator.mul and isinstance(size.args[1], int):
+        key = (size, size.args[1] - drop)
+        if key not in made:
+            with graph.inserting_after(size):
+                made[key] = graph.call_function(operator.mul, (size.args[0], key[1]))
+        return made[key]
+    raise RuntimeError(f"{node.format_node()} has no literal size to lower by {drop}")
+
+
+def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]) -> None:
+    """Lower each literal size (node name, argument, position in a list or -1) by its removed count."""
+    nodes = {n.name: n for n in graph.nodes}
+    replaced, made = [], {}
+    for (name, arg, pos), drop in drops.items():
+        node = nodes.get(name)
+        if node is None:
+            raise RuntimeError(f"the literal size of node {name!r} was recorded, but the graph has no such node")
+        args = list(node.args)
+        if pos < 0:
+            replaced.append(args[arg])
+            args[arg] = _lowered(graph, node, args[arg], drop, made)
+        else:
+            sizes = list(args[arg])
+            replaced.append(sizes[pos])
+            sizes[pos] = _lowered(graph, node, sizes[pos], drop, made)
+            args[arg] = type(node.args[arg])(sizes)
+        node.args = tuple(args)
+    for old in dict.fromkeys(n for n in replaced if isinstance(n, fx.Node)):
+        if not old.users:
+            graph.erase_node(old)
 
 
 def shrink_channels(
@@ -221,10 +265,14 @@ def shrink_channels(
     plain: dict[tuple[str, int], list[torch.Tensor]] = {}
     grouped: dict[str, list[torch.Tensor]] = {}
     modules = {}
+    literals: dict[tuple[str, int, int], int] = {}
     for index, channels in checked.items():
         for m in by_index[index].members:
             if m.kind == "module":
                 modules[m.target] = new.get_submodule(m.target)
+            elif m.kind == "literal":
+                key = (m.target, m.dim, m.offset)
+                literals[key] = literals.get(key, 0) + len(channels) * m.inner
             elif m.kind == "consumer" and _is_grouped(new, m.target):
                 grouped.setdefault(m.target, []).append(m.indices(channels))
             else:
@@ -247,6 +295,7 @@ def shrink_channels(
             _set_tensor(new, fqn, _cut_grouped_columns(get_tensor(new, fqn), groups_of, torch.cat(parts)), aliases)
     for module in modules.values():
         update_module(module)
+    _rewrite_literals(new.graph, literals)
     new.recompile()
     before, after = _output_shapes(gm, example_inputs), _output_shapes(new, example_inputs)
     if before != after:

@@ -3,10 +3,11 @@
 Size attributes (``in_features``, ``out_channels``, ``groups`` of a depthwise conv,
 ``num_features``, ``normalized_shape``, ``embedding_dim``, an LSTM's ``input_size``,
 ``hidden_size`` and ``proj_size``) are recomputed from the tensors; an LSTM then rebuilds
-the flat weight list its ``forward`` reads. Head counts need no update: a captured
-graph holds no attention module (symbolic tracing copies only the leaf layers), its
-views read the number of heads as ``-1`` or from tensor shapes, and a view with a
-literal head count is frozen by :mod:`passes.dependency`.
+the flat weight list its ``forward`` reads. Head counts and widths have no module
+attribute to update: a captured graph holds no attention module (symbolic tracing copies
+only the leaf layers, and ``torch.export`` keeps plain ``nn.Module`` containers without the
+original classes or configs); its views read the number of heads as ``-1``, from tensor
+shapes, or as literal sizes, which :mod:`passes.shrink` rewrites in the graph.
 """
 
 from __future__ import annotations

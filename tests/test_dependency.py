@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity.sparsifier.structured import ChannelPruner
-from passes import capture, find_channel_groups, shrink_channels
+from passes import Member, capture, find_channel_groups, shrink_channels
 
 from helpers import TinyMobileNet, TinyResNet, count_nodes, snapshot
 
@@ -163,8 +163,9 @@ def test_unknown_ops_reshapes_and_outputs_freeze(model, inputs, reason):
     assert not groups[0].prunable and reason in groups[0].frozen_reason
 
 
-def test_literal_reshape_and_untracked_operands_freeze():
-    """view(n, 16) with a literal channel count, a concat with the raw input, x + input: frozen with reasons."""
+def test_literal_reshape_is_recorded_and_untracked_operands_freeze():
+    """view(n, 16) with a literal channel count is followed (a literal member: 4 per channel of a 2x2 map, to be
+    rewritten by shrink); a concat with the raw input and x + input are frozen with reasons."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -178,7 +179,8 @@ def test_literal_reshape_and_untracked_operands_freeze():
             return y, z, self.c(x) + x
 
     _, groups = _groups(Net(), torch.randn(2, 4, 2, 2))
-    assert "literal size 16" in _group_of(groups, "a.weight").frozen_reason
+    a = _group_of(groups, "a.weight")
+    assert a.prunable and [m for m in a.members if m.kind == "literal"] == [Member("view", "literal", 2, -1, 4)]
     assert _group_of(groups, "b.weight").prunable
     assert any(g.frozen_reason and "concatenates it with x" in g.frozen_reason for g in groups)
     assert "combines it with x" in _group_of(groups, "c.weight").frozen_reason
@@ -302,9 +304,11 @@ def test_attention_heads_are_units_and_kv_heads_carry_their_query_groups(heads, 
     assert _group_of(groups, "up.weight").prunable and not _group_of(groups, "down.weight").prunable
 
 
-def test_literal_head_count_and_fused_multihead_attention_are_refused():
-    """A view with a literal head count freezes the heads; nn.MultiheadAttention's fused in_proj is refused with
-    its own reason (captured through torch.export), while the MLP beside it stays prunable."""
+def test_literal_head_count_is_recorded_and_fused_multihead_attention_heads_are_units():
+    """A view with a literal head count is followed (literal members for shrink to rewrite); nn.MultiheadAttention
+    captured through torch.export (need_weights=False) has one group of 4 heads: rows of each q/k/v third of
+    in_proj in blocks of head_dim, out_proj's columns; with need_weights=True it is refused with the reason, while
+    the MLP beside it stays prunable."""
 
     class Literal(Attention):
         def forward(self, x):
@@ -312,21 +316,36 @@ def test_literal_head_count_and_fused_multihead_attention_are_refused():
             return self.o_proj(torch.softmax(q @ q.transpose(2, 3), -1).matmul(q).transpose(1, 2).reshape(2, 5, 32))
 
     _, groups = _groups(Literal(kv_heads=4), torch.randn(2, 5, 32))
-    assert "literal size 4" in _group_of(groups, "q_proj.weight").frozen_reason
+    heads = _group_of(groups, "q_proj.weight")
+    literals = {(m.target, m.dim, m.offset, m.inner) for m in heads.members if m.kind == "literal"}
+    assert heads.prunable and heads.size == 4 and literals == {("view", 3, -1, 1), ("reshape", 3, -1, 8)}
 
     class WithMHA(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, need_weights: bool) -> None:
             super().__init__()
             self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
             self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+            self.need_weights = need_weights
 
         def forward(self, x):
-            h = x + self.attn(x, x, x, need_weights=False)[0]
+            h = x + self.attn(x, x, x, need_weights=self.need_weights)[0]
             return h + self.fc2(torch.relu(self.fc1(h)))
 
     x = torch.randn(2, 5, 16)
-    gm = capture(WithMHA().eval(), example_inputs=(x,))
+    gm = capture(WithMHA(False).eval(), example_inputs=(x,))
     groups = find_channel_groups(gm, x)
     assert gm.meta["capture"] == "export"
-    assert "fused q/k/v projection: its heads are not removed" in _group_of(groups, "attn.in_proj_weight").frozen_reason
+    heads = _group_of(groups, "attn.in_proj_weight")
+    assert heads.prunable and heads.size == 4
+    assert [(m.target, m.kind, m.dim, m.offset, m.inner) for m in heads.members if m.kind != "literal"] == [
+        ("attn.in_proj_weight", "producer", 0, 0, 4), ("attn.in_proj_bias", "param", 0, 0, 4),
+        ("attn.in_proj_weight", "producer", 0, 16, 4), ("attn.in_proj_bias", "param", 0, 16, 4),
+        ("attn.in_proj_weight", "producer", 0, 32, 4), ("attn.in_proj_bias", "param", 0, 32, 4),
+        ("attn.out_proj.weight", "consumer", 1, 0, 4),
+    ]
+    gm = capture(WithMHA(True).eval(), example_inputs=(x,))
+    groups = find_channel_groups(gm, x)
+    assert "fused q/k/v projection in a form the pass does not follow" in _group_of(
+        groups, "attn.in_proj_weight"
+    ).frozen_reason
     assert _group_of(groups, "fc1.weight").prunable
