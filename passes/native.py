@@ -28,7 +28,7 @@ __all__ = ["native_ops", "native_isa", "NO_NATIVE_ENV"]
 
 NO_NATIVE_ENV = "FX_SPARSITY_NO_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
+_SOURCES = ("ops.cpp", "kernels_avx512bf16.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
 
 
 @functools.cache

@@ -41,7 +41,7 @@ def _native_isas() -> list[str]:
     if ops is None:
         return []
     found = []
-    for isa in ("avx512", "avx512-lut", "avx2", "generic"):
+    for isa in ("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic"):
         try:
             ops.isa(isa)
             found.append(isa)
@@ -272,13 +272,17 @@ def test_kernels_refuse_bad_buffers():
 
 
 def test_native_isa_is_the_best_this_cpu_has():
-    """The kernels pick the widest ISA the CPU supports, once (on AMD, batch-1 bitmask decodes with AVX2)."""
+    """The kernels pick the widest ISA the CPU supports, once: AVX512-BF16 dot products for bf16 where the CPU
+    has them, and on AMD the permutation-table decodes (``-lut``)."""
     if not ISAS:
         pytest.skip("the C++ kernels are not built")
-    assert native.native_isa().startswith(ISAS[0])
     flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    amd = "AuthenticAMD" in flags
+    want = ISAS[0] if not amd else ISAS[0].replace("avx512", "avx512-lut", 1)
+    assert native.native_isa() == want
     if "avx512bw" in flags and "avx512vl" in flags and "avx512dq" in flags:
-        assert ISAS[0] == "avx512"
+        has_bf16 = " avx512_bf16" in flags and " avx512_vbmi2" in flags
+        assert ISAS[0] == ("avx512-bf16" if has_bf16 else "avx512")
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
