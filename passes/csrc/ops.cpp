@@ -195,7 +195,7 @@ at::Tensor run_bitmask(const at::Tensor& x, const Bitmask& w, int64_t rows, cons
   Call call(x, rows, bias, bf16 ? XLayout::bf16_rows : XLayout::rows, op);
   BitmaskRowsFn fn = call.d.batch == 1 ? active()->bitmask_rows_1 : active()->bitmask_rows;
   if (bf16) fn = call.d.batch == 1 ? bf16->bitmask_rows_1 : bf16->bitmask_rows;
-  for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
+  if (call.d.batch > 0) for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
   return call.result(x.scalar_type());
 }
 
