@@ -1,7 +1,8 @@
 """Our C++ sparse kernels (bitmask, N:M, narrow-index CSR) and their packing, against F.linear.
 
-Every kernel runs on each instruction set this CPU has (AVX-512, AVX2, portable)
-and on the pure-torch reference path (``FX_SPARSITY_NO_NATIVE=1``). The expected
+Every kernel runs on each instruction set this CPU has (AVX-512 with and without the
+AVX512-BF16 dot-product kernels for bf16, AVX2, portable) and on the pure-torch reference
+path (``FX_SPARSITY_NO_NATIVE=1``). The expected
 output is F.linear in float64 on the same (rounded) weights and inputs, rounded to
 the output dtype; the tolerance is that of float32 accumulation over the input
 features (float32) or one rounding step of the output dtype (bfloat16, float16).
