@@ -1,21 +1,29 @@
-"""End to end: one-token decode steps of a Llama-style transformers model, dense vs pruned and lowered with auto.
+"""End to end: decode of a Llama-style transformers model, dense vs pruned and lowered with auto.
 
 A ``LlamaForCausalLM`` built from a config (random weights: nothing is downloaded) with Llama-2-7B's
 layer proportions at a smaller width: hidden 2048, MLP 5504, 4 layers, 16 heads, a 4096-token
 vocabulary (the head is about 4% of the weights, as in a 7B model where it is 2%). Its decoder
 Linears are pruned one-shot (``MagnitudeSparsifier(0.5)`` or ``NMSparsifier(2, 4)``; quality is not
 the point here, see ``benchmarks/quality.py``), then ``fx_sparsity.lower(gm, "auto")`` picks each
-layer's format on its own input. The dense baseline is the same capture lowered with ``"fuse"`` and
-all-ones masks, so both run the same graph but for the layers.
+layer's format on its own one-token input (the decode regime). Two measurements:
 
-A decode step is one forward of batch 1 and sequence length 1 without a KV cache: at short context a
-decode step costs the reading of every weight once, which is what this measures; attention over a
-long cache is not included. The decoder's weights (800 MB fp32) are far beyond the last-level cache,
-so every step streams them from memory. Steps of the variants are timed in interleaved rounds in a
-new random order each time; tokens/s = 1 / median step time. Outputs are checked against the eager
-model with masked weights first.
+* **KV-cache decode** (the table to read): a greedy decode with transformers' ``DynamicCache`` --
+  a prompt of ``--prompt`` tokens (prefill), then ``--new-tokens`` one-token steps, each attending
+  over the cache. The HF model runs eagerly; in a copy of it every decoder ``nn.Linear`` is swapped
+  for :class:`PackedLinear`, which holds the packed buffers of the format ``auto`` chose for that
+  layer (``fuse``: the masked dense weight) and calls the same ``torch.ops.fx_sparsity`` operator as
+  the lowered graph. The dense baseline is the unpruned model. tokens/s = new tokens / decode time
+  (the prefill is reported apart).
+* **one-token forward** of the export-captured graphs without a cache (``lower(gm, "auto")`` against
+  ``lower(gm, "fuse")`` with all-ones masks): the lowered program itself, as ``torch.export`` ships it.
 
-    python benchmarks/decode.py                 # fp32 and bf16, about 3 minutes on 2 cores
+The decoder's weights (800 MB fp32) are far beyond the last-level cache, so every step streams them
+from memory. Variants are timed in interleaved rounds in a new random order each time; medians.
+Outputs are checked against the eager model with masked weights first (logits of the prefill and of
+a cached step, and the one-token forward).
+
+    python benchmarks/decode.py                 # fp32 and bf16, about 8 minutes on 2 cores
+    python benchmarks/decode.py --rounds 3 --new-tokens 16 --dtypes bfloat16   # quicker
 """
 
 from __future__ import annotations
@@ -28,79 +36,173 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tabulate import tabulate
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import fx_sparsity
 from fx_sparsity.layer_timing import last_level_cache_bytes
 from passes import native_isa
+from passes.lower_sparse import SPARSE_OPS, SparseFormat
+
+VOCAB = 4096
 
 
 def build(dtype: torch.dtype, layers: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=4096, use_cache=False,
+        num_key_value_heads=16, vocab_size=VOCAB, use_cache=False,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def lowered_variant(model, sparsifier, backend: str, ids: torch.Tensor):
-    """(lowered module, masked eager reference, backends picked) for ``model`` pruned by ``sparsifier``."""
+class PackedLinear(nn.Module):
+    """``F.linear(x, W * mask, bias)`` with ``W * mask`` stored as ``backend`` stores it: the packed buffers of
+    ``fx_sparsity.lower`` and the same ``torch.ops.fx_sparsity`` operator, or the masked dense weight (``fuse``)."""
+
+    def __init__(self, linear: nn.Linear, masked_weight: torch.Tensor, backend: str,
+                 blocksize: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.backend = backend
+        parts = (masked_weight,) if backend == "fuse" else SparseFormat(backend, blocksize=blocksize).components(
+            masked_weight)
+        self.names = [f"part{i}" for i in range(len(parts))]
+        for name, part in zip(self.names, parts):
+            self.register_buffer(name, part.detach().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [getattr(self, n) for n in self.names]
+        if self.backend == "fuse":
+            return F.linear(x, parts[0], self.bias)
+        return SPARSE_OPS[self.backend](x, *parts, self.bias)
+
+
+def pruned_variants(model, sparsifier, ids: torch.Tensor):
+    """(lowered graph, eager model with packed Linears, masked eager reference, backends picked)."""
     gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=sparsifier, example_inputs=(ids,))
     sparsifier.step()
     reference = copy.deepcopy(model)
+    masked = {}
     with torch.no_grad():
         for record in sparsifier.records:
-            reference.get_parameter(record.tensor_fqn).mul_(gm.get_buffer(f"{record.tensor_fqn}_mask"))
-    lowered = fx_sparsity.lower(gm, backend, example_inputs=(ids,), progress_bar=False)
+            weight = reference.get_parameter(record.tensor_fqn)
+            weight.mul_(gm.get_buffer(f"{record.tensor_fqn}_mask"))
+            masked[record.tensor_fqn] = weight.detach()
+    lowered = fx_sparsity.lower(gm, "auto", example_inputs=(ids,), progress_bar=False)
+    packed = copy.deepcopy(model)
+    for layer in fx_sparsity.get_lowering(lowered):
+        module_fqn = layer.tensor_fqn.removesuffix(".weight")
+        parent_fqn, _, name = module_fqn.rpartition(".")
+        parent = packed.get_submodule(parent_fqn)
+        linear = getattr(parent, name)
+        if not isinstance(linear, nn.Linear) or layer.kind != "linear":
+            raise RuntimeError(f"{module_fqn} is a {type(linear).__name__} ({layer.kind}); this benchmark swaps Linears")
+        setattr(parent, name, PackedLinear(linear, masked[layer.tensor_fqn], layer.backend, layer.blocksize))
     picks = [r.backend for r in fx_sparsity.get_lowering(lowered)]
-    return lowered, reference, {p: picks.count(p) for p in dict.fromkeys(picks)}
+    return lowered, packed, reference, {p: picks.count(p) for p in dict.fromkeys(picks)}
+
+
+def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """Greedy decode with a KV cache: (prefill seconds, seconds of the ``new_tokens`` one-token steps, tokens)."""
+    cache = DynamicCache()
+    start = time.perf_counter()
+    logits = model(prompt, cache=cache, use_cache=True).logits
+    token = logits[:, -1:].argmax(-1)
+    prefill = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    return prefill, time.perf_counter() - start, torch.cat(tokens, 1)
+
+
+def check(candidate, reference, prompt: torch.Tensor, tol: float) -> None:
+    """Logits of the prefill and of one cached step, candidate against reference (same tokens fed to both)."""
+    caches = DynamicCache(), DynamicCache()
+    outs = [m(prompt, cache=c, use_cache=True).logits for m, c in zip((candidate, reference), caches)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    token = outs[1][:, -1:].argmax(-1)
+    outs = [m(token, cache=c, use_cache=True).logits for m, c in zip((candidate, reference), caches)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, list]:
+    """Each function's results over ``rounds`` rounds, run in a new random order each round (after one warm-up)."""
+    results = {name: [] for name in fns}
+    order = list(fns)
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            results[name].append(fns[name]())
+    return results
+
+
+def timed(fn):
+    def run():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="KV-cache decodes per variant")
+    parser.add_argument("--forward-rounds", type=int, default=15, help="one-token forwards per variant")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     print(f"CPU kernels: {native_isa()}, L3: {last_level_cache_bytes() >> 20} MiB, threads: {torch.get_num_threads()}, "
           f"torch {torch.__version__}, load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
-    rows = []
+    decode_rows, forward_rows = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
         model = build(dtype, args.layers)
-        ids = torch.randint(0, 4096, (1, 1))
-        variants, picks = {}, {}
-        for name, sparsifier, backend in (
-            ("dense", fx_sparsity.MagnitudeSparsifier(0.0), "fuse"),
-            ("50% unstructured, auto", fx_sparsity.MagnitudeSparsifier(0.5), "auto"),
-            ("2:4, auto", fx_sparsity.NMSparsifier(2, 4), "auto"),
+        ids = torch.randint(0, VOCAB, (1, 1))
+        prompt = torch.randint(0, VOCAB, (1, args.prompt))
+        eager = {"dense": model}
+        graphs, picks = {}, {"dense": {"fuse": 7 * args.layers}}
+        dense_gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=fx_sparsity.MagnitudeSparsifier(0.0),
+                                       example_inputs=(ids,))
+        graphs["dense"] = fx_sparsity.lower(dense_gm, "fuse")
+        for name, sparsifier in (
+            ("50% unstructured, auto", fx_sparsity.MagnitudeSparsifier(0.5)),
+            ("2:4, auto", fx_sparsity.NMSparsifier(2, 4)),
         ):
-            lowered, reference, picks[name] = lowered_variant(model, sparsifier, backend, ids)
+            lowered, packed, reference, picks[name] = pruned_variants(model, sparsifier, ids)
             with torch.no_grad():
-                tol = 1e-3 if dtype == torch.float32 else 5e-2
                 torch.testing.assert_close(lowered(ids).logits, reference(ids).logits, rtol=tol, atol=tol)
-            variants[name] = lowered
+                check(packed, reference, prompt, tol)
+            graphs[name], eager[name] = lowered, packed
             print(f"  {dtype_name} {name}: {picks[name]}", flush=True)
-        samples = {name: [] for name in variants}
-        order = list(variants)
         with torch.no_grad():
-            for module in variants.values():
-                module(ids)
-            for _ in range(args.rounds):
-                random.shuffle(order)
-                for name in order:
-                    start = time.perf_counter()
-                    variants[name](ids)
-                    samples[name].append(time.perf_counter() - start)
-        dense = statistics.median(samples["dense"])
-        for name, s in samples.items():
-            step = statistics.median(s)
-            rows.append([dtype_name, name, f"{step * 1e3:.1f}", f"{1 / step:.1f}", f"{dense / step:.2f}x",
-                         ", ".join(f"{k} {v}" for k, v in picks[name].items())])
-    print()
-    print(tabulate(rows, ["dtype", "model", "ms/token", "tokens/s", "vs dense", "layers per backend"],
+            runs = interleaved({n: (lambda m=m: decode(m, prompt, args.new_tokens)) for n, m in eager.items()},
+                               args.rounds)
+            steps = interleaved({n: timed(lambda g=g: g(ids)) for n, g in graphs.items()}, args.forward_rounds)
+        dense_decode = statistics.median(r[1] for r in runs["dense"])
+        dense_step = statistics.median(steps["dense"])
+        for name, r in runs.items():
+            prefill, seconds = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
+            per_backend = ", ".join(f"{k} {v}" for k, v in picks[name].items())
+            decode_rows.append([dtype_name, name, f"{prefill * 1e3:.0f}", f"{seconds / args.new_tokens * 1e3:.1f}",
+                                f"{args.new_tokens / seconds:.1f}", f"{dense_decode / seconds:.2f}x", per_backend])
+            step = statistics.median(steps[name])
+            forward_rows.append([dtype_name, name, f"{step * 1e3:.1f}", f"{1 / step:.1f}", f"{dense_step / step:.2f}x",
+                                 per_backend])
+    print(f"\n### KV-cache decode: prompt {args.prompt}, {args.new_tokens} new tokens, greedy\n")
+    print(tabulate(decode_rows, ["dtype", "model", "prefill ms", "ms/token", "tokens/s", "vs dense",
+                                 "layers per backend"], tablefmt="github"))
+    print("\n### one-token forward of the lowered graph, no KV cache\n")
+    print(tabulate(forward_rows, ["dtype", "model", "ms/token", "tokens/s", "vs dense", "layers per backend"],
                    tablefmt="github"))
     print(f"\nload average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
 

@@ -12,13 +12,15 @@ Per dtype (fp32, bf16), sparsity (unstructured 50-90% and 2:4) and batch (1, 4,
 16, 64) it times torch dense (``F.linear``, same dtype), MKL csr
 (``torch.sparse``, fp32 only; int32 indices, as the csr backend ran before our
 kernels), and our ``bitmask``, ``csr`` (int16 indices) and ``nm`` (2:4 rows
-only) operators. Rounds are interleaved in a new random order each time so that
+only) operators. For bf16 on a CPU with AVX512-BF16, ``bitmask (fma)`` and
+``nm (fma)`` are the same formats on the kernels without its dot products (bf16
+widened to fp32, fp32 FMAs, as on CPUs that lack them). Rounds are interleaved in a new random order each time so that
 load on a shared machine hits every variant alike; the speedups are ratios of
 medians (dense time / variant time). ``limit`` is dense bytes / format bytes,
 the speedup a purely memory-bound kernel would reach; ``of limit`` the measured
 speedup as a fraction of it. Outputs are checked against dense before timing.
 
-    python benchmarks/kernels.py                      # both regimes, about 20 minutes on 2 cores
+    python benchmarks/kernels.py                      # both regimes, about 20 minutes on 2 cores (estimate)
     python benchmarks/kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
     python benchmarks/kernels.py --auto ...           # also fx_sparsity.lower(gm, "auto")'s per-layer picks
 """
@@ -41,7 +43,7 @@ from torch import nn
 
 import fx_sparsity
 
-from passes.native import native_isa
+from passes.native import native_isa, native_ops
 from passes.sparse_ops import _sparse_mm_linear, bitmask_linear, csr_linear, nm_linear
 from passes.sparse_formats import to_bitmask_components, to_narrow_csr_components, to_nm_components
 
@@ -104,7 +106,23 @@ def build_variants(weights: list[torch.Tensor], sparsity: str) -> dict[str, tupl
     if sparsity == "2:4":
         nm = [to_nm_components(w, 2, 4) for w in weights]
         variants["nm"] = (nm, lambda x, *c: nm_linear(x, *c, None), sum(nbytes(*c) for c in nm))
+    isa = native_isa() or ""
+    if dtype == torch.bfloat16 and isa.endswith("-bf16"):  # the same formats on the fp32-FMA kernels
+        fma_isa = isa.removesuffix("-bf16")
+        for name in [n for n in ("bitmask", "nm") if n in variants]:
+            args, fn, size = variants[name]
+            variants[f"{name} (fma)"] = (args, lambda x, *c, fn=fn: _on_isa(fma_isa, fn, x, *c), size)
     return variants
+
+
+def _on_isa(isa: str, fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, *args)`` with the C++ kernels of ``isa`` (for bf16: without the AVX512-BF16 dot products)."""
+    ops = native_ops()
+    ops.isa(isa)
+    try:
+        return fn(x, *args)
+    finally:
+        ops.isa("auto")
 
 
 class _Layers(nn.Module):

@@ -28,7 +28,7 @@ __all__ = ["native_ops", "native_isa", "NO_NATIVE_ENV"]
 
 NO_NATIVE_ENV = "FX_SPARSITY_NO_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
+_SOURCES = ("ops.cpp", "kernels_avx512bf16.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
 
 
 @functools.cache
@@ -75,7 +75,7 @@ def native_ops() -> object | None:
     Example::
 
         >>> ops = native_ops()
-        >>> ops is None or ops.isa() in ("avx512", "avx512-lut", "avx2", "generic")
+        >>> ops is None or ops.isa() in ("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic")
         True
     """
     if os.environ.get(NO_NATIVE_ENV, "") not in ("", "0"):
@@ -84,12 +84,15 @@ def native_ops() -> object | None:
 
 
 def native_isa() -> str | None:
-    """The instruction set the C++ kernels run with (``"avx512"``, ``"avx512-lut"`` on AMD for batch 1, ``"avx2"``, ``"generic"``), or ``None``
-    without them.
+    """The instruction set the C++ kernels run with, or ``None`` without them.
+
+    ``"avx512"`` (``"avx512-lut"`` on AMD, whose batch-1 fp32/fp16 bitmask decode uses a lookup
+    table), with ``-bf16`` appended where the CPU has AVX512-BF16 and AVX512-VBMI2 (bf16 bitmask
+    and N:M weights then use ``vdpbf16ps`` dot products on bf16 inputs), ``"avx2"``, ``"generic"``.
 
     Example::
 
-        >>> native_isa() in ("avx512", "avx512-lut", "avx2", "generic", None)
+        >>> native_isa() in ("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic", None)
         True
     """
     ops = native_ops()

@@ -1,7 +1,8 @@
 """Our C++ sparse kernels (bitmask, N:M, narrow-index CSR) and their packing, against F.linear.
 
-Every kernel runs on each instruction set this CPU has (AVX-512, AVX2, portable)
-and on the pure-torch reference path (``FX_SPARSITY_NO_NATIVE=1``). The expected
+Every kernel runs on each instruction set this CPU has (AVX-512 with and without the
+AVX512-BF16 dot-product kernels for bf16, AVX2, portable) and on the pure-torch reference
+path (``FX_SPARSITY_NO_NATIVE=1``). The expected
 output is F.linear in float64 on the same (rounded) weights and inputs, rounded to
 the output dtype; the tolerance is that of float32 accumulation over the input
 features (float32) or one rounding step of the output dtype (bfloat16, float16).
@@ -41,7 +42,7 @@ def _native_isas() -> list[str]:
     if ops is None:
         return []
     found = []
-    for isa in ("avx512", "avx512-lut", "avx2", "generic"):
+    for isa in ("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic"):
         try:
             ops.isa(isa)
             found.append(isa)
@@ -272,13 +273,17 @@ def test_kernels_refuse_bad_buffers():
 
 
 def test_native_isa_is_the_best_this_cpu_has():
-    """The kernels pick the widest ISA the CPU supports, once (on AMD, batch-1 bitmask decodes with AVX2)."""
+    """The kernels pick the widest ISA the CPU supports, once: AVX512-BF16 dot products for bf16 where the CPU
+    has them, and on AMD the permutation-table decodes (``-lut``)."""
     if not ISAS:
         pytest.skip("the C++ kernels are not built")
-    assert native.native_isa().startswith(ISAS[0])
     flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    amd = "AuthenticAMD" in flags
+    want = ISAS[0] if not amd else ISAS[0].replace("avx512", "avx512-lut", 1)
+    assert native.native_isa() == want
     if "avx512bw" in flags and "avx512vl" in flags and "avx512dq" in flags:
-        assert ISAS[0] == "avx512"
+        has_bf16 = " avx512_bf16" in flags and " avx512_vbmi2" in flags
+        assert ISAS[0] == ("avx512-bf16" if has_bf16 else "avx512")
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):

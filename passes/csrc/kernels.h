@@ -18,12 +18,15 @@ struct f16_t { uint16_t bits; };
 
 // x: [batch, x_stride] fp32, row b at x + b * x_stride, zero beyond in_features.
 // xt (csr, batch > 1): [in_features, xt_stride] fp32, column b of row c at xt[c * xt_stride + b],
-// zero-padded up to xt_stride. out: [batch, out_features] fp32. bias: fp32 or null.
+// zero-padded up to xt_stride. xh (the bf16 dot-product kernels): [batch, xh_stride] bf16 bits,
+// zero beyond in_features. out: [batch, out_features] fp32. bias: fp32 or null.
 struct Dense {
   const float* x;
   int64_t x_stride;
   const float* xt;
   int64_t xt_stride;
+  const uint16_t* xh;
+  int64_t xh_stride;
   int64_t batch;
   int64_t in_features;
   int64_t out_features;
@@ -57,16 +60,24 @@ struct Csr {
 using BitmaskRowsFn = void (*)(const Dense&, const Bitmask&, int64_t, int64_t);
 using CsrRowsFn = void (*)(const Dense&, const Csr&, int64_t, int64_t);
 
+// Bitmask and N:M kernels for bf16 values with bf16 inputs (Dense::xh), AVX512-BF16.
+struct Bf16Kernels {
+  BitmaskRowsFn bitmask_rows_1;  // batch 1
+  BitmaskRowsFn bitmask_rows;    // batch > 1
+};
+
 struct KernelTable {
   const char* isa;
   BitmaskRowsFn bitmask_rows_1;  // batch 1
   BitmaskRowsFn bitmask_rows;    // batch > 1
   CsrRowsFn csr_rows;
+  const Bf16Kernels* bf16;       // bf16 bitmask/N:M instead of the two above, or null
 };
 
 namespace avx512 { extern const KernelTable table; }
 namespace avx512_lut { extern const KernelTable table; }
 namespace avx2 { extern const KernelTable table; }
 namespace generic { extern const KernelTable table; }
+namespace avx512bf16 { extern const Bf16Kernels kernels; }
 
 }  // namespace fxs

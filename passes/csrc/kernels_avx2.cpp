@@ -69,7 +69,7 @@ struct V {
 
 #include "kernel_body.h"
 
-const KernelTable table{"avx2", bitmask_rows, bitmask_rows, csr_rows};
+const KernelTable table{"avx2", bitmask_rows, bitmask_rows, csr_rows, nullptr};
 
 }  // namespace fxs::avx2
 

@@ -72,7 +72,7 @@ struct V {
 
 #include "kernel_body.h"
 
-const KernelTable table{"avx512", bitmask_rows, bitmask_rows, csr_rows};
+const KernelTable table{"avx512", bitmask_rows, bitmask_rows, csr_rows, nullptr};
 
 }  // namespace fxs::avx512
 
@@ -92,7 +92,7 @@ struct V : avx512::V {
 #include "kernel_body.h"
 
 // Batch > 1 decodes once per batch tile of 8, where vexpandps is the cheaper decode again.
-const KernelTable table{"avx512-lut", bitmask_rows, avx512::bitmask_rows, csr_rows};
+const KernelTable table{"avx512-lut", bitmask_rows, avx512::bitmask_rows, csr_rows, nullptr};
 
 }  // namespace fxs::avx512_lut
 

@@ -36,6 +36,6 @@ inline float V::vals(const bf16_t* p) {
 
 #include "kernel_body.h"
 
-const KernelTable table{"generic", bitmask_rows, bitmask_rows, csr_rows};
+const KernelTable table{"generic", bitmask_rows, bitmask_rows, csr_rows, nullptr};
 
 }  // namespace fxs::generic

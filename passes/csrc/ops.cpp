@@ -26,6 +26,8 @@ namespace {
 bool supports(const std::string& isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
+  if (isa == "avx512-bf16" || isa == "avx512-lut-bf16")
+    return supports("avx512") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
   if (isa == "avx512" || isa == "avx512-lut")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -49,12 +51,26 @@ bool slow_expand() {
 #endif
 }
 
+#if defined(__x86_64__)
+// An AVX-512 table with the bf16 dot-product kernels for bf16 weights and inputs: avx512-bf16
+// (Intel) and avx512-lut-bf16 (AMD) differ in their fp32/fp16 bitmask decode only.
+constexpr KernelTable with_bf16(const KernelTable& base, const char* name, const Bf16Kernels* bf16) {
+  return KernelTable{name, base.bitmask_rows_1, base.bitmask_rows, base.csr_rows, bf16};
+}
+#endif
+
 const KernelTable* table_for(const std::string& isa) {
 #if defined(__x86_64__)
+  static const KernelTable avx512_bf16 = with_bf16(avx512::table, "avx512-bf16", &avx512bf16::kernels);
+  static const KernelTable avx512_lut_bf16 =
+      with_bf16(avx512_lut::table, "avx512-lut-bf16", &avx512bf16::kernels);
   if (isa == "auto") {
+    if (supports("avx512-bf16")) return slow_expand() ? &avx512_lut_bf16 : &avx512_bf16;
     if (supports("avx512")) return slow_expand() ? &avx512_lut::table : &avx512::table;
     return supports("avx2") ? &avx2::table : &generic::table;
   }
+  if (isa == "avx512-bf16") return &avx512_bf16;
+  if (isa == "avx512-lut-bf16") return &avx512_lut_bf16;
   if (isa == "avx512") return &avx512::table;
   if (isa == "avx512-lut") return &avx512_lut::table;
   if (isa == "avx2") return &avx2::table;
@@ -70,8 +86,10 @@ const KernelTable*& active() {
 
 std::string isa(const std::string& want) {
   if (!want.empty()) {
-    TORCH_CHECK(want == "auto" || want == "avx512" || want == "avx512-lut" || want == "avx2" || want == "generic",
-                "isa must be 'auto', 'avx512', 'avx512-lut', 'avx2' or 'generic', got '", want, "'");
+    TORCH_CHECK(want == "auto" || want == "avx512-bf16" || want == "avx512-lut-bf16" || want == "avx512" ||
+                    want == "avx512-lut" || want == "avx2" || want == "generic",
+                "isa must be 'auto', 'avx512-bf16', 'avx512-lut-bf16', 'avx512', 'avx512-lut', 'avx2' or 'generic', "
+                "got '", want, "'");
     TORCH_CHECK(supports(want) || want == "auto", "this CPU does not support ", want);
     active() = table_for(want);
   }
@@ -91,14 +109,18 @@ ValueType value_type(const at::Tensor& values, const at::Tensor& x, const char* 
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// x as a zero-padded fp32 [batch, round_up(in, 16)] matrix (and transposed for the csr
-// batch kernel), bias in fp32, an fp32 output; everything the kernels read.
+// How a kernel reads x: fp32 rows, fp32 columns (csr at batch > 1), or bf16 rows (Dense::xh).
+enum class XLayout { rows, transposed, bf16_rows };
+
+// x as a zero-padded fp32 [batch, round_up(in, 16)] matrix (transposed for the csr batch
+// kernel; bf16 [batch, round_up(in, 64)] for the bf16 dot-product kernels), bias in fp32, an
+// fp32 output; everything the kernels read.
 struct Call {
-  at::Tensor x, xt, bias, out;
+  at::Tensor x, xt, xh, bias, out;
   Dense d{};
   std::vector<int64_t> out_shape;
 
-  Call(const at::Tensor& x_in, int64_t out_features, const std::optional<at::Tensor>& bias_in, bool transposed,
+  Call(const at::Tensor& x_in, int64_t out_features, const std::optional<at::Tensor>& bias_in, XLayout layout,
        const char* op) {
     TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
     TORCH_CHECK(x_in.device().is_cpu(), op, ": x must be on the CPU");
@@ -109,7 +131,10 @@ struct Call {
     for (int64_t i = 0; i + 1 < x_in.dim(); ++i) batch *= x_in.size(i);
     const auto f32 = x_in.options().dtype(at::kFloat);
     const at::Tensor x2 = x_in.reshape({batch, in});
-    if (transposed && batch > 1) {
+    if (layout == XLayout::bf16_rows) {
+      xh = at::zeros({batch, round_up(in, 64)}, x_in.options().dtype(at::kBFloat16));
+      xh.narrow(1, 0, in).copy_(x2);
+    } else if (layout == XLayout::transposed && batch > 1) {
       xt = at::zeros({in, round_up(batch, 16)}, f32);
       xt.narrow(1, 0, batch).copy_(x2.t());
     } else {
@@ -124,6 +149,7 @@ struct Call {
     out = at::empty({batch, out_features}, f32);
     d = Dense{x.defined() ? x.data_ptr<float>() : nullptr, x.defined() ? x.size(1) : 0,
               xt.defined() ? xt.data_ptr<float>() : nullptr, xt.defined() ? xt.size(1) : 0,
+              xh.defined() ? reinterpret_cast<const uint16_t*>(xh.data_ptr()) : nullptr, xh.defined() ? xh.size(1) : 0,
               batch, in, out_features, out.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr};
   }
 
@@ -155,10 +181,22 @@ void check_mask(const at::Tensor& mask, int64_t rows, int64_t in, const char* op
 // Rows whose last vector read stays inside values (see Bitmask::safe_rows).
 template <class Offset>
 int64_t safe_rows(int64_t rows, int64_t total, const Offset& offset) {
-  constexpr int64_t max_lanes = 16;
+  constexpr int64_t max_lanes = 32;  // bf16 lanes of the bf16 dot-product kernels
   int64_t s = rows;
   while (s > 0 && offset(s) + max_lanes > total) --s;
   return s;
+}
+
+// The bitmask/N:M kernel of the active table for this call: the bf16 dot-product kernels for
+// bf16 values where the table has them, else the fp32-accumulating ones.
+at::Tensor run_bitmask(const at::Tensor& x, const Bitmask& w, int64_t rows, const std::optional<at::Tensor>& bias,
+                       const char* op) {
+  const Bf16Kernels* bf16 = w.vtype == ValueType::bf16 ? active()->bf16 : nullptr;
+  Call call(x, rows, bias, bf16 ? XLayout::bf16_rows : XLayout::rows, op);
+  BitmaskRowsFn fn = call.d.batch == 1 ? active()->bitmask_rows_1 : active()->bitmask_rows;
+  if (bf16) fn = call.d.batch == 1 ? bf16->bitmask_rows_1 : bf16->bitmask_rows;
+  if (call.d.batch > 0) for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
+  return call.result(x.scalar_type());
 }
 
 at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
@@ -173,12 +211,9 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& mask, const at:
   TORCH_CHECK(off[0] == 0 && off[rows] <= values.numel(), op, ": row_offsets must start at 0 and end at most at ",
               values.numel(), " (the number of values), got ", off[0], "..", off[rows]);
   check_mask(mask, rows, x.size(-1), op);
-  Call call(x, rows, bias, false, op);
   const Bitmask w{mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), vt, off, 0,
                   safe_rows(rows, values.numel(), [off](int64_t r) { return off[r]; })};
-  const auto fn = call.d.batch == 1 ? active()->bitmask_rows_1 : active()->bitmask_rows;
-  for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
-  return call.result(x.scalar_type());
+  return run_bitmask(x, w, rows, bias, op);
 }
 
 at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
@@ -188,12 +223,9 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& mask, const at::Tens
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous(), op, ": values must be a contiguous 2-D tensor");
   const int64_t rows = values.size(0), stride = values.size(1);
   check_mask(mask, rows, x.size(-1), op);
-  Call call(x, rows, bias, false, op);
   const Bitmask w{mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), vt, nullptr, stride,
                   safe_rows(rows, values.numel(), [stride](int64_t r) { return r * stride; })};
-  const auto fn = call.d.batch == 1 ? active()->bitmask_rows_1 : active()->bitmask_rows;
-  for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
-  return call.result(x.scalar_type());
+  return run_bitmask(x, w, rows, bias, op);
 }
 
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
@@ -210,7 +242,7 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& crow, const at::Ten
   const int32_t* cr = crow.data_ptr<int32_t>();
   TORCH_CHECK(cr[0] == 0 && cr[rows] <= col.numel(), op, ": crow_indices must start at 0 and end at most at ",
               col.numel(), ", got ", cr[0], "..", cr[rows]);
-  Call call(x, rows, bias, true, op);
+  Call call(x, rows, bias, XLayout::transposed, op);
   const Csr w{cr, col.data_ptr(), col.scalar_type() == at::kShort, values.data_ptr(), vt};
   const auto fn = active()->csr_rows;
   for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, r0, r1); });
@@ -224,7 +256,8 @@ TORCH_LIBRARY(fx_sparsity_native, m) {
   m.def("bitmask_linear(Tensor x, Tensor mask, Tensor values, Tensor row_offsets, Tensor? bias) -> Tensor");
   m.def("nm_linear(Tensor x, Tensor mask, Tensor values, Tensor? bias) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor");
-  // The kernels in use; want = 'avx512' | 'avx2' | 'generic' forces one (tests), 'auto' re-picks by cpuid.
+  // The kernels in use; want = 'avx512-bf16' | 'avx512-lut-bf16' | 'avx512' | 'avx512-lut' | 'avx2' | 'generic'
+  // forces one (tests, benchmarks), 'auto' re-picks by cpuid.
   m.def("isa(str want='') -> str", &fxs::isa);
 }
 
