@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import platform
 import random
 import statistics
 import time
@@ -29,19 +28,9 @@ from tabulate import tabulate
 from torch import nn
 
 from fx_sparsity import MagnitudeSparsifier, get_sparsifier, prepare
-from fx_sparsity.layer_timing import last_level_cache_bytes
+from machine import describe
 
 MiB = 1 << 20
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def saved_bytes(obj: object) -> int:
@@ -99,9 +88,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
-    print(f"{cpu_name()}, ISA {torch.backends.cpu.get_cpu_capability()}, L3 {last_level_cache_bytes() >> 20} MiB, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"load average at start {Path('/proc/loadavg').read_text().split()[:3]}\n")
+    print(f"{describe()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}\n")
     byte_rows, time_rows = [], []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)

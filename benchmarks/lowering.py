@@ -14,7 +14,7 @@ every variant alike:
 
 This is the single-layer view: the mask overhead of the prepared (fine-tuning)
 module against torch.ao's parametrization, bsr, 95/99% and batch 256, which
-``benchmarks/kernels.py`` (the Llama-shape streaming and warm regimes of our
+``benchmarks/sparse_kernels.py`` (the Llama-shape streaming and warm regimes of our
 kernels, bf16 included) does not cover. Speedups are dense time / variant time,
 medians of ``--repeats`` rounds; by default a buffer twice the last-level cache
 (read from sysfs) is written before every timed call, so each variant reads its

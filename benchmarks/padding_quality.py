@@ -29,7 +29,8 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from benchmarks.quality import CONFIG, TinyGPT, corpus, machine, make_sparsifier, perplexity, trained_model
+from benchmarks.quality import CONFIG, TinyGPT, corpus, make_sparsifier, perplexity, trained_model
+from machine import describe
 from fx_sparsity import calibrate, get_sparsifier, prepare
 from fx_sparsity.owl import set_owl_levels
 
@@ -117,7 +118,7 @@ def main() -> None:
     print(f"Held-out perplexity per byte; dense {dense:.3f}. Calibration: {args.calib} segments of "
           f"{args.min_length}-{args.context - 1} training bytes (seed {args.seed}) in batches of 8 padded with byte "
           f"{args.pad}: "
-          f"{real} real tokens, {total - real} padding ({(total - real) / total:.0%}). Machine: {machine()}.\n")
+          f"{real} real tokens, {total - real} padding ({(total - real) / total:.0%}). Machine: {describe()}.\n")
     print(tabulate(rows, headers=["method", "padding counted", "padding left out (attention_mask)"],
                    tablefmt="github", disable_numparse=True))
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
-import platform
 import sys
 import sysconfig
 import time
@@ -43,6 +41,7 @@ from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, calibrate, prepare
 from fx_sparsity.owl import set_owl_levels
 from fx_sparsity.sequential import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
+from machine import describe
 
 
 # ---------------------------------------------------------------- data
@@ -195,19 +194,6 @@ def prune(model: TinyGPT, method: str, pattern: str, owl: bool, sequential: bool
     return gm
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, default=128)
@@ -248,7 +234,7 @@ def main() -> None:
     print(f"Held-out perplexity per byte of a {params / 1e6:.2f}M-parameter byte-level GPT ({args.layers} blocks, "
           f"d={args.d}, context {args.context}, {args.steps} steps x {args.batch} windows) trained on the stdlib's "
           f".py files; {held.numel() - 1} held-out bytes from files never trained on; calibration "
-          f"{args.calib} x {args.context - 1} training bytes. Dense: {dense:.3f}. Machine: {machine()}.\n")
+          f"{args.calib} x {args.context - 1} training bytes. Dense: {dense:.3f}. Machine: {describe()}.\n")
     print(tabulate(rows, headers=["method", "50% unstructured", "4:8", "2:4"], tablefmt="github", disable_numparse=True))
 
 

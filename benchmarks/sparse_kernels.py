@@ -20,16 +20,15 @@ medians (dense time / variant time). ``limit`` is dense bytes / format bytes,
 the speedup a purely memory-bound kernel would reach; ``of limit`` the measured
 speedup as a fraction of it. Outputs are checked against dense before timing.
 
-    python benchmarks/kernels.py                      # both regimes, about 20 minutes on 2 cores (estimate)
-    python benchmarks/kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
-    python benchmarks/kernels.py --auto ...           # also fx_sparsity.lower(gm, "auto")'s per-layer picks
+    python benchmarks/sparse_kernels.py                    # both regimes, about 20 minutes on 2 cores (estimate)
+    python benchmarks/sparse_kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
+    python benchmarks/sparse_kernels.py --auto ...           # also fx_sparsity.lower(gm, "auto")'s per-layer picks
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import platform
 import random
 import statistics
 import time
@@ -44,6 +43,8 @@ from torch import nn
 import fx_sparsity
 
 from passes.native import native_isa, native_ops
+from fx_sparsity.layer_timing import last_level_cache_bytes
+from machine import describe
 from passes.sparse_ops import _sparse_mm_linear, bitmask_linear, csr_linear, nm_linear
 from passes.sparse_formats import to_bitmask_components, to_narrow_csr_components, to_nm_components
 
@@ -51,28 +52,6 @@ LLAMA_BLOCK = ((4096, 4096), (11008, 4096), (4096, 11008))
 WARM_SHAPE = (2048, 2048)
 SPARSITIES = ("50%", "60%", "70%", "80%", "90%", "2:4")
 BATCHES = (1, 4, 16, 64)
-
-
-def l3_bytes() -> int:
-    """Last-level cache size from sysfs (32 MiB if unreadable)."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "3":
-                size = (index / "size").read_text().strip()
-                return int(size[:-1]) * 1024 if size.endswith("K") else int(size)
-        except OSError:
-            continue
-    return 32 << 20
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sparse_weight(shape: tuple[int, int], sparsity: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -246,11 +225,8 @@ def main() -> None:
         args.regime, args.dtypes, args.sparsities, args.batches = "streaming", "float32", "50%,70%,90%,2:4", "1,16"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    l3 = l3_bytes()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads), ISA: {isa}, kernels: {native_isa()}, "
-          f"L3: {l3 >> 20} MiB, torch {torch.__version__}, load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
+    l3 = last_level_cache_bytes()
+    print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}")
 
     def blocks_for(smallest_block_bytes: int) -> int:
         return max(1, math.ceil(2 * l3 / smallest_block_bytes))
