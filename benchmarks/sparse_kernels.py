@@ -20,9 +20,9 @@ medians (dense time / variant time). ``limit`` is dense bytes / format bytes,
 the speedup a purely memory-bound kernel would reach; ``of limit`` the measured
 speedup as a fraction of it. Outputs are checked against dense before timing.
 
-    python benchmarks/sparse_kernels.py              # both regimes, about 20 minutes on 2 cores (estimate)
-    python benchmarks/sparse_kernels.py --quick              # fp32, 50/70/90% and 2:4, batch 1/16, streaming
-    python benchmarks/sparse_kernels.py --auto ...           # also fx_sparsity.lower(gm, "auto")'s per-layer picks
+    python benchmarks/sparse_kernels.py             # both regimes, about 20 minutes on 2 cores (estimate)
+    python benchmarks/sparse_kernels.py --quick     # fp32, 50/70/90% and 2:4, batch 1/16, streaming
+    python benchmarks/sparse_kernels.py --auto ...  # also fx_sparsity.lower(gm, "auto")'s per-layer picks
 """
 
 from __future__ import annotations
