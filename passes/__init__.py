@@ -37,19 +37,20 @@ from .sparse_formats import detect_nm
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .select import FqnRule, is_pattern, select_weights
 from .utils import clone_sharing_tensors, fqns_read, set_tensor, split_fqn, tensor_aliases
-from .observe import (
+from .observe import insert_input_observers, remove_input_observers
+from .observers import (
     InputHessianObserver,
     InputNormObserver,
+    InputObserver,
     ObserverFactory,
     accumulate_hessian,
+    all_reduce_observers,
     input_norm_observer,
     input_rows,
-    insert_input_observers,
-    remove_input_observers,
+    token_rows,
 )
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
-from .observe import InputObserver, all_reduce_observers, token_rows
 from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages, stage_tensors
 
 __all__ = [

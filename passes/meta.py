@@ -29,7 +29,7 @@ class SparseTarget:
         role: ``"op"`` for the linear/conv node, ``"mask_mul"`` for the
             ``mul(weight, mask)`` node, ``"pad"`` for the explicit padding node
             of a conv whose ``padding_mode`` is not ``"zeros"``, ``"observer"`` for a
-            calibration observer in front of the op (:mod:`passes.observe`).
+            calibration observer in front of the op (:mod:`passes.observe`, :mod:`passes.observers`).
         call_module_fqn: for an op that was a ``call_module`` before masking,
             the FQN of the module it called (it may differ from ``module_fqn``
             when weights are tied); ``None`` for functional ops.
