@@ -87,7 +87,7 @@ def _layer_of_node(gm: fx.GraphModule, node: fx.Node, layers: set[str]) -> tuple
     if node.op == "call_module" and node.target in layers:
         return node.target, node
     target = get_sparse_target(node)
-    if target is not None and target.role == "op":
+    if target is not None and target.role in ("op", "lowered"):
         name = target.call_module_fqn or target.module_fqn
         return (name, node) if name in layers else None
     if node.op == "call_function" and node.target in _SPARSE_TARGETS:

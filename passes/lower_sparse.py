@@ -26,6 +26,7 @@ returns ``gm``.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, fx
 
 from .match import op_arguments
-from .meta import SparseTarget, get_sparse_target
+from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .native import NO_NATIVE_ENV, native_ops
 from .sparse_formats import detect_nm, to_bitmask_components, to_nm_components
 from .sparse_ops import NATIVE_DTYPES, to_bsr_components, to_csr_components, to_semi_structured_components
@@ -288,6 +289,7 @@ def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node
             y = graph.call_function(torch.movedim, (y, -1, channel_dim))
             new = graph.call_method("contiguous", (y,))
     new.meta.update({k: v for k, v in op.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    new.meta[SPARSITY_META_KEY] = dataclasses.replace(target, role="lowered")  # which layer's output it is
     return new
 
 

@@ -14,7 +14,7 @@ __all__ = ["SPARSITY_META_KEY", "SparseTarget", "Role", "get_sparse_target"]
 
 SPARSITY_META_KEY = "fx_sparsity"
 
-Role = Literal["op", "mask_mul", "pad", "observer"]
+Role = Literal["op", "mask_mul", "pad", "observer", "lowered"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class SparseTarget:
         role: ``"op"`` for the linear/conv node, ``"mask_mul"`` for the
             ``mul(weight, mask)`` node, ``"pad"`` for the explicit padding node
             of a conv whose ``padding_mode`` is not ``"zeros"``, ``"observer"`` for a
-            calibration observer in front of the op (:mod:`passes.observe`, :mod:`passes.observers`).
+            calibration observer in front of the op (:mod:`passes.observe`, :mod:`passes.observers`),
+            ``"lowered"`` for the node holding a lowered op's output in the layer's
+            layout (:mod:`passes.lower_sparse`; the sparse operator's call, or the
+            conv's ``contiguous`` after it).
         call_module_fqn: for an op that was a ``call_module`` before masking,
             the FQN of the module it called (it may differ from ``module_fqn``
             when weights are tied); ``None`` for functional ops.

@@ -168,3 +168,23 @@ def test_compare_table_lines_up_forms_and_to_model_matches_prepared():
         compare_table({"prepared": reports["prepared"], "other": compare(model, gm, batches, layers=["a"])})
     with pytest.raises(ValueError, match="non-empty dict"):
         compare_table({})
+
+
+def test_lowered_tied_weights_are_credited_to_the_calling_layer():
+    """DemoNet's mix and mix_t share one weight (mix called twice): lowered to csr, each sparse-kernel call is
+    credited to the module that called it (the lowering keeps the layer on the node), so every layer's error and
+    call count equal the prepared module's, with no layer missing."""
+    from fx_sparsity.models import DemoNet
+
+    torch.manual_seed(0)
+    model = DemoNet().eval()
+    gm = fx_sparsity.prepare(model)
+    fx_sparsity.get_sparsifier(gm).step()
+    batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    prepared = compare(model, gm, batches)
+    lowered = compare(model, fx_sparsity.lower(gm, "csr"), batches)
+    assert [layer.name for layer in lowered.layers] == ["conv1", "conv2", "proj", "mix", "mix_t"]
+    for p, q in zip(prepared.layers, lowered.layers):
+        assert (q.name, q.calls, q.note) == (p.name, p.calls, p.note)
+        assert q.relative_error == pytest.approx(p.relative_error, rel=1e-4)
+    assert [layer.calls for layer in lowered.layers] == [2, 2, 2, 4, 2]
