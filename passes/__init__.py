@@ -50,6 +50,7 @@ from .observe import (
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
 from .observe import InputObserver, all_reduce_observers, token_rows
+from .lstm_masks import LSTM_KIND, find_lstm_weights, masked_lstm
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -109,4 +110,7 @@ __all__ = [
     "InputObserver",
     "all_reduce_observers",
     "token_rows",
+    "LSTM_KIND",
+    "find_lstm_weights",
+    "masked_lstm",
 ]
