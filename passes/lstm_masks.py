@@ -91,9 +91,9 @@ def find_lstm_weights(gm: fx.GraphModule) -> list[WeightMatch]:
 
     Example::
 
-        >>> gm = torch.fx.symbolic_trace(nn.LSTM(3, 4, num_layers=2))
-        >>> [m.tensor_fqn for m in find_lstm_weights(gm)][:3]
-        ['weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0']
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.LSTM(3, 4, num_layers=2)))
+        >>> [(m.tensor_fqn, m.kind) for m in find_lstm_weights(gm)][:3]
+        [('0.weight_ih_l0', 'lstm'), ('0.weight_hh_l0', 'lstm'), ('0.bias_ih_l0', 'lstm')]
     """
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:

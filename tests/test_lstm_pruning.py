@@ -321,7 +321,8 @@ def test_lstm_masks_state_dict_round_trip_squash_and_save(tmp_path):
 
 def test_lstm_masks_in_tables_and_lowering():
     """sparsity_table and graph_table list every LSTM mask; lower(gm, "fuse") fuses them (same output, call_module
-    restored); a sparse backend fuses them too and says why in the lowering table; lower(gm, "shrink") removes units."""
+    restored); a sparse backend fuses them too and says why in the lowering table; lower(gm, "shrink") removes units;
+    calibrate observes the Linear only (the LSTM parameters have no input of their own)."""
     import fx_sparsity
 
     x = torch.randn(7, 2, 5)
@@ -342,6 +343,7 @@ def test_lstm_masks_in_tables_and_lowering():
     torch.testing.assert_close(sparse(x), gm(x))
     small = fx_sparsity.lower(gm, "shrink", example_inputs=(x,))
     assert small.lstm.hidden_size == 3
+    assert sorted(fx_sparsity.calibrate(gm, [x], progress_bar=False)) == ["inp.weight"]  # an LSTM has no input to observe
     torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
 
 

@@ -293,6 +293,15 @@ class ChannelPruner(BaseSparsifier):
     parameters are in no group at all (a layer the dependency analysis does not know,
     such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole.
 
+    An ``nn.LSTM``'s hidden units are a group too: a removed unit's rows in the four gate
+    blocks of every layer's ``weight_ih``/``weight_hh`` (``weight_hr``'s rows for a
+    projection) and its entries of both biases are masked, the LSTM call becoming
+    ``passes.masked_lstm`` over ``mul(parameter, mask)`` nodes (``squash_mask`` and
+    ``lower`` restore the ``nn.LSTM`` call). With its gate rows and biases zero a unit's
+    cell and hidden state stay exactly 0, so ``shrink`` removes it exactly even without
+    ``mask_consumers``. Only ``ChannelPruner`` masks LSTM parameters; other sparsifiers
+    leave them dense.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
