@@ -20,7 +20,6 @@ from passes import (
     UnmatchedWeight,
     WeightMatch,
     capture,
-    find_weights,
     insert_masks,
     select_weights,
     unmatched_weights,
@@ -162,7 +161,7 @@ def prepare(
         dynamic_shapes=dynamic_shapes,
         method=capture_method,
     )
-    matches = find_weights(gm)
+    matches = sparsifier.find_weights(gm)
     unmatched = unmatched_weights(model, gm, matches)
     selected = select_weights(model, matches, rules)
     if not selected:

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from passes import (
+    LSTM_KIND,
     InputNormObserver,
     SparseTarget,
     all_reduce_observers,
@@ -113,6 +114,9 @@ def calibrate(
     same masks (and SparseGPT weights, up to float summation order) everywhere.
     A process whose batches fail tells the others, which raise too.
 
+    The masked parameters of an ``nn.LSTM`` (masked by ``ChannelPruner``) have no input of
+    their own and are not observed.
+
     Args:
         gm: a module returned by ``prepare`` (masks in place).
         batches: an iterable of inputs, each a tensor, a tuple/list of positional
@@ -166,7 +170,9 @@ def calibrate(
         )
     check_token_mask_source(token_mask)
     group = process_group(distributed)
-    groups = {g["tensor_fqn"]: g for g in sparsifier.groups}
+    # nn.LSTM parameters (ChannelPruner's hidden units) are read inside the LSTM, with no input of their own to
+    # observe; the criteria that score them read the weights, and the activation criterion refuses their groups.
+    groups = {g.record.tensor_fqn: g for g in sparsifier.groups if g.record.kind != LSTM_KIND}
     factories = {fqn: functools.partial(calibration_observer, sparsifier, g) for fqn, g in groups.items()}
     observers = insert_input_observers(gm, factories)
     try:

@@ -52,6 +52,7 @@ from .observers import (
 from .dependency import ChannelGroup, Member, find_channel_groups
 from .shrink import ShrinkReport, count_macs, shrink_channels
 from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages, stage_tensors
+from .lstm_masks import LSTM_KIND, find_lstm_weights, masked_lstm
 
 __all__ = [
     "COMPONENT_NAMES",
@@ -119,4 +120,7 @@ __all__ = [
     "module_paths",
     "plan_stages",
     "stage_tensors",
+    "LSTM_KIND",
+    "find_lstm_weights",
+    "masked_lstm",
 ]

@@ -6,7 +6,8 @@ stay tied, unless an unmasked op such as a tied embedding still reads one of
 those FQNs: that one keeps the dense weight, as it had in the masked module),
 the mask buffer is deleted, and each op reads the fused weight directly. Ops that were ``call_module`` before masking are turned back into
 ``call_module`` nodes on their module, so the graph reads like the captured one
-and module swaps (``convert``) take effect.
+and module swaps (``convert``) take effect; a :func:`passes.lstm_masks.masked_lstm`
+call becomes the ``call_module`` on its ``nn.LSTM`` again, once all its parameters are fused.
 
 The old weight tensor is never written to: when it is shared with the user's
 model, the user keeps the dense values. The pass mutates and returns ``gm``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .lstm_masks import LSTM_KIND, masked_lstm
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .utils import ReadIndex, erase_unused_get_attrs, set_tensor, tensor_aliases
 
@@ -73,6 +75,20 @@ def _restore_call_module(graph: fx.Graph, op: fx.Node, target: SparseTarget) -> 
     erase_unused_get_attrs(graph, inputs)
 
 
+def _restore_lstm(gm: fx.GraphModule, op: fx.Node, target: SparseTarget) -> None:
+    """``masked_lstm(module, x, params, hx)`` -> ``call_module`` on the LSTM, which reads the fused parameters."""
+    graph = gm.graph
+    module, x, params, hx = op.args
+    lstm = gm.get_submodule(target.call_module_fqn)
+    lstm._init_flat_weights()  # the fused tensors replaced entries of _parameters directly
+    with graph.inserting_before(op):
+        new = graph.call_module(target.call_module_fqn, (x,) if hx is None else (x, hx))
+    new.meta.update({k: v for k, v in op.meta.items() if k != SPARSITY_META_KEY})
+    op.replace_all_uses_with(new)
+    graph.erase_node(op)
+    erase_unused_get_attrs(graph, [module, *params])
+
+
 def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphModule:
     """Fold every mask of ``gm`` into its weight and remove the mask nodes and buffers.
 
@@ -107,10 +123,21 @@ def fuse_masks(gm: fx.GraphModule, *, restore_modules: bool = True) -> fx.GraphM
         for op in list(weight.users):
             op_target = get_sparse_target(op)
             module_fqn = op_target.call_module_fqn if op_target is not None else None
+            if op_target is not None and op_target.kind == LSTM_KIND:
+                continue  # restored below, once every parameter it reads is fused
             if restore_modules and module_fqn is not None and f"{module_fqn}.weight" in fused_fqns:
                 _restore_call_module(graph, op, op_target)
             else:
                 op.meta.pop(SPARSITY_META_KEY, None)
+    for op in list(graph.nodes):
+        if op.op != "call_function" or op.target is not masked_lstm:
+            continue
+        op_target = get_sparse_target(op)
+        if restore_modules and op_target is not None:
+            _restore_lstm(gm, op, op_target)
+        else:
+            gm.get_submodule(op.args[0].target)._init_flat_weights()
+            op.meta.pop(SPARSITY_META_KEY, None)
     graph.lint()
     gm.recompile()
     return gm

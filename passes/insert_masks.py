@@ -10,7 +10,10 @@ first use. Every use then reads the masked weight:
   ``F.linear``/``F.convNd`` call (with an explicit ``F.pad`` for convs whose
   ``padding_mode`` is not ``"zeros"``), so the multiply is visible in the graph;
 * a functional/ATen linear or conv, or a matrix product ``x @ W``
-  (``addmm``/``mm``/``matmul``), gets its weight argument replaced.
+  (``addmm``/``mm``/``matmul``), gets its weight argument replaced;
+* a ``call_module`` on ``nn.LSTM`` (matches of kind ``"lstm"``, one per masked
+  parameter) becomes :func:`passes.lstm_masks.masked_lstm`, reading the masked
+  parameters and the plain ``get_attr`` of the others.
 
 Every node created or rewritten is tagged with a :class:`SparseTarget` under
 ``SPARSITY_META_KEY`` so :mod:`passes.fuse_masks` can undo the rewrite.
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .lstm_masks import LSTM_KIND, masked_lstm
 from .match import WeightMatch, weight_position
 from .meta import SPARSITY_META_KEY, SparseTarget
 from .utils import get_tensor
@@ -67,6 +71,41 @@ def _functional_call(graph: fx.Graph, node: fx.Node, module: nn.Module, masked: 
     return graph.create_node("call_function", _CONV_FUNCS[target.kind], args, name=name)
 
 
+def _mask_mul(gm: fx.GraphModule, match: WeightMatch, node: fx.Node, masked_weight: dict[str, fx.Node]) -> fx.Node:
+    """The ``mul(weight, mask)`` node of ``match`` (made before ``node``, with its mask buffer, on first use)."""
+    if match.tensor_fqn in masked_weight:
+        return masked_weight[match.tensor_fqn]
+    graph = gm.graph
+    base = SparseTarget(match.module_fqn, match.tensor_name, match.kind, match.weight_shape, transposed=match.transposed)
+    weight = get_tensor(gm, match.tensor_fqn)
+    owner = gm.get_submodule(match.module_fqn)
+    owner.register_buffer(base.mask_name, torch.ones_like(weight, dtype=torch.bool))
+    with graph.inserting_before(node):
+        w = graph.get_attr(match.tensor_fqn)
+        m = graph.get_attr(base.mask_fqn)
+        name = f"masked_{match.tensor_fqn.replace('.', '_')}"
+        mul = graph.create_node("call_function", operator.mul, (w, m), name=name)
+    mul.meta[SPARSITY_META_KEY] = dataclasses.replace(base, role="mask_mul")
+    masked_weight[match.tensor_fqn] = mul
+    return mul
+
+
+def _lstm_call(gm: fx.GraphModule, node: fx.Node, masked: dict[str, fx.Node], target: SparseTarget) -> None:
+    """Replace ``call_module`` ``node`` on an nn.LSTM by ``masked_lstm(module, x, params, hx)``."""
+    graph, fqn = gm.graph, node.target
+    lstm = gm.get_submodule(fqn)
+    x = node.args[0] if node.args else node.kwargs["input"]
+    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+    with graph.inserting_before(node):
+        module = graph.get_attr(fqn)
+        params = [masked.get(f"{fqn}.{n}") or graph.get_attr(f"{fqn}.{n}") for n in lstm._flat_weights_names]
+        new = graph.create_node("call_function", masked_lstm, (module, x, params, hx), name=f"{node.name}_lstm")
+    new.meta.update(node.meta)
+    new.meta[SPARSITY_META_KEY] = target
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
 def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.GraphModule:
     """Insert a mask buffer and a ``mul(weight, mask)`` node for each match.
 
@@ -90,28 +129,26 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
     """
     matches = list(matches)
     _check_mask_names(gm, matches)
-    by_node = {name: m for m in matches for name in m.nodes}
+    by_node: dict[str, list[WeightMatch]] = {}
+    for m in matches:
+        for name in m.nodes:
+            by_node.setdefault(name, []).append(m)
     graph = gm.graph
     masked_weight: dict[str, fx.Node] = {}
     for node in list(graph.nodes):
-        match = by_node.get(node.name)
-        if match is None:
+        if node.name not in by_node:
             continue
+        if by_node[node.name][0].kind == LSTM_KIND:
+            for match in by_node[node.name]:
+                _mask_mul(gm, match, node, masked_weight)
+            target = SparseTarget(node.target, "", LSTM_KIND, (), call_module_fqn=node.target)
+            _lstm_call(gm, node, masked_weight, target)
+            continue
+        (match,) = by_node[node.name]
         base = SparseTarget(
             match.module_fqn, match.tensor_name, match.kind, match.weight_shape, transposed=match.transposed
         )
-        if match.tensor_fqn not in masked_weight:
-            weight = get_tensor(gm, match.tensor_fqn)
-            owner = gm.get_submodule(match.module_fqn)
-            owner.register_buffer(base.mask_name, torch.ones_like(weight, dtype=torch.bool))
-            with graph.inserting_before(node):
-                w = graph.get_attr(match.tensor_fqn)
-                m = graph.get_attr(base.mask_fqn)
-                name = f"masked_{match.tensor_fqn.replace('.', '_')}"
-                mul = graph.create_node("call_function", operator.mul, (w, m), name=name)
-            mul.meta[SPARSITY_META_KEY] = dataclasses.replace(base, role="mask_mul")
-            masked_weight[match.tensor_fqn] = mul
-        mul = masked_weight[match.tensor_fqn]
+        mul = _mask_mul(gm, match, node, masked_weight)
         if node.op == "call_module":
             target = dataclasses.replace(base, call_module_fqn=node.target)
             with graph.inserting_before(node):

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor, fx
 
+from .lstm_masks import LSTM_KIND
 from .match import op_arguments
 from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from .native import NO_NATIVE_ENV, native_ops
@@ -221,6 +222,8 @@ def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
 def _blocker(mul: fx.Node) -> str | None:
     for op in _ops(mul):
         target: SparseTarget = get_sparse_target(op)
+        if target.kind == LSTM_KIND:
+            return "nn.LSTM parameter: no sparse LSTM kernel (backend 'fuse' folds its mask, 'shrink' removes units)"
         if target.transposed:
             return "weight stored [in, out] (x @ W, as transformers' Conv1D): the sparse kernels take [out, in]"
         if target.kind == "linear":

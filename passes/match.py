@@ -97,7 +97,8 @@ class WeightMatch:
 
     Attributes:
         tensor_fqn: canonical FQN of the weight (the first name ``named_parameters`` gives).
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"`` (``"lstm"`` for the
+            ``nn.LSTM`` parameters of :func:`passes.lstm_masks.find_lstm_weights`).
         weight_shape: shape of the weight.
         aliases: every FQN under which the tensor is reachable (tied weights have several).
         nodes: names of the nodes using it as their weight, in graph order.

@@ -24,7 +24,9 @@ class SparseTarget:
     Attributes:
         module_fqn: FQN of the module that owns the (canonical) weight tensor.
         tensor_name: attribute name of the weight on that module (usually ``"weight"``).
-        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"conv3d"`` or ``"lstm"`` (a
+            parameter of an ``nn.LSTM``, :mod:`passes.lstm_masks`; the LSTM call's own
+            ``"op"`` target names the module, with ``tensor_name`` ``""``).
         weight_shape: shape of the weight tensor.
         role: ``"op"`` for the linear/conv node, ``"mask_mul"`` for the
             ``mul(weight, mask)`` node, ``"pad"`` for the explicit padding node

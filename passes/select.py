@@ -88,6 +88,8 @@ def _describe(model: nn.Module, rule: FqnRule, matches: Sequence[WeightMatch]) -
         return (
             f"{key!r} is a {what} of {type(modules[owner]).__name__} module {owner!r}, "
             "but no Linear or Conv op in the graph uses it as its weight"
+            + ("; only ChannelPruner masks nn.LSTM parameters (whole hidden units)"
+               if isinstance(modules[owner], nn.LSTM) else "")
         )
     candidates = [n for m in matches for n in m.aliases + m.module_fqns]
     candidates += [n for n in modules if n]

@@ -6,7 +6,10 @@ unshrunk module on the example inputs and on a random input shows which removed
 channels are constant at each consumer; their contribution (``W[:, c] @ value``,
 or the conv of a constant image) moves into the consumer's bias (``bias_ih_l0``
 for an LSTM reading them). Units removed from an LSTM vary with the input, so the
-columns that read them inside the LSTM must be zero for the removal to be exact.
+columns that read them inside the LSTM must be zero for the removal to be exact, unless
+the units are silent: every gate row and bias entry of theirs zero (as ChannelPruner's
+masks make them), a unit's cell and hidden state stay exactly 0 from the zero initial state
+(``c = sigmoid(0) c + sigmoid(0) tanh(0) = 0``), and it feeds nothing.
 """
 
 from __future__ import annotations
@@ -129,6 +132,17 @@ def _delta(weight: torch.Tensor, groups: int, dilation: tuple, member: Member, c
     return _CONVS[ndim](image, weight, None, 1, 0, dilation, groups).flatten()
 
 
+def _silent(gm: fx.GraphModule, group: ChannelGroup, channels: torch.Tensor) -> bool:
+    """Whether every producer row and parameter entry (biases) of ``channels`` in ``group`` is zero."""
+    for m in group.members:
+        if m.kind not in ("producer", "param"):
+            continue
+        tensor = get_tensor(gm, m.target)
+        if bool(tensor.detach().movedim(m.dim, 0)[m.indices(channels)].any()):
+            return False
+    return True
+
+
 def bias_deltas(
     gm: fx.GraphModule, groups: dict[int, ChannelGroup], removed: dict[int, torch.Tensor], example_inputs: Any
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -178,6 +192,8 @@ def bias_deltas(
             )
     for fqn in wanted.keys() - nodes.keys():  # read inside an LSTM (its recurrence, its next layer): not measured
         for member, channels in wanted[fqn]:
+            if _silent(gm, groups[owner[member]], channels):
+                continue
             if _reads(get_tensor(gm, fqn), 1, member.indices(channels)):
                 inexact.append(
                     f"group {owner[member]}: the removed units still feed {fqn} inside the LSTM (its columns for "

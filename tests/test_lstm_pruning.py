@@ -12,7 +12,7 @@ from torch.ao.pruning._experimental.pruner.parametrization import FakeStructured
 from torch.testing._internal import common_pruning
 
 from fx_sparsity.sparsifier.structured import ChannelPruner
-from passes import find_channel_groups, shrink_channels
+from passes import find_channel_groups, masked_lstm, shrink_channels
 
 
 class _LSTMNet(nn.Module):
@@ -201,30 +201,183 @@ def test_matches_torch_ao_lstm_pruning(name, layers):
     assert "still feed model.lstm.weight_hh_l0 inside the LSTM" in "\n".join(report.inexact)
 
 
-def test_channel_pruner_prunes_around_an_lstm_and_names_why_units_wait():
-    """ChannelPruner on Linear -> LSTM -> Linear: the features entering the LSTM are pruned (their constant folded
-    into bias_ih_l0, so shrink is exact, with and without mask_consumers, which skips the LSTM's unmaskable columns);
-    the units group is left alone with the reason (its producers, LSTM weights, have no mask yet), not unfollowed."""
+def _masked_reference(model: nn.Module, gm: nn.Module, pruner: ChannelPruner) -> nn.Module:
+    """A copy of the eager ``model`` whose parameters are multiplied by the masks ``pruner`` set in ``gm``."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for record in pruner.records:
+            ref.get_parameter(record.tensor_fqn).mul_(gm.get_buffer(f"{record.tensor_fqn}_mask"))
+    return ref
+
+
+def _prepared(kwargs=None, mask_consumers=False, x=None):
     torch.manual_seed(0)
+    model = _LSTMNet(**(kwargs or {})).eval()
+    with torch.no_grad():
+        model.inp.bias.uniform_(0.1, 1.0)  # removed features carry ReLU(bias) > 0 into the LSTM
+    pruner = ChannelPruner(0.5, mask_consumers=mask_consumers)
+    gm = pruner.prepare(model, example_inputs=x if x is not None else torch.randn(7, 2, 5))
+    return model, pruner, gm
+
+
+@pytest.mark.parametrize("mask_consumers", [False, True])
+@pytest.mark.parametrize("kwargs", [{}, {"layers": 1}, {"proj": 4, "bidirectional": True}, {"batch_first": True}])
+def test_channel_pruner_masks_lstm_units_and_shrink_is_exact(kwargs, mask_consumers):
+    """ChannelPruner on Linear -> LSTM -> Linear masks half the hidden units: their rows in the 4 gate blocks of
+    every layer's weight_ih/weight_hh (and weight_hr's rows with a projection) and both biases (with mask_consumers,
+    the columns reading them too). The masked module equals the eager model with those entries zeroed; shrink removes
+    the units (h = c = 0 for a unit whose gate rows and biases are zero, so the report is exact) with the masked
+    module's output; both export; the user's model is untouched."""
     x = torch.randn(7, 2, 5)
+    model, pruner, gm = _prepared(kwargs, mask_consumers, x)
+    before = copy.deepcopy(model.state_dict())
+    units = _units_group(pruner.channel_groups)
+    assert units.index not in pruner.frozen and units.index in pruner.pruned_groups()
+    masked = {r.tensor_fqn for r in pruner.records}
+    assert {m.target for m in units.members if m.kind in ("producer", "param")} <= masked
+    assert pruner.unfollowed == {}
+    pruner.step()
+    removed = pruner.removed_channels()[units.index]
+    assert len(removed) == 3
+    for m in units.members:
+        if m.kind in ("producer", "param") or (mask_consumers and m.kind == "consumer"):
+            mask = gm.get_buffer(f"{m.target}_mask")
+            assert not mask.movedim(m.dim, 0)[m.indices(removed)].any(), m
+    ref = _masked_reference(model, gm, pruner)
+    torch.testing.assert_close(gm(x), ref(x))
+    assert not torch.allclose(gm(x), model(x))
+
     from fx_sparsity.structured import shrink, shrink_report
 
-    for mask_consumers in (False, True):
-        model = _LSTMNet().eval()
-        with torch.no_grad():
-            model.inp.bias.uniform_(0.1, 1.0)  # removed features carry ReLU(bias) > 0 into the LSTM
-        pruner = ChannelPruner(0.5, mask_consumers=mask_consumers)
-        gm = pruner.prepare(model, example_inputs=x)
-        assert pruner.unfollowed == {}
-        units = _units_group(pruner.channel_groups)
-        assert "['lstm.weight_ih_l0', 'lstm.weight_hh_l0', 'lstm.weight_ih_l1', 'lstm.weight_hh_l1'] have no mask" in (
-            pruner.frozen[units.index])
-        assert [g["tensor_fqn"] for g in pruner.groups] == ["inp.weight"]
-        pruner.step()
-        small = shrink(gm)
-        assert small.lstm.input_size == 4 and small.lstm.hidden_size == 6
-        assert shrink_report(small).folded == ("lstm.weight_ih_l0",) and shrink_report(small).exact
-        torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
+    small = shrink(gm)
+    assert small.lstm.hidden_size == 3 and small.lstm.input_size == 4
+    assert shrink_report(small).exact, shrink_report(small).inexact
+    torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
+    for module in (gm, small):
+        exported = torch.export.export(module, (x,))
+        torch.testing.assert_close(exported.module()(x), module(x))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_lstm_units_are_masked_through_fine_tuning():
+    """Fine-tuning the masked module: gradients reach the LSTM's weights (zero on masked entries), an optimizer step
+    keeps the output equal to the eager model with the masked entries zeroed, the next step() keeps the removed units
+    (their masked rows score 0) and shrink stays exact."""
+    x, target = torch.randn(7, 2, 5), torch.randn(7, 2, 3)
+    model, pruner, gm = _prepared(x=x)
+    model = copy.deepcopy(model)  # the prepared module trains the user's parameters: keep a copy to compare with
+    pruner.step()
+    units = _units_group(pruner.channel_groups)
+    removed = pruner.removed_channels()[units.index]
+    gm.train()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.MSELoss()(gm(x), target).backward()
+        grad, mask = gm.lstm.weight_hh_l1.grad, gm.lstm.weight_hh_l1_mask
+        assert grad is not None and bool(grad[mask].any()) and not grad[~mask].any()
+        assert gm.lstm.bias_ih_l0.grad is not None
+        optimizer.step()
+    gm.eval()
+    pruner.step()
+    torch.testing.assert_close(pruner.removed_channels()[units.index], removed)
+    torch.testing.assert_close(gm(x), _masked_reference(gm, gm, pruner)(x))
+
+    from fx_sparsity.structured import shrink, shrink_report
+
+    small = shrink(gm)
+    assert shrink_report(small).exact
+    torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_lstm_masks_state_dict_round_trip_squash_and_save(tmp_path):
+    """The pruner's state dict carries the LSTM masks: a second pruner loading it gives the same masks and output;
+    the masked module saves and loads; squash_mask turns the functional LSTM back into its call_module with fused
+    weights (no mask buffer left) and the same output, leaving the user's weights dense."""
+    x = torch.randn(7, 2, 5)
+    model, pruner, gm = _prepared(x=x)
+    pruner.step()
+    state = pruner.state_dict()
+    assert "lstm.weight_hh_l0" in state["state"] and "lstm.bias_hh_l1" in state["state"]
+    other = ChannelPruner(0.5)
+    gm2 = other.prepare(model, example_inputs=x)
+    other.load_state_dict(state)
+    for record in pruner.records:
+        assert torch.equal(gm2.get_buffer(f"{record.tensor_fqn}_mask"), gm.get_buffer(f"{record.tensor_fqn}_mask"))
+    torch.testing.assert_close(gm2(x), gm(x), rtol=0, atol=0)
+    torch.save(gm, tmp_path / "masked.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "masked.pt", weights_only=False)(x), gm(x), rtol=0, atol=0)
+
+    expected = gm(x)
+    dense = model.lstm.weight_hh_l0.detach().clone()
+    squashed = pruner.squash_mask()
+    calls = [(n.op, n.target) for n in squashed.graph.nodes if n.op in ("call_module", "call_function")]
+    assert ("call_module", "lstm") in calls and not any(t is masked_lstm for _, t in calls)
+    assert not [name for name, _ in squashed.named_buffers() if name.endswith("_mask")]
+    torch.testing.assert_close(squashed(x), expected, rtol=0, atol=0)
+    assert torch.equal(model.lstm.weight_hh_l0, dense) and bool(model.lstm.weight_hh_l0.all())
+
+
+def test_lstm_masks_in_tables_and_lowering():
+    """sparsity_table and graph_table list every LSTM mask; lower(gm, "fuse") fuses them (same output, call_module
+    restored); a sparse backend fuses them too and says why in the lowering table; lower(gm, "shrink") removes units;
+    calibrate observes the Linear only (the LSTM parameters have no input of their own)."""
+    import fx_sparsity
+
+    x = torch.randn(7, 2, 5)
+    _, pruner, gm = _prepared(x=x)
+    pruner.step()
+    fqns = [r.tensor_fqn for r in pruner.records if r.tensor_fqn.startswith("lstm.")]
+    assert len(fqns) == 8
+    table, graph = fx_sparsity.sparsity_table(gm), fx_sparsity.graph_table(gm)
+    for fqn in fqns:
+        module, _, name = fqn.rpartition(".")
+        assert f"{module} [{name}]" in table and f"MASK {fqn}_mask" in graph
+    lowered = fx_sparsity.lower(gm, "fuse")
+    assert [n.target for n in lowered.graph.nodes if n.op == "call_module"].count("lstm") == 1
+    torch.testing.assert_close(lowered(x), gm(x), rtol=0, atol=0)
+    assert all(fqn in fx_sparsity.lowering_table(lowered) for fqn in fqns)
+    sparse = fx_sparsity.lower(gm, "csr")
+    assert "no sparse LSTM kernel" in fx_sparsity.lowering_table(sparse)
+    torch.testing.assert_close(sparse(x), gm(x))
+    small = fx_sparsity.lower(gm, "shrink", example_inputs=(x,))
+    assert small.lstm.hidden_size == 3
+    assert sorted(fx_sparsity.calibrate(gm, [x], progress_bar=False)) == ["inp.weight"]  # an LSTM has no input to observe
+    torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_only_channel_pruner_masks_lstm_weights():
+    """Unstructured sparsifiers keep selecting Linear/Conv weights by default, and a config naming an LSTM weight for
+    them is a ValueError naming it; ChannelPruner with a config naming one LSTM weight prunes that LSTM's units."""
+    import fx_sparsity
+
+    x = torch.randn(7, 2, 5)
+    model = _LSTMNet().eval()
+    gm = fx_sparsity.prepare(model, example_inputs=(x,))
+    assert [r.tensor_fqn for r in fx_sparsity.get_sparsifier(gm).records] == ["inp.weight", "out.weight"]
+    with pytest.raises(ValueError, match="'lstm.weight_ih_l0' is a Parameter of LSTM module.*only ChannelPruner masks"):
+        fx_sparsity.prepare(model, {"lstm.weight_ih_l0": {}}, example_inputs=(x,))
+    pruner = ChannelPruner(0.5)
+    pruner.prepare(model, {"lstm.weight_hh_l1": {"sparsity_level": 0.34}}, example_inputs=x)
+    pruner.step()
+    units = _units_group(pruner.channel_groups)
+    assert list(pruner.removed_channels()) == [units.index] and len(pruner.removed_channels()[units.index]) == 2
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"batch_first": True, "proj_size": 2, "num_layers": 2}])
+def test_masked_lstm_equals_nn_lstm(kwargs):
+    """masked_lstm with the LSTM's own parameters equals nn.LSTM exactly: batched, unbatched, and with a given hx."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, **kwargs)
+    layers, h = kwargs.get("num_layers", 1), kwargs.get("proj_size") or 4
+    params = list(lstm._flat_weights)
+    x, x1 = torch.randn(*((2, 5) if kwargs.get("batch_first") else (5, 2)), 3), torch.randn(5, 3)
+    hx = (torch.randn(layers, 2, h), torch.randn(layers, 2, 4))
+    hx1 = (torch.randn(layers, h), torch.randn(layers, 4))
+    for args in ((x,), (x1,), (x, hx), (x1, hx1)):
+        ours, theirs = masked_lstm(lstm, *args[:1], params, *args[1:]), lstm(*args)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"proj": 4, "bidirectional": True}])

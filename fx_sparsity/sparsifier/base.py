@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import WeightMatch, clone_sharing_tensors, fuse_masks, masked_targets
+from passes import WeightMatch, clone_sharing_tensors, find_weights, fuse_masks, masked_targets
 
 from ..masks import to_bool_mask
 from .group import STRUCTURAL_KEYS, GroupView, WeightGroup
@@ -157,6 +157,11 @@ class BaseSparsifier(abc.ABC):
     def target_sparsity(self, group: Mapping[str, Any]) -> float | None:
         """The fraction of zeros ``group`` aims at, for reports; ``None`` when unknown."""
         return None
+
+    def find_weights(self, gm: fx.GraphModule) -> list[WeightMatch]:
+        """The weights of the captured ``gm`` this sparsifier can select: ``passes.find_weights(gm)``
+        (Linear and Conv weights). ``ChannelPruner`` adds ``nn.LSTM`` parameters."""
+        return find_weights(gm)
 
     def update_masks(self) -> None:
         """Update every group's mask; the base calls :meth:`update_mask` per group.

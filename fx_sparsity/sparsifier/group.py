@@ -32,7 +32,8 @@ class WeightGroup:
 
     Attributes:
         tensor_fqn: canonical FQN of the weight (``"layer1.fc.weight"``).
-        kind: the op reading it: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        kind: the op reading it: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"conv3d"`` or
+            ``"lstm"`` (an ``nn.LSTM`` parameter, masked by ``ChannelPruner`` only).
         weight_shape: the weight's shape.
         args: the merged sparsifier arguments (defaults, then the config entry's keys); read-only.
         transposed: the weight is stored ``[in, out]`` (an ``x @ W`` product, transformers' ``Conv1D``);

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from passes import ChannelGroup, capture, find_channel_groups, find_weights, select_weights
+from passes import ChannelGroup, WeightMatch, capture, find_channel_groups, find_lstm_weights, find_weights, select_weights
 from passes.dependency import Member
 from passes.utils import get_tensor
 
@@ -293,6 +293,15 @@ class ChannelPruner(BaseSparsifier):
     parameters are in no group at all (a layer the dependency analysis does not know,
     such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole.
 
+    An ``nn.LSTM``'s hidden units are a group too: a removed unit's rows in the four gate
+    blocks of every layer's ``weight_ih``/``weight_hh`` (``weight_hr``'s rows for a
+    projection) and its entries of both biases are masked, the LSTM call becoming
+    ``passes.masked_lstm`` over ``mul(parameter, mask)`` nodes (``squash_mask`` and
+    ``lower`` restore the ``nn.LSTM`` call). With its gate rows and biases zero a unit's
+    cell and hidden state stay exactly 0, so ``shrink`` removes it exactly even without
+    ``mask_consumers``. Only ``ChannelPruner`` masks LSTM parameters; other sparsifiers
+    leave them dense.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -342,20 +351,26 @@ class ChannelPruner(BaseSparsifier):
             raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
         gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
         groups = find_channel_groups(gm, example_inputs)
-        maskable = {alias for match in find_weights(gm) for alias in match.aliases}
+        maskable = {alias for match in self.find_weights(gm) for alias in match.aliases}
         plan = self._plan(model, gm, groups, config, maskable)
         entries: dict[str, dict[str, Any]] = {}
         for index, overrides in plan.items():
             for m in groups[index].producers:
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
-                entry.update(overrides, channel_groups=entry["channel_groups"] + (index,))
+                if index not in entry["channel_groups"]:  # an LSTM weight produces in four gate blocks
+                    entry.update(overrides, channel_groups=entry["channel_groups"] + (index,))
+            # An LSTM unit whose gate rows and biases are all zero keeps h = c = 0: its biases are masked too.
+            for m in groups[index].members:
+                if m.kind == "param" and m.target in maskable:
+                    entry = entries.setdefault(m.target, {"channel_groups": ()})
+                    entry["channel_groups"] += (index,) if index not in entry["channel_groups"] else ()
             # The activation criterion observes the channels where the consumers read them: they need masks.
             observed = self.mask_consumers or self.criterion == "activation"
             for m in groups[index].consumers if observed else ():
-                if m.target not in maskable:  # read inside an nn.LSTM: shrink folds or reports it
+                if m.target not in maskable:
                     continue
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
-                entry["channel_groups"] += (index,)
+                entry["channel_groups"] += (index,) if index not in entry["channel_groups"] else ()
         self.unfollowed = _unfollowed(gm, groups)
         if not entries:
             reasons = [f"group {i}: {why}" for i, why in self.frozen.items()] + list(self.unfollowed.values())
@@ -366,6 +381,10 @@ class ChannelPruner(BaseSparsifier):
         return super().prepare(
             model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
         )
+
+    def find_weights(self, gm: fx.GraphModule) -> list[WeightMatch]:
+        """Linear/Conv weights and the parameters of each ``nn.LSTM`` (its hidden units are channels)."""
+        return find_weights(gm) + find_lstm_weights(gm)
 
     def make_groups(self, selected: Any) -> Any:
         if not self.channel_groups:
@@ -383,18 +402,19 @@ class ChannelPruner(BaseSparsifier):
             unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
             unmaskable = list(dict.fromkeys(unmaskable))  # an LSTM weight produces in four gate blocks
             if unmaskable:
-                return f"its producers {unmaskable} have no mask (not Linear/Conv weights)"
-            unobserved = [c.target for c in group.consumers if c.target not in maskable]
+                return f"its producers {unmaskable} have no mask (not Linear/Conv/LSTM weights)"
+            unobserved = [c.target for c in group.consumers if c.target not in observable]
             if self.criterion == "activation" and (unobserved or not group.consumers):
                 return f"criterion 'activation' observes its consumers, and {unobserved or 'none'} cannot be observed"
             return None
 
+        observable = {alias for match in find_weights(gm) for alias in match.aliases}  # Linear/Conv inputs
         self.frozen = {g.index: why for g in groups if (why := blocker(g)) is not None}
         if config is None:
             return {g.index: {} for g in groups if g.index not in self.frozen and g.producers}
         producer_of = {p.target: g for g in groups for p in g.producers}
         plan: dict[int, dict[str, Any]] = {}
-        for match, overrides in select_weights(model, find_weights(gm), parse_config(config)):
+        for match, overrides in select_weights(model, self.find_weights(gm), parse_config(config)):
             if "channel_groups" in overrides:
                 raise ValueError(
                     f"config entry for {match.tensor_fqn} sets 'channel_groups', which prepare derives from the "
@@ -528,7 +548,7 @@ class ChannelPruner(BaseSparsifier):
             group = self.channel_groups[index]
             removed = channels_to_remove(scores[index], count, group.blocks)
             for m in group.members:
-                if m.target in weights and m.kind in kinds:
+                if m.target in weights and (m.kind in kinds or m.kind == "param"):  # params: LSTM biases
                     _zero(weights[m.target], m, removed, self.get_mask)
 
     def _counts(self, scores: dict[int, torch.Tensor], args: dict[int, tuple]) -> dict[int, int]:
