@@ -42,9 +42,9 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import fx_sparsity
-from fx_sparsity.layer_timing import last_level_cache_bytes
 from passes import native_isa
 from passes.lower_sparse import SPARSE_OPS, SparseFormat
+from machine import describe
 
 VOCAB = 4096
 
@@ -160,8 +160,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
-    print(f"CPU kernels: {native_isa()}, L3: {last_level_cache_bytes() >> 20} MiB, threads: {torch.get_num_threads()}, "
-          f"torch {torch.__version__}, load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}")
     decode_rows, forward_rows = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

@@ -31,7 +31,6 @@ prepared module's.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import time
@@ -46,6 +45,7 @@ import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, prepare
 from fx_sparsity.layer_timing import last_level_cache_bytes
 from passes import native_isa
+from machine import describe
 
 CASES = [  # (label, sparsity_level, sparse_block_shape)
     ("50%", 0.5, (1, 1)),
@@ -144,8 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"# Lowering benchmark: {args.size}x{args.size} fp32 Linear with bias")
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, kernels {native_isa()}, "
-          f"L3 {last_level_cache_bytes() >> 20} MiB, torch {torch.__version__}, "
+    print(f"{describe()}, kernels {native_isa()}, "
           f"fx_sparsity {fx_sparsity.__version__}, medians of {args.repeats} rounds in random order, "
           f"{'warm caches' if args.warm else 'a 2x L3 buffer written before each call'}\n")
     headers = ["batch", "dense ms", "prepared", "torch.ao", "fused", "bitmask", "csr", "bsr", "auto (pick)",

@@ -12,7 +12,6 @@ bit-identical. Every row checks the two masks are equal.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -22,6 +21,7 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 from fx_sparsity import WeightNormSparsifier, prepare
+from machine import describe
 
 CASES = [  # (sparsity_level, block, zeros_per_block, seeds)
     (0.5, (1, 1), None, (0, 1, 2, 3, 4)),
@@ -91,8 +91,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{args.size}x{args.size} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, median of {args.repeats}\n")
+    print(f"{args.size}x{args.size} fp32, {describe()}, median of {args.repeats}\n")
     headers = ["level", "block", "zeros/block", "seed", "tie at k-th score", "torch.ao ms", "fx_sparsity ms",
                "speedup", "masks equal"]
     print(tabulate(run(args.size, args.repeats), headers=headers, tablefmt="github"))

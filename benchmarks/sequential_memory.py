@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from machine import describe
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -118,8 +119,7 @@ def main() -> None:
         }
     print(f"{args.layers} blocks, d={args.d}: {written['weights_mib']:.0f} MiB of fp32 weights in {written['tensors']} "
           f"tensors; Wanda 50%, {args.batches} x {args.context} calibration tokens; budget {args.budget_mib:.0f} MiB "
-          f"above the baseline (the process's peak after importing torch). torch {torch.__version__}, "
-          f"{platform.machine()}, Python {platform.python_version()}.\n")
+          f"above the baseline (the process's peak after importing torch). {describe()}.\n")
     print("| run | baseline RSS (MiB) | peak RSS (MiB) | growth (MiB) | within budget | largest stage by report (MiB) |")
     print("|---|---|---|---|---|---|")
     for name, r in runs.items():

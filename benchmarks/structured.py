@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import random
 import statistics
 import time
@@ -51,6 +50,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from fx_sparsity.sparsifier.structured import ChannelPruner
 from fx_sparsity.structured import shrink, shrink_report
 from passes import capture, count_macs
+from machine import describe
 
 try:
     import torch_pruning as tp
@@ -235,8 +235,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    print(f"torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', 'not installed')}, "
-          f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, batch 1"
+    print(f"{describe()}, torch-pruning {getattr(tp, '__version__', 'not installed')}, batch 1"
           f"{', TINY models' if args.tiny else ''}")
     headers = ["model", "ratio", "method", "params (M)", "MACs (M, ours)", "MACs (M, TP count)", "MACs reduction",
                "latency (ms)", "speedup", "output shape kept", "exports", "shrunk == masked / note"]

@@ -12,7 +12,7 @@ hand-written q/k/v/o attention, transformers' BERT and Llama captured by
 and ``nn.MultiheadAttention`` captured by ``torch.export`` with ``need_weights=False``
 (whole heads cut from each q/k/v third of the fused ``in_proj``; other forms are
 refused with the reason). Counting is per group in units, exactly as
-``count_to_remove`` says: ``floor(ratio * units)`` go, so 0.3 of 4 heads removes 1
+:func:`fx_sparsity.sparsifier.importance.count_to_remove` says: ``floor(ratio * units)`` go, so 0.3 of 4 heads removes 1
 (Torch-Pruning rounds up and removes 2) and 0.3 of 2 KV heads removes none. The
 literal sizes the captured graph holds (the head count of ``view(b, s, 8, 64)``,
 repeat_kv's ``expand``/``reshape``, ``nn.MultiheadAttention``'s ``E``, ``H`` and ``B*H``)

@@ -20,7 +20,8 @@ from torch.testing._internal import common_pruning
 
 from fx_sparsity import WeightNormSparsifier
 from fx_sparsity.scheduler import LambdaSL
-from fx_sparsity.sparsifier.structured import ChannelPruner, channel_importance, channels_to_remove, count_to_remove
+from fx_sparsity.sparsifier.importance import channel_importance, channels_to_remove, count_to_remove
+from fx_sparsity.sparsifier.structured import ChannelPruner
 from fx_sparsity.structured import shrink, shrink_report
 from passes import capture, find_channel_groups, shrink_channels
 

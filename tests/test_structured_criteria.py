@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.sparsifier.structured import (
-    ChannelPruner,
-    accumulate_gradients,
-    activation_importance,
-    channels_to_remove,
-    count_to_remove,
-    taylor_importance,
-)
+from fx_sparsity.sparsifier.importance import activation_importance, channels_to_remove, count_to_remove, taylor_importance
+from fx_sparsity.sparsifier.structured import ChannelPruner, accumulate_gradients
 from fx_sparsity.structured import shrink, shrink_report
 
 from helpers import TinyResNet, snapshot

@@ -37,100 +37,27 @@ import torch
 from torch import fx, nn
 
 from passes import ChannelGroup, WeightMatch, capture, find_channel_groups, find_lstm_weights, find_weights, select_weights
-from passes.dependency import Member
 from passes.utils import get_tensor
 
 from ..config import SparsityConfig, parse_config
 from ..running import as_model_inputs, eval_mode
 from .base import BaseSparsifier, get_sparsifier
+from .importance import (
+    Criterion,
+    activation_importance,
+    channel_importance,
+    channel_rows,
+    channels_to_remove,
+    count_to_remove,
+    grouped_columns,
+    taylor_importance,
+)
 from .wanda import INPUT_NORM_KEY
 
-__all__ = [
-    "ChannelPruner",
-    "accumulate_gradients",
-    "activation_importance",
-    "channel_importance",
-    "channels_to_remove",
-    "count_to_remove",
-    "taylor_importance",
-]
+__all__ = ["ChannelPruner", "accumulate_gradients"]
 
-Criterion = Literal["l1", "l2", "fpgm", "taylor", "activation"]
 _WEIGHT_CRITERIA = ("l1", "l2", "fpgm")
 _CRITERIA = (*_WEIGHT_CRITERIA, "taylor", "activation")
-
-
-def channel_importance(rows: torch.Tensor, criterion: Criterion = "l1") -> torch.Tensor:
-    """Importance of each channel from ``rows`` (``[channels, features]``, every producer's weights side by side).
-
-    ``"l1"``/``"l2"``: the norm of the channel's row (torch.ao.pruning's
-    ``SaliencyPruner`` uses L1). ``"fpgm"``: the summed L2 distance to every other
-    row (``FPGMPruner``): rows near the geometric median are redundant and score low.
-
-    Example::
-
-        >>> channel_importance(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
-        tensor([3.0000, 0.5000])
-    """
-    if criterion == "l1":
-        return rows.abs().sum(1)
-    if criterion == "l2":
-        return rows.pow(2).sum(1).sqrt()
-    if criterion == "fpgm":
-        return torch.cdist(rows[None], rows[None], p=2)[0].abs().sum(1)
-    raise ValueError(f"criterion must be 'l1', 'l2' or 'fpgm', got {criterion!r}")
-
-
-def taylor_importance(rows: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """First-order Taylor importance of each channel: ``sum_j |rows[c, j] * gradients[c, j]|``.
-
-    Args:
-        rows: ``[channels, entries]``, every group member's entries of the channel side by side.
-        gradients: the loss gradient of each entry, same shape.
-
-    Returns:
-        ``[channels]`` scores (the loss change a first-order expansion predicts for zeroing each entry, summed).
-
-    Example::
-
-        >>> taylor_importance(torch.tensor([[1.0, -2.0], [0.5, 0.0]]), torch.tensor([[0.5, 1.0], [-4.0, 9.0]]))
-        tensor([2.5000, 2.0000])
-    """
-    if rows.shape != gradients.shape:
-        raise ValueError(f"rows {tuple(rows.shape)} and gradients {tuple(gradients.shape)} must have one shape")
-    return (rows * gradients).abs().sum(1)
-
-
-def activation_importance(sum_squares: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each channel's activation from ``[channels, entries]`` sums of squares (over batches, positions
-    and every consumer reading the channel, side by side).
-
-    Example::
-
-        >>> activation_importance(torch.tensor([[9.0, 16.0], [1.0, 0.0]]))
-        tensor([5., 1.])
-    """
-    return sum_squares.sum(1).sqrt()
-
-
-def _grouped_columns(module: nn.Module) -> int:
-    """``groups`` of a grouped (not depthwise) conv, whose weight columns are per block; else 1."""
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.weight.shape[1] > 1:
-        return module.groups
-    return 1
-
-
-def _channel_rows(tensor: torch.Tensor, member: Member, size: int, groups: int = 1) -> torch.Tensor:
-    """``[size, entries]``: the entries of ``tensor`` each of the group's channels owns in ``member``.
-
-    A grouped conv's input columns are per block (``groups`` > 1): input channel ``c`` is column
-    ``c % per_block`` of the rows of block ``c // per_block``.
-    """
-    if member.kind == "consumer" and groups > 1:
-        out, per_block = tensor.shape[0] // groups, tensor.shape[1]
-        by_input = tensor.reshape(groups, out, per_block, -1).permute(0, 2, 1, 3).reshape(groups * per_block, -1)
-        return by_input[member.indices(torch.arange(size))].reshape(size, -1)
-    return tensor.movedim(member.dim, 0)[member.indices(torch.arange(size))].reshape(size, -1)
 
 
 def _taylor_tensors(gm: fx.GraphModule, groups: Iterable[ChannelGroup]) -> dict[str, torch.Tensor]:
@@ -215,38 +142,6 @@ def accumulate_gradients(
         raise ValueError("accumulate_gradients needs at least one batch; batches was empty")
     pruner.gradients = {name: s for name, s in zip(names, sums) if s is not None}
     return dict(pruner.gradients)
-
-
-def count_to_remove(size: int, ratio: float, round_to: int = 1, blocks: int = 1) -> int:
-    """How many of ``size`` channels to remove (the rule in the module docstring).
-
-    Example::
-
-        >>> count_to_remove(64, 0.3), count_to_remove(64, 0.3, round_to=8), count_to_remove(4, 0.3)
-        (19, 16, 1)
-    """
-    multiple = round_to * blocks // math.gcd(round_to, blocks)
-    keep = size - math.floor(ratio * size)
-    keep = min(size, -(-keep // multiple) * multiple)
-    return size - keep
-
-
-def channels_to_remove(importance: torch.Tensor, count: int, blocks: int = 1) -> torch.Tensor:
-    """The ``count`` least important channels, ``count / blocks`` from each of ``blocks`` equal blocks (sorted).
-
-    Ties go to the lower channel number (a stable sort), so the choice is deterministic.
-
-    Example::
-
-        >>> channels_to_remove(torch.tensor([3.0, 1.0, 2.0, 0.0]), 2, blocks=2)
-        tensor([1, 3])
-    """
-    per_block = importance.numel() // blocks
-    chosen = []
-    for k in range(blocks):
-        block = importance[k * per_block : (k + 1) * per_block]
-        chosen.append(torch.sort(block, stable=True).indices[: count // blocks] + k * per_block)
-    return torch.cat(chosen).sort().values
 
 
 def _validate(args: dict[str, Any]) -> None:
@@ -471,7 +366,7 @@ class ChannelPruner(BaseSparsifier):
         group = self.channel_groups[index]
         if self.criterion in _WEIGHT_CRITERIA:
             rows = [
-                _channel_rows(self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"]),
+                channel_rows(self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"]),
                               p, group.size).float()
                 for p in group.producers
             ]
@@ -488,7 +383,7 @@ class ChannelPruner(BaseSparsifier):
                     "fx_sparsity.calibrate(gm, batches) before step()"
                 )
             # The observer's norms run over the input channels (global ones for a grouped conv), along dim 0.
-            sums.append(_channel_rows(norm.double().square(), dataclasses.replace(c, dim=0), group.size))
+            sums.append(channel_rows(norm.double().square(), dataclasses.replace(c, dim=0), group.size))
         return activation_importance(torch.cat(sums, 1)).float()
 
     def _taylor_score(self, gm: fx.GraphModule, group: ChannelGroup, weights: dict[str, Any]) -> torch.Tensor:
@@ -510,9 +405,9 @@ class ChannelPruner(BaseSparsifier):
                 w = weights[m.target]
                 tensor = tensor * getattr(w["module"], f"{w['tensor_name']}_mask")
             module = gm.get_submodule(m.target.rpartition(".")[0])
-            groups = _grouped_columns(module)
-            rows.append(_channel_rows(tensor.detach(), m, group.size, groups).double())
-            grads.append(_channel_rows(grad, m, group.size, groups).double())
+            groups = grouped_columns(module)
+            rows.append(channel_rows(tensor.detach(), m, group.size, groups).double())
+            grads.append(channel_rows(grad, m, group.size, groups).double())
         return taylor_importance(torch.cat(rows, 1), torch.cat(grads, 1)).float()
 
     def importance(self) -> dict[int, torch.Tensor]:
