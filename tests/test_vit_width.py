@@ -198,3 +198,44 @@ def test_symbolic_trace_functional_layer_norm_and_expanded_token():
     with torch.no_grad():
         torch.testing.assert_close(small(x), KeptChannelLayerNorm(gm, keep, 8).run(x))
     assert tuple(small.get_parameter("token").shape) == (1, 1, 4)
+
+
+def test_bert_hidden_width_now_followed_through_layer_norm_stays_frozen_at_the_output():
+    """Exported transformers BERT: its encoder LayerNorms are now followed (their weights join the hidden-width
+    group), and that group still reaches the model output (last_hidden_state), so it stays frozen with that reason
+    and ChannelPruner's default leaves it whole."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    x = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    pruner = ChannelPruner(0.5)
+    pruner.prepare(model, example_inputs=(x,))
+    hidden = _group_of(pruner.channel_groups, "encoder.layer.0.attention.output.dense.weight")
+    params = {m.target for m in hidden.members if m.kind == "param"}
+    assert {f"encoder.layer.{i}.{part}.LayerNorm.{p}" for i in range(2) for part in ("attention.output", "output")
+            for p in ("weight", "bias")} <= params
+    assert not hidden.prunable and "reaches the model output" in hidden.frozen_reason
+    assert hidden.index in pruner.frozen
+
+
+class TwoDimNorm(nn.Module):
+    """F.layer_norm over the last two dims (tokens x channels): a channel cannot go alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(F.layer_norm(self.embed(x), (4, 8)))
+
+
+def test_layer_norm_over_several_dims_is_frozen_with_the_reason():
+    """TwoDimNorm: the embed group is frozen, the reason naming the layer_norm node; nothing is added to it."""
+    model, x = TwoDimNorm().eval(), torch.randn(2, 4, 6)
+    gm = capture(model, example_inputs=(x,))
+    group = _group_of(find_channel_groups(gm, (x,)), "embed.weight")
+    assert not group.prunable
+    assert "layer_norm normalizes over several dims" in group.frozen_reason
+    assert not [m for m in group.members if m.kind == "literal"]
