@@ -162,6 +162,21 @@ def test_vit_width_shrinks_as_masked_with_kept_channel_norms(mask_consumers):
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), out)
 
 
+def test_vit_width_shrunk_saves_and_loads(tmp_path):
+    """The ViT shrunk with its residual width round-trips through torch.export.save/load and torch.save/load."""
+    model, x = small_vit(), _inputs()
+    pruner = ChannelPruner(0.5, mask_consumers=True)
+    gm = pruner.prepare(model, example_inputs=(x,))
+    pruner.step()
+    small = shrink(gm)
+    with torch.no_grad():
+        out = small(x)
+        torch.export.save(torch.export.export(small, (x,)), tmp_path / "vit.pt2")
+        torch.testing.assert_close(torch.export.load(tmp_path / "vit.pt2").module()(x), out)
+        torch.save(small, tmp_path / "vit.pt")
+        torch.testing.assert_close(torch.load(tmp_path / "vit.pt", weights_only=False)(x), out)
+
+
 class FunctionalWidth(nn.Module):
     """Symbolically traced: a token parameter expanded (literal sizes) and concatenated along the tokens, a
     position parameter added, F.layer_norm with a tuple normalized_shape, then a Linear to the output."""
