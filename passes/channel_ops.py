@@ -11,6 +11,7 @@ Each table names ops by what they do to a channel axis:
 * ``MATMULS``, ``SOFTMAXES``, ``ATTENTION``: attention math, which keeps head axes
   among the batch dims;
 * ``SLICES``: ATen ``slice``/``select`` of one dim (rotary embeddings slice the head dim);
+* ``LAYER_NORMS``: functional/ATen ``layer_norm`` (a norm over the trailing dims);
 * ``SHAPE_QUERIES``: ops that read only a tensor's shape.
 
 An op in no table is unknown, and the dependency pass freezes every channel it reads.
@@ -38,6 +39,7 @@ __all__ = [
     "ATTENTION",
     "EXPANDS",
     "SLICES",
+    "LAYER_NORMS",
     "SIZED_RESHAPES",
     "EXPANDING",
     "PERMUTES",
@@ -83,6 +85,7 @@ SOFTMAXES = "softmax"
 ATTENTION = "attention"
 EXPANDS = "expand"
 SLICES = "slice"
+LAYER_NORMS = "layer_norm"
 
 aten = torch.ops.aten
 # torch.export captures ATen ops; these take their arguments in the positions of the torch functions above.
@@ -108,6 +111,7 @@ _ATEN = {
     aten.expand.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
     aten.sym_size.int: SHAPE_QUERIES, aten._assert_tensor_metadata.default: SHAPE_QUERIES,
     aten.slice.Tensor: SLICES, aten.select.int: SLICES,
+    aten.layer_norm.default: LAYER_NORMS,
 }
 # The ops among these that take a list of sizes (a literal there pins the channel count).
 SIZED_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -127,6 +131,7 @@ _FUNCS = {
     torch.transpose: TRANSPOSES, torch.permute: TRANSPOSES,
     torch.cat: CONCATS, torch.concat: CONCATS,
     torch.split: SPLITS, torch.chunk: SPLITS,
+    F.layer_norm: LAYER_NORMS, torch.layer_norm: LAYER_NORMS,
     getattr: SHAPE_QUERIES,
 }
 _METHODS = {

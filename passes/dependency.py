@@ -6,8 +6,9 @@ branches one space, a depthwise conv makes its input and output one space. Each
 space collects its *members*, the tensor slices that lose an index when one of
 its channels goes: producer weight rows, consumer weight columns (with the offset
 of a concatenation and the ``inner`` factor of a flatten into a Linear), biases,
-BatchNorm/LayerNorm/GroupNorm parameters and running stats, embedding columns,
-parameters combined elementwise (a class token, a layer scale), and the modules
+BatchNorm/LayerNorm/GroupNorm parameters and running stats (ATen ``layer_norm``'s too, its
+``normalized_shape`` a literal member), embedding columns, parameters combined elementwise (a
+position embedding, a layer scale, a class token expanded and concatenated along the tokens), and the modules
 whose attributes (``in_features``, ``num_features``, ``groups`` ...) follow.
 
 Attention heads are channel units too: viewing a projection's ``[.., H * hd]`` as

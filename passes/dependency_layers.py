@@ -7,20 +7,25 @@ conv (``groups == in_channels == out_channels``) keeps its input's space: channe
 and ``groups`` follows. Another grouped conv splits both its input and its output
 channels into ``groups`` blocks that must keep equal counts (``ChannelGroup.blocks``);
 the columns of each block are cut for the rows of that block only. BatchNorm, LayerNorm over the
-last dim, and GroupNorm keep their input's space and slice their parameters.
+last dim, and GroupNorm keep their input's space and slice their parameters. A functional or
+ATen ``layer_norm`` over the last dim does too (``F.layer_norm(x, [C], weight, bias, eps)``, as
+``torch.export`` writes ``nn.LayerNorm``): its weight and bias are sliced and the literal ``C``
+of ``normalized_shape`` becomes a ``"literal"`` member. Removing a channel changes a LayerNorm's
+mean and variance, so every LayerNorm/GroupNorm is listed in the group's ``inexact``.
 """
 
 from __future__ import annotations
 
 from torch import fx, nn
 
+from . import channel_ops as ops
 from .channel_spaces import Spaces
-from .dependency_rules import Layout, _add_module, _add_sliced, _freeze, _tensor_fqn, _total
+from .dependency_rules import Layout, _add_module, _add_sliced, _first, _freeze, _member, _tensor_fqn, _total
 from .match import op_arguments, op_kind
 from .meta import get_sparse_target
 from .utils import get_tensor
 
-__all__ = ["follow_layer", "follow_module"]
+__all__ = ["follow_layer", "follow_module", "NORM_RULES"]
 
 
 def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None, str | None, int, str | None]:
@@ -148,3 +153,40 @@ def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict
         spaces.set_blocks(lay.segs[0][0], module.num_groups)
     return Layout(lay.axis, lay.segs)
 
+
+
+def _layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """``layer_norm(x, normalized_shape, weight, bias, eps)`` over the channel axis, the last one."""
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    names = ("input", "normalized_shape", "weight", "bias")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    size, weight, bias = args.get("normalized_shape"), args.get("weight"), args.get("bias")
+    tensors = {"weight": weight, "bias": bias}
+    fqns = {k: _tensor_fqn(t) for k, t in tensors.items() if t is not None}
+    why = None
+    if len(node.args) < 2 or not isinstance(size, (list, tuple)) or len(size) != 1 or not isinstance(size[0], int):
+        why = f"{node.name} normalizes over several dims or takes normalized_shape in a form the pass cannot rewrite"
+    elif len(shapes[x]) + lay.axis != len(shapes[x]) - 1:
+        why = f"{node.name} normalizes a dim other than the channel axis"
+    elif any(inner != 1 for _, inner in lay.segs):
+        why = f"{node.name} normalizes flattened channels"
+    elif any(fqn is None for fqn in fqns.values()):
+        why = f"{node.name} computes its weight or bias in the graph"
+    if why is not None:
+        _freeze(spaces, lay, why)
+        return None
+    for fqn in fqns.values():
+        _add_sliced(spaces, lay, fqn, "param", 0)
+    owner = fqns["weight"].rpartition(".")[0] if "weight" in fqns else ""
+    for s, inner in lay.segs:
+        spaces.add(s, _member(node.name, "literal", 1, 0, inner))
+        note = f"LayerNorm {owner or node.name} (its statistics count every channel)"
+        spaces.inexact[spaces.find(s)].append(note)
+    return Layout(lay.axis, lay.segs)
+
+
+NORM_RULES = {ops.LAYER_NORMS: _layer_norm}

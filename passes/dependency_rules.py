@@ -160,9 +160,23 @@ def _broadcast(
             continue
         if t.op == "get_attr":
             _add_sliced(spaces, ref, t.target, "param", len(shape) + ref.axis)
-        else:
+        elif not _add_expanded(spaces, ref, t, shapes):
             _freeze(spaces, ref, f"{name} combines it with {t.name}, whose channels are not tracked")
     return ref
+
+
+def _add_expanded(spaces: Spaces, ref: Layout, node: fx.Node, shapes: dict) -> bool:
+    """A parameter expanded along other dims (ViT's ``class_token.expand(n, -1, -1)``) is sliced at its channel
+    dim, and a literal size the expand writes there is recorded; ``False`` when ``node`` is no such expand."""
+    param = node.args[0] if node.target in ("expand", ops.aten.expand.default) and node.args else None
+    fqn, shape = _tensor_fqn(param), shapes.get(param)
+    if fqn is None or not isinstance(shape, tuple) or len(shape) < -ref.axis:
+        return False
+    rank = len(shapes[node])
+    if shape[ref.axis] != 1:  # else every channel reads the same broadcast value: nothing to slice
+        _add_sliced(spaces, ref, fqn, "param", len(shape) + ref.axis)
+    _add_literal(spaces, ref, node, rank + ref.axis, rank)
+    return True
 
 
 def _pointwise(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
@@ -275,7 +289,9 @@ _RULES = {
 
 # The rules below build on the ones above.
 from .dependency_attention import ATTENTION_RULES  # noqa: E402
+from .dependency_layers import NORM_RULES  # noqa: E402
 from .dependency_moves import MOVE_RULES, _getitem  # noqa: E402
 
 _RULES.update(MOVE_RULES)
+_RULES.update(NORM_RULES)
 _RULES.update(ATTENTION_RULES)

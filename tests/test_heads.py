@@ -312,15 +312,19 @@ def test_multihead_attention_kept_as_a_leaf_module_says_how_to_prune_its_heads()
 
 
 def test_torchvision_vit_heads_and_mlp_shrink_hidden_dim_kept():
-    """torchvision's VisionTransformer (vit_b_16's code at 2 layers, 4 heads, hidden 32, 32x32 images): ratio 0.5
-    removes 2 heads per layer and half of each MLP, exactly; hidden_dim (the residual width, read by a literal
-    reshape) is kept, so no attribute needs patching; output shape kept; exports."""
+    """torchvision's VisionTransformer (vit_b_16's code at 2 layers, 4 heads, hidden 32, 32x32 images), a config
+    naming in_proj and fc1: ratio 0.5 removes 2 heads per layer and half of each MLP, exactly; hidden_dim (the
+    residual width, which the default prunes too: see test_vit_width.py) is kept, so no attribute needs patching;
+    output shape kept; exports."""
     vision = pytest.importorskip("torchvision.models.vision_transformer")
     torch.manual_seed(0)
     model = vision.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
                                      mlp_dim=64, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    pruner, gm, small = _prune(model, x, 0.5, mask_consumers=True)
+    pruner = ChannelPruner(sparsity_level=0.5, mask_consumers=True)
+    gm = pruner.prepare(model, ["*.in_proj_weight", "*.mlp.0"], example_inputs=(x,))
+    pruner.step()
+    small = shrink(gm)
     report = shrink_report(small)
     assert sorted(report.channels.values()) == [(4, 2), (4, 2), (64, 32), (64, 32)] and report.exact
     weight = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
