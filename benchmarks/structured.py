@@ -94,15 +94,38 @@ def build(name: str, tiny: bool) -> tuple[nn.Module, torch.Tensor]:
     return getattr(models, name)().eval(), torch.randn(1, 3, image, image)
 
 
-def _ours(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
+def _ours(model: nn.Module, x: torch.Tensor, ratio: float, config: Any = None) -> nn.Module:
     pruner = ChannelPruner(sparsity_level=ratio, criterion="l1", mask_consumers=True)
-    gm = pruner.prepare(model, example_inputs=(x,))
+    gm = pruner.prepare(model, config, example_inputs=(x,))
     pruner.step()
     return shrink(gm)
 
 
+# Extra variants of one model: label -> (our config, Torch-Pruning recipe name). vit_b_16's default prunes the
+# residual width too (its output is class logits); "heads + MLPs" names those layers to keep the width.
+VARIANTS: dict[str, dict[str, tuple[Any, str]]] = {
+    "vit_b_16": {
+        "fx_sparsity (heads + MLPs)": (["*.in_proj_weight", "*.mlp.0"], ""),
+        "torch-pruning (channel groups)": (None, "vit_b_16 channel groups"),
+    },
+}
+
+
 def _tp_recipe(name: str, model: nn.Module, ratio: float) -> tuple[dict[str, Any], Callable[[], None]]:
     """MetaPruner arguments for ``model`` and what must be patched by hand afterwards."""
+    if name == "vit_b_16 channel groups":  # the residual width too: its class token and position embedding named
+
+        attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+        def patch_width() -> None:
+            model.hidden_dim = model.conv_proj.out_channels
+            for m in attentions:
+                m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+                m.head_dim = m.embed_dim // m.num_heads
+
+        # the width must stay a multiple of the head count: every head loses the same dims
+        return {"ignored_layers": [model.heads], "round_to": attentions[0].num_heads, "unwrapped_parameters": [
+            (model.class_token, 2), (model.encoder.pos_embedding, 2)]}, patch_width
     if name in ("resnet18", "mobilenet_v3_small"):
         last = model.fc if hasattr(model, "fc") else model.classifier[-1]
         return {"ignored_layers": [last]}, lambda: None
@@ -198,7 +221,11 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
         for ratio in (0.3, 0.5):
             candidates: dict[str, nn.Module] = {"dense": dense, "dense captured": capture(dense, example_inputs=(x,))}
             candidates["fx_sparsity"] = _ours(dense, x, ratio)
-            notes = {"fx_sparsity": "exact" if shrink_report(candidates["fx_sparsity"]).exact else "inexact"}
+            for label, (config, recipe) in VARIANTS.get(name, {}).items():
+                if label.startswith("fx_sparsity"):
+                    candidates[label] = _ours(dense, x, ratio, config)
+            notes = {label: "exact" if shrink_report(module).exact else "inexact (LayerNorm statistics)"
+                     for label, module in candidates.items() if label.startswith("fx_sparsity")}
             if tp is not None:
                 try:
                     candidates["torch-pruning"] = _torch_pruning(name, dense, x, ratio)
@@ -207,6 +234,9 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
                     candidates.pop("torch-pruning", None)
                     rows.append([name, ratio, "torch-pruning", "-", "-", "-", "-", "-", "-", "-", "-",
                                  f"failed: {type(e).__name__}: {str(e)[:60]}"])
+                for label, (config, recipe) in VARIANTS.get(name, {}).items():
+                    if recipe:
+                        candidates[label] = _torch_pruning(recipe, dense, x, ratio)
             latency = _latency(candidates, x, rounds, inner)
             for label, module in candidates.items():
                 if label.startswith("dense") and ratio != 0.3:
