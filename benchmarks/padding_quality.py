@@ -29,7 +29,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from benchmarks.quality import CONFIG, TinyGPT, corpus, make_sparsifier, perplexity, trained_model
+from benchmarks.quality import CONFIG, TinyGPT, add_model_arguments, corpus, make_sparsifier, perplexity, trained_model
 from machine import describe
 from fx_sparsity import calibrate, get_sparsifier, prepare
 from fx_sparsity.owl import set_owl_levels
@@ -77,20 +77,12 @@ def prune(model: nn.Module, method: str, pattern: str, owl: bool, batches: list,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--corpus-bytes", type=int, default=12_000_000)
+    add_model_arguments(parser)
     parser.add_argument("--calib", type=int, default=64, help="calibration segments")
     parser.add_argument("--min-length", type=int, default=8, help="shortest calibration segment, in bytes")
     parser.add_argument("--pad", type=int, default=0, help="the padding byte")
     parser.add_argument("--seed", type=int, default=1, help="seed of the calibration segments")
     parser.add_argument("--only", nargs="*", help="run only these rows, e.g. 'wanda 50%%' 'sparsegpt 2:4'")
-    parser.add_argument("--eval-bytes", type=int, default=100_000, help="held-out bytes evaluated")
-    parser.add_argument("--cache", default="/tmp/fx_sparsity_quality")
     args = parser.parse_args()
 
     train_stream, held = corpus(args.corpus_bytes)

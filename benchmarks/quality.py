@@ -194,8 +194,8 @@ def prune(model: TinyGPT, method: str, pattern: str, owl: bool, sequential: bool
     return gm
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the trained checkpoint (model size, training run, corpus) and its evaluation."""
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
@@ -203,9 +203,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--corpus-bytes", type=int, default=12_000_000)
-    parser.add_argument("--calib", type=int, default=64, help="calibration windows of --context bytes")
     parser.add_argument("--eval-bytes", type=int, default=100_000, help="held-out bytes evaluated")
     parser.add_argument("--cache", default="/tmp/fx_sparsity_quality")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--calib", type=int, default=64, help="calibration windows of --context bytes")
     args = parser.parse_args()
 
     train_stream, held = corpus(args.corpus_bytes)
