@@ -49,6 +49,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from fx_sparsity.sparsifier.structured import ChannelPruner
 from fx_sparsity.structured import shrink, shrink_report
+from fx_sparsity.user_model import to_model
 from passes import capture, count_macs
 from machine import describe
 
@@ -224,8 +225,11 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
             for label, (config, recipe) in VARIANTS.get(name, {}).items():
                 if label.startswith("fx_sparsity"):
                     candidates[label] = _ours(dense, x, ratio, config)
+            if name in ("resnet18", "mobilenet_v3_small"):  # back in the user's class, run eagerly
+                candidates["fx_sparsity, to_model"] = to_model(candidates["fx_sparsity"])
             notes = {label: "exact" if shrink_report(module).exact else "inexact (LayerNorm statistics)"
-                     for label, module in candidates.items() if label.startswith("fx_sparsity")}
+                     for label, module in candidates.items()
+                     if label.startswith("fx_sparsity") and isinstance(module, torch.fx.GraphModule)}
             if tp is not None:
                 try:
                     candidates["torch-pruning"] = _torch_pruning(name, dense, x, ratio)

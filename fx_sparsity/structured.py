@@ -17,9 +17,10 @@ refused with the reason). Counting is per group in units, exactly as
 literal sizes the captured graph holds (the head count of ``view(b, s, 8, 64)``,
 repeat_kv's ``expand``/``reshape``, ``nn.MultiheadAttention``'s ``E``, ``H`` and ``B*H``)
 are rewritten in the shrunk graph, so no attribute or config needs patching (the
-captured module keeps no attention classes or configs to patch). The residual width
-(BERT's and Llama's hidden size, ViT's ``hidden_dim``) reaches the model output and is
-never pruned, so output shapes are kept.
+captured module keeps no attention classes or configs to patch). The residual width of
+BERT and Llama (their hidden size) reaches the model output and is never pruned, so
+output shapes are kept; a torchvision ViT's (``hidden_dim``) does not, and is pruned,
+its LayerNorms then reported inexact.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from passes import ShrinkReport, fuse_masks, shrink_channels
 from .sparsifier.base import clone_without_sparsifier, get_sparsifier
 from .sparsifier.structured import ChannelPruner
 
-__all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY"]
+__all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY", "SHRINK_INPUTS_KEY"]
 
 SHRINK_REPORT_KEY = "fx_sparsity.shrink_report"
+# gm.meta key: the example inputs the pruner was prepared with, for fx_sparsity.to_model to check its copy on
+SHRINK_INPUTS_KEY = "fx_sparsity.shrink_inputs"
 
 
 def shrink(gm: fx.GraphModule) -> fx.GraphModule:
@@ -71,6 +74,7 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
     source = fuse_masks(clone_without_sparsifier(gm))
     new, report = shrink_channels(source, pruner.channel_groups, removed, pruner.example_inputs)
     new.meta[SHRINK_REPORT_KEY] = report
+    new.meta[SHRINK_INPUTS_KEY] = pruner.example_inputs
     return new
 
 

@@ -17,6 +17,7 @@ module tree, ``torch.export``'s module registers the tensors under their FQNs).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import warnings
 from typing import Any
@@ -27,7 +28,9 @@ from torch import fx, nn
 from passes import SPARSE_OPS, clone_sharing_tensors, fuse_masks, masked_targets, set_tensor, tensor_aliases
 from passes.utils import get_tensor
 
+from .running import as_model_inputs, eval_mode
 from .sparsifier.base import clone_without_sparsifier
+from .structured import SHRINK_INPUTS_KEY, SHRINK_REPORT_KEY
 from .user_frames import caller_stacklevel
 
 __all__ = ["SOURCE_MODEL_META_KEY", "SourceModel", "to_model"]
@@ -203,6 +206,56 @@ def _replacements(
     return changes
 
 
+def _leaf_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+
+
+def _shrunk_model(gm: fx.GraphModule, source: nn.Module) -> nn.Module:
+    """A copy of ``source`` whose layers that shrinking changed are ``gm``'s (copies), checked to compute what
+    ``gm`` computes on the example inputs the pruner was prepared with; raises before returning otherwise."""
+    if gm.meta.get("capture") == "export":
+        raise ValueError(
+            "to_model of a shrunk module needs a symbolically traced capture: a torch.export capture keeps no "
+            f"module of {type(source).__name__}'s classes to swap in. Use the shrunk GraphModule itself"
+        )
+    inputs = gm.meta.get(SHRINK_INPUTS_KEY)
+    if inputs is None:
+        raise ValueError("the shrunk module no longer knows the pruner's example inputs to check the copy on "
+                         "(they are kept in gm.meta); shrink the prepared module again")
+    pruned = clone_sharing_tensors(source)
+    for fqn, layer in gm.named_modules():
+        if not fqn or next(layer.children(), None) is not None:
+            continue
+        try:
+            original = source.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"the shrunk module has a layer {fqn!r} that {type(source).__name__} lacks; pass the "
+                             "model that was prepared as to_model(gm, model=...)") from None
+        old, new = _leaf_tensors(original), _leaf_tensors(layer)
+        if old.keys() == new.keys() and all(_same(new[k], old[k]) for k in old):
+            continue
+        if type(layer) is not type(original):
+            raise ValueError(f"layer {fqn!r} is a {type(layer).__name__} in the shrunk module but a "
+                             f"{type(original).__name__} in {type(source).__name__}: use the shrunk GraphModule")
+        owner_fqn, _, name = fqn.rpartition(".")
+        setattr(pruned.get_submodule(owner_fqn), name, copy.deepcopy(layer))
+    args, kwargs = as_model_inputs(inputs, "the pruner's example inputs")
+    with torch.no_grad(), eval_mode(gm), eval_mode(pruned):
+        expected = gm(*args, **kwargs)
+        try:
+            got = pruned(*args, **kwargs)
+            torch.testing.assert_close(got, expected)
+        except Exception as e:  # a size kept in an attribute or config breaks the class's own forward
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"{type(source).__name__} with its shrunk layers does not compute what the shrunk module does "
+                f"({type(e).__name__}: {first}): the class keeps a size that shrinking changed in an attribute or "
+                "config its forward reads. Use the shrunk GraphModule (it exports and saves), or patch that "
+                "attribute on a copy yourself"
+            ) from None
+    return pruned
+
+
 def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     """A copy of the user's model, of its own class, carrying the weights ``gm`` computes with.
 
@@ -217,9 +270,16 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     ``UserWarning``, and an export-captured one (whose graph reads a tied tensor
     under one name for every use) is refused. The user's model is not modified.
 
+    A module returned by :func:`fx_sparsity.shrink` (symbolically traced) comes
+    back as a copy of the model whose layers shrinking changed are the shrunk
+    ones (a torchvision ResNet with slimmer convs, BatchNorms and fc), running
+    eagerly as the class does; the copy is checked to compute what the shrunk
+    module does on the pruner's example inputs, and refused when the class keeps
+    a size in an attribute or config its forward reads.
+
     Args:
         gm: a module returned by :func:`fx_sparsity.prepare`, stepped, squashed
-            (``squash_mask``) or lowered with the ``"fuse"`` backend.
+            (``squash_mask``), lowered with the ``"fuse"`` backend, or shrunk.
         model: the model that was prepared; by default the one ``prepare`` kept
             a reference to (needed after ``torch.load`` of ``gm``, which keeps none).
 
@@ -229,9 +289,10 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     Raises:
         TypeError: ``gm`` is not a ``GraphModule`` or ``model`` not a module.
         ValueError: the model cannot be found or lacks a parameter of ``gm``,
-            ``gm`` is lowered to sparse kernels (packed weights), a weight changed
-            shape (structured shrinking), or a tied weight is read masked and dense
-            in an export capture; raised before anything is built.
+            ``gm`` is lowered to sparse kernels (packed weights), a tied weight is
+            read masked and dense in an export capture, or a shrunk ``gm`` was
+            captured by export or does not run as the class with its shrunk layers;
+            raised before anything is returned.
 
     Example::
 
@@ -249,6 +310,8 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
         raise TypeError(f"gm must be the GraphModule fx_sparsity.prepare returned, got {type(gm).__name__}")
     source = _source_model(gm, model)
     _check_not_packed(gm)
+    if SHRINK_REPORT_KEY in gm.meta:
+        return _shrunk_model(gm, source)
     changes = _replacements(source, _fused(gm), by_module=gm.meta.get("capture") != "export")
     pruned = clone_sharing_tensors(source)
     for fqns, tensor in changes:

@@ -246,18 +246,71 @@ def test_export_captured_llama_with_tied_head():
         torch.testing.assert_close(pruned(ids).logits, gm(ids).logits, rtol=0, atol=0)
 
 
-def test_shrunk_module_is_refused_the_prepared_one_works():
-    """ChannelPruner on a Linear-ReLU-Linear: to_model of the shrunk module (smaller weights than the class holds) is
-    a ValueError naming the shapes; of the prepared module, a Sequential whose zeroed rows equal the masks."""
+def test_shrunk_module_and_prepared_module_back_in_the_class():
+    """ChannelPruner on a Linear-ReLU-Linear: to_model of the prepared module is a Sequential whose zeroed rows
+    equal the masks; of the shrunk module, a Sequential whose changed layers are the shrunk ones (8 of 16 hidden
+    units, the next layer's bias holding the removed units' folded constants) computing exactly what the shrunk
+    module does; the user's model is untouched."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = snapshot(model)
     pruner = fx_sparsity.ChannelPruner(sparsity_level=0.5)
     gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
     pruner.step()
-    with pytest.raises(ValueError, match=r"has shape \(8, 8\) in gm but \(16, 8\) in Sequential: structured"):
-        to_model(fx_sparsity.shrink(gm))
     pruned = to_model(gm)
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), gm(x), rtol=0, atol=0)
     assert int((pruned[0].weight.abs().sum(1) == 0).sum()) == 8
+    small = fx_sparsity.shrink(gm)
+    slim = to_model(small)
+    assert type(slim) is nn.Sequential and slim[0].out_features == 8 and slim[2].in_features == 8
+    assert slim[0] is not small.get_submodule("0")  # a copy: the shrunk module keeps its own
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), small(x), rtol=0, atol=0)
+    assert_unchanged(model, before)
+
+
+def test_shrunk_resnet_back_in_its_class_and_refusals():
+    """A torchvision resnet18 at half its channels: to_model of the shrunk module is a ResNet of exactly the shrunk
+    module's parameters and output (every conv, BatchNorm and the fc swapped in). A class that keeps a size in an
+    attribute its forward reads (torchvision's VisionTransformer, whose hidden_dim shrinking changed) or an
+    export capture is refused with the remedy."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    before = snapshot(model)
+    x = torch.randn(1, 3, 32, 32)
+    pruner = fx_sparsity.ChannelPruner(sparsity_level=0.5)
+    gm = pruner.prepare(model, example_inputs=x)
+    pruner.step()
+    small = fx_sparsity.shrink(gm)
+    slim = to_model(small)
+    assert type(slim) is type(model) and slim.layer1[0].conv1.out_channels == 32
+    assert sum(p.numel() for p in slim.parameters()) == sum(p.numel() for p in small.parameters())
+    y = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(y), small(y))
+    assert_unchanged(model, before)
+
+    class Width(nn.Module):  # keeps its hidden size in an attribute its forward reads
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.hidden = nn.Linear(8, 16), nn.Linear(16, 4), 16
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)).reshape(-1, self.hidden))
+
+    pruner = fx_sparsity.ChannelPruner(sparsity_level=0.5)
+    gm = pruner.prepare(Width(), example_inputs=torch.randn(2, 8), concrete_args=None)
+    pruner.step()
+    small = fx_sparsity.shrink(gm)
+    with pytest.raises(ValueError, match="keeps a size that shrinking changed in an attribute or config"):
+        to_model(small)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                              mlp_dim=32).eval()
+    pruner = fx_sparsity.ChannelPruner(sparsity_level=0.5)
+    gm = pruner.prepare(vit, example_inputs=torch.randn(1, 3, 32, 32))
+    pruner.step()
+    with pytest.raises(ValueError, match="needs a symbolically traced capture"):
+        to_model(fx_sparsity.shrink(gm))
