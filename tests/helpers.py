@@ -304,3 +304,11 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "modules": {k: (type(m), id(m), sorted(vars(m).get("_buffers", {}))) for k, m in model.named_modules()},
         "attrs": {k: sorted(vars(m)) for k, m in model.named_modules()},
     }
+
+
+def assert_adds_channels(first: dict, second: dict, strictly: bool = True) -> None:
+    """Gradual structured pruning only adds: every channel ``removed_channels()`` gave after the first step is
+    removed after the second, and (``strictly``) the second removes more in all."""
+    assert all(set(first[i].tolist()) <= set(second[i].tolist()) for i in first)
+    if strictly:
+        assert sum(len(c) for c in second.values()) > sum(len(c) for c in first.values())
