@@ -42,8 +42,9 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 import fx_sparsity
-from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, prepare
-from fx_sparsity.layer_timing import last_level_cache_bytes
+from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, prepare
+from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.lowering.timing import last_level_cache_bytes
 from passes import native_isa
 from machine import describe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fx_sparsity.layer_timing import last_level_cache_bytes
+from fx_sparsity.lowering.timing import last_level_cache_bytes
 
 __all__ = ["cpu_name", "describe"]
 

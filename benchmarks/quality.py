@@ -12,7 +12,7 @@ Then every Linear of the transformer blocks (not the embedding or the head, as
 in the papers) is pruned one-shot with magnitude, Wanda and SparseGPT at 50%
 unstructured, 4:8 and 2:4, each unstructured one with and without OWL levels,
 and Wanda/SparseGPT also with *sequential* calibration
-(``fx_sparsity.sequential.prune_sequential``: block by block, each block
+(``fx_sparsity.calibration.sequential.prune_sequential``: block by block, each block
 calibrated on the outputs of the already pruned blocks before it, as the
 reference implementations do; with OWL, the levels come from the dense model). Calibration: ``--calib`` training windows.
 The table gives held-out perplexity (per byte) and the dense model's.
@@ -37,9 +37,10 @@ from tabulate import tabulate
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, calibrate, prepare
-from fx_sparsity.owl import set_owl_levels
-from fx_sparsity.sequential import prune_sequential
+from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, prepare
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.levels.owl import set_owl_levels
+from fx_sparsity.calibration.sequential import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from machine import describe
 

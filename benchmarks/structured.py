@@ -47,10 +47,11 @@ from torch.utils._pytree import tree_leaves
 from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fx_sparsity.sparsifier.structured import ChannelPruner
-from fx_sparsity.structured import shrink, shrink_report
-from fx_sparsity.user_model import to_model
-from passes import capture, count_macs
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.structured.shrinking import shrink, shrink_report
+from fx_sparsity.deploy.user_model import to_model
+from passes.capturing.tracing import capture
+from passes import count_macs
 from machine import describe
 
 try:

@@ -13,15 +13,15 @@ Example::
 
 from passes import CaptureError
 
-from .api import get_unmatched, prepare
-from .calibrate import calibrate
-from .compare import CompareReport, LayerError, compare, compare_table, print_compare
-from .owl import outlier_ratio, owl_levels, set_owl_levels
-from .lower import BACKENDS, LayerLowering, TimedShrinkReport, get_lowering, lower
-from .config import SparsityConfig, parse_config
-from .masks import nearly_diagonal_mask, weight_norm_mask
-from .plots import draw_graph, plot_compare, plot_sparsity
-from .report import (
+from fx_sparsity.preparation import get_unmatched, prepare
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.report.comparison import CompareReport, LayerError, compare, compare_table, print_compare
+from fx_sparsity.levels.owl import outlier_ratio, owl_levels, set_owl_levels
+from fx_sparsity.lowering.recipe import BACKENDS, LayerLowering, TimedShrinkReport, get_lowering, lower
+from fx_sparsity.config import SparsityConfig, parse_config
+from fx_sparsity.sparsifier.masks import nearly_diagonal_mask, weight_norm_mask
+from fx_sparsity.report.plots import draw_graph, plot_compare, plot_sparsity
+from fx_sparsity.report.tables import (
     LayerSparsity,
     graph_table,
     layer_sparsity,
@@ -31,12 +31,12 @@ from .report import (
     print_sparsity_table,
     sparsity_table,
 )
-from .scheduler import BaseScheduler, CubicSL, LambdaSL
-from .sequential import SequentialReport, StageRecord, prune_sequential
-from .streaming import SafetensorsWeights, prepare_on_meta
-from .structured import shrink, shrink_report
-from .user_model import to_model
-from .sparsifier import (
+from fx_sparsity.levels.scheduler import BaseScheduler, CubicSL, LambdaSL
+from fx_sparsity.calibration.sequential import SequentialReport, StageRecord, prune_sequential
+from fx_sparsity.calibration.streaming import SafetensorsWeights, prepare_on_meta
+from fx_sparsity.structured.shrinking import shrink, shrink_report
+from fx_sparsity.deploy.user_model import to_model
+from fx_sparsity.sparsifier import (
     BaseSparsifier,
     ChannelPruner,
     GlobalMagnitudeSparsifier,
@@ -50,7 +50,7 @@ from .sparsifier import (
     WeightNormSparsifier,
     get_sparsifier,
 )
-from .sparsifier.structured import accumulate_gradients
+from fx_sparsity.structured.pruner import accumulate_gradients
 
 __all__ = [
     "BACKENDS",

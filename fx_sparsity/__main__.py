@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from fx_sparsity.cli.command import main
 
 sys.exit(main())

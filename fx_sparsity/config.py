@@ -11,7 +11,7 @@ Strings that contain ``*``, ``?`` or ``[`` are glob patterns; other strings
 name a weight tensor or a module exactly. The other keys of an entry override
 the sparsifier's defaults for the weights it selects. Precedence when several
 entries select one weight: exact tensor FQN, then exact module FQN, then the
-first matching pattern (see :mod:`passes.select`).
+first matching pattern (see :mod:`passes.matching.select`).
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 Each pass takes a ``GraphModule`` and returns one; none of them imports
 ``fx_sparsity``. ``capture`` is the exception that takes an ``nn.Module``.
 Importing the package registers the ``fx_sparsity::*_linear`` custom operators
-(:mod:`passes.sparse_ops`) that lowered modules and exported programs call.
+(:mod:`passes.lowering.operators`) that lowered modules and exported programs call.
 """
 
-from .capture import CapturedModule, CaptureError, capture
-from .fuse_masks import fuse_masks, masked_targets
-from .insert_masks import insert_masks
-from .lower_sparse import (
+from passes.capturing.tracing import CapturedModule, CaptureError, capture
+from passes.masking.fuse import fuse_masks, masked_targets
+from passes.masking.insert import insert_masks
+from passes.lowering.rewrite import (
     COMPONENT_NAMES,
     LAYOUTS,
     SPARSE_OPS,
@@ -21,7 +21,7 @@ from .lower_sparse import (
     sparse_layer_forward,
     unsupported_reason,
 )
-from .match import (
+from passes.matching.weights import (
     UnmatchedWeight,
     WeightMatch,
     find_masked_weights,
@@ -32,13 +32,13 @@ from .match import (
     unmatched_weights,
     weight_position,
 )
-from .native import NO_NATIVE_ENV, native_isa, native_ops
-from .sparse_formats import detect_nm
-from .meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from .select import FqnRule, is_pattern, select_weights
-from .utils import clone_sharing_tensors, fqns_read, set_tensor, split_fqn, tensor_aliases
-from .observe import insert_input_observers, remove_input_observers
-from .observers import (
+from passes.lowering.native import NO_NATIVE_ENV, native_isa, native_ops
+from passes.lowering.formats import detect_nm
+from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
+from passes.matching.select import FqnRule, is_pattern, select_weights
+from passes.utils import clone_sharing_tensors, fqns_read, set_tensor, split_fqn, tensor_aliases
+from passes.calibration.insertion import insert_input_observers, remove_input_observers
+from passes.calibration.observers import (
     InputHessianObserver,
     InputNormObserver,
     InputObserver,
@@ -49,10 +49,19 @@ from .observers import (
     input_rows,
     token_rows,
 )
-from .dependency import ChannelGroup, Member, find_channel_groups
-from .shrink import ShrinkReport, count_macs, shrink_channels
-from .blocks import Stage, StageRunner, carried_bytes, find_blocks, match_blocks, module_paths, plan_stages, stage_tensors
-from .lstm_masks import LSTM_KIND, find_lstm_weights, masked_lstm
+from passes.dependency.analysis import ChannelGroup, Member, find_channel_groups
+from passes.shrink.rewrite import ShrinkReport, count_macs, shrink_channels
+from passes.calibration.stages import (
+    Stage,
+    StageRunner,
+    carried_bytes,
+    find_blocks,
+    match_blocks,
+    module_paths,
+    plan_stages,
+    stage_tensors,
+)
+from passes.masking.lstm import LSTM_KIND, find_lstm_weights, masked_lstm
 
 __all__ = [
     "COMPONENT_NAMES",

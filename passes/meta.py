@@ -25,15 +25,15 @@ class SparseTarget:
         module_fqn: FQN of the module that owns the (canonical) weight tensor.
         tensor_name: attribute name of the weight on that module (usually ``"weight"``).
         kind: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"conv3d"`` or ``"lstm"`` (a
-            parameter of an ``nn.LSTM``, :mod:`passes.lstm_masks`; the LSTM call's own
+            parameter of an ``nn.LSTM``, :mod:`passes.masking.lstm`; the LSTM call's own
             ``"op"`` target names the module, with ``tensor_name`` ``""``).
         weight_shape: shape of the weight tensor.
         role: ``"op"`` for the linear/conv node, ``"mask_mul"`` for the
             ``mul(weight, mask)`` node, ``"pad"`` for the explicit padding node
             of a conv whose ``padding_mode`` is not ``"zeros"``, ``"observer"`` for a
-            calibration observer in front of the op (:mod:`passes.observe`, :mod:`passes.observers`),
+            calibration observer in front of the op (:mod:`passes.calibration.insertion`, :mod:`passes.calibration.observers`),
             ``"lowered"`` for the node holding a lowered op's output in the layer's
-            layout (:mod:`passes.lower_sparse`; the sparse operator's call, or the
+            layout (:mod:`passes.lowering.rewrite`; the sparse operator's call, or the
             conv's ``contiguous`` after it).
         call_module_fqn: for an op that was a ``call_module`` before masking,
             the FQN of the module it called (it may differ from ``module_fqn``

@@ -105,7 +105,7 @@ class ReadIndex:
     A ``get_attr`` node reads its target; a ``call_module`` node reads every tensor
     below its module. The index reflects the graph when it was built: fusing one mask
     changes reads of that mask's own weight only, so one index serves a whole
-    :func:`passes.fuse_masks.fuse_masks`.
+    :func:`passes.masking.fuse.fuse_masks`.
     """
 
     def __init__(self, graph: fx.Graph) -> None:

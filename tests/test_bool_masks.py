@@ -27,13 +27,13 @@ from fx_sparsity import (
     SparseGPTSparsifier,
     WandaSparsifier,
     WeightNormSparsifier,
-    calibrate,
     get_sparsifier,
-    lower,
     prepare,
     sparsity_table,
 )
-from fx_sparsity.masks import to_bool_mask
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.sparsifier.masks import to_bool_mask
 from passes import masked_targets
 
 from helpers import LinearNet, SimpleLinear, ThreeLinear

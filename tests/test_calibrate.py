@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import MagnitudeSparsifier, calibrate, prepare
+from fx_sparsity import MagnitudeSparsifier, prepare
+from fx_sparsity.calibration.statistics import calibrate
 from passes import InputHessianObserver, insert_input_observers
 
 from helpers import MixedNet, TinyResNet, count_nodes, snapshot

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, calibrate, prepare
-from fx_sparsity.sequential import prune_sequential
+from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.calibration.sequential import prune_sequential
 from passes import InputNormObserver, all_reduce_observers
 
 WORLD = 2

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, calibrate, prepare
+from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
+from fx_sparsity.calibration.statistics import calibrate
 from passes import InputNormObserver, token_rows
 
 PAD = 0

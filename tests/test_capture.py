@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from passes import CaptureError, capture
+from passes import CaptureError
+from passes.capturing.tracing import capture
 
 from helpers import ControlFlowNet, MixedNet, snapshot
 
@@ -265,7 +266,8 @@ def test_dynamic_shapes_argument_is_passed_to_export():
 
 
 def _prepared() -> nn.Module:
-    from passes import find_weights, insert_masks
+    from passes import find_weights
+    from passes.masking.insert import insert_masks
 
     gm = capture(nn.Sequential(nn.Linear(4, 4)))
     return insert_masks(gm, find_weights(gm))

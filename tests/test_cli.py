@@ -10,8 +10,8 @@ import warnings
 import pytest
 
 import passes
-from fx_sparsity import cli
-from fx_sparsity.models import DemoNet, load_model
+from fx_sparsity.cli import command as cli
+from fx_sparsity.cli.demo_models import DemoNet, load_model
 
 
 def test_default_run_prints_tables_and_verdict(capsys):
@@ -224,7 +224,7 @@ def test_eval_errors_equal_compare_on_the_same_batches(capsys, monkeypatch):
     compare(model, gm) recomputed from the same seeded batches, and a model without --eval prints no table."""
     import torch
 
-    from fx_sparsity.compare import compare, compare_table
+    from fx_sparsity.report.comparison import compare, compare_table
 
     seen = {}
     real_compare = cli.compare

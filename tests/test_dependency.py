@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fx_sparsity.sparsifier.structured import ChannelPruner
-from passes import Member, capture, find_channel_groups, shrink_channels
+from fx_sparsity.structured.pruner import ChannelPruner
+from passes import Member, find_channel_groups, shrink_channels
+from passes.capturing.tracing import capture
 
 from helpers import TinyMobileNet, TinyResNet, count_nodes, snapshot
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fx_sparsity.sparsifier.structured import ChannelPruner, count_to_remove
-from fx_sparsity.structured import shrink, shrink_report
-from passes import capture, find_channel_groups, shrink_channels
+from fx_sparsity.structured.pruner import ChannelPruner, count_to_remove
+from fx_sparsity.structured.shrinking import shrink, shrink_report
+from passes.capturing.tracing import capture
+from passes import find_channel_groups, shrink_channels
 
 from helpers import count_nodes, snapshot
 

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity import NearlyDiagonalSparsifier, WeightNormSparsifier, get_sparsifier, prepare
-from passes import capture, find_weights, fuse_masks, insert_masks, masked_targets
+from passes.capturing.tracing import capture
+from passes import find_weights, masked_targets
+from passes.masking.fuse import fuse_masks
+from passes.masking.insert import insert_masks
 
 from helpers import (
     ConvNet1d3d,

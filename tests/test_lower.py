@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import operator
 
 import pytest
@@ -12,10 +11,11 @@ from torch import nn
 
 import fx_sparsity
 import passes
-from passes.lower_sparse import LAYOUTS
-from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lower, lowering_table, prepare
-from fx_sparsity.autotune import AUTO_MIN_SPEEDUP, choose_backend
-from fx_sparsity.layer_timing import last_level_cache_bytes, time_variants
+from passes.lowering.rewrite import LAYOUTS
+from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, lowering_table, prepare
+from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.lowering.autotune import AUTO_MIN_SPEEDUP, choose_backend
+from fx_sparsity.lowering.timing import last_level_cache_bytes, time_variants
 
 from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, TinyResNet, count_nodes, snapshot
 
@@ -281,7 +281,9 @@ def test_nm_masks_take_the_semi_structured_pass():
     dense, its reference kernel): the graph calls semi_structured_linear, matches and exports."""
     import warnings
 
-    from passes import SparseFormat, clone_sharing_tensors, fuse_masks, lower_sparse
+    from passes import SparseFormat, clone_sharing_tensors
+    from passes.masking.fuse import fuse_masks
+    from passes.lowering.rewrite import lower_sparse
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the "2:4 runs fast only on CUDA" warning
@@ -371,8 +373,8 @@ def test_streaming_timing_rotates_through_copies(monkeypatch):
     """When the model's weights exceed the last-level cache, each variant of a layer rotates through copies of its
     tensors that together exceed twice that cache (so every call reads memory, back to back), and auto still
     matches the prepared module. The cache size is patched small so that a test model is "large"."""
-    layer_timing = importlib.import_module("fx_sparsity.layer_timing")
-    lower_module = importlib.import_module("fx_sparsity.lower")  # the package's `lower` is the function
+    from fx_sparsity.lowering import recipe as lower_module
+    from fx_sparsity.lowering import timing as layer_timing
 
     monkeypatch.setattr(layer_timing, "last_level_cache_bytes", lambda: 32 << 10)
     monkeypatch.setattr(lower_module, "last_level_cache_bytes", lambda: 32 << 10)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.export import Dim
 
-from fx_sparsity import WeightNormSparsifier, get_sparsifier, lower, prepare
+from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
+from fx_sparsity.lowering.recipe import lower
 
 from helpers import LinearNet, PointwiseConvNet
 

@@ -11,7 +11,7 @@ from torch.ao.pruning._experimental.pruner import BaseStructuredSparsifier
 from torch.ao.pruning._experimental.pruner.parametrization import FakeStructuredSparsity
 from torch.testing._internal import common_pruning
 
-from fx_sparsity.sparsifier.structured import ChannelPruner
+from fx_sparsity.structured.pruner import ChannelPruner
 from passes import find_channel_groups, masked_lstm, shrink_channels
 
 
@@ -247,7 +247,7 @@ def test_channel_pruner_masks_lstm_units_and_shrink_is_exact(kwargs, mask_consum
     torch.testing.assert_close(gm(x), ref(x))
     assert not torch.allclose(gm(x), model(x))
 
-    from fx_sparsity.structured import shrink, shrink_report
+    from fx_sparsity.structured.shrinking import shrink, shrink_report
 
     small = shrink(gm)
     assert small.lstm.hidden_size == 3 and small.lstm.input_size == 4
@@ -284,7 +284,7 @@ def test_lstm_units_are_masked_through_fine_tuning():
     torch.testing.assert_close(pruner.removed_channels()[units.index], removed)
     torch.testing.assert_close(gm(x), _masked_reference(gm, gm, pruner)(x))
 
-    from fx_sparsity.structured import shrink, shrink_report
+    from fx_sparsity.structured.shrinking import shrink, shrink_report
 
     small = shrink(gm)
     assert shrink_report(small).exact
@@ -405,7 +405,7 @@ def test_taylor_scores_read_the_lstm_input_columns():
     """criterion='taylor' on Linear -> LSTM: the features group's score includes |w x grad| of lstm.weight_ih_l0's
     columns (a consumer member), checked against a direct computation."""
     torch.manual_seed(0)
-    from fx_sparsity.sparsifier.structured import accumulate_gradients
+    from fx_sparsity.structured.pruner import accumulate_gradients
 
     x, target = torch.randn(7, 2, 5), torch.randn(7, 2, 3)
     model = _LSTMNet(layers=1).eval()

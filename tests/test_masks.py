@@ -13,7 +13,7 @@ from torch.ao.pruning import NearlyDiagonalSparsifier as AONearlyDiagonal
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 from fx_sparsity import NearlyDiagonalSparsifier, WeightNormSparsifier, nearly_diagonal_mask, weight_norm_mask
-from fx_sparsity.masks import resolve_norm, smallest_k_mask
+from fx_sparsity.sparsifier.masks import resolve_norm, smallest_k_mask
 
 
 def ao_weight_norm_masks(weight, steps=1, **kwargs):

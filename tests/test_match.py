@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from passes import SPARSITY_META_KEY, capture, find_weights, fuse_masks, insert_masks, lowering_blocker
+from passes import SPARSITY_META_KEY, find_weights, lowering_blocker
+from passes.capturing.tracing import capture
+from passes.masking.fuse import fuse_masks
+from passes.masking.insert import insert_masks
 
 from helpers import check_against_eager, count_nodes
 

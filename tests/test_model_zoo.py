@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import WeightNormSparsifier, get_sparsifier, lower, prepare
+from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
+from fx_sparsity.lowering.recipe import lower
 
 from helpers import TinyMobileNet, TinyResNet, TinyViT, masked_reference
 

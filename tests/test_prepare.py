@@ -17,9 +17,7 @@ from fx_sparsity import (
     NMSparsifier,
     SparseGPTSparsifier,
     WandaSparsifier,
-    calibrate,
     get_lowering,
-    lower,
     LambdaSL,
     MagnitudeSparsifier,
     WeightGroup,
@@ -29,6 +27,8 @@ from fx_sparsity import (
     prepare,
     sparsity_table,
 )
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.lowering.recipe import lower
 
 from helpers import ImplementedSparsifier, SimpleLinear, snapshot
 

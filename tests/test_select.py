@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from fx_sparsity import WeightNormSparsifier, parse_config, prepare
-from passes import capture, find_weights, select_weights
+from passes.capturing.tracing import capture
+from passes import find_weights, select_weights
 
 from helpers import ConvNet1d3d, ControlFlowNet, MixedNet, SimpleLinear
 

@@ -18,10 +18,10 @@ from fx_sparsity import (
     MagnitudeSparsifier,
     NMSparsifier,
     WandaSparsifier,
-    calibrate,
     get_sparsifier,
     prepare,
 )
+from fx_sparsity.calibration.statistics import calibrate
 
 from helpers import MixedNet, PointwiseConvNet, ThreeLinear, count_nodes
 

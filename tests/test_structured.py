@@ -19,11 +19,12 @@ import fx_sparsity
 from torch.testing._internal import common_pruning
 
 from fx_sparsity import WeightNormSparsifier
-from fx_sparsity.scheduler import LambdaSL
-from fx_sparsity.sparsifier.importance import channel_importance, channels_to_remove, count_to_remove
-from fx_sparsity.sparsifier.structured import ChannelPruner
-from fx_sparsity.structured import shrink, shrink_report
-from passes import capture, find_channel_groups, shrink_channels
+from fx_sparsity.levels.scheduler import LambdaSL
+from fx_sparsity.structured.importance import channel_importance, channels_to_remove, count_to_remove
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.structured.shrinking import shrink, shrink_report
+from passes.capturing.tracing import capture
+from passes import find_channel_groups, shrink_channels
 
 from helpers import TinyMobileNet, TinyResNet, TinyViT, assert_adds_channels, snapshot
 

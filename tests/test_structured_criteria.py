@@ -11,9 +11,14 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.sparsifier.importance import activation_importance, channels_to_remove, count_to_remove, taylor_importance
-from fx_sparsity.sparsifier.structured import ChannelPruner, accumulate_gradients
-from fx_sparsity.structured import shrink, shrink_report
+from fx_sparsity.structured.importance import (
+    activation_importance,
+    channels_to_remove,
+    count_to_remove,
+    taylor_importance,
+)
+from fx_sparsity.structured.pruner import ChannelPruner, accumulate_gradients
+from fx_sparsity.structured.shrinking import shrink, shrink_report
 
 from helpers import TinyResNet, assert_adds_channels, snapshot
 

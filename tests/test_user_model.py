@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import MagnitudeSparsifier, SparseGPTSparsifier, calibrate, prepare
-from fx_sparsity.user_model import to_model
+from fx_sparsity import MagnitudeSparsifier, SparseGPTSparsifier, prepare
+from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.deploy.user_model import to_model
 
 from helpers import ThreeLinear, TiedEmbeddingNet, snapshot
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fx_sparsity.sparsifier.structured import ChannelPruner
-from fx_sparsity.structured import shrink, shrink_report
-from passes import capture, find_channel_groups, shrink_channels
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.structured.shrinking import shrink, shrink_report
+from passes.capturing.tracing import capture
+from passes import find_channel_groups, shrink_channels
 
 from helpers import snapshot
 

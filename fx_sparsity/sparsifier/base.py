@@ -5,7 +5,7 @@ per selected weight (``sparsifier.records``), shown to torch.ao.pruning code as
 dict-like groups (``sparsifier.groups``), plus per-weight ``state``. It computes
 masks in :meth:`BaseSparsifier.step` and serialises with ``state_dict``.
 Capturing and rewriting the model is :func:`fx_sparsity.prepare`'s recipe;
-fusing is :func:`passes.fuse_masks`; module swapping is :mod:`fx_sparsity.convert`.
+fusing is :func:`passes.masking.fuse`; module swapping is :mod:`fx_sparsity.lowering.convert`.
 
 The differences from ``torch.ao.pruning.BaseSparsifier``:
 
@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import WeightMatch, clone_sharing_tensors, find_weights, fuse_masks, masked_targets
+from passes import WeightMatch, clone_sharing_tensors, find_weights, masked_targets
+from passes.masking.fuse import fuse_masks
 
-from ..masks import to_bool_mask
-from .group import STRUCTURAL_KEYS, GroupView, WeightGroup
+from fx_sparsity.sparsifier.masks import to_bool_mask
+from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
 
 __all__ = ["BaseSparsifier", "SPARSIFIER_META_KEY", "get_sparsifier", "clone_without_sparsifier"]
 
@@ -278,7 +279,7 @@ class BaseSparsifier(abc.ABC):
             The prepared ``GraphModule``; ``self.model`` refers to it and
             ``get_sparsifier(gm)`` returns this sparsifier.
         """
-        from ..api import prepare  # the recipe lives in fx_sparsity.api, which imports this module
+        from fx_sparsity.preparation import prepare  # the recipe lives in fx_sparsity.preparation, which imports this module
 
         return prepare(model, config, sparsifier=self, **kwargs)
 
@@ -445,10 +446,10 @@ class BaseSparsifier(abc.ABC):
     ) -> fx.GraphModule:
         """Swap sparsified modules for ``mapping[type(m)].from_dense(m)`` after fusing their masks.
 
-        See :func:`fx_sparsity.convert.convert_modules`; only this sparsifier's
+        See :func:`fx_sparsity.lowering.convert.convert_modules`; only this sparsifier's
         weights' modules are swapped.
         """
-        from ..convert import convert_modules  # convert builds on clone_without_sparsifier, defined here
+        from fx_sparsity.lowering.convert import convert_modules  # convert builds on clone_without_sparsifier, defined here
 
         return convert_modules(module, mapping, {r.module_fqn for r in self.records}, inplace=inplace)
 

@@ -1,0 +1,176 @@
+"""OWL: outlier-weighted layer-wise sparsity levels (Yin et al. 2023).
+
+Layers whose activation-aware scores ``|W_ij| * ||X_j||`` (Wanda's) hold more
+outliers keep more weights. A layer's outlier ratio is the fraction of its
+scores above ``m`` times their mean (the paper's "layerwise outlier
+distribution", ``M = 5``). The ratios are rescaled to ``[0, 2 * lam]``
+(``lam = 0.08``), centred, and added to the requested density: the levels span
+``2 * lam`` (the paper's ``[S - lam, S + lam]`` when the ratios spread evenly)
+and average to ``sparsity_level``.
+
+:func:`outlier_ratio` and :func:`owl_levels` are pure tensor/number code;
+:func:`set_owl_levels` reads the statistics :func:`fx_sparsity.calibrate` left
+in a prepared module's sparsifier and sets every group's ``sparsity_level``
+before ``step()``: it works with Wanda, SparseGPT and magnitude (calibrate
+records input norms for sparsifiers that do not ask for anything else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import fx
+
+from fx_sparsity.sparsifier.masks import validate_level
+from fx_sparsity.sparsifier import get_sparsifier
+from fx_sparsity.sparsifier.sparsegpt.sparsifier import INPUT_HESSIAN_KEY
+from fx_sparsity.sparsifier.wanda.sparsifier import INPUT_NORM_KEY, wanda_scores
+
+__all__ = ["outlier_ratio", "owl_levels", "owl_scores", "set_owl_levels"]
+
+
+def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
+    """The fraction of ``scores`` greater than ``m`` times their mean.
+
+    Example::
+
+        >>> outlier_ratio(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0]), m=5.0)
+        0.125
+    """
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+        raise ValueError(f"m must be a number > 0 (outliers are scores above m times the mean), got {m!r}")
+    flat = scores.detach().reshape(-1).double()
+    if flat.numel() == 0:
+        raise ValueError("outlier_ratio needs at least one score")
+    return (flat > m * flat.mean()).double().mean().item()
+
+
+def owl_levels(
+    ratios: Mapping[str, float],
+    sparsity_level: float,
+    lam: float = 0.08,
+    sizes: Mapping[str, int] | None = None,
+) -> dict[str, float]:
+    """Per-layer sparsity levels from per-layer outlier ratios (OWL).
+
+    ``density = (r - min r) / (max r - min r) * 2 * lam``, minus its mean, plus
+    ``1 - sparsity_level``; ``level = 1 - density``, clipped to ``[0, 1]``. The
+    mean is unweighted, as in the paper (whose layers all have one size); with
+    ``sizes`` (parameters per layer) it is weighted by them, so that the
+    overall fraction of pruned weights is ``sparsity_level``. Equal ratios give
+    every layer ``sparsity_level``.
+
+    Args:
+        ratios: layer -> outlier ratio (see :func:`outlier_ratio`).
+        sparsity_level: the average level wanted.
+        lam: half the span of the levels (``lambda``).
+        sizes: layer -> number of weights, to weight the mean.
+
+    Returns:
+        layer -> sparsity level.
+
+    Example::
+
+        >>> owl_levels({"a": 0.01, "b": 0.03}, 0.5)
+        {'a': 0.58, 'b': 0.42}
+    """
+    level = validate_level(sparsity_level)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 0.5:
+        raise ValueError(f"lam must be a number in [0, 0.5] (half the span of the levels), got {lam!r}")
+    if not ratios:
+        raise ValueError("owl_levels needs at least one layer")
+    names = list(ratios)
+    r = torch.tensor([float(ratios[n]) for n in names], dtype=torch.float64)
+    if sizes is not None:
+        missing = [n for n in names if n not in sizes]
+        if missing:
+            raise ValueError(f"sizes has no entry for {missing}")
+    w = torch.tensor([float(sizes[n]) for n in names] if sizes is not None else [1.0] * len(names), dtype=torch.float64)
+    span = r.max() - r.min()
+    scaled = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
+    density = scaled - (scaled * w).sum() / w.sum() + (1 - level)
+    levels = (1 - density).clamp(0.0, 1.0)
+    return {n: round(levels[i].item(), 12) for i, n in enumerate(names)}
+
+
+def owl_scores(sparsifier: object, group: dict) -> torch.Tensor:
+    """Wanda's scores ``|W_ij| * ||X_j||`` of ``group`` from what calibrate recorded.
+
+    Input norms (Wanda, and sparsifiers without their own statistics) are used
+    as they are; from an input Hessian (SparseGPT) ``||X_j|| = sqrt(H_jj)`` per
+    column of the weight's ``[out, in * kernel]`` view.
+    """
+    fqn = group["tensor_fqn"]
+    state = sparsifier.state.get(fqn, {})
+    weight = getattr(group["module"], group["tensor_name"]) * getattr(group["module"], group["tensor_name"] + "_mask")
+    if INPUT_NORM_KEY in state:
+        return wanda_scores(weight, state[INPUT_NORM_KEY], fqn)
+    if INPUT_HESSIAN_KEY in state:
+        hessian = state[INPUT_HESSIAN_KEY]
+        norms = hessian.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().to(weight.dtype)  # [groups, columns]
+        rows = weight.reshape(weight.shape[0], -1)
+        per_row = norms.repeat_interleave(rows.shape[0] // norms.shape[0], 0)
+        return rows.abs() * per_row
+    raise RuntimeError(f"no input statistics for {fqn}: run fx_sparsity.calibrate(gm, batches) before OWL")
+
+
+def set_owl_levels(
+    gm: fx.GraphModule,
+    sparsity_level: float | None = None,
+    *,
+    m: float = 5.0,
+    lam: float = 0.08,
+    blocks: Callable[[str], str] | None = None,
+) -> dict[str, float]:
+    """Set each group's ``sparsity_level`` by OWL, after ``calibrate`` and before ``step``.
+
+    Args:
+        gm: a prepared and calibrated module (Wanda, SparseGPT, magnitude, or any
+            sparsifier whose groups take ``sparsity_level``).
+        sparsity_level: the overall level; default: the sparsifier's own.
+        m: outliers are scores above ``m`` times their layer's mean.
+        lam: half the span of the layers' levels (``lambda``).
+        blocks: maps a weight FQN to its "layer" (the paper treats a transformer
+            block as one layer: ``lambda fqn: fqn.split(".")[1]``); default:
+            each weight is a layer. A block's outlier ratio is over all its scores.
+
+    Returns:
+        tensor FQN -> the level it got. The mean weighted by weight counts is
+        ``sparsity_level`` (unless clipping at 0 or 1 was needed).
+
+    Raises:
+        ValueError: a group uses N:M (OWL sets unstructured levels); bad ``m``/``lam``.
+        RuntimeError: ``calibrate`` has not run.
+
+    Example::
+
+        >>> gm = fx_sparsity.prepare(model, sparsifier=fx_sparsity.WandaSparsifier(0.5))
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)
+        >>> levels = set_owl_levels(gm)
+        >>> fx_sparsity.get_sparsifier(gm).step()
+    """
+    sparsifier = get_sparsifier(gm)
+    level = sparsity_level if sparsity_level is not None else sparsifier.defaults.get("sparsity_level")
+    if level is None:
+        raise ValueError(f"{type(sparsifier).__name__} has no sparsity_level: pass sparsity_level=")
+    validate_level(level)
+    for group in sparsifier.groups:
+        if "sparsity_level" not in group:
+            raise ValueError(f"{group['tensor_fqn']} has no sparsity_level argument for OWL to set")
+        if group.get("nm") is not None:
+            raise ValueError(f"{group['tensor_fqn']} uses N:M {group['nm']}: OWL sets unstructured levels; drop nm")
+    key_of = blocks if blocks is not None else (lambda fqn: fqn)
+    scores: dict[str, list[torch.Tensor]] = {}
+    sizes: dict[str, int] = {}
+    for group in sparsifier.groups:
+        key = key_of(group["tensor_fqn"])
+        s = owl_scores(sparsifier, group)
+        scores.setdefault(key, []).append(s.reshape(-1))
+        sizes[key] = sizes.get(key, 0) + s.numel()
+    ratios = {key: outlier_ratio(torch.cat(parts), m) for key, parts in scores.items()}
+    per_block = owl_levels(ratios, level, lam, sizes)
+    levels = {g["tensor_fqn"]: per_block[key_of(g["tensor_fqn"])] for g in sparsifier.groups}
+    for group in sparsifier.groups:
+        group["sparsity_level"] = levels[group["tensor_fqn"]]
+    return levels

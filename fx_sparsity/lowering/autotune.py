@@ -1,0 +1,99 @@
+"""Decide each layer's format: the requested one, or for ``"auto"`` the fastest measured.
+
+For a requested sparse backend, :func:`resolve_layer` checks that the layer and
+this machine can run it (:func:`passes.lowering.rewrite.unsupported_reason`) and
+raises otherwise. For ``"auto"`` it times the fused dense op and every format
+the layer can take on the layer's own recorded input, interleaved (see
+:mod:`fx_sparsity.lowering.timing`), and keeps a sparse format only when it beats
+fused by :data:`AUTO_MIN_SPEEDUP`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from passes import LAYOUTS, SparseFormat, unsupported_reason
+
+from fx_sparsity.lowering.timing import LayerTimer
+from fx_sparsity.lowering.backends import LayerRequest
+
+__all__ = ["AUTO_MIN_SPEEDUP", "LayerChoice", "choose_backend", "resolve_layer"]
+
+# "auto" keeps a sparse kernel only when it is this many times faster than the fused dense op,
+# so that timing noise never leaves a layer slower than dense.
+AUTO_MIN_SPEEDUP = 1.1
+
+# (format or None for fused, note, seconds before, seconds after)
+LayerChoice = tuple[SparseFormat | None, str, float | None, float | None]
+
+
+def choose_backend(fused_seconds: float, sparse_seconds: Mapping[str, float]) -> tuple[str, str]:
+    """``auto``'s pick and its note: the fastest sparse backend if it beats fused by :data:`AUTO_MIN_SPEEDUP`.
+
+    Example::
+
+        >>> choose_backend(1.0, {"csr": 0.5, "bsr": 0.4})
+        ('bsr', 'auto: csr 2.00x, bsr 2.50x vs fused')
+    """
+    if not sparse_seconds:
+        return "fuse", "auto: no sparse kernel fits this layer"
+    timings = ", ".join(f"{k} {fused_seconds / v:.2f}x" for k, v in sparse_seconds.items())
+    best = min(sparse_seconds, key=sparse_seconds.get)
+    if sparse_seconds[best] * AUTO_MIN_SPEEDUP <= fused_seconds:
+        return best, f"auto: {timings} vs fused"
+    return "fuse", f"auto: fused ({timings})"
+
+
+def _format(layout: str, blocksize: tuple[int, int] | None) -> SparseFormat:
+    return SparseFormat(layout, blocksize if layout == "bsr" else None)
+
+
+def resolve_layer(
+    layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, blocker: str | None, timed: bool
+) -> LayerChoice:
+    """The format a layer gets (``None``: fuse), the note, and its times before/after when ``timed``.
+
+    ``blocker`` is why the layer's ops cannot run as a sparse linear at all
+    (:func:`passes.lowering_blockers`), ``None`` when they can.
+
+    Raises:
+        ValueError: an explicitly requested backend cannot run this layer here.
+    """
+    fqn, wanted = layer.target.tensor_fqn, request.backend
+    fused = layer.fused()
+    variants = {"masked": layer.masked_fn(), "fuse": layer.dense_fn(fused)} if timed else {}
+    if wanted == "fuse" or blocker is not None:
+        times = layer.time(variants) if timed else {}
+        note = f"fused: {blocker}" if wanted != "fuse" and blocker else ""
+        return None, note, times.get("masked"), times.get("fuse")
+    if wanted != "auto":
+        reason = unsupported_reason(wanted, fused, blocksize)
+        if reason is not None:
+            raise ValueError(f"cannot lower {fqn} with backend {wanted!r}: {reason}; use 'fuse' or 'auto'")
+        fmt = _format(wanted, blocksize)
+        if not timed:
+            return fmt, "", None, None
+        try:
+            variants[wanted] = layer.sparse_fn(fmt, fmt.components(fused.reshape(fused.shape[0], -1)))
+        except ValueError as e:
+            raise ValueError(f"cannot lower {fqn} to {wanted}: {e}") from None
+        times = layer.time(variants)
+        return fmt, "", times["masked"], times[wanted]
+    formats = {}
+    for layout in LAYOUTS:
+        if unsupported_reason(layout, fused, blocksize) is not None:
+            continue
+        if layout == "bsr" and blocksize[0] * blocksize[1] == 1:
+            continue  # 1x1 blocks are CSR with extra overhead
+        fmt = _format(layout, blocksize)
+        try:
+            components = fmt.components(fused.reshape(fused.shape[0], -1))
+        except ValueError:  # not 2:4, say
+            continue
+        formats[layout] = fmt
+        variants[layout] = layer.sparse_fn(fmt, components)
+    times = layer.time(variants)
+    if times["fuse"] is None:
+        return None, "auto: the layer did not run on example_inputs; fused", None, None
+    choice, note = choose_backend(times["fuse"], {k: times[k] for k in formats})
+    return formats.get(choice), note, times["masked"], times[choice]

@@ -1,0 +1,163 @@
+"""SparseGPT: one-shot pruning that updates the kept weights to preserve each layer's outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from passes import InputHessianObserver, SparseTarget, fqns_read, get_sparse_target, set_tensor, tensor_aliases
+
+from fx_sparsity.sparsifier.masks import validate_level, validate_nm
+from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_prune, validate_block_size
+from fx_sparsity.sparsifier.base import BaseSparsifier
+
+__all__ = ["SparseGPTSparsifier", "INPUT_HESSIAN_KEY"]
+
+# Where fx_sparsity.calibrate stores each weight's input Hessian: sparsifier.state[tensor_fqn][INPUT_HESSIAN_KEY].
+INPUT_HESSIAN_KEY = "input_hessian"
+
+
+class SparseGPTSparsifier(BaseSparsifier):
+    r"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, from input Hessians.
+
+    :func:`fx_sparsity.calibrate` records each selected weight's input Hessian
+    ``X^T X`` (float64; a conv's input unfolded to the weight's
+    ``[out, in * kernel]`` view, one Hessian per conv group) in
+    ``state[tensor_fqn]["input_hessian"]``; :meth:`step` then runs
+    :func:`fx_sparsity.sparsifier.sparsegpt.obs.sparsegpt_prune` per weight: the mask is chosen
+    per block of ``block_size`` columns (unstructured) or per ``m`` columns
+    (``nm=(n, m)``, keeping ``n``), and the kept weights are updated to
+    compensate. Weights are scored as ``weight * mask``, so pruned entries stay
+    pruned when ``step`` runs again.
+
+    The user's parameters are never written. The updated weight is a new tensor
+    of the prepared module, registered under every name the old one had there
+    (tied weights stay tied); the user's model keeps its dense tensors.
+    ``squash_mask``, ``lower`` and ``gm.state_dict()`` carry the updated weights.
+    A weight that an unmasked op also reads (an embedding tied to a masked head)
+    is refused at :meth:`step`, since updating it would change that op.
+
+    Memory: a Hessian of ``columns^2`` float64 values per weight stays in
+    ``state`` (and in :meth:`state_dict`) until :meth:`step` runs again.
+
+    Args:
+        sparsity_level: fraction of each block to prune (unstructured).
+        nm: ``(n, m)`` for N:M; then ``sparsity_level`` is not used.
+        block_size: columns per block; a multiple of ``m`` with ``nm``.
+        dampening: added to the Hessian's diagonal, as a fraction of its mean.
+
+    Example::
+
+        >>> sparsifier = SparseGPTSparsifier(sparsity_level=0.5)
+        >>> gm = fx_sparsity.prepare(model, sparsifier=sparsifier)
+        >>> _ = fx_sparsity.calibrate(gm, batches, progress_bar=False)   # input Hessians
+        >>> sparsifier.step()                     # masks, and updated weights in gm
+    """
+
+    calibration_key = INPUT_HESSIAN_KEY
+
+    def __init__(
+        self,
+        sparsity_level: float = 0.5,
+        nm: tuple[int, int] | None = None,
+        block_size: int = 128,
+        dampening: float = 0.01,
+    ) -> None:
+        defaults = {"sparsity_level": sparsity_level, "nm": nm, "block_size": block_size, "dampening": dampening}
+        _validate(defaults, "")
+        super().__init__(defaults=defaults)
+
+    def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+        _validate(group, f" of {group['tensor_fqn']}")
+
+    def target_sparsity(self, group: dict[str, Any]) -> float:
+        if group["nm"] is not None:
+            n, m = group["nm"]
+            return 1.0 - n / m
+        return float(group["sparsity_level"])
+
+    # The calibration protocol of fx_sparsity.calibrate: input Hessians.
+    def calibration_observer(self, group: dict[str, Any], target: SparseTarget, ops: list[dict[str, Any]]) -> nn.Module:
+        """An :class:`passes.InputHessianObserver` with the conv arguments of the group's ops."""
+        return InputHessianObserver.for_target(target, ops)
+
+    def calibration_statistic(self, group: dict[str, Any], observer: nn.Module) -> torch.Tensor:
+        """``X^T X``: ``[groups, columns, columns]`` float64."""
+        return observer.hessian()
+
+    def prune(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new_weight, keep)`` of ``group`` from its Hessian; nothing is modified."""
+        fqn = group["tensor_fqn"]
+        hessian = self.state[fqn].get(INPUT_HESSIAN_KEY)
+        if hessian is None:
+            raise RuntimeError(f"no input Hessian for {fqn}: run fx_sparsity.calibrate(gm, batches) before step()")
+        weight = self.masked_tensor(group["module"], group["tensor_name"])
+        nm = tuple(group["nm"]) if group["nm"] is not None else None
+        try:
+            return sparsegpt_prune(
+                weight, hessian.to(weight.device), group["sparsity_level"], nm, group["block_size"], group["dampening"]
+            )
+        except ValueError as e:
+            raise ValueError(f"SparseGPT cannot prune {fqn}: {e}") from e
+
+    def update_masks(self) -> None:
+        """Prune every group first (any error leaves everything as it was), then write masks and weights."""
+        model = self._require_model("step()")
+        results = []
+        for group in self.groups:
+            aliases = self._weight_aliases(model, group)
+            results.append((group, aliases, *self.prune(group)))
+        for group, aliases, new_weight, keep in results:
+            self._write(model, group, aliases, new_weight, keep)
+
+    def update_mask(  # type: ignore[override]
+        self, module: nn.Module, tensor_name: str, tensor_fqn: str, **kwargs: Any
+    ) -> None:
+        """Prune one group and write its mask and updated weight."""
+        model = self._require_model("update_mask()")
+        group = next(g for g in self.groups if g["tensor_fqn"] == tensor_fqn)
+        aliases = self._weight_aliases(model, group)
+        self._write(model, group, aliases, *self.prune(group))
+
+    @staticmethod
+    def _weight_aliases(model: fx.GraphModule, group: dict[str, Any]) -> list[str]:
+        """Every FQN of the group's weight in ``model``; refuses weights unmasked ops read too."""
+        weight = getattr(group["module"], group["tensor_name"])
+        aliases = tensor_aliases(model)[id(weight)]
+        muls = [n for n in model.graph.nodes if (t := get_sparse_target(n)) is not None and t.role == "mask_mul"]
+        mul = next(n for n in muls if get_sparse_target(n).tensor_fqn == group["tensor_fqn"])
+        unmasked = fqns_read(model, aliases, skip=mul.all_input_nodes)
+        if unmasked:
+            raise ValueError(
+                f"SparseGPT would change {group['tensor_fqn']}, which unmasked ops also read as {sorted(unmasked)} "
+                "(a tied weight): exclude it from the config or mask every use"
+            )
+        return aliases
+
+    def _write(
+        self, model: fx.GraphModule, group: dict[str, Any], aliases: list[str], new_weight: torch.Tensor, keep: torch.Tensor
+    ) -> None:
+        old = getattr(group["module"], group["tensor_name"])
+        new = self.to_stored_layout(group["module"], group["tensor_name"], new_weight).to(old.dtype).detach().contiguous()
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        set_tensor(model, aliases, new)
+        self.get_mask(group["module"], group["tensor_name"]).copy_(keep)
+
+
+def _validate(group: dict[str, Any], where: str) -> None:
+    validate_level(group["sparsity_level"], f"sparsity_level{where}")
+    nm = group["nm"]
+    if nm is not None:
+        if not isinstance(nm, (tuple, list)) or len(nm) != 2:
+            raise TypeError(f"nm{where} must be a pair (n, m) like (2, 4), got {nm!r}")
+        nm = validate_nm(*nm)
+    try:
+        validate_block_size(group["block_size"], nm)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e}{where}") from None
+    dampening = group["dampening"]
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening >= 0:
+        raise ValueError(f"dampening{where} must be a number >= 0 (a fraction of the mean of diag H), got {dampening!r}")

@@ -1,0 +1,87 @@
+"""``shrink``: step 2 of structured pruning, removing the channels a ``ChannelPruner`` masked.
+
+The recipe: clone the prepared module (sharing tensors), fuse its masks (the
+removed channels' producer rows become zero), and hand it with the pruner's
+channel groups and the channels its masks remove to :func:`passes.shrink.shrink_channels`,
+which builds a new, smaller, dense module. The prepared module and the user's
+model are not modified.
+
+Attention heads are units of their groups (see :mod:`passes.dependency.rules.attention`):
+hand-written q/k/v/o attention, transformers' BERT and Llama captured by
+``torch.export`` (a KV head goes with its query group under grouped-query attention),
+and ``nn.MultiheadAttention`` captured by ``torch.export`` with ``need_weights=False``
+(whole heads cut from each q/k/v third of the fused ``in_proj``; other forms are
+refused with the reason). Counting is per group in units, exactly as
+:func:`fx_sparsity.structured.importance.count_to_remove` says: ``floor(ratio * units)`` go, so 0.3 of 4 heads removes 1
+(Torch-Pruning rounds up and removes 2) and 0.3 of 2 KV heads removes none. The
+literal sizes the captured graph holds (the head count of ``view(b, s, 8, 64)``,
+repeat_kv's ``expand``/``reshape``, ``nn.MultiheadAttention``'s ``E``, ``H`` and ``B*H``)
+are rewritten in the shrunk graph, so no attribute or config needs patching (the
+captured module keeps no attention classes or configs to patch). The residual width of
+BERT and Llama (their hidden size) reaches the model output and is never pruned, so
+output shapes are kept; a torchvision ViT's (``hidden_dim``) does not, and is pruned,
+its LayerNorms then reported inexact.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes import ShrinkReport, shrink_channels
+from passes.masking.fuse import fuse_masks
+
+from fx_sparsity.sparsifier.base import clone_without_sparsifier, get_sparsifier
+from fx_sparsity.structured.pruner import ChannelPruner
+
+__all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY", "SHRINK_INPUTS_KEY"]
+
+SHRINK_REPORT_KEY = "fx_sparsity.shrink_report"
+# gm.meta key: the example inputs the pruner was prepared with, for fx_sparsity.to_model to check its copy on
+SHRINK_INPUTS_KEY = "fx_sparsity.shrink_inputs"
+
+
+def shrink(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` without the channels ``gm``'s ``ChannelPruner`` masked.
+
+    Args:
+        gm: a module returned by ``ChannelPruner.prepare`` (after ``step()``).
+
+    Returns:
+        The shrunk module: Linear/Conv weights and biases, norms and embeddings
+        physically smaller, module attributes updated, output shapes kept; it
+        exports with ``torch.export`` and saves like any module. Its
+        ``meta[SHRINK_REPORT_KEY]`` (see :func:`shrink_report`) holds parameters and
+        MACs before and after, and where the result is not exactly the masked module.
+
+    Raises:
+        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``.
+
+    Example::
+
+        >>> pruner = ChannelPruner(sparsity_level=0.5)
+        >>> gm = pruner.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+        ...                     example_inputs=torch.randn(2, 8))
+        >>> pruner.step()
+        >>> shrink(gm).get_submodule("0").out_features
+        8
+    """
+    pruner = get_sparsifier(gm)
+    if not isinstance(pruner, ChannelPruner):
+        raise ValueError(
+            f"shrink needs a module prepared by ChannelPruner, got one prepared by {type(pruner).__name__}; "
+            "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
+        )
+    removed = pruner.removed_channels()
+    source = fuse_masks(clone_without_sparsifier(gm))
+    new, report = shrink_channels(source, pruner.channel_groups, removed, pruner.example_inputs)
+    new.meta[SHRINK_REPORT_KEY] = report
+    new.meta[SHRINK_INPUTS_KEY] = pruner.example_inputs
+    return new
+
+
+def shrink_report(gm: fx.GraphModule) -> ShrinkReport:
+    """The :class:`passes.shrink.ShrinkReport` of a module returned by :func:`shrink`."""
+    report = getattr(gm, "meta", {}).get(SHRINK_REPORT_KEY)
+    if report is None:
+        raise ValueError(f"{type(gm).__name__} was not returned by fx_sparsity.structured.shrink")
+    return report

@@ -1,0 +1,192 @@
+"""Layers in :mod:`passes.dependency`: Linear/Conv (producers and consumers), norms and embeddings.
+
+A Linear or Conv consumes the channels of its input (weight columns, dim 1)
+and opens a new space for its output (weight rows and bias, dim 0). A depthwise
+conv (``groups == in_channels == out_channels``) keeps its input's space: channel
+``c`` of the output reads only channel ``c`` of the input, so both go together,
+and ``groups`` follows. Another grouped conv splits both its input and its output
+channels into ``groups`` blocks that must keep equal counts (``ChannelGroup.blocks``);
+the columns of each block are cut for the rows of that block only. BatchNorm, LayerNorm over the
+last dim, and GroupNorm keep their input's space and slice their parameters. A functional or
+ATen ``layer_norm`` over the last dim does too (``F.layer_norm(x, [C], weight, bias, eps)``, as
+``torch.export`` writes ``nn.LayerNorm``): its weight and bias are sliced and the literal ``C``
+of ``normalized_shape`` becomes a ``"literal"`` member. Removing a channel changes a LayerNorm's
+mean and variance, so every LayerNorm/GroupNorm is listed in the group's ``inexact``.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from passes.dependency import op_categories as ops
+from passes.dependency.spaces import Spaces
+from passes.dependency.layout import Layout, _add_module, _add_sliced, _first, _freeze, _member, _tensor_fqn, _total
+from passes.matching.weights import op_arguments, op_kind
+from passes.meta import get_sparse_target
+from passes.utils import get_tensor
+
+__all__ = ["follow_layer", "follow_module", "NORM_RULES"]
+
+
+def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None, str | None, int, str | None]:
+    """(input node, weight FQN, bias FQN, groups, module FQN or None for a functional op)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        x = node.args[0] if node.args else node.kwargs["input"]
+        bias = f"{node.target}.bias" if module.bias is not None else None
+        return x, f"{node.target}.weight", bias, getattr(module, "groups", 1), node.target
+    bound = op_arguments(node.target, node.args, node.kwargs)
+    bias = bound["bias"]
+    bias_fqn = _tensor_fqn(bias) if bias is not None else None
+    if bias is not None and bias_fqn is None:
+        bias_fqn = "?"
+    # A call_module that prepare() rewrote into F.conv2d(x, mul(weight, mask), ...) still names its module.
+    target = get_sparse_target(node)
+    module_fqn = target.call_module_fqn if target is not None else None
+    return bound["input"], _tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], module_fqn
+
+
+def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """Members and output layout of a Linear/Conv node (``call_module`` or functional)."""
+    linear = op_kind(node, gm) == "linear"
+    x, weight, bias, groups, module_fqn = _layer_parts(node, gm)
+    lay = layouts.get(x)
+    lay = lay if isinstance(lay, Layout) else None
+    out_rank = len(shapes[node])
+    if weight is None or bias == "?":
+        _freeze(spaces, lay, f"{node.name} computes its weight or bias in the graph")
+        return None
+    shape = tuple(get_tensor(gm, weight).shape)
+    depthwise = not linear and groups > 1 and shape[1] == 1 and groups == shape[0]
+    if lay is not None:
+        pos = len(shapes[x]) + lay.axis
+        why = None
+        if pos != len(shapes[x]) - 1 if linear else pos != 1:
+            why = f"{node.name} reads them along a dim other than its input features"
+        elif groups > 1 and module_fqn is None:
+            why = f"functional grouped conv {node.name} has a literal groups argument"
+        elif groups > 1 and not depthwise and (len(lay.segs) > 1 or lay.segs[0][1] != 1):
+            why = f"grouped conv {node.name} reads channels from several sources or a flatten"
+        elif _total(spaces, lay) != shape[1] * groups:
+            why = f"{node.name} reads {shape[1] * groups} channels, the pass counted {_total(spaces, lay)}"
+        if why is not None:
+            _freeze(spaces, lay, why)
+            lay = None
+    if depthwise:
+        if lay is None:
+            s = spaces.new(shape[0])
+            spaces.freeze(s, f"depthwise conv {node.name} reads channels that cannot shrink")
+            lay = Layout(-1, ((s, 1),))
+        out = Layout(1 - out_rank, lay.segs)
+        _add_sliced(spaces, out, weight, "producer", 0)
+        _add_sliced(spaces, out, bias, "param", 0)
+        _add_module(spaces, out, module_fqn)
+        return out
+    if lay is not None:
+        _add_sliced(spaces, lay, weight, "consumer", 1)
+        _add_module(spaces, lay, module_fqn)
+        if groups > 1:
+            spaces.set_blocks(lay.segs[0][0], groups)
+    if linear and weight.endswith("in_proj_weight"):
+        from passes.dependency.rules.attention import follow_fused_heads
+
+        why = follow_fused_heads(node, gm, weight, bias, shapes, spaces)
+        if why is None:  # the heads are a space of their own; nothing downstream tracks the fused output
+            return None
+        out = Layout(-1, ((spaces.new(shape[0]), 1),))
+        spaces.freeze(
+            out.segs[0][0],
+            f"{weight} is nn.MultiheadAttention's fused q/k/v projection in a form the pass does not follow "
+            f"({why}): its heads are not removed (call it with need_weights=False as self-attention, or "
+            "rewrite it with separate q/k/v Linears)",
+        )
+        _add_sliced(spaces, out, weight, "producer", 0)
+        _add_sliced(spaces, out, bias, "param", 0)
+        return out
+    out = Layout(-1 if linear else 1 - out_rank, ((spaces.new(shape[0]), 1),))
+    if groups > 1:
+        spaces.set_blocks(out.segs[0][0], groups)
+    _add_sliced(spaces, out, weight, "producer", 0)
+    _add_sliced(spaces, out, bias, "param", 0)
+    _add_module(spaces, out, module_fqn)
+    return out
+
+
+def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """Members and output layout of a BatchNorm, LayerNorm, GroupNorm or Embedding ``call_module``."""
+    fqn = node.target
+    module = gm.get_submodule(fqn)
+    if isinstance(module, nn.Embedding):
+        out = Layout(-1, ((spaces.new(module.embedding_dim), 1),))
+        _add_sliced(spaces, out, f"{fqn}.weight", "producer", 1)
+        _add_module(spaces, out, fqn)
+        return out
+    x = node.args[0]
+    lay = layouts.get(x)
+    if not isinstance(lay, Layout):
+        _freeze(spaces, lay, f"{fqn} reads tracked channels in a way the pass cannot follow")
+        return None
+    pos = len(shapes[x]) + lay.axis
+    names = [n for n, t in module.named_parameters(recurse=False)] + [
+        n for n, t in module.named_buffers(recurse=False) if t is not None and t.dim() == 1
+    ]
+    if any(inner != 1 for _, inner in lay.segs):
+        why = f"{fqn} normalizes flattened channels"
+    elif isinstance(module, nn.LayerNorm):
+        ok = len(module.normalized_shape) == 1 and pos == len(shapes[x]) - 1 and module.weight is not None
+        why = None if ok else f"LayerNorm {fqn} normalizes other dims or has no affine weight"
+    elif isinstance(module, nn.GroupNorm):
+        ok = pos == 1 and module.affine and len(lay.segs) == 1
+        why = None if ok else f"GroupNorm {fqn} is not affine or spans several channel sources"
+    else:
+        why = None if pos == 1 and names else f"BatchNorm {fqn} has no per-channel tensor to slice"
+    if why is not None:
+        _freeze(spaces, lay, why)
+        return None
+    for name in names:
+        _add_sliced(spaces, lay, f"{fqn}.{name}", "param", 0)
+    _add_module(spaces, lay, fqn)
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        for s, _ in lay.segs:
+            spaces.inexact[spaces.find(s)].append(f"{type(module).__name__} {fqn} (its statistics count every channel)")
+    if isinstance(module, nn.GroupNorm):
+        spaces.set_blocks(lay.segs[0][0], module.num_groups)
+    return Layout(lay.axis, lay.segs)
+
+
+
+def _layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """``layer_norm(x, normalized_shape, weight, bias, eps)`` over the channel axis, the last one."""
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    names = ("input", "normalized_shape", "weight", "bias")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    size, weight, bias = args.get("normalized_shape"), args.get("weight"), args.get("bias")
+    tensors = {"weight": weight, "bias": bias}
+    fqns = {k: _tensor_fqn(t) for k, t in tensors.items() if t is not None}
+    why = None
+    if len(node.args) < 2 or not isinstance(size, (list, tuple)) or len(size) != 1 or not isinstance(size[0], int):
+        why = f"{node.name} normalizes over several dims or takes normalized_shape in a form the pass cannot rewrite"
+    elif len(shapes[x]) + lay.axis != len(shapes[x]) - 1:
+        why = f"{node.name} normalizes a dim other than the channel axis"
+    elif any(inner != 1 for _, inner in lay.segs):
+        why = f"{node.name} normalizes flattened channels"
+    elif any(fqn is None for fqn in fqns.values()):
+        why = f"{node.name} computes its weight or bias in the graph"
+    if why is not None:
+        _freeze(spaces, lay, why)
+        return None
+    for fqn in fqns.values():
+        _add_sliced(spaces, lay, fqn, "param", 0)
+    owner = fqns["weight"].rpartition(".")[0] if "weight" in fqns else ""
+    for s, inner in lay.segs:
+        spaces.add(s, _member(node.name, "literal", 1, 0, inner))
+        note = f"LayerNorm {owner or node.name} (its statistics count every channel)"
+        spaces.inexact[spaces.find(s)].append(note)
+    return Layout(lay.axis, lay.segs)
+
+
+NORM_RULES = {ops.LAYER_NORMS: _layer_norm}

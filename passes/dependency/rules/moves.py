@@ -1,0 +1,129 @@
+"""Rules of :mod:`passes.dependency` for ops that move the channel axis or cut it into pieces.
+
+``transpose``/``permute`` move it; ``cat`` along it chains the spaces of its inputs
+(each whole, at increasing offsets), along another dim it lines them up; ``split``
+and ``chunk`` along it are followed when the pieces fall on the boundaries of the
+concatenated spaces; indexing, ATen ``slice`` and ``select`` are followed when they
+leave the channel axis whole.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes.dependency import op_categories as ops
+from passes.dependency.spaces import Spaces
+from passes.dependency.layout import Layout, _broadcast, _first, _freeze
+
+__all__ = ["MOVE_RULES"]
+
+
+def _transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    rank = len(shapes[x])
+    pos = rank + lay.axis
+    dims = node.args[1:]
+    if node.target in ops.PERMUTES:
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        order = [d % rank for d in dims]
+        new_pos = order.index(pos)
+    else:
+        a, b = (d % rank for d in dims)
+        new_pos = b if pos == a else a if pos == b else pos
+    return Layout(new_pos - rank, lay.segs)
+
+
+def _concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    tensors = list(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = shapes[node]
+    tracked = [layouts[t] for t in tensors if isinstance(layouts.get(t), Layout)]
+    if len({t.axis for t in tracked}) != 1 or dim % len(out) != len(out) + tracked[0].axis:
+        return _broadcast(tensors, out, shapes, layouts, spaces, node.name)
+    segs: list[tuple[int, int]] = []
+    for t in tensors:
+        if isinstance(layouts.get(t), Layout):
+            segs += layouts[t].segs
+            continue
+        s = spaces.new(shapes[t][dim])
+        spaces.freeze(s, f"{node.name} concatenates it with {t.name}, whose channels are not tracked")
+        segs.append((s, 1))
+    return Layout(tracked[0].axis, tuple(segs))
+
+
+def _split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple | None:
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    pieces = shapes[node]
+    if dim % rank != pos:
+        return tuple(lay for _ in pieces)
+    result, segs = [], list(lay.segs)
+    for piece in pieces:
+        taken, width = [], 0
+        while segs and width < piece[pos]:
+            s, inner = segs.pop(0)
+            taken.append((s, inner))
+            width += spaces.size[spaces.find(s)] * inner
+        if width != piece[pos]:
+            _freeze(spaces, lay, f"{node.name} splits the channel axis inside a channel space")
+            return None
+        result.append(Layout(lay.axis, tuple(taken)))
+    return tuple(result)
+
+
+def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    x, index = node.args
+    if isinstance(layouts.get(x), tuple):
+        return layouts[x][index] if isinstance(index, int) else None
+    lay, rank = layouts[x], len(shapes[x])
+    pos = rank + lay.axis
+    index = index if isinstance(index, tuple) else (index,)
+    known = all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
+    if not known or sum(i is Ellipsis for i in index) > 1:
+        _freeze(spaces, lay, f"{node.name} indexes the channel axis in a way the pass cannot follow")
+        return None
+    real = sum(i is not None and i is not Ellipsis for i in index)
+    expanded = [e for i in index for e in ([slice(None)] * (rank - real) if i is Ellipsis else [i])]
+    src = dst = 0
+    for i in expanded:
+        if i is None:
+            dst += 1
+            continue
+        if src == pos:
+            if i != slice(None):
+                _freeze(spaces, lay, f"{node.name} indexes the channel axis")
+                return None
+            break
+        src, dst = src + 1, dst + (not isinstance(i, int))
+    return Layout(dst + (pos - src) - len(shapes[node]), lay.segs)
+
+
+def _slice(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """ATen ``slice.Tensor(x, dim, start, end, step)`` and ``select.int(x, dim, index)``: followed off the channel
+    axis, or when a slice keeps the channel axis whole."""
+    found = _first(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if not isinstance(dim, int):
+        _freeze(spaces, lay, f"{node.name} slices a dim the pass cannot tell")
+        return None
+    dim %= rank
+    if dim == pos and (node.target is ops.aten.select.int or shapes[node] != shapes[x]):
+        _freeze(spaces, lay, f"{node.name} slices the channel axis")
+        return None
+    if node.target is ops.aten.select.int and dim > pos:
+        return Layout(lay.axis + 1, lay.segs)
+    return lay
+
+
+MOVE_RULES = {ops.TRANSPOSES: _transpose, ops.CONCATS: _concat, ops.SPLITS: _split, ops.SLICES: _slice}

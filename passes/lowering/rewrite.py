@@ -1,0 +1,385 @@
+"""Replace masked Linear (and 1x1 Conv) ops by sparse-kernel custom operators.
+
+For each weight named in ``formats`` the pass computes ``weight * mask``,
+compresses it to the requested layout (:mod:`passes.lowering.operators`) and registers
+the components as buffers on the module that owns the weight:
+
+* ``bitmask``: ``<tensor_name>_bitmask``, ``<tensor_name>_values`` and
+  ``<tensor_name>_row_offsets``; ``nm``: ``<tensor_name>_bitmask`` and
+  ``<tensor_name>_values`` (see :mod:`passes.lowering.formats`);
+* ``csr``/``bsr``: ``<tensor_name>_crow_indices``, ``<tensor_name>_col_indices``
+  (csr: int16 when they fit, else int32) and ``<tensor_name>_values``;
+* ``semi_structured``: ``<tensor_name>_packed`` and ``<tensor_name>_meta``.
+
+Every op reading the masked weight becomes a call to the matching
+``torch.ops.fx_sparsity.*_linear`` operator. A 1x1 conv (no padding, one
+group) is a linear over channels: its input is strided-sliced when the conv has
+a stride, moved channels-last, run through the operator and moved back
+(contiguous). The ``mul(weight, mask)``
+node and the mask buffer are removed, and the dense weight too when nothing
+else in the graph reads it (a tied embedding, say). Masked weights not named
+in ``formats`` are left for :func:`passes.masking.fuse.fuse_masks`.
+
+Everything is validated before the module is touched. The pass mutates and
+returns ``gm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, fx
+
+from passes.masking.lstm import LSTM_KIND
+from passes.matching.weights import op_arguments
+from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
+from passes.lowering.native import NO_NATIVE_ENV, native_ops
+from passes.lowering.formats import detect_nm, to_bitmask_components, to_nm_components
+from passes.lowering.operators import (
+    NATIVE_DTYPES,
+    to_bsr_components,
+    to_csr_components,
+    to_semi_structured_components,
+)
+from passes.utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_aliases
+
+__all__ = [
+    "LAYOUTS",
+    "SparseFormat",
+    "unsupported_reason",
+    "lower_sparse",
+    "lowering_blocker",
+    "lowering_blockers",
+    "sparse_layer_forward",
+    "conv_strides",
+    "SPARSE_OPS",
+    "COMPONENT_NAMES",
+]
+
+Layout = Literal["csr", "bsr", "semi_structured", "bitmask", "nm"]
+
+SPARSE_OPS = {
+    "csr": torch.ops.fx_sparsity.csr_linear.default,
+    "bsr": torch.ops.fx_sparsity.bsr_linear.default,
+    "semi_structured": torch.ops.fx_sparsity.semi_structured_linear.default,
+    "bitmask": torch.ops.fx_sparsity.bitmask_linear.default,
+    "nm": torch.ops.fx_sparsity.nm_linear.default,
+}
+LAYOUTS: tuple[Layout, ...] = tuple(SPARSE_OPS)
+_MKL_DTYPES = (torch.float32, torch.float64)
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+# Buffer name suffixes, per layout: <tensor_name>_<suffix> on the weight's owner.
+COMPONENT_NAMES = {
+    "csr": ("crow_indices", "col_indices", "values"),
+    "bsr": ("crow_indices", "col_indices", "values"),
+    "semi_structured": ("packed", "meta"),
+    # not "mask": <tensor_name>_mask is the prepared module's mask buffer
+    "bitmask": ("bitmask", "values", "row_offsets"),
+    "nm": ("bitmask", "values"),
+}
+
+
+@dataclass(frozen=True)
+class SparseFormat:
+    """How to store one weight: ``layout``; for ``"bsr"`` the ``blocksize`` (rows, cols); for ``"nm"``
+    the pattern ``nm=(n, m)`` (``None``: :func:`passes.lowering.formats.detect_nm` finds it in the weight).
+
+    Example::
+
+        >>> SparseFormat("nm", nm=(2, 4)).components(torch.tensor([[1.0, 0.0, 0.0, 2.0]]))[1].tolist()
+        [[1.0, 2.0]]
+    """
+
+    layout: Layout
+    blocksize: tuple[int, int] | None = None
+    nm: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in SPARSE_OPS:
+            raise ValueError(f"SparseFormat.layout must be one of {sorted(SPARSE_OPS)}, got {self.layout!r}")
+        if self.layout == "bsr":
+            size = self.blocksize
+            if not (
+                isinstance(size, Sequence) and len(size) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+            ):
+                raise ValueError(f"bsr needs blocksize=(rows, cols) of positive ints, got {size!r}")
+            object.__setattr__(self, "blocksize", tuple(size))
+        elif self.blocksize is not None:
+            raise ValueError(f"blocksize applies to 'bsr' only, got blocksize={self.blocksize!r} for {self.layout!r}")
+        if self.nm is not None:
+            if self.layout != "nm":
+                raise ValueError(f"nm applies to 'nm' only, got nm={self.nm!r} for {self.layout!r}")
+            pattern = self.nm
+            if not (
+                isinstance(pattern, Sequence) and len(pattern) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+                and 1 <= pattern[0] < pattern[1]
+            ):
+                raise ValueError(f"nm must be a pair of ints (n, m) with 1 <= n < m, e.g. (2, 4), got {pattern!r}")
+            object.__setattr__(self, "nm", tuple(pattern))
+
+    def components(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """The strided tensors the operator of this layout takes for a dense 2-D ``weight``."""
+        if self.layout == "csr":
+            return to_csr_components(weight)
+        if self.layout == "bsr":
+            return to_bsr_components(weight, self.blocksize)
+        if self.layout == "bitmask":
+            return to_bitmask_components(weight)
+        if self.layout == "nm":
+            pattern = self.nm or detect_nm(weight)
+            if pattern is None:
+                raise ValueError(
+                    "the weight is not N:M sparse (no group of 4, 8 or 16 columns bounds the nonzeros "
+                    "per group to half or less); use 'bitmask' or prune it with an N:M sparsifier"
+                )
+            return to_nm_components(weight, *pattern)
+        return to_semi_structured_components(weight)
+
+
+def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] | None) -> str | None:
+    """Why ``layout`` cannot run ``weight`` on this machine; ``None`` when it can.
+
+    Checks on the weight's values and shape (2:4 pattern, divisibility) are made
+    when it is compressed (:class:`passes.SparseFormat`).
+    """
+    cpu = weight.device.type == "cpu"
+    if layout in ("bitmask", "nm"):
+        if not cpu:
+            return f"{layout} kernels run on CPU only, the weight is on {weight.device}"
+        if weight.dtype not in NATIVE_DTYPES:
+            return f"{layout} kernels take float32, bfloat16 or float16 weights, the weight is {weight.dtype}"
+        if native_ops() is None:
+            # The operator's pure-torch path (unpack, dense linear) keeps saved programs running anywhere,
+            # but it is never faster than the fused weight: lowering does not pick it.
+            return (
+                f"the C++ {layout} kernel is not available (see the warning above, or {NO_NATIVE_ENV} is set); "
+                "its pure-torch fallback would only unpack to dense"
+            )
+    if layout == "csr" and cpu and weight.dtype not in _MKL_DTYPES:
+        if weight.dtype not in NATIVE_DTYPES:
+            return f"csr on CPU takes float32, bfloat16, float16 or float64 weights, the weight is {weight.dtype}"
+        if native_ops() is None:
+            return (
+                f"the C++ csr kernel is not available (see the warning above) and MKL runs float32 and "
+                f"float64 only, the weight is {weight.dtype}"
+            )
+    if layout == "bsr" and cpu and weight.dtype not in _MKL_DTYPES:
+        return f"torch.sparse on CPU runs float32 and float64 only, the weight is {weight.dtype}"
+    if layout == "bsr":
+        if blocksize is None:
+            return (
+                "no block size: give one per layer, e.g. {'fc': {'backend': 'bsr', 'blocksize': (32, 32)}}, "
+                "or prepare with a sparsifier whose sparse_block_shape is square"
+            )
+        if weight.device.type == "cpu" and blocksize[0] != blocksize[1]:
+            return f"MKL on CPU takes square blocks only, got blocksize {blocksize}"
+    if layout == "semi_structured":
+        if not weight.is_cuda:
+            return f"2:4 kernels run on CUDA GPUs only, the weight is on {weight.device}"
+        if weight.dtype not in _SEMI_STRUCTURED_DTYPES:
+            return f"2:4 kernels take float16 or bfloat16 weights, the weight is {weight.dtype}"
+        if torch.cuda.get_device_capability(weight.device) < (8, 0):
+            return "2:4 kernels need a GPU of compute capability 8.0 or newer"
+    return None
+
+
+def _mask_muls(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    found = {}
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        if target is not None and target.role == "mask_mul":
+            found[target.tensor_fqn] = node
+    return found
+
+
+def _ops(mul: fx.Node) -> list[fx.Node]:
+    return [u for u in mul.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
+
+
+def _as_tuple(value: object, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def lowering_blockers(gm: fx.GraphModule) -> dict[str, str | None]:
+    """:func:`lowering_blocker` of every masked weight of ``gm``, in one pass over the graph."""
+    return {fqn: _blocker(mul) for fqn, mul in _mask_muls(gm).items()}
+
+
+def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
+    """Why the ops using masked weight ``tensor_fqn`` cannot run as a sparse linear; ``None`` if they can.
+
+    Linear ops always can; a conv can when it is 1x1 with no padding and one
+    group (a stride becomes a strided slice of the input).
+    """
+    mul = _mask_muls(gm).get(tensor_fqn)
+    if mul is None:
+        raise ValueError(f"{tensor_fqn!r} is not a masked weight of the module")
+    return _blocker(mul)
+
+
+def _blocker(mul: fx.Node) -> str | None:
+    for op in _ops(mul):
+        target: SparseTarget = get_sparse_target(op)
+        if target.kind == LSTM_KIND:
+            return "nn.LSTM parameter: no sparse LSTM kernel (backend 'fuse' folds its mask, 'shrink' removes units)"
+        if target.transposed:
+            return "weight stored [in, out] (x @ W, as transformers' Conv1D): the sparse kernels take [out, in]"
+        if target.kind == "linear":
+            continue
+        nd = len(target.weight_shape) - 2
+        args = op_arguments(op.target, op.args, op.kwargs)
+        kernel = target.weight_shape[2:]
+        if any(k != 1 for k in kernel):
+            return f"{'x'.join(map(str, kernel))} conv: only 1x1 convs run as sparse linears"
+        # "same" pads a 1x1 kernel by nothing.
+        if args["padding"] not in ("valid", "same") and _as_tuple(args["padding"], nd) != (0,) * nd:
+            return f"1x1 conv with padding {args['padding']}: only unpadded convs run as sparse linears"
+        if args["groups"] != 1:
+            return f"grouped conv (groups={args['groups']}): only groups=1 runs as a sparse linear"
+    return None
+
+
+def _strides(target: SparseTarget, args: dict) -> tuple[int, ...]:
+    return _as_tuple(args["stride"], len(target.weight_shape) - 2)
+
+
+def conv_strides(target: SparseTarget, op_target: object, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """``None`` for a linear op, else the strides of the conv called as ``op_target(*args, **kwargs)``."""
+    if target.kind == "linear":
+        return None
+    return _strides(target, op_arguments(op_target, args, kwargs))
+
+
+def _stride_slice(strides: tuple[int, ...]) -> tuple:
+    """The index that picks what a 1x1 conv of these strides reads: ``x[..., ::sh, ::sw]``."""
+    return (Ellipsis, *(slice(None, None, s) for s in strides))
+
+
+def sparse_layer_forward(
+    layout: Layout, x: Tensor, components: Sequence[Tensor], bias: Tensor | None, conv_strides: tuple[int, ...] | None
+) -> Tensor:
+    """Eager equivalent of the nodes the pass emits for one op (used to time layers).
+
+    ``conv_strides`` is ``None`` for a linear, else the strides of a 1x1 conv.
+    """
+    op = SPARSE_OPS[layout]
+    if conv_strides is None:
+        return op(x, *components, bias)
+    channel_dim = -(len(conv_strides) + 1)
+    if any(s != 1 for s in conv_strides):
+        x = x[_stride_slice(conv_strides)]
+    y = op(torch.movedim(x, channel_dim, -1), *components, bias)
+    return torch.movedim(y, -1, channel_dim).contiguous()
+
+
+def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node]) -> fx.Node:
+    target: SparseTarget = get_sparse_target(op)
+    args = op_arguments(op.target, op.args, op.kwargs)
+    x, bias = args["input"], args["bias"]
+    sparse_op = SPARSE_OPS[layout]
+    with graph.inserting_before(op):
+        if target.kind == "linear":
+            new = graph.call_function(sparse_op, (x, *components, bias))
+        else:
+            channel_dim = -(len(target.weight_shape) - 1)
+            strides = _strides(target, args)
+            if any(s != 1 for s in strides):
+                x = graph.call_function(operator.getitem, (x, _stride_slice(strides)))
+            x_last = graph.call_function(torch.movedim, (x, channel_dim, -1))
+            y = graph.call_function(sparse_op, (x_last, *components, bias))
+            y = graph.call_function(torch.movedim, (y, -1, channel_dim))
+            new = graph.call_method("contiguous", (y,))
+    new.meta.update({k: v for k, v in op.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    new.meta[SPARSITY_META_KEY] = dataclasses.replace(target, role="lowered")  # which layer's output it is
+    return new
+
+
+def _check_names(gm: fx.GraphModule, tensor_fqn: str, layout: Layout) -> None:
+    module_fqn, name = split_fqn(tensor_fqn)
+    owner = gm.get_submodule(module_fqn)
+    for part in COMPONENT_NAMES[layout]:
+        if hasattr(owner, f"{name}_{part}"):
+            raise ValueError(
+                f"cannot add buffer {tensor_fqn}_{part}: module {module_fqn or '<root>'!r} already has it"
+            )
+
+
+def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.GraphModule:
+    """Run the masked weights named in ``formats`` through sparse-kernel operators.
+
+    Args:
+        gm: a module with mask nodes from :func:`passes.masking.insert.insert_masks` (mutated in place).
+        formats: canonical tensor FQN (``"fc.weight"``) -> :class:`SparseFormat`.
+
+    Returns:
+        ``gm``, recompiled.
+
+    Raises:
+        ValueError: an FQN is not a masked weight, an op cannot run as a sparse
+            linear (:func:`lowering_blocker`), or the weight does not fit the
+            layout; ``gm`` is unchanged then.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8)))
+        >>> gm = lower_sparse(insert_masks(gm, find_weights(gm)), {"0.weight": SparseFormat("csr")})
+        >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        ['fx_sparsity.csr_linear.default']
+    """
+    muls = _mask_muls(gm)
+    plans = []
+    for fqn, fmt in formats.items():
+        if fqn not in muls:
+            raise ValueError(f"{fqn!r} is not a masked weight; masked weights are: {', '.join(muls) or 'none'}")
+        if not isinstance(fmt, SparseFormat):
+            raise TypeError(f"formats[{fqn!r}] must be a SparseFormat, got {type(fmt).__name__}")
+        blocker = _blocker(muls[fqn])
+        if blocker is not None:
+            raise ValueError(f"cannot lower {fqn} to {fmt.layout}: {blocker}")
+        _check_names(gm, fqn, fmt.layout)
+        target: SparseTarget = get_sparse_target(muls[fqn])
+        owner = gm.get_submodule(target.module_fqn)
+        weight, mask = getattr(owner, target.tensor_name), getattr(owner, target.mask_name)
+        fused = (weight * mask).detach().reshape(weight.shape[0], -1)
+        try:
+            components = fmt.components(fused)
+        except ValueError as e:
+            raise ValueError(f"cannot lower {fqn} to {fmt.layout}: {e}") from None
+        plans.append((target, fmt, components))
+
+    graph = gm.graph
+    aliases = tensor_aliases(gm)
+    dense_weights = []
+    for target, fmt, components in plans:
+        owner = gm.get_submodule(target.module_fqn)
+        dense_weights.append(aliases[id(getattr(owner, target.tensor_name))])
+        names = []
+        for part, tensor in zip(COMPONENT_NAMES[fmt.layout], components):
+            owner.register_buffer(f"{target.tensor_name}_{part}", tensor)
+            names.append(f"{target.tensor_fqn}_{part}")
+        mul = muls[target.tensor_fqn]
+        for op in _ops(mul):
+            with graph.inserting_before(op):
+                nodes = [graph.get_attr(name) for name in names]
+            op.replace_all_uses_with(_emit(graph, op, fmt.layout, nodes))
+            graph.erase_node(op)
+        inputs = mul.all_input_nodes
+        graph.erase_node(mul)
+        erase_unused_get_attrs(graph, inputs)
+        del owner._buffers[target.mask_name]
+    reads = ReadIndex(graph)  # once all ops are rewritten: linear in the number of lowered weights
+    for weight_aliases in dense_weights:
+        if not any(reads.is_read(alias) for alias in weight_aliases):
+            for alias in weight_aliases:
+                module_fqn, name = split_fqn(alias)
+                delattr(gm.get_submodule(module_fqn), name)
+    graph.lint()
+    gm.recompile()
+    return gm

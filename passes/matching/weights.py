@@ -1,0 +1,459 @@
+"""Find the Linear and Conv weights of a captured graph.
+
+Both forms the captures produce are recognised:
+
+* ``call_module`` nodes on ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (symbolic tracing);
+* ``call_function`` nodes on ``F.linear`` / ``F.conv*`` or their ATen ops
+  (``torch.export``, or user code calling the functional API) whose weight is a
+  ``get_attr`` node;
+* matrix products whose second operand is a 2-D ``get_attr`` tensor and whose
+  first is not (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``, ``x @ W``,
+  as transformers' ``Conv1D`` computes): a linear layer whose weight is stored
+  ``[in, out]``, transposed relative to ``nn.Linear``; such matches have
+  ``transposed=True``.
+
+Matches are grouped by weight *tensor* (by identity, not by name), so a weight
+used by several nodes, or tied between modules, is one :class:`WeightMatch`
+with several uses.
+
+:func:`unmatched_weights` compares the Linear/Conv-like weights the user's model
+holds with the matches and says, for each one left dense, why and what to do,
+so that no weight is skipped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import operator
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from passes.meta import get_sparse_target
+from passes.utils import get_tensor, split_fqn, tensor_aliases
+
+__all__ = [
+    "WeightMatch",
+    "find_weights",
+    "find_masked_weights",
+    "op_kind",
+    "op_arguments",
+    "weight_position",
+    "is_transposed_linear",
+    "UnmatchedWeight",
+    "unmatched_weights",
+]
+
+aten = torch.ops.aten
+
+_FUNCTION_KINDS: dict[object, str] = {
+    F.linear: "linear",
+    aten.linear.default: "linear",
+    F.conv1d: "conv1d",
+    F.conv2d: "conv2d",
+    F.conv3d: "conv3d",
+    aten.conv1d.default: "conv1d",
+    aten.conv2d.default: "conv2d",
+    aten.conv3d.default: "conv3d",
+    aten.conv1d.padding: "conv1d",
+    aten.conv2d.padding: "conv2d",
+    aten.conv3d.padding: "conv3d",
+    aten.convolution.default: "conv",
+}
+
+# Matrix products x @ W: positional names, weight last. A call_method target is the method
+# name; torch.Tensor's methods are there for code that calls them as functions.
+_MATMUL_SIGNATURES: dict[object, tuple[str, ...]] = {
+    torch.addmm: ("bias", "input", "weight"),
+    aten.addmm.default: ("bias", "input", "weight"),
+    "addmm": ("bias", "input", "weight"),
+    torch.Tensor.addmm: ("bias", "input", "weight"),
+    torch.mm: ("input", "weight"),
+    aten.mm.default: ("input", "weight"),
+    "mm": ("input", "weight"),
+    torch.Tensor.mm: ("input", "weight"),
+    torch.matmul: ("input", "weight"),
+    aten.matmul.default: ("input", "weight"),
+    "matmul": ("input", "weight"),
+    torch.Tensor.matmul: ("input", "weight"),
+    operator.matmul: ("input", "weight"),
+}
+
+_MODULE_KINDS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d",
+}
+
+
+@dataclass(frozen=True)
+class WeightMatch:
+    """One Linear/Conv weight tensor and the graph nodes that use it as a weight.
+
+    Attributes:
+        tensor_fqn: canonical FQN of the weight (the first name ``named_parameters`` gives).
+        kind: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"`` (``"lstm"`` for the
+            ``nn.LSTM`` parameters of :func:`passes.masking.lstm.find_lstm_weights`).
+        weight_shape: shape of the weight.
+        aliases: every FQN under which the tensor is reachable (tied weights have several).
+        nodes: names of the nodes using it as their weight, in graph order.
+        call_module_fqns: FQNs of the modules called by ``call_module`` uses.
+        transposed: the weight is stored ``[in, out]`` (used as ``x @ W``, as by
+            transformers' ``Conv1D``), not ``[out, in]`` like ``nn.Linear``'s.
+    """
+
+    tensor_fqn: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    aliases: tuple[str, ...]
+    nodes: tuple[str, ...]
+    call_module_fqns: tuple[str, ...]
+    transposed: bool = False
+
+    @property
+    def module_fqn(self) -> str:
+        return split_fqn(self.tensor_fqn)[0]
+
+    @property
+    def tensor_name(self) -> str:
+        return split_fqn(self.tensor_fqn)[1]
+
+    @property
+    def module_fqns(self) -> tuple[str, ...]:
+        """Every module FQN that names this weight: owners of its aliases and called modules."""
+        owners = [split_fqn(a)[0] for a in self.aliases]
+        return tuple(dict.fromkeys(owners + list(self.call_module_fqns)))
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    for cls, kind in _MODULE_KINDS.items():
+        # A subclass that overrides forward computes something else: not a match.
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+_PARAMETERS = {
+    "linear": ("input", "weight", "bias"),
+    "convNd": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def op_arguments(target: object, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The arguments of a linear/conv call by name, defaults filled in.
+
+    ``target`` is a key of the functional/ATen ops :func:`find_weights` matches;
+    ``args`` and ``kwargs`` may hold nodes or values. For a matrix product
+    (``addmm(bias, x, W)``, ``mm(x, W)``...) the names are ``"input"``,
+    ``"weight"`` and ``"bias"`` too, with the weight in its ``[in, out]`` layout.
+
+    Example::
+
+        >>> op_arguments(F.conv2d, ("x", "w"), {"stride": 2})["stride"]
+        2
+        >>> op_arguments(torch.addmm, ("b", "x", "w"), {})["weight"]
+        'w'
+    """
+    if target in _MATMUL_SIGNATURES:
+        bound = {"bias": None}
+        bound.update(zip(_MATMUL_SIGNATURES[target], args))
+        return bound
+    kind = _FUNCTION_KINDS[target]
+    names = _PARAMETERS[kind if kind in ("linear", "conv") else "convNd"]
+    bound = dict(_DEFAULTS)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _weight_arg(node: fx.Node) -> object:
+    return op_arguments(node.target, node.args, node.kwargs).get("weight")
+
+
+def weight_position(target: object, args: tuple) -> int | str:
+    """Where the weight of a matched op called as ``target(*args, ...)`` sits: an index of
+    ``args``, or ``"weight"`` when it is passed as a keyword.
+
+    Example::
+
+        >>> weight_position(torch.addmm, ("b", "x", "w")), weight_position(F.linear, ("x",))
+        (2, 'weight')
+    """
+    if target in _MATMUL_SIGNATURES:
+        return len(_MATMUL_SIGNATURES[target]) - 1
+    return 1 if len(args) > 1 else "weight"
+
+
+def _is_get_attr(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def is_transposed_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when ``node`` is a matrix product ``x @ W`` of an activation and a 2-D tensor
+    attribute of ``gm``: a linear layer whose weight ``W`` is stored ``[in, out]``."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    names = _MATMUL_SIGNATURES.get(node.target)
+    if names is None:
+        return False
+    # The weight must be positional: keyword names differ between torch.mm, aten.mm and methods.
+    if len(node.args) != len(names) or node.kwargs.keys() - {"beta", "alpha"}:
+        return False
+    bound = dict(zip(names, node.args))
+    weight = bound["weight"]
+    if not _is_get_attr(weight):
+        return False
+    # A product of two attributes (a low-rank factorisation, say) is no layer applied to an input.
+    if _is_get_attr(bound["input"]):
+        return False
+    tensor = get_tensor(gm, weight.target)
+    return isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """``"linear"``/``"convNd"`` when ``node`` is a Linear or Conv op, else ``None``."""
+    if node.op == "call_module":
+        return _module_kind(gm.get_submodule(node.target))
+    if is_transposed_linear(node, gm):
+        return "linear"
+    if node.op != "call_function":
+        return None
+    kind = _FUNCTION_KINDS.get(node.target)
+    if kind != "conv":
+        return kind
+    # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, ...)
+    transposed = node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed", False)
+    if transposed:
+        return None
+    weight = _weight_arg(node)
+    ndim = weight.meta["val"].dim() if isinstance(weight, fx.Node) and "val" in weight.meta else None
+    return f"conv{ndim - 2}d" if ndim in (3, 4, 5) else None
+
+
+def _weight_of(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).weight
+    weight = _weight_arg(node)
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    tensor = get_tensor(gm, weight.target)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def find_weights(gm: fx.GraphModule) -> list[WeightMatch]:
+    """Every Linear/Conv weight of ``gm``, one entry per tensor, in graph order.
+
+    Ops whose weight is not a plain attribute (computed inside the graph) are
+    not matched: there is no single tensor to mask.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+        >>> [(m.tensor_fqn, m.kind) for m in find_weights(gm)]
+        [('0.weight', 'linear')]
+    """
+    aliases = tensor_aliases(gm)
+    found: dict[int, dict] = {}
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if kind is None:
+            continue
+        weight = _weight_of(node, gm)
+        if weight is None:
+            continue
+        transposed = is_transposed_linear(node, gm)
+        entry = found.setdefault(
+            id(weight),
+            {"kind": kind, "shape": tuple(weight.shape), "aliases": aliases[id(weight)], "nodes": [], "mods": [],
+             "transposed": transposed},
+        )
+        if entry["transposed"] != transposed:
+            # One mask for two layouts (W used as x @ W and as F.linear(x, W)) would sparsify one of them
+            # along the wrong dimension: leave such a weight to unmatched_weights.
+            entry["conflict"] = True
+        entry["nodes"].append(node.name)
+        if node.op == "call_module":
+            entry["mods"].append(node.target)
+    return [
+        WeightMatch(
+            tensor_fqn=e["aliases"][0],
+            kind=e["kind"],
+            weight_shape=e["shape"],
+            aliases=tuple(e["aliases"]),
+            nodes=tuple(e["nodes"]),
+            call_module_fqns=tuple(dict.fromkeys(e["mods"])),
+            transposed=e["transposed"],
+        )
+        for e in found.values()
+        if not e.get("conflict")
+    ]
+
+
+def find_masked_weights(gm: fx.GraphModule) -> list[WeightMatch]:
+    """Every weight masked by :func:`passes.masking.insert.insert_masks`, as :class:`WeightMatch` entries.
+
+    ``nodes`` are the linear/conv ops reading the masked weight, so rules of
+    :func:`passes.matching.select.select_weights` can select among masked weights.
+    """
+    aliases = tensor_aliases(gm)
+    matches = []
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        if target is None or target.role != "mask_mul":
+            continue
+        ops = [u for u in node.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
+        weight = get_tensor(gm, target.tensor_fqn)
+        matches.append(
+            WeightMatch(
+                tensor_fqn=target.tensor_fqn,
+                kind=target.kind,
+                weight_shape=target.weight_shape,
+                aliases=tuple(aliases[id(weight)]),
+                nodes=tuple(op.name for op in ops),
+                call_module_fqns=tuple(dict.fromkeys(
+                    t.call_module_fqn for op in ops if (t := get_sparse_target(op)).call_module_fqn
+                )),
+                transposed=target.transposed,
+            )
+        )
+    return matches
+
+
+@dataclass(frozen=True)
+class UnmatchedWeight:
+    """A Linear/Conv-like weight of the model that no match covers: it stays dense.
+
+    Attributes:
+        tensor_fqn: its FQN in the user's model.
+        reason: why the graph gives no weight operand to mask.
+        remedy: what the user can do about it.
+    """
+
+    tensor_fqn: str
+    reason: str
+    remedy: str
+
+
+_EXPORT_REMEDY = "capture with torch.export instead: capture(model, example_inputs=(...), method='export')"
+
+
+def _candidate_weights(model: nn.Module) -> dict[int, str]:
+    """``id(tensor) -> FQN`` of the weights a user would expect to be sparsified: those of
+    ``nn.Linear``/``nn.ConvNd`` (transposed too), ``nn.MultiheadAttention``'s input projections,
+    and Linear-like modules from outside torch.nn (a 2-D ``weight`` parameter beside a
+    ``bias`` attribute, as transformers' ``Conv1D``)."""
+    names = {id(t): fqn for fqn, t in model.named_parameters()}
+    found: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            tensors = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            tensors = [module.weight]
+        elif (
+            not type(module).__module__.startswith("torch.")
+            and isinstance(module._parameters.get("weight"), nn.Parameter)
+            and module._parameters["weight"].dim() == 2
+            and hasattr(module, "bias")
+        ):
+            tensors = [module.weight]
+        else:
+            continue
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and id(tensor) in names:
+                found.setdefault(id(tensor), names[id(tensor)])
+    return found
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def _is_wrapped_function(target: object) -> bool:
+    """A Python function symbolic tracing records as one opaque call (``torch.fx.wrap``, autowrap)."""
+    if not isinstance(target, types.FunctionType):
+        return False
+    if (id(target.__globals__), target.__name__) in torch.fx._symbolic_trace._wrapped_fns_to_patch:
+        return True
+    return not (target.__module__ or "").startswith(("torch", "_operator", "operator"))
+
+
+def _why_unmatched(gm: fx.GraphModule, tensor: torch.Tensor, users: list[fx.Node], leaves: list[fx.Node]) -> tuple[str, str]:
+    capture = gm.meta.get("capture")
+    if leaves:
+        module = gm.get_submodule(leaves[0].target)
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return (f"{type(module).__name__} is a transposed convolution, which fx_sparsity does not sparsify yet",
+                    "none yet: it stays dense")
+        return (f"inside {leaves[0].target!r} ({type(module).__name__}), which the capture keeps as one opaque "
+                "call_module (a leaf module)",
+                f"take {leaves[0].target!r} out of leaf_modules, or {_EXPORT_REMEDY}")
+    if not users:
+        return ("the captured graph never reads it: its module is not called by forward (or only on a branch the "
+                "example inputs did not take)", "nothing to do if the layer is unused")
+    kinds = {is_transposed_linear(u, gm) for u in users if op_kind(u, gm) is not None and _weight_of(u, gm) is tensor}
+    if len(kinds) == 2:
+        return ("used both as an [out, in] weight (linear) and as an [in, out] one (x @ W): one mask cannot "
+                "sparsify both layouts", "use the weight in one layout only")
+    for user in users:
+        if _is_wrapped_function(user.target):
+            return (f"passed to {_target_name(user)}, a function symbolic tracing keeps as one opaque call "
+                    "(torch.fx.wrap)",
+                    _EXPORT_REMEDY if capture != "export" else "none: torch.export kept the call opaque too")
+    for user in users:
+        if op_kind(user, gm) is None or _weight_of(user, gm) is not tensor:
+            return (f"used by {_target_name(user)} (node {user.name}), not as the weight operand of a Linear/Conv "
+                    "op or of x @ W: there is no plain weight operand to mask",
+                    "apply the layer to the weight as stored (F.linear(x, W), F.convNd(x, W) or x @ W)")
+    return ("not selected", "select it in the config")
+
+
+def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> list[UnmatchedWeight]:
+    """The Linear/Conv-like weights of ``model`` that ``matches`` leave dense, with why and the remedy.
+
+    Args:
+        model: the user's model (the module ``gm`` was captured from; they share tensors).
+        gm: its capture.
+        matches: the matches of ``gm`` (:func:`find_weights`, or :func:`find_masked_weights`
+            after masking).
+
+    Returns:
+        One :class:`UnmatchedWeight` per weight, in the order of ``model.named_modules()``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> gm = torch.fx.symbolic_trace(model[:1])
+        >>> [(u.tensor_fqn, u.reason[:33]) for u in unmatched_weights(model, gm, find_weights(gm))]
+        [('1.weight', 'the captured graph never reads it')]
+    """
+    matched = {id(get_tensor(gm, m.tensor_fqn)) for m in matches}
+    reads: dict[int, list[fx.Node]] = {}
+    leaves: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = get_tensor(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                reads.setdefault(id(value), []).extend(node.users)
+        elif node.op == "call_module" and op_kind(node, gm) is not None:
+            reads.setdefault(id(_weight_of(node, gm)), []).append(node)
+        elif node.op == "call_module":
+            for tensor in gm.get_submodule(node.target).parameters():
+                leaves.setdefault(id(tensor), []).append(node)
+    tensors = {id(t): t for t in model.parameters()}
+    unmatched = []
+    for tid, fqn in _candidate_weights(model).items():
+        if tid in matched:
+            continue
+        reason, remedy = _why_unmatched(gm, tensors[tid], reads.get(tid, []), leaves.get(tid, []))
+        unmatched.append(UnmatchedWeight(fqn, reason, remedy))
+    return unmatched
