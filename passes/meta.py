@@ -1,18 +1,38 @@
-"""The one ``node.meta`` key through which the sparsity passes talk to each other.
+"""What the passes record on the graphs they rewrite: one ``node.meta`` key, one ``gm.meta`` key.
 
-The matcher finds weight ops, the mask-insertion pass tags every node it creates
-or rewrites with a :class:`SparseTarget`, and the fusing pass reads those tags to
-undo the rewrite. Nothing else is stored on nodes.
+Nodes: the mask-insertion pass tags every node it creates or rewrites with a
+:class:`SparseTarget` under :data:`SPARSITY_META_KEY`; the other passes read those tags
+(:func:`masked_targets` lists the masked weights) and the fusing pass undoes the rewrite by
+them. Nothing else is stored on nodes.
+
+Modules: :func:`passes.capture` records how it captured a module as a :class:`CaptureRecord`
+under :data:`CAPTURE_META_KEY` (:func:`get_capture` reads it, also from modules saved by
+fx_sparsity 0.1.0, which kept it under two bare keys).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["SPARSITY_META_KEY", "SparseTarget", "Role", "get_sparse_target"]
+from torch import fx
+
+__all__ = [
+    "SPARSITY_META_KEY",
+    "SparseTarget",
+    "Role",
+    "get_sparse_target",
+    "mask_nodes",
+    "masked_targets",
+    "CAPTURE_META_KEY",
+    "CaptureRecord",
+    "get_capture",
+    "set_capture",
+]
 
 SPARSITY_META_KEY = "fx_sparsity"
+CAPTURE_META_KEY = "fx_sparsity.capture"
 
 Role = Literal["op", "mask_mul", "pad", "observer", "lowered"]
 
@@ -64,6 +84,67 @@ class SparseTarget:
         return f"{self.module_fqn}.{self.mask_name}" if self.module_fqn else self.mask_name
 
 
-def get_sparse_target(node) -> SparseTarget | None:
+def get_sparse_target(node: fx.Node) -> SparseTarget | None:
     """The node's :class:`SparseTarget`, or ``None`` when the node has none."""
     return node.meta.get(SPARSITY_META_KEY)
+
+
+def mask_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The ``mul(weight, mask)`` node of every masked weight of ``gm``, by tensor FQN, in graph order: one scan of
+    the graph, which the readers below accept so that a recipe scans once."""
+    found = {}
+    for node in gm.graph.nodes:
+        target = get_sparse_target(node)
+        if target is not None and target.role == "mask_mul":
+            found[target.tensor_fqn] = node
+    return found
+
+
+def masked_targets(gm: fx.GraphModule, nodes: Mapping[str, fx.Node] | None = None) -> list[SparseTarget]:
+    """The :class:`SparseTarget` of every ``mul(weight, mask)`` node of ``gm``, in graph order.
+
+    Args:
+        gm: a module rewritten by :func:`passes.insert_masks`.
+        nodes: :func:`mask_nodes` of ``gm``, when the caller has them.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+        >>> [t.mask_fqn for t in masked_targets(insert_masks(gm, find_weights(gm)))]
+        ['0.weight_mask']
+    """
+    return [get_sparse_target(n) for n in (mask_nodes(gm) if nodes is None else nodes).values()]
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """How :func:`passes.capture` captured a module.
+
+    Attributes:
+        method: ``"symbolic_trace"`` or ``"export"``.
+        dynamic_batch: for an export capture, ``True`` when dim 0 of the inputs is dynamic,
+            ``False`` when export specialised it (a warning said why), ``None`` when the caller gave
+            ``dynamic_shapes``; ``None`` for symbolic tracing (which has no shapes).
+    """
+
+    method: Literal["symbolic_trace", "export"]
+    dynamic_batch: bool | None = None
+
+
+def get_capture(gm: Any) -> CaptureRecord | None:
+    """The :class:`CaptureRecord` of a module :func:`passes.capture` returned (or one copied from it), else ``None``.
+
+    Example::
+
+        >>> get_capture(capture(nn.Sequential(nn.Linear(4, 4)))).method
+        'symbolic_trace'
+    """
+    meta = getattr(gm, "meta", None) or {}
+    record = meta.get(CAPTURE_META_KEY)
+    if record is None and meta.get("capture") in ("symbolic_trace", "export"):  # saved by fx_sparsity 0.1.0
+        record = CaptureRecord(meta["capture"], meta.get("dynamic_batch"))
+    return record
+
+
+def set_capture(gm: fx.GraphModule, record: CaptureRecord) -> None:
+    gm.meta[CAPTURE_META_KEY] = record

@@ -1,9 +1,9 @@
-"""Observers in front of masked ops, and the block-by-block stages of sequential calibration."""
+"""Calibration, graph side: observers and their statistics (:mod:`.observers`), put in front of masked ops and
+taken out again (:mod:`.insertion`); the repeated blocks of a model (:mod:`.blocks`) and the stages that run
+between them, one after another (:mod:`.stages`)."""
 
-from passes.calibration.insertion import (
-    insert_input_observers,
-    remove_input_observers,
-)
+from passes.calibration.blocks import find_blocks, is_inside, match_blocks, module_paths, module_stack
+from passes.calibration.insertion import insert_input_observers, remove_input_observers
 from passes.calibration.observers import (
     InputHessianObserver,
     InputNormObserver,
@@ -15,18 +15,14 @@ from passes.calibration.observers import (
     input_rows,
     token_rows,
 )
-from passes.calibration.stages import (
-    Stage,
-    StageRunner,
-    carried_bytes,
-    find_blocks,
-    match_blocks,
-    module_paths,
-    plan_stages,
-    stage_tensors,
-)
+from passes.calibration.stages import Stage, StageRunner, carried_bytes, plan_stages, stage_tensors
 
 __all__ = [
+    "find_blocks",
+    "is_inside",
+    "match_blocks",
+    "module_paths",
+    "module_stack",
     "insert_input_observers",
     "remove_input_observers",
     "InputHessianObserver",
@@ -41,9 +37,6 @@ __all__ = [
     "Stage",
     "StageRunner",
     "carried_bytes",
-    "find_blocks",
-    "match_blocks",
-    "module_paths",
     "plan_stages",
     "stage_tensors",
 ]

@@ -1,13 +1,12 @@
-"""Capture an ``nn.Module`` as a ``GraphModule``: symbolic tracing, or ``torch.export``."""
+"""Capture an ``nn.Module`` as a ``GraphModule``: symbolic tracing, or ``torch.export`` (:mod:`.tracing`), as a
+module that pickles its graph as it is (:mod:`.pickling`)."""
 
-from passes.capturing.tracing import (
-    capture,
-    CaptureError,
-    CapturedModule,
-)
+from passes.capturing.pickling import CapturedModule, as_exported_module
+from passes.capturing.tracing import CaptureError, capture
 
 __all__ = [
-    "capture",
-    "CaptureError",
     "CapturedModule",
+    "as_exported_module",
+    "CaptureError",
+    "capture",
 ]

@@ -17,10 +17,9 @@ module shares only parameters and buffers with the model, so later passes may ad
 buffers and rewrite the graph freely.
 
 An export capture keeps the batch dimension of its inputs dynamic where torch.export
-can, and warns when it cannot. Captured modules pickle their graph as it is, node
-names, sparsity tags and ``gm.meta`` included, so ``torch.save`` of a prepared,
-lowered or squashed module loads again (``fx.GraphModule`` pickles its code and
-re-traces it, losing all of that).
+can, and warns when it cannot. How a module was captured is recorded as a
+:class:`passes.meta.CaptureRecord`. Captured modules pickle their graph as it is
+(:mod:`passes.capturing.pickling`).
 """
 
 from __future__ import annotations
@@ -31,21 +30,19 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.export import Dim
-from torch.export._unlift import _StatefulGraphModule
-from torch.fx.graph_module import _CodeOnlyModule
 from torch.utils._pytree import tree_leaves, tree_map
 
-from passes.meta import SPARSITY_META_KEY
+from passes.capturing.pickling import CapturedModule, as_exported_module
+from passes.meta import SPARSITY_META_KEY, CaptureRecord, set_capture
 from passes.utils import clone_sharing_tensors
 
-__all__ = ["capture", "CaptureError", "CapturedModule"]
+__all__ = ["capture", "CaptureError"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -72,156 +69,6 @@ class _Tracer(fx.Tracer):
         # torch.nn modules are leaves by default, which would hide the Linears inside
         # nn.TransformerEncoderLayer or nn.MultiheadAttention: trace into those.
         return not _holds_weights(m)
-
-
-# Node meta that survives pickling (FakeTensor values and module stacks do not pickle).
-_PICKLED_NODE_META = (SPARSITY_META_KEY, "stack_trace")
-# Unpickling a GraphModule normally re-traces its code: that drops node meta and gm.meta,
-# merges repeated get_attr nodes and loses torch.export's output types. Captured modules
-# pickle their graph node by node instead.
-
-
-@dataclass(frozen=True)
-class _NodeRef:
-    name: str
-
-
-@dataclass(frozen=True)
-class _OpRef:
-    """An operator by name: ``torch.ops`` overloads do not pickle."""
-
-    path: tuple[str, ...]
-
-    def resolve(self) -> object:
-        op = torch.ops
-        for part in self.path:
-            op = getattr(op, part)
-        return op
-
-
-def _encode_target(target: object) -> object:
-    if isinstance(target, torch._ops.OpOverload):
-        return _OpRef((target.namespace, target._schema.name.split("::")[1], target._overloadname))
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return _OpRef(("higher_order", target.name()))
-    return target
-
-
-def _graph_state(graph: fx.Graph) -> dict:
-    nodes = [
-        (n.op, n.name, _encode_target(n.target), fx.map_arg(n.args, lambda a: _NodeRef(a.name)),
-         fx.map_arg(n.kwargs, lambda a: _NodeRef(a.name)), n.type,
-         {k: n.meta[k] for k in _PICKLED_NODE_META if k in n.meta})
-        for n in graph.nodes
-    ]
-    return {"nodes": nodes, "codegen": graph._codegen}
-
-
-def _graph_from_state(state: dict) -> fx.Graph:
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for op, name, target, args, kwargs, type_expr, meta in state["nodes"]:
-        args, kwargs = (fx.node.map_aggregate(a, lambda r: env[r.name] if isinstance(r, _NodeRef) else r)
-                        for a in (args, kwargs))
-        target = target.resolve() if isinstance(target, _OpRef) else target
-        node = graph.create_node(op, target, args, kwargs, name=name, type_expr=type_expr)
-        node.meta.update(meta)
-        env[name] = node
-    graph._codegen = state["codegen"]
-    return graph
-
-
-class _PicklesGraph:
-    """Mixin for captured GraphModules: a pickle round trip (``torch.save`` of the whole
-    module) rebuilds the very graph, with ``gm.meta`` and the sparsity tags of the nodes,
-    so a loaded prepared module can still be stepped, fused or lowered."""
-
-    def __reduce__(self) -> tuple:
-        body = {k: v for k, v in self.__dict__.items() if k != "_graph"}
-        # torch.export's module registers no-op lambdas as hooks (for module-typed inputs,
-        # which capture does not take); they do not pickle.
-        for hooks in ("_forward_pre_hooks", "_forward_hooks"):
-            body[hooks] = {k: h for k, h in body[hooks].items() if getattr(h, "__name__", "") != "<lambda>"}
-        exported = isinstance(self, _StatefulGraphModule)
-        if exported:
-            # Its train/eval (which refuse) and its guard function are local functions.
-            body = {k: v for k, v in body.items() if k not in ("train", "eval")}
-            guards = body["_modules"].get("_guards_fn")
-            if guards is not None and not isinstance(guards, _InputShapeGuards):
-                body["_modules"] = {**body["_modules"], "_guards_fn": _InputShapeGuards.of(self.graph)}
-        # The graph goes in the state, pickled after the module: meta may refer back to it.
-        return (_new_captured, (body, exported), {"graph": _graph_state(self.graph), "meta": dict(self.meta)})
-
-    def __setstate__(self, state: dict) -> None:
-        body = self.__dict__.pop("_body")
-        graph = _graph_from_state(state["graph"])
-        fx.GraphModule.__init__(self, _CodeOnlyModule(body), graph, body.get("_graphmodule_cls_name", "GraphModule"))
-        # Everything else as pickled: modules and tensors the graph does not read, hooks, flags.
-        self.__dict__.update({k: v for k, v in body.items() if k != "meta"})
-        self.recompile()
-        self.meta.update(state["meta"])
-
-
-class CapturedModule(_PicklesGraph, fx.GraphModule):
-    """The ``GraphModule`` :func:`capture` returns for symbolic tracing."""
-
-
-class _ExportedModule(_PicklesGraph, _StatefulGraphModule):
-    """What ``torch.export``'s ``.module()`` returns, pickling like :class:`CapturedModule`."""
-
-    def train(self, mode: bool = True) -> nn.Module:
-        # As torch.export's module: its graph was captured in one mode.
-        raise NotImplementedError("Calling train() is not supported yet.")
-
-    def eval(self) -> nn.Module:
-        raise NotImplementedError("Calling eval() is not supported yet.")
-
-
-class _InputShapeGuards(nn.Module):
-    """Stands in for torch.export's guard function (generated code, which does not pickle)
-    in a pickled export capture: checks the static sizes of the tensor inputs."""
-
-    def __init__(self, shapes: list[tuple[int | None, ...] | None]) -> None:
-        super().__init__()
-        self.shapes = shapes
-        self._is_impure = True
-
-    @classmethod
-    def of(cls, graph: fx.Graph) -> _InputShapeGuards:
-        shapes = []
-        for node in graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                shapes.append(None)
-                continue
-            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
-        return cls(shapes)
-
-    def forward(self, *args: Any) -> None:
-        for i, (arg, shape) in enumerate(zip(args, self.shapes)):
-            if shape is None:
-                continue
-            torch._assert(arg.dim() == len(shape), f"Guard failed: input {i} must have {len(shape)} dimensions")
-            for dim, size in enumerate(shape):
-                if size is not None:
-                    torch._assert(arg.size(dim) == size, f"Guard failed: input {i}.size()[{dim}] == {size}")
-
-
-def _new_captured(body: dict, exported: bool) -> fx.GraphModule:
-    """An empty instance of the right per-instance class, filled in by ``__setstate__``."""
-    base = _ExportedModule if exported else CapturedModule
-    gm = fx.GraphModule.__new__(base)
-    gm.__dict__["_body"] = body
-    return gm
-
-
-def _as_exported_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Give ``torch.export``'s module a class that pickles its graph."""
-    # GraphModule installs forward on a class of its own per instance (recompile writes it
-    # there): the new class must be per instance too.
-    gm.__class__ = type("GraphModuleImpl", (_ExportedModule,), {})
-    gm.recompile()
-    return gm
 
 
 _WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -277,14 +124,15 @@ def _export_clone(model: nn.Module, example_args: tuple, dynamic_shapes: Any = N
     # left things there), and it marks the dynamic dims on the input tensors themselves.
     args = tree_map(lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v,
                     example_args)
-    return _as_exported_module(torch.export.export(_clone(model), args, dynamic_shapes=dynamic_shapes).module())
+    return as_exported_module(torch.export.export(_clone(model), args, dynamic_shapes=dynamic_shapes).module())
 
 
 def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.GraphModule:
-    """``torch.export`` of a clone of ``model``; by default with a dynamic batch dimension."""
+    """``torch.export`` of a clone of ``model``, its :class:`CaptureRecord` set; by default with a dynamic batch
+    dimension."""
     if dynamic_shapes is not None:
         gm = _export_clone(model, example_args, dynamic_shapes)
-        gm.meta["dynamic_batch"] = None
+        set_capture(gm, CaptureRecord("export", None))
         return gm
     name = type(model).__name__
     batches = {v.shape[0] for v in tree_leaves(example_args) if isinstance(v, torch.Tensor) and v.dim() > 0}
@@ -297,7 +145,7 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
     elif batches:
         try:
             gm = _export_clone(model, example_args, _batch_dims(example_args))
-            gm.meta["dynamic_batch"] = True
+            set_capture(gm, CaptureRecord("export", True))
             return gm
         except Exception as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -314,7 +162,7 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
             "argument) to choose the dynamic dimensions yourself.",
             stacklevel=3,
         )
-    gm.meta["dynamic_batch"] = False
+    set_capture(gm, CaptureRecord("export", False))
     return gm
 
 
@@ -454,10 +302,10 @@ def capture(
             symbolic tracing hides, in ``torch.fx.wrap``'ed functions say).
 
     Returns:
-        A ``GraphModule`` (a :class:`CapturedModule` for symbolic tracing);
-        ``gm.meta["capture"]`` is ``"symbolic_trace"`` or ``"export"``.
-        For an export capture, ``gm.meta["dynamic_batch"]`` is ``True`` (dim 0 is
-        dynamic), ``False`` (static, warned) or ``None`` (``dynamic_shapes`` given).
+        A ``GraphModule`` (a :class:`~passes.capturing.pickling.CapturedModule` for symbolic
+        tracing); :func:`passes.meta.get_capture` gives its :class:`~passes.meta.CaptureRecord`:
+        the method (``"symbolic_trace"`` or ``"export"``) and, for an export capture, whether
+        dim 0 is dynamic (``True``), static (``False``, warned) or chosen by ``dynamic_shapes`` (``None``).
 
     Raises:
         TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
@@ -490,7 +338,6 @@ def capture(
                 "Remedies: rewrite data-dependent control flow with torch.cond, or capture with "
                 "method='symbolic_trace' (leaf_modules=[...], concrete_args={...})."
             ) from e
-        gm.meta["capture"] = "export"
         return gm
     clone = _clone(model)
     try:
@@ -519,7 +366,6 @@ def capture(
                 "(leaf_modules=[...]) or fix the offending argument with concrete_args={...}; "
                 "for torch.export, rewrite data-dependent control flow with torch.cond."
             ) from export_exc
-        gm.meta["capture"] = "export"
         return gm
-    gm.meta["capture"] = "symbolic_trace"
+    set_capture(gm, CaptureRecord("symbolic_trace"))
     return gm

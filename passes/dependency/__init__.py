@@ -1,63 +1,17 @@
-"""Channel dependency analysis: the groups of coupled channels that must shrink together."""
+"""Channel dependency analysis: the groups of coupled channels that must shrink together; analysis only.
 
-from passes.dependency.analysis import (
-    Member,
-    ChannelGroup,
-    find_channel_groups,
-    run_recording,
-)
-from passes.dependency.layout import (
-    Layout,
-    follow_node,
-)
-from passes.dependency.op_categories import (
-    POINTWISE,
-    SPATIAL,
-    REDUCTIONS,
-    RESHAPES,
-    TRANSPOSES,
-    CONCATS,
-    SPLITS,
-    SHAPE_QUERIES,
-    MATMULS,
-    SOFTMAXES,
-    ATTENTION,
-    EXPANDS,
-    SLICES,
-    LAYER_NORMS,
-    SIZED_RESHAPES,
-    EXPANDING,
-    PERMUTES,
-    op_category,
-)
-from passes.dependency.spaces import (
-    Spaces,
-)
+:func:`find_channel_groups` (:mod:`.analysis`) runs the graph once for shapes and follows each channel
+space through it, node by node, with the rule the table of :mod:`.rules` gives each node (one file per op
+family, helpers in :mod:`.layout`); spaces meet in a union-find (:mod:`.spaces`) and end as
+:class:`ChannelGroup` records of :class:`Member` slices (:mod:`.records`).
+"""
+
+from passes.dependency.analysis import find_channel_groups, run_recording
+from passes.dependency.records import ChannelGroup, Member
 
 __all__ = [
-    "Member",
-    "ChannelGroup",
     "find_channel_groups",
     "run_recording",
-    "Layout",
-    "follow_node",
-    "POINTWISE",
-    "SPATIAL",
-    "REDUCTIONS",
-    "RESHAPES",
-    "TRANSPOSES",
-    "CONCATS",
-    "SPLITS",
-    "SHAPE_QUERIES",
-    "MATMULS",
-    "SOFTMAXES",
-    "ATTENTION",
-    "EXPANDS",
-    "SLICES",
-    "LAYER_NORMS",
-    "SIZED_RESHAPES",
-    "EXPANDING",
-    "PERMUTES",
-    "op_category",
-    "Spaces",
+    "ChannelGroup",
+    "Member",
 ]

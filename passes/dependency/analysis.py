@@ -34,85 +34,21 @@ is a ``get_attr`` or the ``mul(weight, mask)`` node of :mod:`passes.masking.inse
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
+from passes.dependency import op_categories as ops
+from passes.dependency.layout import Layout, freeze, tracked_inputs
+from passes.dependency.records import ChannelGroup
+from passes.dependency.rules import GETITEM_RULE, LAYER_RULE, MODULE_RULES, OP_RULES
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, follow_node
+from passes.matching.weights import op_kind
 
-__all__ = ["Member", "ChannelGroup", "find_channel_groups", "run_recording"]
-
-
-@dataclass(frozen=True)
-class Member:
-    """One slice that loses an index per removed channel.
-
-    Attributes:
-        target: a tensor FQN, or a module FQN for ``kind="module"``.
-        kind: ``"producer"`` (rows of a Linear/Conv weight, columns of an Embedding:
-            what importance is scored on and masks zero), ``"consumer"`` (input
-            columns of a Linear/Conv weight), ``"param"`` (any other tensor:
-            biases, norm parameters and statistics), ``"module"`` (a module whose
-            size attributes are recomputed from its tensors) or ``"literal"`` (a size
-            written in the graph, such as the head count of ``view(b, s, 8, 64)``:
-            ``target`` names the node, ``dim`` the argument, ``offset`` the position
-            in that argument when it is a list of sizes, else ``-1``).
-        dim: the tensor dimension that shrinks.
-        offset: index along ``dim`` of the group's first channel (concatenation).
-        inner: consecutive entries per channel along ``dim`` (a flatten of
-            ``[C, H, W]`` into a Linear gives ``inner = H * W``); for a literal, how
-            much it drops per removed channel.
-    """
-
-    target: str
-    kind: Literal["producer", "consumer", "param", "module", "literal"]
-    dim: int = 0
-    offset: int = 0
-    inner: int = 1
-
-    def indices(self, channels: torch.Tensor) -> torch.Tensor:
-        """Indices along ``dim`` that hold ``channels`` (a 1-D long tensor of channel numbers)."""
-        steps = torch.arange(self.inner, device=channels.device)
-        return (self.offset + channels[:, None] * self.inner + steps).flatten()
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Channels that must be removed together, index for index, from every member.
-
-    Attributes:
-        index: position in the list :func:`find_channel_groups` returns.
-        size: number of channels.
-        members: every slice that shrinks, in graph order.
-        blocks: the channels form ``blocks`` equal consecutive blocks that must
-            keep equal counts (GroupNorm groups); 1 otherwise.
-        frozen_reason: why these channels may not shrink, or ``None``.
-        inexact: members whose output changes when a channel is removed rather than
-            zeroed (LayerNorm/GroupNorm statistics count the channel).
-    """
-
-    index: int
-    size: int
-    members: tuple[Member, ...]
-    blocks: int = 1
-    frozen_reason: str | None = None
-    inexact: tuple[str, ...] = ()
-
-    @property
-    def prunable(self) -> bool:
-        return self.frozen_reason is None
-
-    @property
-    def producers(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "producer")
-
-    @property
-    def consumers(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "consumer")
+__all__ = ["find_channel_groups", "follow_node", "run_recording"]
 
 
 class _Recorder(fx.Interpreter):
@@ -169,6 +105,42 @@ def _shape_of(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return tuple(tuple(v.shape) for v in value)
     return None
+
+
+def follow_node(
+    node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces
+) -> Layout | tuple | None:
+    """The layout of ``node``'s output, after its rule (:mod:`passes.dependency.rules`) added its members to the
+    spaces it touches."""
+    if node.op in ("placeholder", "get_attr"):
+        return None
+    tracked = tracked_inputs(node, layouts)
+    name = node.target if node.op == "call_module" else node.name
+    if node.op == "output":
+        for n in tracked:
+            freeze(spaces, layouts[n], f"reaches the model output through {n.name}")
+        return None
+    if op_kind(node, gm) is not None:
+        return LAYER_RULE(node, gm, shapes, layouts, spaces)
+    module_rule = MODULE_RULES.get(type(gm.get_submodule(node.target))) if node.op == "call_module" else None
+    if module_rule is not None:
+        return module_rule(node, gm, shapes, layouts, spaces)
+    category = ops.op_category(node, gm)
+    if category == ops.SHAPE_QUERIES or not tracked:
+        return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        return GETITEM_RULE(node, shapes, layouts, spaces)
+    rule = OP_RULES.get(category)
+    result = rule(node, shapes, layouts, spaces) if rule is not None else None
+    why = f"used by {name}, an op the dependency pass does not know"
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        # As a module it needs num_heads * head_dim == embed_dim == the query's width: no head can go alone.
+        why = (f"used by {name}, an nn.MultiheadAttention kept whole (a leaf module); capture it with torch.export "
+               "(example_inputs=..., not in leaf_modules) to remove its heads")
+    if rule is None:
+        for n in tracked:
+            freeze(spaces, layouts[n], why)
+    return result
 
 
 def find_channel_groups(gm: fx.GraphModule, example_inputs: Any) -> tuple[ChannelGroup, ...]:

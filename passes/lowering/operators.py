@@ -54,9 +54,7 @@ from passes.lowering.formats import (
     bitmask_to_dense,
     csr_to_dense,
     nm_to_dense,
-    to_bitmask_components,
     to_narrow_csr_components,
-    to_nm_components,
 )
 
 __all__ = [
@@ -66,8 +64,6 @@ __all__ = [
     "bsr_linear",
     "semi_structured_linear",
     "sparse_linear_grad_input",
-    "to_bitmask_components",
-    "to_nm_components",
     "to_csr_components",
     "to_bsr_components",
     "to_semi_structured_components",

@@ -37,7 +37,7 @@ from torch import Tensor, fx
 
 from passes.masking.lstm import LSTM_KIND
 from passes.matching.weights import op_arguments
-from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
+from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target, mask_nodes
 from passes.lowering.native import NO_NATIVE_ENV, native_ops
 from passes.lowering.formats import detect_nm, to_bitmask_components, to_nm_components
 from passes.lowering.operators import (
@@ -190,15 +190,6 @@ def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] |
     return None
 
 
-def _mask_muls(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    found = {}
-    for node in gm.graph.nodes:
-        target = get_sparse_target(node)
-        if target is not None and target.role == "mask_mul":
-            found[target.tensor_fqn] = node
-    return found
-
-
 def _ops(mul: fx.Node) -> list[fx.Node]:
     return [u for u in mul.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
 
@@ -207,9 +198,10 @@ def _as_tuple(value: object, n: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
-def lowering_blockers(gm: fx.GraphModule) -> dict[str, str | None]:
-    """:func:`lowering_blocker` of every masked weight of ``gm``, in one pass over the graph."""
-    return {fqn: _blocker(mul) for fqn, mul in _mask_muls(gm).items()}
+def lowering_blockers(gm: fx.GraphModule, nodes: Mapping[str, fx.Node] | None = None) -> dict[str, str | None]:
+    """:func:`lowering_blocker` of every masked weight of ``gm``, in one pass over the graph (none when
+    ``nodes``, :func:`passes.meta.mask_nodes` of ``gm``, are given)."""
+    return {fqn: _blocker(mul) for fqn, mul in (mask_nodes(gm) if nodes is None else nodes).items()}
 
 
 def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
@@ -218,7 +210,7 @@ def lowering_blocker(gm: fx.GraphModule, tensor_fqn: str) -> str | None:
     Linear ops always can; a conv can when it is 1x1 with no padding and one
     group (a stride becomes a strided slice of the input).
     """
-    mul = _mask_muls(gm).get(tensor_fqn)
+    mul = mask_nodes(gm).get(tensor_fqn)
     if mul is None:
         raise ValueError(f"{tensor_fqn!r} is not a masked weight of the module")
     return _blocker(mul)
@@ -333,7 +325,7 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
         >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         ['fx_sparsity.csr_linear.default']
     """
-    muls = _mask_muls(gm)
+    muls = mask_nodes(gm)
     plans = []
     for fqn, fmt in formats.items():
         if fqn not in muls:

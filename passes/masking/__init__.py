@@ -1,25 +1,17 @@
-"""Insert ``mul(weight, mask)`` nodes and mask buffers, and fuse them back into the weights."""
+"""Masks in the graph: ``mul(weight, mask)`` nodes in (:mod:`.insert`, :mod:`.lstm` for ``nn.LSTM``), fused back
+into the weights (:mod:`.fuse`), and masked modules swapped for sparse module types (:mod:`.swap`)."""
 
-from passes.masking.fuse import (
-    fuse_masks,
-    masked_targets,
-)
-from passes.masking.insert import (
-    insert_masks,
-)
-from passes.masking.lstm import (
-    LSTM_KIND,
-    find_lstm_weights,
-    masked_lstm,
-    is_plain_lstm,
-)
+from passes.masking.fuse import fuse_masks
+from passes.masking.insert import insert_masks
+from passes.masking.lstm import LSTM_KIND, find_lstm_weights, is_plain_lstm, masked_lstm
+from passes.masking.swap import swap_modules
 
 __all__ = [
     "fuse_masks",
-    "masked_targets",
     "insert_masks",
     "LSTM_KIND",
     "find_lstm_weights",
-    "masked_lstm",
     "is_plain_lstm",
+    "masked_lstm",
+    "swap_modules",
 ]

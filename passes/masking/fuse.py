@@ -21,13 +21,7 @@ from passes.masking.lstm import LSTM_KIND, masked_lstm
 from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
 from passes.utils import ReadIndex, erase_unused_get_attrs, set_tensor, tensor_aliases
 
-__all__ = ["fuse_masks", "masked_targets"]
-
-
-def masked_targets(gm: fx.GraphModule) -> list[SparseTarget]:
-    """The :class:`SparseTarget` of every ``mul(weight, mask)`` node of ``gm``, in graph order."""
-    targets = [get_sparse_target(n) for n in gm.graph.nodes]
-    return [t for t in targets if t is not None and t.role == "mask_mul"]
+__all__ = ["fuse_masks"]
 
 
 def _set_fused_weight(

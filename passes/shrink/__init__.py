@@ -1,21 +1,21 @@
-"""Remove channels physically: a smaller, dense module."""
+"""Remove channels physically: a smaller, dense module.
 
-from passes.shrink.bias import (
-    bias_deltas,
-)
-from passes.shrink.modules import (
-    update_module,
-)
-from passes.shrink.rewrite import (
-    ShrinkReport,
-    shrink_channels,
-    count_macs,
-)
+Compute the groups first (:func:`passes.dependency.find_channel_groups`), decide what to
+remove second (:func:`plan_shrink`: checked channels, bias folds, notes), rewrite last
+(:func:`remove_channels`, in place), then compare (:func:`compare_shrunk`).
+"""
+
+from passes.shrink.plan import ShrinkPlan, plan_shrink
+from passes.shrink.report import ShrinkReport, compare_shrunk, count_macs, count_params
+from passes.shrink.rewrite import remove_channels, shrink_channels
 
 __all__ = [
-    "bias_deltas",
-    "update_module",
+    "ShrinkPlan",
+    "plan_shrink",
+    "remove_channels",
     "ShrinkReport",
-    "shrink_channels",
+    "compare_shrunk",
     "count_macs",
+    "count_params",
+    "shrink_channels",
 ]

@@ -1,130 +1,38 @@
-"""Remove channels physically: a new, smaller, dense ``GraphModule``.
+"""Remove channels physically, in place: the module's layers become smaller and dense.
 
-Given the groups of :func:`passes.dependency.find_channel_groups` and the channels
-to remove from each, every member loses those indices: producer weight rows,
-consumer weight columns (per block for grouped convs), biases, norm parameters
-and running statistics, embedding columns; module attributes (``in_features``,
-``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
-``normalized_shape``, ``embedding_dim``) follow, and literal sizes in the graph (the
-head count of ``view(b, s, 8, 64)``, repeat_kv's ``expand``/``reshape``) are lowered
-by the channels removed. The input module is not touched: the result is a deep copy
-with new tensors.
+Given a :class:`~passes.shrink.plan.ShrinkPlan`, every member of a shrunk group loses the
+planned indices: producer weight rows, consumer weight columns (per block for grouped convs),
+biases, norm parameters and running statistics, embedding columns; module attributes
+(``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
+``normalized_shape``, ``embedding_dim``) follow, and literal sizes in the graph (the head count
+of ``view(b, s, 8, 64)``, repeat_kv's ``expand``/``reshape``) are lowered by the channels
+removed. The plan's bias folds are added to the consumers' biases (a Linear/Conv without a
+bias gets one).
 
-A removed channel whose value is the same for every input (its producer rows are
-zero, so it carries ``act(bias)``) still adds a constant to each consumer. That
-constant is measured by running the input module on ``example_inputs`` and on a
-random input, and folded into the consumer's bias (as torch.ao.pruning's
-``prune_functions`` propagate biases). The fold is exact for Linears and for convs
-without padding; a padded conv sees the constant at its borders only partly, and
-a channel that changes with the input cannot be folded at all: the report lists both.
+Like every pass, :func:`remove_channels` rewrites the module it is given and returns it: its
+submodules' attributes and graph change, while the tensors it replaces are never written to
+(the new ones are fresh), so a clone sharing tensors (:func:`passes.utils.clone_sharing_tensors`)
+is all a caller must make to keep its module.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from passes.dependency.analysis import ChannelGroup, run_recording
-from passes.shrink.bias import bias_deltas
+from passes.dependency.records import ChannelGroup
 from passes.shrink.modules import update_module
-from passes.matching.weights import op_arguments, op_kind
+from passes.shrink.plan import ShrinkPlan, bias_fqn, output_shapes, plan_shrink
+from passes.shrink.report import ShrinkReport, compare_shrunk
 from passes.utils import get_tensor, split_fqn, tensor_aliases
 
-__all__ = ["ShrinkReport", "shrink_channels", "count_macs"]
-
-@dataclass(frozen=True)
-class ShrinkReport:
-    """What :func:`shrink_channels` did.
-
-    Attributes:
-        params_before, params_after: parameter counts (each tensor once).
-        macs_before, macs_after: multiply-accumulates of the Linear/Conv layers
-            and LSTM weight products on the example inputs (all of the batch).
-        channels: ``{group index: (size before, size after)}`` of shrunk groups.
-        folded: consumers whose bias received removed channels' constants.
-        inexact: where the shrunk module's output differs from the input module's.
-    """
-
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    channels: Mapping[int, tuple[int, int]] = field(default_factory=dict)
-    folded: tuple[str, ...] = ()
-    inexact: tuple[str, ...] = ()
-
-    @property
-    def exact(self) -> bool:
-        return not self.inexact
-
-
-def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
-    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``.
-
-    Example::
-
-        >>> count_macs(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 2))), torch.ones(3, 4))
-        24
-    """
-    total = [0]
-
-    def record(node: fx.Node, result: Any, args: tuple, kwargs: dict) -> None:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM:
-            total[0] += _lstm_macs(gm.get_submodule(node.target), result[0])
-            return
-        if op_kind(node, gm) is None:
-            return
-        if node.op == "call_module":
-            weight = gm.get_submodule(node.target).weight
-        else:
-            weight = op_arguments(node.target, args, kwargs)["weight"]
-        # Each output entry reads one row of the weight (a grouped conv's rows hold in_channels / groups columns).
-        total[0] += result.numel() * weight[0].numel()
-
-    run_recording(gm, example_inputs, record)
-    return total[0]
-
-
-def _lstm_macs(lstm: nn.LSTM, output: torch.Tensor) -> int:
-    """Each time step of each sequence multiplies every weight matrix (gates, recurrence, projection) once."""
-    steps = output.numel() // output.shape[-1]
-    return steps * sum(w.numel() for name, w in lstm.named_parameters() if name.startswith("weight_"))
-
-
-def _count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _check(groups: Sequence[ChannelGroup], removed: Mapping[int, Any]) -> dict[int, torch.Tensor]:
-    by_index = {g.index: g for g in groups}
-    checked = {}
-    for index, channels in removed.items():
-        group = by_index.get(index)
-        if group is None:
-            raise ValueError(f"removed names group {index!r}, which does not exist (groups 0..{len(groups) - 1})")
-        channels = torch.as_tensor(channels, dtype=torch.long).flatten().unique()
-        if channels.numel() == 0:
-            continue
-        if not group.prunable:
-            raise ValueError(f"group {index} cannot shrink: {group.frozen_reason}; remove it from `removed`")
-        if channels.min() < 0 or channels.max() >= group.size:
-            raise ValueError(f"removed[{index}] holds channels outside 0..{group.size - 1}: {channels.tolist()}")
-        if channels.numel() == group.size:
-            raise ValueError(f"removed[{index}] removes all {group.size} channels of group {index}; keep at least one")
-        counts = torch.bincount(channels // (group.size // group.blocks), minlength=group.blocks)
-        if group.blocks > 1 and (counts != counts[0]).any():
-            raise ValueError(
-                f"group {index} has {group.blocks} blocks (grouped conv or GroupNorm) that must lose equally "
-                f"many channels; removed[{index}] takes {counts.tolist()}"
-            )
-        checked[index] = channels
-    return checked
+__all__ = ["remove_channels", "shrink_channels"]
 
 
 def _set_tensor(gm: fx.GraphModule, fqn: str, value: torch.Tensor, aliases: dict[str, list[str]]) -> None:
@@ -159,25 +67,11 @@ def _cut_grouped_columns(weight: torch.Tensor, groups: int, drop: torch.Tensor) 
     return torch.cat(blocks)
 
 
-def _output_shapes(gm: fx.GraphModule, example_inputs: Any) -> list:
-    out = run_recording(gm, example_inputs, lambda *a: None)
-    return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
-    owner = gm.get_submodule(split_fqn(weight_fqn)[0])
-    bias = getattr(owner, "bias", None)
-    if split_fqn(weight_fqn)[1] == "weight" and isinstance(bias, torch.Tensor) and bias.shape == owner.weight.shape[:1]:
-        # an exported module keeps plain containers: its Linear's bias is the tensor beside the weight
-        return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
-    if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
-        if owner.bias is None:
-            owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
-        return f"{split_fqn(weight_fqn)[0]}.bias" if split_fqn(weight_fqn)[0] else "bias"
-    if type(owner) is nn.LSTM and owner.bias:  # weight_ih_l0[_reverse] -> bias_ih_l0[_reverse]
-        owner_fqn, name = split_fqn(weight_fqn)
-        return f"{owner_fqn}.{name.replace('weight_ih_', 'bias_ih_')}".lstrip(".")
-    return None
+def _ensure_bias(gm: fx.GraphModule, bias: str) -> None:
+    """Give a Linear/Conv without a bias a zero one, to receive a fold."""
+    owner = gm.get_submodule(split_fqn(bias)[0])
+    if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and owner.bias is None:
+        owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
 
 
 def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int, made: dict) -> Any:
@@ -217,96 +111,94 @@ def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]
             graph.erase_node(old)
 
 
+
+def remove_channels(gm: fx.GraphModule, plan: ShrinkPlan) -> fx.GraphModule:
+    """Remove the channels of ``plan`` from ``gm``, in place, and fold its bias constants.
+
+    Args:
+        gm: the module ``plan`` was made on, or a clone of it (see the module docstring).
+        plan: from :func:`passes.shrink.plan_shrink`.
+
+    Returns:
+        ``gm``, shrunk and recompiled; its output shapes on the plan's example inputs are those the plan recorded.
+
+    Raises:
+        RuntimeError: the output shapes changed (a dependency the analysis missed) or a recorded literal size is
+            gone from the graph.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> x = torch.randn(2, 4)
+        >>> plan = plan_shrink(gm, find_channel_groups(gm, x), {0: [1, 5]}, x)
+        >>> small = remove_channels(clone_sharing_tensors(gm), plan)
+        >>> small.get_submodule("0").out_features, gm.get_submodule("0").out_features
+        (6, 8)
+    """
+    # Unpickling a plain GraphModule re-traces with the recorded tracer class; capture's takes arguments.
+    gm._tracer_cls, gm._tracer_extras = None, {}
+    aliases = {fqn: names for names in tensor_aliases(gm).values() for fqn in names}
+    plain: dict[tuple[str, int], list[torch.Tensor]] = {}
+    grouped: dict[str, list[torch.Tensor]] = {}
+    modules = {}
+    literals: dict[tuple[str, int, int], int] = {}
+    for index, channels in plan.channels.items():
+        for m in plan.groups[index].members:
+            if m.kind == "module":
+                modules[m.target] = gm.get_submodule(m.target)
+            elif m.kind == "literal":
+                key = (m.target, m.dim, m.offset)
+                literals[key] = literals.get(key, 0) + len(channels) * m.inner
+            elif m.kind == "consumer" and _is_grouped(gm, m.target):
+                grouped.setdefault(m.target, []).append(m.indices(channels))
+            else:
+                plain.setdefault((m.target, m.dim), []).append(m.indices(channels))
+    with torch.no_grad():
+        for fqn, delta in plan.bias_deltas.items():
+            bias = bias_fqn(gm, fqn)
+            if bias is None:
+                continue  # the plan lists it as inexact
+            _ensure_bias(gm, bias)
+            _set_tensor(gm, bias, get_tensor(gm, bias) + delta, aliases)
+            if (fqn, 0) in plain:  # a bias made here is not a member: it loses the rows its weight loses
+                plain.setdefault((bias, 0), list(plain[(fqn, 0)]))
+        for (fqn, dim), parts in plain.items():
+            tensor = get_tensor(gm, fqn)
+            keep = _keep(tensor.shape[dim], torch.cat(parts))
+            _set_tensor(gm, fqn, tensor.index_select(dim, keep).clone(), aliases)
+        for fqn, parts in grouped.items():
+            groups_of = gm.get_submodule(split_fqn(fqn)[0]).groups
+            _set_tensor(gm, fqn, _cut_grouped_columns(get_tensor(gm, fqn), groups_of, torch.cat(parts)), aliases)
+    for module in modules.values():
+        update_module(module)
+    _rewrite_literals(gm.graph, literals)
+    gm.recompile()
+    after = output_shapes(gm, plan.example_inputs)
+    if after != plan.output_shapes:
+        raise RuntimeError(
+            f"shrinking changed the output shapes from {list(plan.output_shapes)} to {list(after)}: a dependency was missed"
+        )
+    return gm
+
+
 def shrink_channels(
     gm: fx.GraphModule,
     groups: Sequence[ChannelGroup],
     removed: Mapping[int, Any],
     example_inputs: Any,
 ) -> tuple[fx.GraphModule, ShrinkReport]:
-    """A copy of ``gm`` without the ``removed`` channels of each group; ``gm`` is not modified.
+    """Deprecated: ``plan_shrink``, ``remove_channels`` on a deep copy, and ``compare_shrunk``, in one call.
 
-    Args:
-        gm: the module the groups were found on (its masks fused, if it had any).
-        groups: from :func:`passes.dependency.find_channel_groups` on ``gm``.
-        removed: ``{group index: channel numbers}`` to remove.
-        example_inputs: a tensor or tuple, to measure removed channels' constants,
-            count MACs and check that the output shapes are kept.
-
-    Returns:
-        The new ``GraphModule`` (dense, smaller tensors, not sharing any with ``gm``)
-        and a :class:`ShrinkReport`.
-
-    Raises:
-        ValueError: a group is frozen, unknown, would lose every channel, or its
-            blocks would lose unequal counts; nothing is built then.
-
-    Example::
-
-        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
-        >>> x = torch.randn(2, 4)
-        >>> groups = find_channel_groups(gm, x)
-        >>> small, report = shrink_channels(gm, groups, {0: [1, 5]}, x)
-        >>> small.get_submodule("0").out_features, report.params_after
-        (6, 44)
+    Returns a deep copy of ``gm`` without the ``removed`` channels (sharing no tensor with ``gm``) and its
+    :class:`ShrinkReport`, as fx_sparsity 0.1.0 did; ``gm`` is not modified.
     """
-    if not isinstance(gm, fx.GraphModule):
-        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
-    if not isinstance(removed, Mapping):
-        raise TypeError(f"removed must be a dict {{group index: channels}}, got {type(removed).__name__}")
-    checked = _check(groups, removed)
-    by_index = {g.index: g for g in groups}
-    deltas, folded, inexact = bias_deltas(gm, by_index, checked, example_inputs)
-    for index in checked:
-        inexact += [f"group {index}: {note}" for note in by_index[index].inexact]
-    new = copy.deepcopy(gm)
-    # Unpickling re-traces with the recorded tracer class; capture's takes arguments, the default does not.
-    new._tracer_cls, new._tracer_extras = None, {}
-    aliases = {fqn: names for names in tensor_aliases(new).values() for fqn in names}
-    plain: dict[tuple[str, int], list[torch.Tensor]] = {}
-    grouped: dict[str, list[torch.Tensor]] = {}
-    modules = {}
-    literals: dict[tuple[str, int, int], int] = {}
-    for index, channels in checked.items():
-        for m in by_index[index].members:
-            if m.kind == "module":
-                modules[m.target] = new.get_submodule(m.target)
-            elif m.kind == "literal":
-                key = (m.target, m.dim, m.offset)
-                literals[key] = literals.get(key, 0) + len(channels) * m.inner
-            elif m.kind == "consumer" and _is_grouped(new, m.target):
-                grouped.setdefault(m.target, []).append(m.indices(channels))
-            else:
-                plain.setdefault((m.target, m.dim), []).append(m.indices(channels))
-    with torch.no_grad():
-        for fqn, delta in deltas.items():
-            bias = _bias_fqn(new, fqn)
-            if bias is None:
-                inexact.append(f"{fqn} has no bias to fold the removed channels' constant into")
-                continue
-            _set_tensor(new, bias, get_tensor(new, bias) + delta, aliases)
-            if (fqn, 0) in plain:  # a bias made here is not a member: it loses the rows its weight loses
-                plain.setdefault((bias, 0), list(plain[(fqn, 0)]))
-        for (fqn, dim), parts in plain.items():
-            tensor = get_tensor(new, fqn)
-            keep = _keep(tensor.shape[dim], torch.cat(parts))
-            _set_tensor(new, fqn, tensor.index_select(dim, keep).clone(), aliases)
-        for fqn, parts in grouped.items():
-            groups_of = new.get_submodule(split_fqn(fqn)[0]).groups
-            _set_tensor(new, fqn, _cut_grouped_columns(get_tensor(new, fqn), groups_of, torch.cat(parts)), aliases)
-    for module in modules.values():
-        update_module(module)
-    _rewrite_literals(new.graph, literals)
-    new.recompile()
-    before, after = _output_shapes(gm, example_inputs), _output_shapes(new, example_inputs)
-    if before != after:
-        raise RuntimeError(f"shrinking changed the output shapes from {before} to {after}: a dependency was missed")
-    report = ShrinkReport(
-        params_before=_count_params(gm),
-        params_after=_count_params(new),
-        macs_before=count_macs(gm, example_inputs),
-        macs_after=count_macs(new, example_inputs),
-        channels={i: (by_index[i].size, by_index[i].size - len(c)) for i, c in checked.items()},
-        folded=tuple(dict.fromkeys(folded)),
-        inexact=tuple(dict.fromkeys(inexact)),
+    warnings.warn(
+        "passes.shrink_channels(gm, groups, removed, x) is deprecated: use plan = passes.shrink.plan_shrink(gm, "
+        "groups, removed, x); small = passes.shrink.remove_channels(clone_sharing_tensors(gm), plan); "
+        "report = passes.shrink.compare_shrunk(gm, small, plan)",
+        DeprecationWarning,
+        stacklevel=2,
     )
-    return new, report
+    plan = plan_shrink(gm, groups, removed, example_inputs)
+    new = remove_channels(copy.deepcopy(gm), plan)
+    return new, compare_shrunk(gm, new, plan)

@@ -1,4 +1,4 @@
-"""Attention rules for :mod:`passes.dependency`: heads as channel units.
+"""Rules for attention: heads as channel units.
 
 After a projection's ``[.., H * hd]`` output is viewed as ``[.., H, hd]`` (a
 relation from its channels to a head space, see :mod:`passes.dependency.spaces`),
@@ -29,10 +29,10 @@ from torch import fx
 
 from passes.dependency import op_categories as ops
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, _add_literal, _align, _broadcast, _first, _freeze, _member, _tensor_fqn
+from passes.dependency.layout import Layout, add_literal, align, broadcast, first_input, freeze, member, tensor_fqn
 from passes.matching.weights import op_arguments, op_kind
 
-__all__ = ["ATTENTION_RULES", "follow_fused_heads"]
+__all__ = ["matmul", "softmax", "expand", "attention", "follow_fused_heads"]
 
 aten = ops.aten
 # The packed self-attention prologue of F.multi_head_attention_forward, as torch.export writes it:
@@ -41,19 +41,19 @@ _PACKED = ((aten.unsqueeze.default, (0,)), (aten.transpose.int, (0, -2)), (aten.
            (aten.contiguous.default, ()))
 
 
-def _matmul(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def matmul(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     for t in operands:
         lay = layouts.get(t)
         if isinstance(lay, Layout) and (len(shapes[t]) < 3 or -lay.axis <= 2):
             for u in operands:
-                _freeze(spaces, layouts.get(u), f"{node.name} contracts or produces the channel axis")
+                freeze(spaces, layouts.get(u), f"{node.name} contracts or produces the channel axis")
             return None
-    return _broadcast(operands, shapes[node], shapes, layouts, spaces, node.name)
+    return broadcast(operands, shapes[node], shapes, layouts, spaces, node.name)
 
 
-def _softmax(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = _first(node, layouts, spaces)
+def softmax(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
@@ -63,35 +63,35 @@ def _softmax(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     rank = len(shapes[x])
     if not isinstance(dim, int) or dim % rank == rank + lay.axis:
-        _freeze(spaces, lay, f"{node.name} normalizes across the channel axis")
+        freeze(spaces, lay, f"{node.name} normalizes across the channel axis")
         return None
     return lay
 
 
-def _expand(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = _first(node, layouts, spaces)
+def expand(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
     if node.target in ops.EXPANDING:
         if shapes[node][lay.axis] != shapes[x][lay.axis]:
-            _freeze(spaces, lay, f"{node.name} broadcasts the channel axis")
+            freeze(spaces, lay, f"{node.name} broadcasts the channel axis")
             return None
         rank = len(shapes[node])
-        _add_literal(spaces, lay, node, rank + lay.axis, rank)
+        add_literal(spaces, lay, node, rank + lay.axis, rank)
         return lay
     repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     rank = len(shapes[x])
     if not isinstance(repeats, int) or not isinstance(dim, int):
-        _freeze(spaces, lay, f"{node.name} repeats the channels in a way the pass cannot follow")
+        freeze(spaces, lay, f"{node.name} repeats the channels in a way the pass cannot follow")
         return None
     if dim % rank != rank + lay.axis:
         return lay
     return Layout(lay.axis, tuple((s, inner * repeats) for s, inner in lay.segs))
 
 
-def _attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     names = ("query", "key", "value", "attn_mask")
     args = dict(zip(names, node.args))
     args.update({k: v for k, v in node.kwargs.items() if k in names})
@@ -106,7 +106,7 @@ def _attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
         why = f"{node.name} has a per-head attention mask"
     if why is not None:
         for t in tracked:
-            _freeze(spaces, layouts[t], why)
+            freeze(spaces, layouts[t], why)
         return None
     ref = layouts[q]
     for t in tracked[1:]:
@@ -114,12 +114,10 @@ def _attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
         if node.kwargs.get("enable_gqa") and shapes[t][-3] != shapes[q][-3]:
             repeat = shapes[q][-3] // shapes[t][-3]
             lay = Layout(lay.axis, tuple((s, inner * repeat) for s, inner in lay.segs))
-        if not _align(spaces, ref, lay, f"{node.name} attends with differently grouped heads"):
+        if not align(spaces, ref, lay, f"{node.name} attends with differently grouped heads"):
             return None
     return Layout(-3, ref.segs)
 
-
-ATTENTION_RULES = {ops.MATMULS: _matmul, ops.SOFTMAXES: _softmax, ops.EXPANDS: _expand, ops.ATTENTION: _attention}
 
 
 def _only_user(node: fx.Node, target: object, args: tuple = ()) -> fx.Node:
@@ -173,7 +171,7 @@ def follow_fused_heads(
     if op_kind(found["out_proj"], gm) != "linear":
         return f"{found['out_proj'].name} is not out_proj's linear"
     out_proj = found["out_proj"]
-    out_weight = _tensor_fqn(op_arguments(out_proj.target, out_proj.args, out_proj.kwargs)["weight"])
+    out_weight = tensor_fqn(op_arguments(out_proj.target, out_proj.args, out_proj.kwargs)["weight"])
     width = shapes[node][-1] // 3
     batch, heads, _, head_dim = shapes[found["unfolded"][0]]
     merged_sizes = found["merged"].args[1]
@@ -181,10 +179,10 @@ def follow_fused_heads(
         return "its q/k/v widths, heads and out_proj do not line up"
     space = spaces.new(heads)
     for offset in (0, width, 2 * width):
-        spaces.add(space, _member(weight, "producer", 0, offset, head_dim))
+        spaces.add(space, member(weight, "producer", 0, offset, head_dim))
         if bias is not None:
-            spaces.add(space, _member(bias, "param", 0, offset, head_dim))
-    spaces.add(space, _member(out_weight, "consumer", 1, 0, head_dim))
+            spaces.add(space, member(bias, "param", 0, offset, head_dim))
+    spaces.add(space, member(out_weight, "consumer", 1, 0, head_dim))
     literals = {(found["unflatten"].name, 2, 1, head_dim), (found["merged"].name, 1, len(merged_sizes) - 1, head_dim)}
     for folded, unfolded in zip(found["folded"], found["unfolded"]):
         if len(unfolded.args[1]) != 4 or unfolded.args[1][1] != heads or len(folded.args[1]) != 3:
@@ -199,5 +197,5 @@ def follow_fused_heads(
         else:
             spaces.freeze(space, f"{folded.name} folds the heads into the batch with a size the pass cannot read")
     for name, arg, pos, per in sorted(literals):
-        spaces.add(space, _member(name, "literal", arg, pos, per))
+        spaces.add(space, member(name, "literal", arg, pos, per))
     return None

@@ -1,4 +1,4 @@
-"""Layers in :mod:`passes.dependency`: Linear/Conv (producers and consumers), norms and embeddings.
+"""Rules for layers: Linear/Conv (producers and consumers), norms and embeddings.
 
 A Linear or Conv consumes the channels of its input (weight columns, dim 1)
 and opens a new space for its output (weight rows and bias, dim 0). A depthwise
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from passes.dependency import op_categories as ops
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, _add_module, _add_sliced, _first, _freeze, _member, _tensor_fqn, _total
+from passes.dependency.layout import Layout, add_module, add_sliced, first_input, freeze, member, tensor_fqn, total
+from passes.dependency.rules.attention import follow_fused_heads
 from passes.matching.weights import op_arguments, op_kind
 from passes.meta import get_sparse_target
 from passes.utils import get_tensor
 
-__all__ = ["follow_layer", "follow_module", "NORM_RULES"]
+__all__ = ["follow_layer", "follow_module", "layer_norm"]
 
 
 def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None, str | None, int, str | None]:
@@ -37,13 +37,13 @@ def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None
         return x, f"{node.target}.weight", bias, getattr(module, "groups", 1), node.target
     bound = op_arguments(node.target, node.args, node.kwargs)
     bias = bound["bias"]
-    bias_fqn = _tensor_fqn(bias) if bias is not None else None
+    bias_fqn = tensor_fqn(bias) if bias is not None else None
     if bias is not None and bias_fqn is None:
         bias_fqn = "?"
     # A call_module that prepare() rewrote into F.conv2d(x, mul(weight, mask), ...) still names its module.
     target = get_sparse_target(node)
     module_fqn = target.call_module_fqn if target is not None else None
-    return bound["input"], _tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], module_fqn
+    return bound["input"], tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], module_fqn
 
 
 def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
@@ -54,7 +54,7 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
     lay = lay if isinstance(lay, Layout) else None
     out_rank = len(shapes[node])
     if weight is None or bias == "?":
-        _freeze(spaces, lay, f"{node.name} computes its weight or bias in the graph")
+        freeze(spaces, lay, f"{node.name} computes its weight or bias in the graph")
         return None
     shape = tuple(get_tensor(gm, weight).shape)
     depthwise = not linear and groups > 1 and shape[1] == 1 and groups == shape[0]
@@ -67,10 +67,10 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
             why = f"functional grouped conv {node.name} has a literal groups argument"
         elif groups > 1 and not depthwise and (len(lay.segs) > 1 or lay.segs[0][1] != 1):
             why = f"grouped conv {node.name} reads channels from several sources or a flatten"
-        elif _total(spaces, lay) != shape[1] * groups:
-            why = f"{node.name} reads {shape[1] * groups} channels, the pass counted {_total(spaces, lay)}"
+        elif total(spaces, lay) != shape[1] * groups:
+            why = f"{node.name} reads {shape[1] * groups} channels, the pass counted {total(spaces, lay)}"
         if why is not None:
-            _freeze(spaces, lay, why)
+            freeze(spaces, lay, why)
             lay = None
     if depthwise:
         if lay is None:
@@ -78,18 +78,16 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
             spaces.freeze(s, f"depthwise conv {node.name} reads channels that cannot shrink")
             lay = Layout(-1, ((s, 1),))
         out = Layout(1 - out_rank, lay.segs)
-        _add_sliced(spaces, out, weight, "producer", 0)
-        _add_sliced(spaces, out, bias, "param", 0)
-        _add_module(spaces, out, module_fqn)
+        add_sliced(spaces, out, weight, "producer", 0)
+        add_sliced(spaces, out, bias, "param", 0)
+        add_module(spaces, out, module_fqn)
         return out
     if lay is not None:
-        _add_sliced(spaces, lay, weight, "consumer", 1)
-        _add_module(spaces, lay, module_fqn)
+        add_sliced(spaces, lay, weight, "consumer", 1)
+        add_module(spaces, lay, module_fqn)
         if groups > 1:
             spaces.set_blocks(lay.segs[0][0], groups)
     if linear and weight.endswith("in_proj_weight"):
-        from passes.dependency.rules.attention import follow_fused_heads
-
         why = follow_fused_heads(node, gm, weight, bias, shapes, spaces)
         if why is None:  # the heads are a space of their own; nothing downstream tracks the fused output
             return None
@@ -100,15 +98,15 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
             f"({why}): its heads are not removed (call it with need_weights=False as self-attention, or "
             "rewrite it with separate q/k/v Linears)",
         )
-        _add_sliced(spaces, out, weight, "producer", 0)
-        _add_sliced(spaces, out, bias, "param", 0)
+        add_sliced(spaces, out, weight, "producer", 0)
+        add_sliced(spaces, out, bias, "param", 0)
         return out
     out = Layout(-1 if linear else 1 - out_rank, ((spaces.new(shape[0]), 1),))
     if groups > 1:
         spaces.set_blocks(out.segs[0][0], groups)
-    _add_sliced(spaces, out, weight, "producer", 0)
-    _add_sliced(spaces, out, bias, "param", 0)
-    _add_module(spaces, out, module_fqn)
+    add_sliced(spaces, out, weight, "producer", 0)
+    add_sliced(spaces, out, bias, "param", 0)
+    add_module(spaces, out, module_fqn)
     return out
 
 
@@ -118,13 +116,13 @@ def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict
     module = gm.get_submodule(fqn)
     if isinstance(module, nn.Embedding):
         out = Layout(-1, ((spaces.new(module.embedding_dim), 1),))
-        _add_sliced(spaces, out, f"{fqn}.weight", "producer", 1)
-        _add_module(spaces, out, fqn)
+        add_sliced(spaces, out, f"{fqn}.weight", "producer", 1)
+        add_module(spaces, out, fqn)
         return out
     x = node.args[0]
     lay = layouts.get(x)
     if not isinstance(lay, Layout):
-        _freeze(spaces, lay, f"{fqn} reads tracked channels in a way the pass cannot follow")
+        freeze(spaces, lay, f"{fqn} reads tracked channels in a way the pass cannot follow")
         return None
     pos = len(shapes[x]) + lay.axis
     names = [n for n, t in module.named_parameters(recurse=False)] + [
@@ -141,11 +139,11 @@ def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict
     else:
         why = None if pos == 1 and names else f"BatchNorm {fqn} has no per-channel tensor to slice"
     if why is not None:
-        _freeze(spaces, lay, why)
+        freeze(spaces, lay, why)
         return None
     for name in names:
-        _add_sliced(spaces, lay, f"{fqn}.{name}", "param", 0)
-    _add_module(spaces, lay, fqn)
+        add_sliced(spaces, lay, f"{fqn}.{name}", "param", 0)
+    add_module(spaces, lay, fqn)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         for s, _ in lay.segs:
             spaces.inexact[spaces.find(s)].append(f"{type(module).__name__} {fqn} (its statistics count every channel)")
@@ -155,9 +153,9 @@ def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict
 
 
 
-def _layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     """``layer_norm(x, normalized_shape, weight, bias, eps)`` over the channel axis, the last one."""
-    found = _first(node, layouts, spaces)
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
@@ -166,7 +164,7 @@ def _layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> L
     args.update({k: v for k, v in node.kwargs.items() if k in names})
     size, weight, bias = args.get("normalized_shape"), args.get("weight"), args.get("bias")
     tensors = {"weight": weight, "bias": bias}
-    fqns = {k: _tensor_fqn(t) for k, t in tensors.items() if t is not None}
+    fqns = {k: tensor_fqn(t) for k, t in tensors.items() if t is not None}
     why = None
     if len(node.args) < 2 or not isinstance(size, (list, tuple)) or len(size) != 1 or not isinstance(size[0], int):
         why = f"{node.name} normalizes over several dims or takes normalized_shape in a form the pass cannot rewrite"
@@ -177,16 +175,14 @@ def _layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> L
     elif any(fqn is None for fqn in fqns.values()):
         why = f"{node.name} computes its weight or bias in the graph"
     if why is not None:
-        _freeze(spaces, lay, why)
+        freeze(spaces, lay, why)
         return None
     for fqn in fqns.values():
-        _add_sliced(spaces, lay, fqn, "param", 0)
+        add_sliced(spaces, lay, fqn, "param", 0)
     owner = fqns["weight"].rpartition(".")[0] if "weight" in fqns else ""
     for s, inner in lay.segs:
-        spaces.add(s, _member(node.name, "literal", 1, 0, inner))
+        spaces.add(s, member(node.name, "literal", 1, 0, inner))
         note = f"LayerNorm {owner or node.name} (its statistics count every channel)"
         spaces.inexact[spaces.find(s)].append(note)
     return Layout(lay.axis, lay.segs)
 
-
-NORM_RULES = {ops.LAYER_NORMS: _layer_norm}

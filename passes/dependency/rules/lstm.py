@@ -1,4 +1,4 @@
-"""``nn.LSTM`` in :mod:`passes.dependency`: each layer's hidden units are a channel space.
+"""The rule for ``nn.LSTM``: each layer's hidden units are a channel space.
 
 Layer ``l`` of an LSTM (each direction on its own) computes ``H`` hidden units.
 Unit ``u`` owns row ``u`` of each of the four gate blocks (input, forget, cell,
@@ -31,7 +31,7 @@ import operator
 from torch import fx
 
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, _add_module, _add_sliced, _freeze, _member, _total
+from passes.dependency.layout import Layout, add_module, add_sliced, freeze, member, total
 
 __all__ = ["follow_lstm"]
 
@@ -51,7 +51,7 @@ def _state_reader(node: fx.Node) -> str | None:
 def _add_gates(spaces: Spaces, space: int, target: str, kind: str, size: int) -> None:
     """Rows ``u, H + u, 2H + u, 3H + u`` of ``target``: unit ``u`` in each of the four gates."""
     for gate in range(_GATES):
-        spaces.add(space, _member(target, kind, 0, gate * size))
+        spaces.add(space, member(target, kind, 0, gate * size))
 
 
 def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> tuple:
@@ -63,9 +63,9 @@ def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, 
     lay = layouts.get(x)
     if lay is not None and (
         not isinstance(lay, Layout) or len(shapes[x]) + lay.axis != len(shapes[x]) - 1
-        or _total(spaces, lay) != lstm.input_size
+        or total(spaces, lay) != lstm.input_size
     ):
-        _freeze(spaces, lay, f"LSTM {fqn} reads tracked channels other than as the input features of its last dim")
+        freeze(spaces, lay, f"LSTM {fqn} reads tracked channels other than as the input features of its last dim")
         lay = None
     hidden = lstm.hidden_size
     directions = ("", "_reverse") if lstm.bidirectional else ("",)
@@ -76,8 +76,8 @@ def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, 
             names = {w: f"{fqn}.{w}_l{layer}{sfx}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
                                                                "weight_hr")}
             if lay is not None:
-                _add_sliced(spaces, lay, names["weight_ih"], "consumer", 1)
-                _add_module(spaces, lay, fqn)
+                add_sliced(spaces, lay, names["weight_ih"], "consumer", 1)
+                add_module(spaces, lay, fqn)
             units = spaces.new(hidden)
             if created:  # one hidden_size for every layer and direction: unit u goes from all of them
                 spaces.union(created[0], units)
@@ -87,17 +87,17 @@ def follow_lstm(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, 
             if lstm.bias:
                 _add_gates(spaces, units, names["bias_ih"], "param", hidden)
                 _add_gates(spaces, units, names["bias_hh"], "param", hidden)
-            spaces.add(units, _member(fqn, "module"))
+            spaces.add(units, member(fqn, "module"))
             out = units
             if lstm.proj_size > 0:
-                spaces.add(units, _member(names["weight_hr"], "consumer", 1))
+                spaces.add(units, member(names["weight_hr"], "consumer", 1))
                 out = spaces.new(lstm.proj_size)
                 if len(created) > 1:  # one proj_size likewise
                     spaces.union(created[1], out)
                 created.append(out)
-                spaces.add(out, _member(names["weight_hr"], "producer", 0))
-                spaces.add(out, _member(fqn, "module"))
-            spaces.add(out, _member(names["weight_hh"], "consumer", 1))
+                spaces.add(out, member(names["weight_hr"], "producer", 0))
+                spaces.add(out, member(fqn, "module"))
+            spaces.add(out, member(names["weight_hh"], "consumer", 1))
             outputs.append(out)
         lay = Layout(-1, tuple((s, 1) for s in outputs))
     reasons = [] if hx is None else [f"LSTM {fqn} is given an initial state hx"]

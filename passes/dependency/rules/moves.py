@@ -1,4 +1,4 @@
-"""Rules of :mod:`passes.dependency` for ops that move the channel axis or cut it into pieces.
+"""Rules for ops that move the channel axis or cut it into pieces.
 
 ``transpose``/``permute`` move it; ``cat`` along it chains the spaces of its inputs
 (each whole, at increasing offsets), along another dim it lines them up; ``split``
@@ -13,13 +13,13 @@ from torch import fx
 
 from passes.dependency import op_categories as ops
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, _broadcast, _first, _freeze
+from passes.dependency.layout import Layout, broadcast, first_input, freeze
 
-__all__ = ["MOVE_RULES"]
+__all__ = ["transpose", "concat", "split", "getitem", "slice_"]
 
 
-def _transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = _first(node, layouts, spaces)
+def transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
@@ -36,13 +36,13 @@ def _transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
     return Layout(new_pos - rank, lay.segs)
 
 
-def _concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     tensors = list(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out = shapes[node]
     tracked = [layouts[t] for t in tensors if isinstance(layouts.get(t), Layout)]
     if len({t.axis for t in tracked}) != 1 or dim % len(out) != len(out) + tracked[0].axis:
-        return _broadcast(tensors, out, shapes, layouts, spaces, node.name)
+        return broadcast(tensors, out, shapes, layouts, spaces, node.name)
     segs: list[tuple[int, int]] = []
     for t in tensors:
         if isinstance(layouts.get(t), Layout):
@@ -54,8 +54,8 @@ def _concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layou
     return Layout(tracked[0].axis, tuple(segs))
 
 
-def _split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple | None:
-    found = _first(node, layouts, spaces)
+def split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple | None:
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
@@ -72,13 +72,13 @@ def _split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple 
             taken.append((s, inner))
             width += spaces.size[spaces.find(s)] * inner
         if width != piece[pos]:
-            _freeze(spaces, lay, f"{node.name} splits the channel axis inside a channel space")
+            freeze(spaces, lay, f"{node.name} splits the channel axis inside a channel space")
             return None
         result.append(Layout(lay.axis, tuple(taken)))
     return tuple(result)
 
 
-def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     x, index = node.args
     if isinstance(layouts.get(x), tuple):
         return layouts[x][index] if isinstance(index, int) else None
@@ -87,7 +87,7 @@ def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
     index = index if isinstance(index, tuple) else (index,)
     known = all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
     if not known or sum(i is Ellipsis for i in index) > 1:
-        _freeze(spaces, lay, f"{node.name} indexes the channel axis in a way the pass cannot follow")
+        freeze(spaces, lay, f"{node.name} indexes the channel axis in a way the pass cannot follow")
         return None
     real = sum(i is not None and i is not Ellipsis for i in index)
     expanded = [e for i in index for e in ([slice(None)] * (rank - real) if i is Ellipsis else [i])]
@@ -98,32 +98,30 @@ def _getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layo
             continue
         if src == pos:
             if i != slice(None):
-                _freeze(spaces, lay, f"{node.name} indexes the channel axis")
+                freeze(spaces, lay, f"{node.name} indexes the channel axis")
                 return None
             break
         src, dst = src + 1, dst + (not isinstance(i, int))
     return Layout(dst + (pos - src) - len(shapes[node]), lay.segs)
 
 
-def _slice(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+def slice_(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     """ATen ``slice.Tensor(x, dim, start, end, step)`` and ``select.int(x, dim, index)``: followed off the channel
     axis, or when a slice keeps the channel axis whole."""
-    found = _first(node, layouts, spaces)
+    found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
     rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
     dim = node.args[1] if len(node.args) > 1 else 0
     if not isinstance(dim, int):
-        _freeze(spaces, lay, f"{node.name} slices a dim the pass cannot tell")
+        freeze(spaces, lay, f"{node.name} slices a dim the pass cannot tell")
         return None
     dim %= rank
     if dim == pos and (node.target is ops.aten.select.int or shapes[node] != shapes[x]):
-        _freeze(spaces, lay, f"{node.name} slices the channel axis")
+        freeze(spaces, lay, f"{node.name} slices the channel axis")
         return None
     if node.target is ops.aten.select.int and dim > pos:
         return Layout(lay.axis + 1, lay.segs)
     return lay
 
-
-MOVE_RULES = {ops.TRANSPOSES: _transpose, ops.CONCATS: _concat, ops.SPLITS: _split, ops.SLICES: _slice}
