@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-from passes import FqnRule, is_pattern
+from passes.matching import FqnRule, is_pattern
 
 __all__ = ["SparsityConfig", "parse_config", "RESERVED_KEYS"]
 

@@ -8,7 +8,7 @@ compensates) the error of the earlier ones, and only one layer's activations
 and statistics are held at a time.
 
 :func:`prune_sequential` does this on any prepared module: the graph is cut
-into stages by :func:`passes.plan_stages` (each block, and the nodes before,
+into stages by :func:`passes.calibration.plan_stages` (each block, and the nodes before,
 between and after the blocks), and each stage is calibrated with the
 sparsifier's own observers (:func:`fx_sparsity.calibrate`'s protocol),
 stepped, and run again to carry its outputs on. It is a separate function,
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from passes import (
+from passes.calibration import (
     Stage,
     StageRunner,
     carried_bytes,
@@ -47,7 +47,8 @@ from fx_sparsity.calibration.statistics import (
 )
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
-from fx_sparsity.sparsifier import BaseSparsifier, get_sparsifier
+from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.calibration.streaming import SafetensorsWeights, WeightStreamer
 
@@ -110,16 +111,6 @@ def _blocks(gm: fx.GraphModule, blocks: Sequence[str] | None, fqns: list[str]) -
             "like layers.0, layers.1): name the block modules, e.g. blocks=['model.layers.*']"
         )
     return found
-
-
-def _step(sparsifier: BaseSparsifier, fqns: Sequence[str]) -> None:
-    """``sparsifier.step()`` restricted to the groups of ``fqns``."""
-    views = sparsifier.groups
-    sparsifier.groups = [v for v in views if v.record.tensor_fqn in fqns]
-    try:
-        sparsifier.step()
-    finally:
-        sparsifier.groups = views
 
 
 def _calibrate(
@@ -202,7 +193,7 @@ def prune_sequential(
             inputs), read once; at least one.
         blocks: the block modules, as FQNs or globs whose ``*`` stays within one
             name (``["model.layers.*"]``); default: found from the graph
-            (:func:`passes.find_blocks`: the repeated indexed submodules).
+            (:func:`passes.calibration.find_blocks`: the repeated indexed submodules).
         weights: for a module prepared on the meta device
             (:func:`fx_sparsity.calibration.streaming.prepare_on_meta`): where its weights
             are read from and the pruned ones go. Each stage's tensors are
@@ -287,7 +278,7 @@ def prune_sequential(
                 for fqn, statistic in statistics.items():
                     sparsifier.state[fqn][key] = statistic
                 del statistics
-                _step(sparsifier, stage.tensor_fqns)
+                sparsifier.step(stage.tensor_fqns)
                 if not keep_statistics:
                     for fqn in stage.tensor_fqns:
                         sparsifier.state[fqn].pop(key, None)

@@ -5,16 +5,16 @@ calibration protocol; a sparsifier without them gets input-channel norms, as
 :class:`~fx_sparsity.WandaSparsifier` uses):
 
 * ``calibration_observer(group, target, ops) -> nn.Module``: the observer put in
-  front of the ops reading the group's weight (a :data:`passes.ObserverFactory`
+  front of the ops reading the group's weight (a :data:`passes.calibration.ObserverFactory`
   with the group in front);
 * ``calibration_statistic(group, observer) -> Any``: what to keep of the
   finished observer (it may raise when the observer saw nothing);
 * ``calibration_key``: where the statistic goes, ``sparsifier.state[tensor_fqn][key]``.
 
 Padding: positions a batch's token mask marks as padding do not enter the
-statistics (the observers drop those rows, see :class:`passes.InputObserver`).
+statistics (the observers drop those rows, see :class:`passes.calibration.InputObserver`).
 Processes: under ``torch.distributed`` the observers' sums are all-reduced
-before the statistics are read (:func:`passes.all_reduce_observers`).
+before the statistics are read (:func:`passes.calibration.all_reduce_observers`).
 """
 
 from __future__ import annotations
@@ -27,20 +27,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import (
-    LSTM_KIND,
+from passes.masking import LSTM_KIND
+from passes.calibration import (
     InputNormObserver,
-    SparseTarget,
     all_reduce_observers,
     input_norm_observer,
     insert_input_observers,
     remove_input_observers,
 )
+from passes import SparseTarget
 
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
-from fx_sparsity.sparsifier import BaseSparsifier, get_sparsifier
-from fx_sparsity.sparsifier.wanda.sparsifier import INPUT_NORM_KEY
+from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.meta import get_sparsifier
+from fx_sparsity.sparsifier.base import INPUT_NORM_KEY
 
 __all__ = [
     "calibrate",
@@ -274,7 +275,7 @@ def _check_maskable(observers: dict[str, nn.Module]) -> None:
     if unable:
         raise TypeError(
             f"the batches carry token masks, but the observers of {unable} cannot apply them (they are not "
-            "passes.InputObserver subclasses): pass token_mask=None to observe every position"
+            "passes.calibration.InputObserver subclasses): pass token_mask=None to observe every position"
         )
 
 
@@ -283,7 +284,7 @@ def _check_reducible(observers: dict[str, nn.Module]) -> None:
     if unable:
         raise TypeError(
             f"calibrate runs under torch.distributed, but the observers of {unable} name no summed statistics "
-            "to all-reduce (a 'summed' attribute, see passes.InputObserver): pass distributed=False to keep "
+            "to all-reduce (a 'summed' attribute, see passes.calibration.InputObserver): pass distributed=False to keep "
             "each process's own statistics"
         )
 

@@ -17,23 +17,22 @@ from collections.abc import Sequence
 
 import torch
 
-from passes import CaptureError
+from passes.capturing import CaptureError
+from passes.meta import get_capture
 
 from fx_sparsity.preparation import prepare
 from fx_sparsity.calibration.statistics import calibrate
 from fx_sparsity.report.comparison import compare, compare_table
-from fx_sparsity.lowering.recipe import BACKENDS, lower
+from fx_sparsity.lowering.backends import BACKENDS
+from fx_sparsity.lowering.recipe import lower
 from fx_sparsity.cli.demo_models import load_model
 from fx_sparsity.report.tables import graph_table, lowering_table, sparsity_table
-from fx_sparsity.sparsifier import (
-    BaseSparsifier,
-    GlobalMagnitudeSparsifier,
-    MagnitudeSparsifier,
-    NMSparsifier,
-    SparseGPTSparsifier,
-    WandaSparsifier,
-    WeightNormSparsifier,
-)
+from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.sparsifier.magnitude.sparsifier import GlobalMagnitudeSparsifier, MagnitudeSparsifier
+from fx_sparsity.sparsifier.nm.sparsifier import NMSparsifier
+from fx_sparsity.sparsifier.sparsegpt.sparsifier import SparseGPTSparsifier
+from fx_sparsity.sparsifier.wanda.sparsifier import WandaSparsifier
+from fx_sparsity.sparsifier.weight_norm.sparsifier import WeightNormSparsifier
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 
@@ -228,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
             batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
             calibrate(gm, batches, progress_bar=not args.no_progress)
         sparsifier.step()
-        print(f"model: {args.model} ({type(model).__name__}), captured with {gm.meta['capture']}\n")
+        print(f"model: {args.model} ({type(model).__name__}), captured with {get_capture(gm).method}\n")
         print(sparsity_table(gm))
         if not args.no_graph:
             print("\n" + graph_table(gm))

@@ -1,13 +1,8 @@
-"""The pruned model back in the user's hands."""
+"""The pruned model back in the user's hands: :func:`to_model` returns the user's own model class with the
+pruned weights (:mod:`.user_model`)."""
 
-from fx_sparsity.deploy.user_model import (
-    SOURCE_MODEL_META_KEY,
-    SourceModel,
-    to_model,
-)
+from fx_sparsity.deploy.user_model import to_model
 
 __all__ = [
-    "SOURCE_MODEL_META_KEY",
-    "SourceModel",
     "to_model",
 ]

@@ -8,8 +8,8 @@ for masked weights, SparseGPT's updated weights included. Tensors pruning did no
 change are the original's own objects; changed ones are new. The user's model is
 not touched.
 
-``prepare`` keeps a reference to the user's model in ``gm.meta`` (see
-:data:`SOURCE_MODEL_META_KEY`); copies of ``gm`` (``lower``, ``clone``) share it,
+``prepare`` keeps a reference to the user's model in ``gm.meta`` (a
+:class:`fx_sparsity.meta.SourceModel`); copies of ``gm`` (``lower``, ``clone``) share it,
 and pickling drops it: after ``torch.load`` pass the model as ``model=``.
 Weights are matched by FQN, which both captures keep (symbolic tracing copies the
 module tree, ``torch.export``'s module registers the tensors under their FQNs).
@@ -20,50 +20,22 @@ from __future__ import annotations
 import copy
 import difflib
 import warnings
-from typing import Any
 
 import torch
 from torch import fx, nn
 
-from passes import SPARSE_OPS, clone_sharing_tensors, masked_targets, set_tensor, tensor_aliases
-from passes.masking.fuse import fuse_masks
-from passes.utils import get_tensor
+from passes.lowering import SPARSE_OPS
+from passes.masking import fuse_masks
+from passes import get_capture, masked_targets
+from passes import clone_sharing_tensors
+from passes.utils import get_tensor, set_tensor, tensor_aliases
 
-from fx_sparsity.utils.running import as_model_inputs, eval_mode
-from fx_sparsity.sparsifier.base import clone_without_sparsifier
-from fx_sparsity.structured.shrinking import SHRINK_INPUTS_KEY, SHRINK_REPORT_KEY
+from fx_sparsity.meta import clone_without_sparsifier, get_shrink, get_source_model
 from fx_sparsity.utils.frames import caller_stacklevel
+from fx_sparsity.utils.running import as_model_inputs, eval_mode
 
-__all__ = ["SOURCE_MODEL_META_KEY", "SourceModel", "to_model"]
-
-# gm.meta key: a SourceModel holding the model prepare() was given.
-SOURCE_MODEL_META_KEY = "fx_sparsity.source_model"
+__all__ = ["to_model"]
 _SPARSE_OP_TARGETS = frozenset(SPARSE_OPS.values())
-
-
-class SourceModel:
-    """The user's model, as ``prepare`` keeps it in ``gm.meta``.
-
-    Copies of the prepared module refer to the same model (``copy.deepcopy`` of
-    ``gm.meta`` must not copy the user's model), and pickling keeps no model: a
-    saved prepared module would otherwise carry a second copy of every weight
-    pruning changed, and a model whose class does not pickle could not be saved.
-    """
-
-    def __init__(self, model: nn.Module | None) -> None:
-        self.model = model
-
-    def __copy__(self) -> SourceModel:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SourceModel:
-        return self
-
-    def __reduce__(self) -> tuple:
-        return (SourceModel, (None,))
-
-    def __repr__(self) -> str:
-        return f"SourceModel({type(self.model).__name__ if self.model is not None else None})"
 
 
 def _source_model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
@@ -71,7 +43,7 @@ def _source_model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
         if not isinstance(model, nn.Module) or model is gm:
             raise TypeError(f"model must be the nn.Module given to prepare(), got {type(model).__name__}")
         return model
-    source = gm.meta.get(SOURCE_MODEL_META_KEY)
+    source = get_source_model(gm)
     if source is None or source.model is None:
         why = ("it was loaded from a file (pickling keeps no reference to the model)" if source is not None
                else "it was not returned by fx_sparsity.prepare")
@@ -80,6 +52,11 @@ def _source_model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
             "pass the model you prepared as to_model(gm, model=model)"
         )
     return source.model
+
+
+def _exported(gm: fx.GraphModule) -> bool:
+    record = get_capture(gm)
+    return record is not None and record.method == "export"
 
 
 def _check_not_packed(gm: fx.GraphModule) -> None:
@@ -214,12 +191,12 @@ def _leaf_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def _shrunk_model(gm: fx.GraphModule, source: nn.Module) -> nn.Module:
     """A copy of ``source`` whose layers that shrinking changed are ``gm``'s (copies), checked to compute what
     ``gm`` computes on the example inputs the pruner was prepared with; raises before returning otherwise."""
-    if gm.meta.get("capture") == "export":
+    if _exported(gm):
         raise ValueError(
             "to_model of a shrunk module needs a symbolically traced capture: a torch.export capture keeps no "
             f"module of {type(source).__name__}'s classes to swap in. Use the shrunk GraphModule itself"
         )
-    inputs = gm.meta.get(SHRINK_INPUTS_KEY)
+    inputs = get_shrink(gm).example_inputs
     if inputs is None:
         raise ValueError("the shrunk module no longer knows the pruner's example inputs to check the copy on "
                          "(they are kept in gm.meta); shrink the prepared module again")
@@ -311,9 +288,9 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
         raise TypeError(f"gm must be the GraphModule fx_sparsity.prepare returned, got {type(gm).__name__}")
     source = _source_model(gm, model)
     _check_not_packed(gm)
-    if SHRINK_REPORT_KEY in gm.meta:
+    if get_shrink(gm) is not None:
         return _shrunk_model(gm, source)
-    changes = _replacements(source, _fused(gm), by_module=gm.meta.get("capture") != "export")
+    changes = _replacements(source, _fused(gm), by_module=not _exported(gm))
     pruned = clone_sharing_tensors(source)
     for fqns, tensor in changes:
         set_tensor(pruned, fqns, tensor)

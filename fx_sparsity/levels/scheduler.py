@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fx_sparsity.sparsifier import BaseSparsifier
+from fx_sparsity.sparsifier.base import BaseSparsifier
 
 __all__ = ["BaseScheduler", "LambdaSL", "CubicSL"]
 

@@ -1,59 +1,21 @@
-"""``lower``: a prepared module without masks, its layers fused or run by sparse kernels."""
+"""``lower``: a prepared module without masks, its layers fused or run by sparse kernels.
 
-from fx_sparsity.lowering.autotune import (
-    AUTO_MIN_SPEEDUP,
-    LayerChoice,
-    choose_backend,
-    resolve_layer,
-)
-from fx_sparsity.lowering.backends import (
-    BACKENDS,
-    MODEL_BACKENDS,
-    BackendConfig,
-    LayerRequest,
-    parse_backends,
-)
-from fx_sparsity.lowering.convert import (
-    convert_modules,
-)
-from fx_sparsity.lowering.recipe import (
-    lower,
-    LayerLowering,
-    TimedShrinkReport,
-    get_lowering,
-    BACKENDS,
-    MODEL_BACKENDS,
-    LOWERING_META_KEY,
-)
-from fx_sparsity.lowering.timing import (
-    OpCall,
-    record_op_calls,
-    last_level_cache_bytes,
-    time_variants,
-    LayerTimer,
-)
+The recipe (:mod:`.recipe`) parses the per-layer backends (:mod:`.backends`), chooses a format per layer
+for ``"auto"`` (:mod:`.autotune`) by timing it (:mod:`.timing`), and runs the graph passes of
+:mod:`passes.lowering`.
+"""
+
+from fx_sparsity.lowering.backends import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest
+from fx_sparsity.lowering.recipe import LayerLowering, TimedShrinkReport, lower
+from fx_sparsity.meta import get_lowering
 
 __all__ = [
-    "AUTO_MIN_SPEEDUP",
-    "LayerChoice",
-    "choose_backend",
-    "resolve_layer",
     "BACKENDS",
     "MODEL_BACKENDS",
     "BackendConfig",
     "LayerRequest",
-    "parse_backends",
-    "convert_modules",
-    "lower",
     "LayerLowering",
     "TimedShrinkReport",
+    "lower",
     "get_lowering",
-    "BACKENDS",
-    "MODEL_BACKENDS",
-    "LOWERING_META_KEY",
-    "OpCall",
-    "record_op_calls",
-    "last_level_cache_bytes",
-    "time_variants",
-    "LayerTimer",
 ]

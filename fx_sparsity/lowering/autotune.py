@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from passes import LAYOUTS, SparseFormat, unsupported_reason
+from passes.lowering import LAYOUTS, SparseFormat, unsupported_reason
 
 from fx_sparsity.lowering.timing import LayerTimer
 from fx_sparsity.lowering.backends import LayerRequest
@@ -54,7 +54,7 @@ def resolve_layer(
     """The format a layer gets (``None``: fuse), the note, and its times before/after when ``timed``.
 
     ``blocker`` is why the layer's ops cannot run as a sparse linear at all
-    (:func:`passes.lowering_blockers`), ``None`` when they can.
+    (:func:`passes.lowering.lowering_blockers`), ``None`` when they can.
 
     Raises:
         ValueError: an explicitly requested backend cannot run this layer here.

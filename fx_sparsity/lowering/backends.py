@@ -19,7 +19,8 @@ from typing import Any, Union
 
 from torch import fx
 
-from passes import LAYOUTS, find_masked_weights, select_weights
+from passes.lowering import LAYOUTS
+from passes.matching import WeightMatch, find_masked_weights, select_weights
 
 from fx_sparsity.config import parse_config
 
@@ -87,8 +88,12 @@ def _request(overrides: Mapping[str, Any], fqn: str) -> LayerRequest:
     return LayerRequest(backend, size)
 
 
-def parse_backends(gm: fx.GraphModule, backend: BackendConfig) -> dict[str, LayerRequest]:
+def parse_backends(
+    gm: fx.GraphModule, backend: BackendConfig, matches: Sequence[WeightMatch] | None = None
+) -> dict[str, LayerRequest]:
     """Tensor FQN -> :class:`LayerRequest` for every masked weight of ``gm``.
+
+    ``matches`` are :func:`passes.matching.find_masked_weights` of ``gm``, when the caller has them.
 
     Raises:
         TypeError / ValueError: an unknown backend, a blocksize that does not
@@ -100,7 +105,7 @@ def parse_backends(gm: fx.GraphModule, backend: BackendConfig) -> dict[str, Laye
         >>> parse_backends(gm, {"1": {"backend": "bsr", "blocksize": 4}})
         {'0.weight': LayerRequest(backend='fuse', blocksize=None), '1.weight': LayerRequest(backend='bsr', blocksize=(4, 4))}
     """
-    matches = find_masked_weights(gm)
+    matches = find_masked_weights(gm) if matches is None else matches
     if isinstance(backend, str):
         request = LayerRequest(_check_backend(backend, "backend"))
         return {m.tensor_fqn: request for m in matches}

@@ -26,7 +26,7 @@ the sparsity config (layers no entry selects are fused)::
 
 The prepared module and the user's model are not modified. The returned
 module's ``meta["fx_sparsity.lowering"]`` holds one :class:`LayerLowering` per
-weight; :func:`fx_sparsity.lowering_table` prints them.
+weight; :func:`fx_sparsity.report.lowering_table` prints them.
 """
 
 from __future__ import annotations
@@ -37,31 +37,24 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import COMPONENT_NAMES, ShrinkReport, lowering_blockers, masked_targets
-from passes.masking.fuse import fuse_masks
-from passes.lowering.rewrite import lower_sparse
+from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
+from passes.masking import fuse_masks
+from passes.matching import find_masked_weights
+from passes import get_sparse_target
+from passes.meta import mask_nodes
+from passes.shrink import ShrinkReport
 from passes.utils import get_tensor
 
 from fx_sparsity.lowering.autotune import resolve_layer
-from fx_sparsity.lowering.timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
 from fx_sparsity.lowering.backends import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest, parse_backends
+from fx_sparsity.lowering.timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
+from fx_sparsity.meta import ShrinkRecord, clone_without_sparsifier, find_sparsifier, get_sparsifier, set_lowering, set_shrink
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.structured.shrinking import shrink_with_dense
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
-from fx_sparsity.sparsifier.base import SPARSIFIER_META_KEY, clone_without_sparsifier, get_sparsifier
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.structured.shrinking import SHRINK_REPORT_KEY, shrink
 
-__all__ = [
-    "lower",
-    "LayerLowering",
-    "TimedShrinkReport",
-    "get_lowering",
-    "BACKENDS",
-    "MODEL_BACKENDS",
-    "LOWERING_META_KEY",
-]
-
-LOWERING_META_KEY = "fx_sparsity.lowering"
+__all__ = ["lower", "LayerLowering", "TimedShrinkReport", "BACKENDS", "MODEL_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -116,18 +109,9 @@ class TimedShrinkReport(ShrinkReport):
         return self.latency_before / self.latency_after
 
 
-def get_lowering(gm: fx.GraphModule) -> tuple[LayerLowering, ...]:
-    """The per-layer records :func:`lower` stored on the module it returned."""
-    records = getattr(gm, "meta", {}).get(LOWERING_META_KEY)
-    if records is None:
-        raise ValueError("this module was not returned by fx_sparsity.lower(); it has no lowering records")
-    return records
-
-
 def _default_blocksizes(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
     """Tensor FQN -> the sparsifier's ``sparse_block_shape``, for the weights whose group has one."""
-    sparsifier = getattr(gm, "meta", {}).get(SPARSIFIER_META_KEY)
-    records = getattr(sparsifier, "records", ())
+    records = getattr(find_sparsifier(gm), "records", ())
     return {r.tensor_fqn: tuple(r.args["sparse_block_shape"]) for r in records if "sparse_block_shape" in r.args}
 
 
@@ -145,15 +129,18 @@ def _weights_exceed_cache(gm: fx.GraphModule) -> bool:
     return sum(t.numel() * t.element_size() for t in tensors) > last_level_cache_bytes()
 
 
-def _check_arguments(gm: Any, repeats: Any) -> None:
+def _check_arguments(gm: Any, repeats: Any) -> dict[str, fx.Node]:
+    """The mask nodes of ``gm`` (:func:`passes.meta.mask_nodes`: the one scan of the graph ``lower`` makes)."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm must be the GraphModule prepare() returned, got {type(gm).__name__}")
-    if not masked_targets(gm):
+    muls = mask_nodes(gm)
+    if not muls:
         raise ValueError(
             "gm has no mask nodes: lower() takes the module prepare() returned, before squash_mask()"
         )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    return muls
 
 
 def _record(
@@ -215,10 +202,10 @@ def lower(
         >>> [r.backend for r in fx_sparsity.get_lowering(lowered)]
         ['csr']
     """
-    _check_arguments(gm, repeats)
+    muls = _check_arguments(gm, repeats)
     if isinstance(backend, str) and backend in MODEL_BACKENDS:
-        return _lower_shrink(gm, example_inputs, repeats)
-    requests = parse_backends(gm, backend)
+        return _lower_shrink(gm, muls, example_inputs, repeats)
+    requests = parse_backends(gm, backend, find_masked_weights(gm, muls))
     timed = example_inputs is not None
     if not timed and any(r.backend == "auto" for r in requests.values()):
         raise ValueError("backend 'auto' times each layer on its input: pass example_inputs=(x,)")
@@ -226,8 +213,8 @@ def lower(
     cold = timed and _weights_exceed_cache(gm)
 
     formats, choices = {}, []
-    blockers, blocksizes = lowering_blockers(gm), _default_blocksizes(gm)
-    targets = masked_targets(gm)
+    blockers, blocksizes = lowering_blockers(gm, muls), _default_blocksizes(gm)
+    targets = [get_sparse_target(mul) for mul in muls.values()]
     for target in progress(targets, progress_bar and timed, "lower: timing layers", len(targets)):
         request = requests[target.tensor_fqn]
         layer = LayerTimer(gm, target, calls.get(target.tensor_fqn, []), repeats, cold)
@@ -237,14 +224,12 @@ def lower(
             formats[target.tensor_fqn] = fmt
         choices.append((layer, request, fmt, note, before, after))
 
-    lowered = clone_without_sparsifier(gm)
-    lower_sparse(lowered, formats)
-    fuse_masks(lowered)
-    lowered.meta[LOWERING_META_KEY] = tuple(_record(*choice, lowered) for choice in choices)
+    lowered = fuse_masks(lower_sparse(clone_without_sparsifier(gm), formats))
+    set_lowering(lowered, [_record(*choice, lowered) for choice in choices])
     return lowered
 
 
-def _lower_shrink(gm: fx.GraphModule, example_inputs: Any, repeats: int) -> fx.GraphModule:
+def _lower_shrink(gm: fx.GraphModule, muls: dict[str, fx.Node], example_inputs: Any, repeats: int) -> fx.GraphModule:
     """``lower(gm, "shrink")``: :func:`fx_sparsity.shrink`, one record per masked weight, and the latency."""
     pruner = get_sparsifier(gm)
     if not isinstance(pruner, ChannelPruner):
@@ -254,9 +239,10 @@ def _lower_shrink(gm: fx.GraphModule, example_inputs: Any, repeats: int) -> fx.G
             "or another backend"
         )
     inputs = as_model_inputs(example_inputs, "example_inputs") if example_inputs is not None else None
-    small = shrink(gm)
+    dense, small, report = shrink_with_dense(gm)
     records = []
-    for target in masked_targets(gm):
+    for mul in muls.values():
+        target = get_sparse_target(mul)
         owner = gm.get_submodule(target.module_fqn)
         weight, mask = getattr(owner, target.tensor_name), getattr(owner, target.mask_name)
         after = get_tensor(small, target.tensor_fqn)
@@ -272,18 +258,17 @@ def _lower_shrink(gm: fx.GraphModule, example_inputs: Any, repeats: int) -> fx.G
             dense_bytes=weight.numel() * weight.element_size(),
             lowered_bytes=after.numel() * after.element_size(),
         ))
-    small.meta[LOWERING_META_KEY] = tuple(records)
-    report = small.meta[SHRINK_REPORT_KEY]
+    set_lowering(small, records)
     timed = {f.name: getattr(report, f.name) for f in fields(ShrinkReport)}
     if inputs is not None:
-        timed["latency_before"], timed["latency_after"] = _time_models(gm, small, inputs, repeats)
-    small.meta[SHRINK_REPORT_KEY] = TimedShrinkReport(**timed)
+        timed["latency_before"], timed["latency_after"] = _time_models(dense, small, inputs, repeats)
+    set_shrink(small, ShrinkRecord(TimedShrinkReport(**timed), pruner.example_inputs))
     return small
 
 
-def _time_models(gm: fx.GraphModule, small: fx.GraphModule, inputs: Any, repeats: int) -> tuple[float, float]:
-    """Median seconds per call of ``gm`` with its masks fused and of ``small``, in interleaved rounds."""
-    dense = fuse_masks(clone_without_sparsifier(gm))
+def _time_models(dense: fx.GraphModule, small: fx.GraphModule, inputs: Any, repeats: int) -> tuple[float, float]:
+    """Median seconds per call of ``dense`` (the prepared module with its masks fused) and of ``small``, in
+    interleaved rounds."""
     args, kwargs = inputs
     device = next(iter(small.parameters()), torch.empty(0)).device
     with torch.no_grad(), eval_mode(dense), eval_mode(small):

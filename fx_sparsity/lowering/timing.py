@@ -37,15 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes import (
-    SparseFormat,
-    SparseTarget,
-    conv_strides,
-    get_sparse_target,
-    op_arguments,
-    sparse_layer_forward,
-    weight_position,
-)
+from passes.lowering import SparseFormat, conv_strides, sparse_layer_forward
+from passes import SparseTarget, get_sparse_target
+from passes.matching import op_arguments, weight_position
 
 from fx_sparsity.utils.running import eval_mode
 

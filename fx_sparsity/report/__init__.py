@@ -1,47 +1,36 @@
-"""Inspection: sparsity, graph and lowering tables, per-layer error reports, plots."""
+"""Inspection: sparsity, graph and lowering tables (:mod:`.tables`), per-layer error against the dense model
+(:mod:`.comparison`), and pictures (:mod:`.plots`, with the ``plot`` extra)."""
 
-from fx_sparsity.report.comparison import (
-    LayerError,
-    CompareReport,
-    compare,
-    print_compare,
-    compare_table,
-)
-from fx_sparsity.report.plots import (
-    plot_sparsity,
-    plot_compare,
-    draw_graph,
-    MASK_COLOR,
-    MASKED_OP_COLOR,
-)
+from fx_sparsity.meta import get_unmatched
+from fx_sparsity.report.comparison import CompareReport, LayerError, compare, compare_table, print_compare
+from fx_sparsity.report.plots import draw_graph, plot_compare, plot_sparsity
 from fx_sparsity.report.tables import (
     LayerSparsity,
-    layer_sparsity,
-    sparsity_table,
     graph_table,
+    layer_sparsity,
     lowering_table,
-    print_sparsity_table,
     print_graph_table,
     print_lowering_table,
+    print_sparsity_table,
+    sparsity_table,
 )
 
 __all__ = [
-    "LayerError",
+    "get_unmatched",
     "CompareReport",
+    "LayerError",
     "compare",
-    "print_compare",
     "compare_table",
-    "plot_sparsity",
-    "plot_compare",
+    "print_compare",
     "draw_graph",
-    "MASK_COLOR",
-    "MASKED_OP_COLOR",
+    "plot_compare",
+    "plot_sparsity",
     "LayerSparsity",
-    "layer_sparsity",
-    "sparsity_table",
     "graph_table",
+    "layer_sparsity",
     "lowering_table",
-    "print_sparsity_table",
     "print_graph_table",
     "print_lowering_table",
+    "print_sparsity_table",
+    "sparsity_table",
 ]

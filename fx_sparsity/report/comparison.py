@@ -24,7 +24,9 @@ from tabulate import tabulate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
-from passes import COMPONENT_NAMES, SPARSE_OPS, get_sparse_target, split_fqn
+from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
+from passes import get_sparse_target
+from passes.utils import split_fqn
 
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
 

@@ -30,7 +30,7 @@ from passes import get_sparse_target
 
 from fx_sparsity.report.comparison import CompareReport
 from fx_sparsity.report.tables import layer_sparsity
-from fx_sparsity.sparsifier import BaseSparsifier
+from fx_sparsity.sparsifier.base import BaseSparsifier
 
 __all__ = ["plot_sparsity", "plot_compare", "draw_graph", "MASK_COLOR", "MASKED_OP_COLOR"]
 

@@ -15,9 +15,10 @@ from torch import fx
 
 from passes import get_sparse_target
 
-from fx_sparsity.preparation import get_unmatched
-from fx_sparsity.lowering.recipe import get_lowering
-from fx_sparsity.sparsifier import BaseSparsifier, get_sparsifier
+from fx_sparsity.meta import get_unmatched
+from fx_sparsity.meta import get_lowering
+from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.meta import get_sparsifier
 
 __all__ = [
     "LayerSparsity",

@@ -35,41 +35,24 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import WeightMatch, clone_sharing_tensors, find_weights, masked_targets
-from passes.masking.fuse import fuse_masks
+from passes.compat import moved_names, resolve_qualified_name
+from passes.masking import fuse_masks, swap_modules
+from passes.matching import WeightMatch, find_weights
+from passes import masked_targets
 
-from fx_sparsity.sparsifier.masks import to_bool_mask
+from fx_sparsity.config import SparsityConfig, parse_config
+from fx_sparsity.meta import clone_without_sparsifier, set_sparsifier
 from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
+from fx_sparsity.sparsifier.mask_utils import to_bool_mask
+from fx_sparsity.sparsifier.preparing import CaptureMethod, capture_model, mask_captured
 
-__all__ = ["BaseSparsifier", "SPARSIFIER_META_KEY", "get_sparsifier", "clone_without_sparsifier"]
+__all__ = ["BaseSparsifier", "INPUT_NORM_KEY", "INITIAL_MASK_KEY"]
 
-SPARSIFIER_META_KEY = "fx_sparsity.sparsifier"
 # A config key that is not an argument: torch.ao.pruning's initial mask of the weight.
 INITIAL_MASK_KEY = "mask"
-
-
-def get_sparsifier(gm: fx.GraphModule) -> BaseSparsifier:
-    """The sparsifier that prepared ``gm`` (``fx_sparsity.prepare`` makes one when given none).
-
-    Raises:
-        ValueError: ``gm`` was not returned by a ``prepare`` call.
-    """
-    sparsifier = getattr(gm, "meta", {}).get(SPARSIFIER_META_KEY)
-    if sparsifier is None:
-        raise ValueError(
-            f"{type(gm).__name__} was not prepared by fx_sparsity: call fx_sparsity.prepare(model) first"
-        )
-    return sparsifier
-
-
-def clone_without_sparsifier(gm: fx.GraphModule) -> fx.GraphModule:
-    """A clone of ``gm`` sharing its tensors, without the sparsifier of ``gm`` (which stays bound to ``gm``)."""
-    sparsifier = gm.meta.pop(SPARSIFIER_META_KEY, None)
-    try:
-        return clone_sharing_tensors(gm)
-    finally:
-        if sparsifier is not None:
-            gm.meta[SPARSIFIER_META_KEY] = sparsifier
+# Where fx_sparsity.calibrate stores each weight's input-channel norms (sparsifier.state[tensor_fqn][INPUT_NORM_KEY]),
+# for sparsifiers that name no other statistic (Wanda, ChannelPruner's "activation" criterion, OWL).
+INPUT_NORM_KEY = "input_norm"
 
 
 def _qualified_name(cls: type) -> str:
@@ -268,24 +251,51 @@ class BaseSparsifier(abc.ABC):
         with torch.no_grad():
             for fqn, mask in initial_masks.items():
                 gm.get_buffer(f"{fqn}_mask").copy_(mask)
-        gm.meta[SPARSIFIER_META_KEY] = self
+        set_sparsifier(gm, self)
         self.model, self.groups, self.state = gm, views, defaultdict(dict)
         self._transposed = [(v.module, v.record.tensor_name) for v in views if v.record.transposed]
 
-    def prepare(self, model: nn.Module, config: Any = None, **kwargs: Any) -> fx.GraphModule:
-        """``fx_sparsity.prepare(model, config, sparsifier=self, **kwargs)``: see there.
+    def prepare(
+        self,
+        model: nn.Module,
+        config: SparsityConfig = None,
+        *,
+        example_inputs: Any = None,
+        dynamic_shapes: Any = None,
+        capture_method: CaptureMethod = "auto",
+        leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
+        concrete_args: dict[str, Any] | None = None,
+    ) -> fx.GraphModule:
+        """``fx_sparsity.prepare(model, config, sparsifier=self, ...)``: see there for the arguments.
 
         Returns:
             The prepared ``GraphModule``; ``self.model`` refers to it and
             ``get_sparsifier(gm)`` returns this sparsifier.
         """
-        from fx_sparsity.preparation import prepare  # the recipe lives in fx_sparsity.preparation, which imports this module
-
-        return prepare(model, config, sparsifier=self, **kwargs)
+        self.check_unbound()
+        rules = parse_config(config)
+        gm = capture_model(
+            model,
+            example_inputs=example_inputs,
+            dynamic_shapes=dynamic_shapes,
+            capture_method=capture_method,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+        )
+        return mask_captured(self, model, gm, rules)
 
     # ------------------------------------------------------------------ step
-    def step(self) -> None:
-        """Update every group's mask (under ``no_grad``) when ``enable_mask_update`` is set."""
+    def step(self, tensor_fqns: Iterable[str] | None = None) -> None:
+        """Update the groups' masks (under ``no_grad``) when ``enable_mask_update`` is set.
+
+        Args:
+            tensor_fqns: step only the groups of these weights (``prune_sequential`` steps one block at a
+                time); ``None`` steps every group. While a subset steps, :attr:`groups` holds that subset,
+                so :meth:`update_masks` (of any subclass) sees only it; every group is validated either way.
+
+        Raises:
+            KeyError: ``tensor_fqns`` names a weight this sparsifier has no group for.
+        """
         model = self._require_model("step()")
         if not masked_targets(model):
             raise RuntimeError("step() after squash_mask(): the masks are gone; prepare the model again")
@@ -294,11 +304,21 @@ class BaseSparsifier(abc.ABC):
         for record in self.records:
             self._validate_record(record)
         self.validate_groups([r.to_dict() for r in self.records])
-        with torch.no_grad():
-            self.update_masks()
-            for record in self.records:
-                state = self.state[record.tensor_fqn]
-                state["step_count"] = state.get("step_count", 0) + 1
+        views = self.groups
+        if tensor_fqns is not None:
+            wanted = set(tensor_fqns)
+            unknown = sorted(wanted - {v.record.tensor_fqn for v in views})
+            if unknown:
+                raise KeyError(f"step() names {unknown}, which have no group; groups: {[r.tensor_fqn for r in self.records]}")
+            self.groups = [v for v in views if v.record.tensor_fqn in wanted]
+        try:
+            with torch.no_grad():
+                self.update_masks()
+                for record in self.records:
+                    state = self.state[record.tensor_fqn]
+                    state["step_count"] = state.get("step_count", 0) + 1
+        finally:
+            self.groups = views
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -346,7 +366,8 @@ class BaseSparsifier(abc.ABC):
         if not isinstance(state_dict, Mapping) or not {"state", "groups"} <= state_dict.keys():
             raise ValueError("state_dict must be a dict with 'state' and 'groups', as state_dict() returns")
         kind = state_dict.get("sparsifier", _qualified_name(type(self)))
-        if kind != _qualified_name(type(self)):
+        # A state dict saved before the classes moved names its class by its old path, which still resolves.
+        if kind != _qualified_name(type(self)) and resolve_qualified_name(kind) is not type(self):
             raise ValueError(
                 f"state_dict comes from a {kind}, not a {_qualified_name(type(self))}: "
                 "load it into a sparsifier of that type"
@@ -446,12 +467,13 @@ class BaseSparsifier(abc.ABC):
     ) -> fx.GraphModule:
         """Swap sparsified modules for ``mapping[type(m)].from_dense(m)`` after fusing their masks.
 
-        See :func:`fx_sparsity.lowering.convert.convert_modules`; only this sparsifier's
-        weights' modules are swapped.
+        See :func:`passes.masking.swap_modules`; only this sparsifier's weights' modules are
+        swapped, in a clone of ``module`` sharing its tensors unless ``inplace``.
         """
-        from fx_sparsity.lowering.convert import convert_modules  # convert builds on clone_without_sparsifier, defined here
-
-        return convert_modules(module, mapping, {r.module_fqn for r in self.records}, inplace=inplace)
+        if not isinstance(module, fx.GraphModule):
+            raise TypeError(f"module must be the GraphModule prepare() returned, got {type(module).__name__}")
+        target = module if inplace else clone_without_sparsifier(module)
+        return swap_modules(target, mapping, {r.module_fqn for r in self.records})
 
 
 def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tensor:
@@ -461,3 +483,14 @@ def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tens
         raise ValueError(f"{where}: 'mask' has shape {tuple(mask.shape)}, the weight has {tuple(match.weight_shape)}")
     return to_bool_mask(mask.detach(), f"{where}: 'mask'")
 
+
+
+# Names of fx_sparsity 0.1.0's fx_sparsity.sparsifier.base that now live in fx_sparsity.meta.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "get_sparsifier": "fx_sparsity.meta",
+        "clone_without_sparsifier": "fx_sparsity.meta",
+        "SPARSIFIER_META_KEY": "fx_sparsity.meta:SPARSIFIER_KEY",
+    },
+)

@@ -1,39 +1,31 @@
-"""Structured pruning: remove whole channels and heads (``ChannelPruner``, ``shrink``)."""
+"""Structured pruning: remove whole channels and heads.
 
+Step 1, :class:`ChannelPruner` (:mod:`.pruner`), zeroes whole channel groups in the masks by a criterion
+(:mod:`.importance`; gradients for ``"taylor"`` from :func:`accumulate_gradients`, :mod:`.gradients`);
+step 2, :func:`shrink` (:mod:`.shrinking`), removes them physically.
+"""
+
+from fx_sparsity.meta import shrink_report
+from fx_sparsity.structured.gradients import accumulate_gradients
 from fx_sparsity.structured.importance import (
-    Criterion,
     activation_importance,
     channel_importance,
-    channel_rows,
     channels_to_remove,
     count_to_remove,
-    grouped_columns,
     taylor_importance,
 )
-from fx_sparsity.structured.pruner import (
-    ChannelPruner,
-    accumulate_gradients,
-)
-from fx_sparsity.structured.shrinking import (
-    shrink,
-    shrink_report,
-    SHRINK_REPORT_KEY,
-    SHRINK_INPUTS_KEY,
-)
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.structured.shrinking import shrink
 
 __all__ = [
-    "Criterion",
+    "shrink_report",
+    "accumulate_gradients",
     "activation_importance",
     "channel_importance",
-    "channel_rows",
     "channels_to_remove",
     "count_to_remove",
-    "grouped_columns",
     "taylor_importance",
     "ChannelPruner",
-    "accumulate_gradients",
     "shrink",
-    "shrink_report",
-    "SHRINK_REPORT_KEY",
-    "SHRINK_INPUTS_KEY",
 ]
+

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from passes.dependency.analysis import Member
+from passes.dependency import Member
 
 __all__ = [
     "Criterion",

@@ -17,7 +17,7 @@ A group whose kept count cannot be rounded within ``n`` keeps all its channels.
 Criteria (``ChannelPruner(criterion=...)``): ``"l1"``/``"l2"``/``"fpgm"`` score the
 masked producer rows; ``"taylor"`` scores ``sum |w * dL/dw|`` over every member of
 the group that is a parameter with a gradient (producer rows, consumer columns,
-biases, norm weights), with gradients from :func:`accumulate_gradients` (consumed by
+biases, norm weights), with gradients from :func:`~fx_sparsity.structured.accumulate_gradients` (consumed by
 the next ``step()``) or else the ``.grad`` the user's own training steps left on the
 parameters; ``"activation"`` scores the L2 norm of each channel where its
 consumers read it (after any norm or activation), from ``fx_sparsity.calibrate``'s
@@ -30,19 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
-from passes import ChannelGroup, WeightMatch, find_channel_groups, find_lstm_weights, find_weights, select_weights
-from passes.capturing.tracing import capture
+from passes.dependency import ChannelGroup, find_channel_groups
+from passes.masking import LSTM_KIND, find_lstm_weights
+from passes.matching import WeightMatch, find_weights, select_weights
 from passes.utils import get_tensor
 
 from fx_sparsity.config import SparsityConfig, parse_config
-from fx_sparsity.utils.running import as_model_inputs, eval_mode
-from fx_sparsity.sparsifier.base import BaseSparsifier, get_sparsifier
+from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
+from fx_sparsity.sparsifier.preparing import CaptureMethod, capture_model, mask_captured
 from fx_sparsity.structured.importance import (
     Criterion,
     activation_importance,
@@ -53,96 +53,11 @@ from fx_sparsity.structured.importance import (
     grouped_columns,
     taylor_importance,
 )
-from fx_sparsity.sparsifier.wanda.sparsifier import INPUT_NORM_KEY
 
-__all__ = ["ChannelPruner", "accumulate_gradients"]
+__all__ = ["ChannelPruner"]
 
 _WEIGHT_CRITERIA = ("l1", "l2", "fpgm")
 _CRITERIA = (*_WEIGHT_CRITERIA, "taylor", "activation")
-
-
-def _taylor_tensors(gm: fx.GraphModule, groups: Iterable[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """Tensor FQN -> parameter, for every member (not a module) of ``groups`` that is a parameter needing grad."""
-    found = {}
-    for group in groups:
-        for m in group.members:
-            if m.kind == "module":
-                continue
-            tensor = get_tensor(gm, m.target)
-            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
-                found[m.target] = tensor
-    return found
-
-
-def accumulate_gradients(
-    gm: fx.GraphModule, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Sum the loss gradients of the pruned groups' parameters over ``batches``, for ``criterion="taylor"``.
-
-    Each batch runs ``loss_fn(gm(*inputs), target)`` and ``torch.autograd.grad`` in eval
-    mode (the prepared module shares its parameters and BatchNorm statistics with the
-    user's model: no ``.grad`` is set and no statistic moves). The sums are kept by the
-    module's ``ChannelPruner`` and used, then dropped, by its next ``step()``; a second call
-    replaces them. Users who train ``gm`` themselves can skip this: ``step()`` then reads
-    the parameters' ``.grad``.
-
-    Args:
-        gm: a module returned by ``ChannelPruner(criterion="taylor").prepare``.
-        batches: an iterable of ``(inputs, target)`` pairs; ``inputs`` a tensor, a tuple of
-            positional inputs or a dict of keyword inputs.
-        loss_fn: ``loss_fn(output, target)`` returning a scalar tensor (e.g. ``nn.CrossEntropyLoss()``).
-
-    Returns:
-        tensor FQN -> summed gradient, for every parameter member of a pruned group.
-
-    Raises:
-        TypeError / ValueError: ``gm`` has no ChannelPruner, a batch is not an ``(inputs, target)``
-            pair, ``batches`` is empty, or the loss is not a scalar; nothing is kept then.
-
-    Example::
-
-        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-        >>> pruner = ChannelPruner(0.5, criterion="taylor")
-        >>> gm = pruner.prepare(model, example_inputs=torch.randn(2, 8))
-        >>> grads = accumulate_gradients(gm, [(torch.randn(4, 8), torch.randn(4, 4))], nn.MSELoss())
-        >>> sorted(grads)
-        ['0.bias', '0.weight', '2.weight']
-        >>> pruner.step()
-    """
-    pruner = get_sparsifier(gm)
-    if not isinstance(pruner, ChannelPruner):
-        raise ValueError(
-            f"accumulate_gradients needs a module prepared by ChannelPruner, got one prepared by "
-            f"{type(pruner).__name__}; use ChannelPruner(criterion='taylor').prepare(model, example_inputs=...)"
-        )
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
-    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable of (inputs, target) pairs, got {type(batches).__name__}")
-    tensors = _taylor_tensors(gm, (pruner.channel_groups[i] for i in pruner.pruned_groups()))
-    names, params = list(tensors), list(tensors.values())
-    sums: list[torch.Tensor | None] = [None] * len(params)
-    seen = 0
-    with eval_mode(gm), torch.enable_grad():
-        for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(
-                    f"batch {seen} of batches must be an (inputs, target) pair, got {type(batch).__name__}"
-                )
-            args, kwargs = as_model_inputs(batch[0], f"inputs of batch {seen}")
-            loss = loss_fn(gm(*args, **kwargs), batch[1])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} at batch {seen}; reduce it"
-                )
-            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-            sums = [s if g is None else g.detach() if s is None else s + g.detach() for s, g in zip(sums, grads)]
-            seen += 1
-    if not seen:
-        raise ValueError("accumulate_gradients needs at least one batch; batches was empty")
-    pruner.gradients = {name: s for name, s in zip(names, sums) if s is not None}
-    return dict(pruner.gradients)
 
 
 def _validate(args: dict[str, Any]) -> None:
@@ -192,7 +107,7 @@ class ChannelPruner(BaseSparsifier):
     An ``nn.LSTM``'s hidden units are a group too: a removed unit's rows in the four gate
     blocks of every layer's ``weight_ih``/``weight_hh`` (``weight_hr``'s rows for a
     projection) and its entries of both biases are masked, the LSTM call becoming
-    ``passes.masked_lstm`` over ``mul(parameter, mask)`` nodes (``squash_mask`` and
+    ``passes.masking.masked_lstm`` over ``mul(parameter, mask)`` nodes (``squash_mask`` and
     ``lower`` restore the ``nn.LSTM`` call). With its gate rows and biases zero a unit's
     cell and hidden state stay exactly 0, so ``shrink`` removes it exactly even without
     ``mask_consumers``. Only ``ChannelPruner`` masks LSTM parameters; other sparsifiers
@@ -239,16 +154,33 @@ class ChannelPruner(BaseSparsifier):
         config: SparsityConfig = None,
         *,
         example_inputs: Any = None,
+        dynamic_shapes: Any = None,
+        capture_method: CaptureMethod = "auto",
         leaf_modules: Any = (),
         concrete_args: dict[str, Any] | None = None,
     ) -> fx.GraphModule:
-        """Find the channel groups of ``model``, then mask the producers (and consumers) of those to prune."""
+        """Find the channel groups of ``model``, then mask the producers (and consumers) of those to prune.
+
+        The arguments are :func:`fx_sparsity.prepare`'s; ``example_inputs`` are required (shapes are
+        followed through the graph). The model is captured once: the groups are found on the capture,
+        which is then masked in place.
+        """
         if example_inputs is None:
             raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
-        gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        self.check_unbound()
+        rules = parse_config(config)
+        gm = capture_model(
+            model,
+            example_inputs=example_inputs,
+            dynamic_shapes=dynamic_shapes,
+            capture_method=capture_method,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+        )
         groups = find_channel_groups(gm, example_inputs)
-        maskable = {alias for match in self.find_weights(gm) for alias in match.aliases}
-        plan = self._plan(model, gm, groups, config, maskable)
+        matches = self.find_weights(gm)
+        maskable = {alias for match in matches for alias in match.aliases}
+        plan = self._plan(model, groups, rules, matches)
         entries: dict[str, dict[str, Any]] = {}
         for index, overrides in plan.items():
             for m in groups[index].producers:
@@ -274,9 +206,7 @@ class ChannelPruner(BaseSparsifier):
                 f"no channel group of {type(model).__name__} can shrink ({'; '.join(reasons) or 'it has no Linear/Conv'})"
             )
         self.channel_groups, self.example_inputs = groups, example_inputs
-        return super().prepare(
-            model, entries, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
-        )
+        return mask_captured(self, model, gm, parse_config(entries), matches)
 
     def find_weights(self, gm: fx.GraphModule) -> list[WeightMatch]:
         """Linear/Conv weights and the parameters of each ``nn.LSTM`` (its hidden units are channels)."""
@@ -285,13 +215,14 @@ class ChannelPruner(BaseSparsifier):
     def make_groups(self, selected: Any) -> Any:
         if not self.channel_groups:
             raise ValueError(
-                "a ChannelPruner needs its channel groups: prepare it with pruner.prepare(model, config, "
-                "example_inputs=...), not fx_sparsity.prepare(model, sparsifier=pruner)"
+                "a ChannelPruner needs its channel groups, which its own prepare finds: prepare it with "
+                "pruner.prepare(model, config, example_inputs=...) (or fx_sparsity.prepare with sparsifier=pruner), "
+                "not the masking step of the recipe alone"
             )
         return super().make_groups(selected)
 
-    def _plan(self, model: nn.Module, gm: fx.GraphModule, groups: tuple[ChannelGroup, ...], config: SparsityConfig,
-              maskable: set[str]) -> dict[int, dict[str, Any]]:
+    def _plan(self, model: nn.Module, groups: tuple[ChannelGroup, ...], rules: Any,
+              matches: list[WeightMatch]) -> dict[int, dict[str, Any]]:
         def blocker(group: ChannelGroup) -> str | None:
             if not group.prunable:
                 return group.frozen_reason
@@ -304,13 +235,14 @@ class ChannelPruner(BaseSparsifier):
                 return f"criterion 'activation' observes its consumers, and {unobserved or 'none'} cannot be observed"
             return None
 
-        observable = {alias for match in find_weights(gm) for alias in match.aliases}  # Linear/Conv inputs
+        maskable = {alias for match in matches for alias in match.aliases}
+        observable = {alias for match in matches if match.kind != LSTM_KIND for alias in match.aliases}  # Linear/Conv
         self.frozen = {g.index: why for g in groups if (why := blocker(g)) is not None}
-        if config is None:
+        if rules is None:
             return {g.index: {} for g in groups if g.index not in self.frozen and g.producers}
         producer_of = {p.target: g for g in groups for p in g.producers}
         plan: dict[int, dict[str, Any]] = {}
-        for match, overrides in select_weights(model, self.find_weights(gm), parse_config(config)):
+        for match, overrides in select_weights(model, matches, rules):
             if "channel_groups" in overrides:
                 raise ValueError(
                     f"config entry for {match.tensor_fqn} sets 'channel_groups', which prepare derives from the "
@@ -397,7 +329,7 @@ class ChannelPruner(BaseSparsifier):
             if grad is None and m.kind == "producer":
                 raise ValueError(
                     f"criterion 'taylor' needs the gradient of {m.target}: call "
-                    "fx_sparsity.accumulate_gradients(gm, batches, loss_fn), or run loss.backward() on gm, "
+                    "fx_sparsity.structured.accumulate_gradients(gm, batches, loss_fn), or run loss.backward() on gm, "
                     "before step()"
                 )
             if grad is None:

@@ -2,8 +2,8 @@
 
 The recipe: clone the prepared module (sharing tensors), fuse its masks (the
 removed channels' producer rows become zero), and hand it with the pruner's
-channel groups and the channels its masks remove to :func:`passes.shrink.shrink_channels`,
-which builds a new, smaller, dense module. The prepared module and the user's
+channel groups and the channels its masks remove to :func:`passes.shrink.plan_shrink` and
+:func:`passes.shrink.remove_channels`, which make a new, smaller, dense module. The prepared module and the user's
 model are not modified.
 
 Attention heads are units of their groups (see :mod:`passes.dependency.rules.attention`):
@@ -25,19 +25,38 @@ its LayerNorms then reported inexact.
 
 from __future__ import annotations
 
+import copy
+
 from torch import fx
 
-from passes import ShrinkReport, shrink_channels
-from passes.masking.fuse import fuse_masks
+from passes.masking import fuse_masks
+from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
 
-from fx_sparsity.sparsifier.base import clone_without_sparsifier, get_sparsifier
+from fx_sparsity.meta import ShrinkRecord, clone_without_sparsifier, get_sparsifier, set_shrink
 from fx_sparsity.structured.pruner import ChannelPruner
 
-__all__ = ["shrink", "shrink_report", "SHRINK_REPORT_KEY", "SHRINK_INPUTS_KEY"]
+__all__ = ["shrink", "shrink_with_dense"]
 
-SHRINK_REPORT_KEY = "fx_sparsity.shrink_report"
-# gm.meta key: the example inputs the pruner was prepared with, for fx_sparsity.to_model to check its copy on
-SHRINK_INPUTS_KEY = "fx_sparsity.shrink_inputs"
+
+def shrink_with_dense(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule, ShrinkReport]:
+    """``(dense, small, report)``: ``gm`` with its masks fused (a clone sharing its tensors), the shrunk module
+    (sharing none), and the :class:`passes.shrink.ShrinkReport` comparing them. :func:`shrink` keeps ``small``;
+    ``lower(gm, "shrink")`` times it against ``dense``.
+
+    Raises:
+        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``.
+    """
+    pruner = get_sparsifier(gm)
+    if not isinstance(pruner, ChannelPruner):
+        raise ValueError(
+            f"shrink needs a module prepared by ChannelPruner, got one prepared by {type(pruner).__name__}; "
+            "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
+        )
+    removed = pruner.removed_channels()
+    dense = fuse_masks(clone_without_sparsifier(gm))
+    plan = plan_shrink(dense, pruner.channel_groups, removed, pruner.example_inputs)
+    small = remove_channels(copy.deepcopy(dense), plan)
+    return dense, small, compare_shrunk(dense, small, plan)
 
 
 def shrink(gm: fx.GraphModule) -> fx.GraphModule:
@@ -49,8 +68,8 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
     Returns:
         The shrunk module: Linear/Conv weights and biases, norms and embeddings
         physically smaller, module attributes updated, output shapes kept; it
-        exports with ``torch.export`` and saves like any module. Its
-        ``meta[SHRINK_REPORT_KEY]`` (see :func:`shrink_report`) holds parameters and
+        exports with ``torch.export`` and saves like any module, and shares no tensor
+        with ``gm``. :func:`fx_sparsity.shrink_report` gives its parameters and
         MACs before and after, and where the result is not exactly the masked module.
 
     Raises:
@@ -65,23 +84,6 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
         >>> shrink(gm).get_submodule("0").out_features
         8
     """
-    pruner = get_sparsifier(gm)
-    if not isinstance(pruner, ChannelPruner):
-        raise ValueError(
-            f"shrink needs a module prepared by ChannelPruner, got one prepared by {type(pruner).__name__}; "
-            "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
-        )
-    removed = pruner.removed_channels()
-    source = fuse_masks(clone_without_sparsifier(gm))
-    new, report = shrink_channels(source, pruner.channel_groups, removed, pruner.example_inputs)
-    new.meta[SHRINK_REPORT_KEY] = report
-    new.meta[SHRINK_INPUTS_KEY] = pruner.example_inputs
-    return new
-
-
-def shrink_report(gm: fx.GraphModule) -> ShrinkReport:
-    """The :class:`passes.shrink.ShrinkReport` of a module returned by :func:`shrink`."""
-    report = getattr(gm, "meta", {}).get(SHRINK_REPORT_KEY)
-    if report is None:
-        raise ValueError(f"{type(gm).__name__} was not returned by fx_sparsity.structured.shrink")
-    return report
+    _, small, report = shrink_with_dense(gm)
+    set_shrink(small, ShrinkRecord(report, get_sparsifier(gm).example_inputs))
+    return small

@@ -1,11 +1,11 @@
-"""Magnitude sparsifiers (per layer and global) and their mask math."""
+"""Magnitude sparsifiers, per layer and global (:mod:`.sparsifier`), and their masks (:mod:`.masks`)."""
 
-from fx_sparsity.sparsifier.magnitude.sparsifier import (
-    MagnitudeSparsifier,
-    GlobalMagnitudeSparsifier,
-)
+from fx_sparsity.sparsifier.magnitude.masks import global_magnitude_keep, magnitude_keep
+from fx_sparsity.sparsifier.magnitude.sparsifier import GlobalMagnitudeSparsifier, MagnitudeSparsifier
 
 __all__ = [
-    "MagnitudeSparsifier",
+    "global_magnitude_keep",
+    "magnitude_keep",
     "GlobalMagnitudeSparsifier",
+    "MagnitudeSparsifier",
 ]

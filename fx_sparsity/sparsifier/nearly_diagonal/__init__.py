@@ -1,9 +1,9 @@
-"""torch.ao.pruning's nearly-diagonal sparsifier and its mask math."""
+"""torch.ao.pruning's ``NearlyDiagonalSparsifier`` (:mod:`.sparsifier`) and its band mask (:mod:`.masks`)."""
 
-from fx_sparsity.sparsifier.nearly_diagonal.sparsifier import (
-    NearlyDiagonalSparsifier,
-)
+from fx_sparsity.sparsifier.nearly_diagonal.masks import nearly_diagonal_mask
+from fx_sparsity.sparsifier.nearly_diagonal.sparsifier import NearlyDiagonalSparsifier
 
 __all__ = [
+    "nearly_diagonal_mask",
     "NearlyDiagonalSparsifier",
 ]

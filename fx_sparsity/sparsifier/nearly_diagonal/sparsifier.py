@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fx_sparsity.sparsifier.masks import nearly_diagonal_mask
+from fx_sparsity.sparsifier.nearly_diagonal.masks import nearly_diagonal_mask
 from fx_sparsity.sparsifier.base import BaseSparsifier
 
 __all__ = ["NearlyDiagonalSparsifier"]

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import native_ops
+from passes.lowering import native_ops
 
-from fx_sparsity.sparsifier.masks import nm_keep, validate_nm
+from fx_sparsity.sparsifier.nm.masks import nm_keep, validate_nm
 from fx_sparsity.utils.frames import caller_stacklevel
 from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.group import WeightGroup

@@ -1,21 +1,11 @@
-"""SparseGPT: optimal-brain-surgeon pruning from input Hessians."""
+"""SparseGPT, optimal-brain-surgeon pruning from input Hessians (:mod:`.sparsifier`), and its math (:mod:`.obs`)."""
 
-from fx_sparsity.sparsifier.sparsegpt.obs import (
-    input_rows,
-    accumulate_hessian,
-    sparsegpt_prune,
-    validate_block_size,
-)
-from fx_sparsity.sparsifier.sparsegpt.sparsifier import (
-    SparseGPTSparsifier,
-    INPUT_HESSIAN_KEY,
-)
+from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_prune, validate_block_size
+from fx_sparsity.sparsifier.sparsegpt.sparsifier import INPUT_HESSIAN_KEY, SparseGPTSparsifier
 
 __all__ = [
-    "input_rows",
-    "accumulate_hessian",
     "sparsegpt_prune",
     "validate_block_size",
-    "SparseGPTSparsifier",
     "INPUT_HESSIAN_KEY",
+    "SparseGPTSparsifier",
 ]

@@ -5,7 +5,7 @@ data: choose which weights to drop and move the error of dropping them onto
 the weights that stay, one column at a time, with the optimal-brain-surgeon
 update. All it needs of the data is the input Hessian ``H = X^T X``, where the
 rows of ``X`` are what the weight's ``[out, in * kernel]`` view multiplies (a
-conv's input unfolded into patches, see :func:`passes.input_rows`, re-exported here).
+conv's input unfolded into patches, see :func:`passes.calibration.input_rows`).
 
 :func:`sparsegpt_prune` follows ``fasterprune`` of the reference implementation
 (IST-DASLab/sparsegpt ``sparsegpt.py``): dead inputs (``H_ii == 0``) get their
@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from passes import accumulate_hessian, input_rows
 
-from fx_sparsity.sparsifier.masks import smallest_k_mask, validate_level, validate_nm
+from fx_sparsity.sparsifier.mask_utils import smallest_k_mask, validate_level
+from fx_sparsity.sparsifier.nm.masks import validate_nm
 
-__all__ = ["input_rows", "accumulate_hessian", "sparsegpt_prune", "validate_block_size"]
+__all__ = ["sparsegpt_prune", "validate_block_size"]
 
 def validate_block_size(block_size: object, nm: tuple[int, int] | None = None) -> int:
     """``block_size`` as a positive int (a multiple of ``m`` for N:M), or a ``TypeError``/``ValueError``."""

@@ -7,9 +7,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes import InputHessianObserver, SparseTarget, fqns_read, get_sparse_target, set_tensor, tensor_aliases
+from passes.calibration import InputHessianObserver
+from passes import SparseTarget, get_sparse_target
+from passes.utils import fqns_read, set_tensor, tensor_aliases
 
-from fx_sparsity.sparsifier.masks import validate_level, validate_nm
+from fx_sparsity.sparsifier.mask_utils import validate_level
+from fx_sparsity.sparsifier.nm.masks import validate_nm
 from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_prune, validate_block_size
 from fx_sparsity.sparsifier.base import BaseSparsifier
 
@@ -80,7 +83,7 @@ class SparseGPTSparsifier(BaseSparsifier):
 
     # The calibration protocol of fx_sparsity.calibrate: input Hessians.
     def calibration_observer(self, group: dict[str, Any], target: SparseTarget, ops: list[dict[str, Any]]) -> nn.Module:
-        """An :class:`passes.InputHessianObserver` with the conv arguments of the group's ops."""
+        """An :class:`passes.calibration.InputHessianObserver` with the conv arguments of the group's ops."""
         return InputHessianObserver.for_target(target, ops)
 
     def calibration_statistic(self, group: dict[str, Any], observer: nn.Module) -> torch.Tensor:

@@ -7,15 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from passes import InputNormObserver, SparseTarget
+from passes.calibration import InputNormObserver
+from passes import SparseTarget
 
-from fx_sparsity.sparsifier.masks import nm_keep, validate_level, validate_nm
-from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
+from fx_sparsity.sparsifier.mask_utils import validate_level
+from fx_sparsity.sparsifier.nm.masks import nm_keep, validate_nm
+from fx_sparsity.sparsifier.wanda.scores import wanda_scores
 
-__all__ = ["WandaSparsifier", "INPUT_NORM_KEY", "wanda_scores"]
-
-# Where fx_sparsity.calibrate stores each weight's input-channel norms: sparsifier.state[tensor_fqn][INPUT_NORM_KEY].
-INPUT_NORM_KEY = "input_norm"
+__all__ = ["WandaSparsifier"]
 
 
 class WandaSparsifier(BaseSparsifier):
@@ -56,7 +56,7 @@ class WandaSparsifier(BaseSparsifier):
     calibration_key = INPUT_NORM_KEY
 
     def calibration_observer(self, group: dict[str, Any], target: SparseTarget, ops: list[dict[str, Any]]) -> nn.Module:
-        """An :class:`passes.InputNormObserver` in front of the group's ops."""
+        """An :class:`passes.calibration.InputNormObserver` in front of the group's ops."""
         return InputNormObserver(len(target.weight_shape) - 2)
 
     def calibration_statistic(self, group: dict[str, Any], observer: nn.Module) -> torch.Tensor:
@@ -91,26 +91,6 @@ class WandaSparsifier(BaseSparsifier):
             if k:
                 keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False, sorted=False).indices, False)
         self.get_mask(module, tensor_name).copy_(keep.reshape(weight.shape))
-
-
-def wanda_scores(weight: torch.Tensor, norm: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """``|weight| * ||X_j||`` in the weight's ``[out, -1]`` view, ``norm`` holding one value per input channel.
-
-    A conv entry uses the norm of the input channel it reads (grouped convs included).
-
-    Example::
-
-        >>> wanda_scores(torch.tensor([[1.0, -2.0]]), torch.tensor([3.0, 1.0])).tolist()
-        [[3.0, 2.0]]
-    """
-    out, cin_per_group = weight.shape[0], weight.shape[1]
-    if norm.numel() % cin_per_group:
-        raise RuntimeError(f"{name}: {norm.numel()} input channels do not fit weight {tuple(weight.shape)}")
-    groups = norm.numel() // cin_per_group
-    # Output o of a grouped conv reads input channels of group o // (out // groups).
-    per_out = norm.to(weight.device, weight.dtype).view(groups, cin_per_group).repeat_interleave(out // groups, 0)
-    kernel = weight[0, 0].numel() if weight.dim() > 2 else 1
-    return (weight.abs().reshape(out, cin_per_group, kernel) * per_out.unsqueeze(-1)).reshape(out, -1)
 
 
 def _pair(nm: Any) -> tuple[Any, Any]:

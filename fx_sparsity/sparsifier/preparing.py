@@ -1,0 +1,131 @@
+"""The prepare recipe, as named steps: capture the model, then mask what the config selects.
+
+capture the model -> find its weights -> note the ones left dense -> select them by the
+config -> build and validate the sparsifier's groups -> check hooks -> insert masks ->
+attach the sparsifier and record what ``prepare`` knows in ``gm.meta``. Every check runs
+before the first rewrite, and the user's model is never modified.
+
+:meth:`BaseSparsifier.prepare <fx_sparsity.sparsifier.base.BaseSparsifier.prepare>` runs
+both steps; ``ChannelPruner.prepare`` runs :func:`capture_model`, analyses the captured
+graph, then runs :func:`mask_captured` on it, so a model is captured once. The sparsifier
+is an argument, not an import: this module sits below the sparsifier classes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import fx, nn
+
+from passes.capturing import capture
+from passes.masking import insert_masks
+from passes.matching import FqnRule, UnmatchedWeight, WeightMatch, select_weights, unmatched_weights
+
+from fx_sparsity.meta import set_source_model, set_unmatched
+from fx_sparsity.utils.frames import caller_stacklevel
+
+if TYPE_CHECKING:
+    from fx_sparsity.sparsifier.base import BaseSparsifier
+
+__all__ = ["CaptureMethod", "capture_model", "mask_captured"]
+
+CaptureMethod = Literal["auto", "symbolic_trace", "export"]
+
+
+def capture_model(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    capture_method: CaptureMethod = "auto",
+    leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Step 1: :func:`passes.capture` with ``prepare``'s argument names."""
+    return capture(
+        model,
+        example_inputs=example_inputs,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        dynamic_shapes=dynamic_shapes,
+        method=capture_method,
+    )
+
+
+def _wanted(rules: Sequence[FqnRule] | None, tensor_fqn: str) -> bool:
+    """Whether the config would select ``tensor_fqn`` by its name (``None`` selects everything)."""
+    if rules is None:
+        return True
+    names = (tensor_fqn, tensor_fqn.rpartition(".")[0])
+    for rule in rules:
+        if rule.by == "pattern" and any(fnmatch.fnmatchcase(n, rule.key) for n in names):
+            return True
+        if rule.by != "pattern" and rule.key in names:
+            return True
+    return False
+
+
+def _warn_unmatched(unmatched: Sequence[UnmatchedWeight], rules: Sequence[FqnRule] | None) -> None:
+    wanted = [u for u in unmatched if _wanted(rules, u.tensor_fqn)]
+    if not wanted:
+        return
+    lines = "\n".join(f"  {u.tensor_fqn}: {u.reason}; remedy: {u.remedy}" for u in wanted)
+    warnings.warn(
+        f"{len(wanted)} Linear/Conv-like weight(s) the config selects stay dense, the captured graph gives "
+        f"no op to mask them (capture_method='export' with example_inputs often finds them):\n{lines}",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
+def _check_hooks(gm: fx.GraphModule, matches: Sequence[WeightMatch]) -> None:
+    """Refuse forward hooks on modules whose calls the mask insertion rewrites into functional ops."""
+    for match in matches:
+        for fqn in match.call_module_fqns:
+            module = gm.get_submodule(fqn)
+            hooks = len(module._forward_pre_hooks) + len(module._forward_hooks)
+            if hooks:
+                raise ValueError(
+                    f"{fqn!r} ({type(module).__name__}) has {hooks} forward hook(s) or pre-hook(s); prepare "
+                    f"rewrites its call into F.{match.kind}(x, weight * mask), which would not run them, and "
+                    "the fused and masked modules would then differ. Remove the hooks before prepare, "
+                    f"or leave {match.tensor_fqn!r} out of the config"
+                )
+
+
+def mask_captured(
+    sparsifier: BaseSparsifier,
+    model: nn.Module,
+    gm: fx.GraphModule,
+    rules: Sequence[FqnRule] | None,
+    matches: Sequence[WeightMatch] | None = None,
+) -> fx.GraphModule:
+    """Step 2: mask the weights of the captured ``gm`` that ``rules`` select, and bind ``sparsifier`` to it.
+
+    Args:
+        sparsifier: an unbound sparsifier (see ``BaseSparsifier.check_unbound``).
+        model: the user's model ``gm`` was captured from (FQNs in error messages, ``to_model``).
+        gm: its capture, rewritten in place.
+        rules: the parsed config (:func:`fx_sparsity.config.parse_config`; ``None`` selects every weight).
+        matches: ``sparsifier.find_weights(gm)``, when the caller has them already.
+
+    Returns:
+        ``gm``, masked, with the sparsifier attached.
+    """
+    matches = sparsifier.find_weights(gm) if matches is None else list(matches)
+    unmatched = unmatched_weights(model, gm, matches)
+    selected = select_weights(model, matches, rules)
+    if not selected:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv weight to sparsify")
+    groups, initial_masks = sparsifier.make_groups(selected)
+    chosen = [match for match, _ in selected]
+    _check_hooks(gm, chosen)
+    gm = insert_masks(gm, chosen)
+    sparsifier.attach(gm, groups, initial_masks)
+    set_unmatched(gm, unmatched)
+    set_source_model(gm, model)  # for to_model(gm)
+    _warn_unmatched(unmatched, rules)
+    return gm
