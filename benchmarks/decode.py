@@ -43,7 +43,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import fx_sparsity
 from passes import native_isa
-from passes.lowering.rewrite import SPARSE_OPS, SparseFormat
+from passes.lowering import SPARSE_OPS, SparseFormat
 from machine import describe
 
 VOCAB = 4096

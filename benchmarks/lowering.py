@@ -43,7 +43,7 @@ from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, prepare
-from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.lowering import lower
 from fx_sparsity.lowering.timing import last_level_cache_bytes
 from passes import native_isa
 from machine import describe

@@ -31,9 +31,9 @@ from torch import nn
 
 from benchmarks.quality import CONFIG, TinyGPT, add_model_arguments, corpus, make_sparsifier, perplexity, trained_model
 from machine import describe
-from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.calibration import calibrate
 from fx_sparsity import get_sparsifier, prepare
-from fx_sparsity.levels.owl import set_owl_levels
+from fx_sparsity.levels import set_owl_levels
 
 
 class WithMask(nn.Module):

@@ -38,9 +38,9 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.levels.owl import set_owl_levels
-from fx_sparsity.calibration.sequential import prune_sequential
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.levels import set_owl_levels
+from fx_sparsity.calibration import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from machine import describe
 

@@ -64,8 +64,8 @@ def write(args: argparse.Namespace) -> dict:
 
 def streamed(args: argparse.Namespace) -> dict:
     from fx_sparsity import WandaSparsifier
-    from fx_sparsity.calibration.sequential import prune_sequential
-    from fx_sparsity.calibration.streaming import SafetensorsWeights, prepare_on_meta
+    from fx_sparsity.calibration import prune_sequential
+    from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta
 
     base = _rss_mib()
     gm = prepare_on_meta(_model(args, "meta"), sparsifier=WandaSparsifier(0.5))
@@ -79,7 +79,7 @@ def in_memory(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
 
     from fx_sparsity import WandaSparsifier, prepare
-    from fx_sparsity.calibration.sequential import prune_sequential
+    from fx_sparsity.calibration import prune_sequential
 
     base = _rss_mib()
     model = _model(args, "cpu")

@@ -20,7 +20,7 @@ with the recipe of its examples:
 * Llama: q/k/v and o_proj excluded (its standard head recipe does not finish on grouped-query attention), so
   only the MLPs shrink; the hidden size kept as for BERT.
 
-MACs: Linear/Conv multiply-accumulates from :func:`passes.count_macs` (attention's own matmuls are not counted)
+MACs: Linear/Conv multiply-accumulates from :func:`passes.shrink.count_macs` (attention's own matmuls are not counted)
 and Torch-Pruning's ``count_ops_and_params``. Latency: median over interleaved rounds in random order,
 ``inference_mode``, batch 1; "dense" is the eager model, "dense captured" the ``GraphModule`` our pruner starts from
 (for vit_b_16, BERT and Llama a ``torch.export`` graph run op by op, which costs per-op overhead at small sizes:
@@ -47,11 +47,12 @@ from torch.utils._pytree import tree_leaves
 from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.structured.shrinking import shrink, shrink_report
-from fx_sparsity.deploy.user_model import to_model
-from passes.capturing.tracing import capture
-from passes import count_macs
+from fx_sparsity.structured import ChannelPruner
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
+from fx_sparsity.deploy import to_model
+from passes.capturing import capture
+from passes.shrink import count_macs
 from machine import describe
 
 try:

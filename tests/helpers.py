@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.pruning import BaseSparsifier as AOBaseSparsifier
 
+from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
+
 from fx_sparsity import BaseSparsifier
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "check_against_eager",
     "count_nodes",
     "snapshot",
+    "shrunk_copy",
 ]
 
 
@@ -312,3 +315,11 @@ def assert_adds_channels(first: dict, second: dict, strictly: bool = True) -> No
     assert all(set(first[i].tolist()) <= set(second[i].tolist()) for i in first)
     if strictly:
         assert sum(len(c) for c in second.values()) > sum(len(c) for c in first.values())
+
+
+def shrunk_copy(gm: fx.GraphModule, groups: Any, removed: Any, example_inputs: Any) -> tuple[fx.GraphModule, ShrinkReport]:
+    """``gm`` without the ``removed`` channels, as a deep copy sharing no tensor with it, and its report: the
+    passes.shrink steps (plan, remove, compare) the structured tests run; ``gm`` is not modified."""
+    plan = plan_shrink(gm, groups, removed, example_inputs)
+    small = remove_channels(copy.deepcopy(gm), plan)
+    return small, compare_shrunk(gm, small, plan)

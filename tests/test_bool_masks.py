@@ -29,11 +29,11 @@ from fx_sparsity import (
     WeightNormSparsifier,
     get_sparsifier,
     prepare,
-    sparsity_table,
 )
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.lowering.recipe import lower
-from fx_sparsity.sparsifier.masks import to_bool_mask
+from fx_sparsity.report import sparsity_table
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.lowering import lower
+from fx_sparsity.sparsifier.mask_utils import to_bool_mask
 from passes import masked_targets
 
 from helpers import LinearNet, SimpleLinear, ThreeLinear

@@ -21,9 +21,9 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.calibration.sequential import prune_sequential
-from passes import InputNormObserver, all_reduce_observers
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.calibration import prune_sequential
+from passes.calibration import InputNormObserver, all_reduce_observers
 
 WORLD = 2
 ROOT = pathlib.Path(__file__).resolve().parents[1]

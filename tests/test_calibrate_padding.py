@@ -11,8 +11,9 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from passes import InputNormObserver, token_rows
+from fx_sparsity.calibration import calibrate
+from passes.calibration import InputNormObserver, token_rows
+from passes import get_capture
 
 PAD = 0
 
@@ -168,7 +169,7 @@ def test_bert_padded_batches_match_eager_unpadded(sparsifier_class):
     batches = [(b["input_ids"], b["attention_mask"]) for b in padded_batches(seqs, size=3)]
     sparsifier = sparsifier_class(0.5)
     gm = prepare(model, sparsifier=sparsifier, example_inputs=batches[0])
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         statistics = calibrate(gm, batches, token_mask=lambda b: b[1], progress_bar=False)
@@ -228,7 +229,7 @@ def test_token_rows_mapping():
 
 
 class PlainObserver(nn.Module):
-    """An observer that is no passes.InputObserver: it cannot apply token masks."""
+    """An observer that is no passes.calibration.InputObserver: it cannot apply token masks."""
 
     def forward(self, x):
         self.seen = x

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from passes import CaptureError
-from passes.capturing.tracing import capture
+from passes.capturing import capture
+from passes import get_capture
 
 from helpers import ControlFlowNet, MixedNet, snapshot
 
@@ -17,7 +18,7 @@ def test_symbolic_trace_shares_parameters_not_modules():
     model = MixedNet()
     before = snapshot(model)
     gm = capture(model)
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     model_params = {id(p) for p in model.parameters()}
     assert {id(p) for p in gm.parameters()} == model_params
     assert not {id(m) for m in gm.modules()} & {id(m) for m in model.modules()}
@@ -57,7 +58,7 @@ def test_export_fallback_when_tracing_fails():
     model = ControlFlowNet()
     x = torch.randn(3, 6)
     gm = capture(model, example_inputs=(x,))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     torch.testing.assert_close(gm(x), model(x))
     assert gm.get_parameter("fc1.weight") is model.fc1.weight
 
@@ -182,7 +183,7 @@ def test_symbolic_trace_leaves_model_untouched(training):
     model = CachingNet().train(training)
     before = deep_snapshot(model)
     gm = capture(model)
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     assert_unchanged(model, before)
     gm2 = capture(model)
     assert_unchanged(model, before)
@@ -198,7 +199,7 @@ def test_export_capture_leaves_model_untouched():
     model = CachingControlFlowNet().train()
     before = deep_snapshot(model)
     gm = capture(model, example_inputs=(torch.randn(3, 4),))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     assert_unchanged(model, before)
     assert model.bn.num_batches_tracked.item() == 0
 
@@ -223,7 +224,7 @@ def test_export_capture_has_a_dynamic_batch():
     """ControlFlowNet captured with torch.export at batch 3 runs at batch 2, 5 and 17 like the eager model."""
     model = ControlFlowNet().eval()
     gm = capture(model, example_inputs=(torch.randn(3, 6),))
-    assert gm.meta["dynamic_batch"] is True
+    assert get_capture(gm).dynamic_batch is True
     for batch in (2, 5, 17):
         x = torch.randn(batch, 6)
         torch.testing.assert_close(gm(x), model(x))
@@ -245,7 +246,7 @@ def test_static_batch_is_warned_with_the_reason(model, batch, reason):
     x = torch.randn(batch, 6)
     with pytest.warns(UserWarning, match=reason):
         gm = capture(model.eval(), example_inputs=(x,))
-    assert gm.meta["dynamic_batch"] is False
+    assert get_capture(gm).dynamic_batch is False
     torch.testing.assert_close(gm(x), model(x))
 
 
@@ -257,7 +258,7 @@ def test_dynamic_shapes_argument_is_passed_to_export():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gm = capture(model, example_inputs=(torch.randn(3, 6),), dynamic_shapes=({0: torch.export.Dim.STATIC},))
-    assert gm.meta["dynamic_batch"] is None
+    assert get_capture(gm).dynamic_batch is None
     with pytest.raises(Exception, match="3"):
         gm(torch.randn(5, 6))
 
@@ -267,7 +268,7 @@ def test_dynamic_shapes_argument_is_passed_to_export():
 
 def _prepared() -> nn.Module:
     from passes import find_weights
-    from passes.masking.insert import insert_masks
+    from passes.masking import insert_masks
 
     gm = capture(nn.Sequential(nn.Linear(4, 4)))
     return insert_masks(gm, find_weights(gm))

@@ -11,7 +11,7 @@ import pytest
 
 import passes
 from fx_sparsity.cli import command as cli
-from fx_sparsity.cli.demo_models import DemoNet, load_model
+from fx_sparsity.cli import DemoNet, load_model
 
 
 def test_default_run_prints_tables_and_verdict(capsys):
@@ -191,7 +191,7 @@ def test_capture_failure_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(passes.native_ops() is None, reason="the C++ kernels did not build here")
+@pytest.mark.skipif(passes.lowering.native_ops() is None, reason="the C++ kernels did not build here")
 def test_nm_runs_on_the_cpu_kernel(capsys):
     """2:4 masks with the C++ kernels built: no warning, and --backend nm lowers every Linear to fx_sparsity::nm_linear
     (the 3x3 convs fuse), matching the masked eager model."""
@@ -224,7 +224,7 @@ def test_eval_errors_equal_compare_on_the_same_batches(capsys, monkeypatch):
     compare(model, gm) recomputed from the same seeded batches, and a model without --eval prints no table."""
     import torch
 
-    from fx_sparsity.report.comparison import compare, compare_table
+    from fx_sparsity.report import compare, compare_table
 
     seen = {}
     real_compare = cli.compare

@@ -10,8 +10,8 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import WandaSparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.report.comparison import compare, print_compare
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.report import compare, print_compare
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 
 from helpers import ConvNet1d3d, TinyResNet, snapshot
@@ -144,8 +144,8 @@ def test_compare_table_lines_up_forms_and_to_model_matches_prepared():
     """Net pruned by Wanda: compare_table puts the prepared, csr-lowered and to_model forms side by side, each
     column the report's own numbers (to_model's equal to the prepared module's, it holds the same weights); reports
     on different layers and an empty dict raise."""
-    from fx_sparsity.report.comparison import compare_table
-    from fx_sparsity.deploy.user_model import to_model
+    from fx_sparsity.report import compare_table
+    from fx_sparsity.deploy import to_model
 
     torch.manual_seed(0)
     model = Net()
@@ -175,7 +175,7 @@ def test_lowered_tied_weights_are_credited_to_the_calling_layer():
     """DemoNet's mix and mix_t share one weight (mix called twice): lowered to csr, each sparse-kernel call is
     credited to the module that called it (the lowering keeps the layer on the node), so every layer's error and
     call count equal the prepared module's, with no layer missing."""
-    from fx_sparsity.cli.demo_models import DemoNet
+    from fx_sparsity.cli import DemoNet
 
     torch.manual_seed(0)
     model = DemoNet().eval()

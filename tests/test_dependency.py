@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fx_sparsity.structured.pruner import ChannelPruner
-from passes import Member, find_channel_groups, shrink_channels
-from passes.capturing.tracing import capture
+from fx_sparsity.structured import ChannelPruner
+from passes import Member, find_channel_groups
+from passes.capturing import capture
+from passes import get_capture
 
-from helpers import TinyMobileNet, TinyResNet, count_nodes, snapshot
+from helpers import TinyMobileNet, TinyResNet, count_nodes, shrunk_copy, snapshot
 
 
 def _groups(model: nn.Module, *inputs: torch.Tensor):
@@ -222,11 +223,11 @@ def test_masked_form_gives_the_same_groups():
 
 @pytest.mark.parametrize("make", [TinyResNet, TinyMobileNet, FlattenNet, Concat])
 def test_pruning_nothing_equals_the_original_exactly(make):
-    """shrink_channels with nothing removed reproduces the model bit for bit."""
+    """Shrinking (plan_shrink, remove_channels) with nothing removed reproduces the model bit for bit."""
     model = make().eval()
     x = torch.randn(2, 2 if make is FlattenNet else 3, 16, 16) if make is not FlattenNet else torch.randn(2, 2, 5, 5)
     gm, groups = _groups(model, x)
-    small, report = shrink_channels(gm, groups, {}, x)
+    small, report = shrunk_copy(gm, groups, {}, x)
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
     assert report.params_after == report.params_before and report.macs_after == report.macs_before
 
@@ -335,7 +336,7 @@ def test_literal_head_count_is_recorded_and_fused_multihead_attention_heads_are_
     x = torch.randn(2, 5, 16)
     gm = capture(WithMHA(False).eval(), example_inputs=(x,))
     groups = find_channel_groups(gm, x)
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     heads = _group_of(groups, "attn.in_proj_weight")
     assert heads.prunable and heads.size == 4
     assert [(m.target, m.kind, m.dim, m.offset, m.inner) for m in heads.members if m.kind != "literal"] == [

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fx_sparsity.structured.pruner import ChannelPruner, count_to_remove
-from fx_sparsity.structured.shrinking import shrink, shrink_report
-from passes.capturing.tracing import capture
-from passes import find_channel_groups, shrink_channels
+from fx_sparsity.structured import ChannelPruner, count_to_remove
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
+from passes.capturing import capture
+from passes import find_channel_groups
+from passes import get_capture
 
-from helpers import count_nodes, snapshot
+from helpers import count_nodes, shrunk_copy, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +77,7 @@ def test_llama_gqa_groups_follow_literal_repeat_kv_sizes(kv_heads):
     model, x = tiny_llama(kv_heads=kv_heads), _tokens()
     gm = capture(model, example_inputs=(x,))
     groups = find_channel_groups(gm, (x,))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     n_rep = 8 // kv_heads
     for layer in range(2):
         attn = _group_of(groups, f"layers.{layer}.self_attn.q_proj.weight")
@@ -162,10 +164,10 @@ def test_eager_attention_implementation_prunes_heads_too(make):
 
 
 def test_pruning_no_head_equals_the_original_exactly():
-    """shrink_channels on the exported Llama with nothing removed reproduces the model bit for bit."""
+    """Shrinking (plan_shrink, remove_channels) the exported Llama with nothing removed reproduces the model bit for bit."""
     model, x = tiny_llama(layers=1), _tokens()
     gm = capture(model, example_inputs=(x,))
-    small, report = shrink_channels(gm, find_channel_groups(gm, (x,)), {}, (x,))
+    small, report = shrunk_copy(gm, find_channel_groups(gm, (x,)), {}, (x,))
     with torch.no_grad():
         torch.testing.assert_close(_hidden(small(x)), _hidden(model(x)), rtol=0, atol=0)
     assert report.params_after == report.params_before
@@ -190,7 +192,7 @@ def test_bad_head_requests_get_clear_errors():
     groups = find_channel_groups(gm, (x,))
     attn = _group_of(groups, "layers.0.self_attn.q_proj.weight")
     with pytest.raises(ValueError, match=rf"removes all 2 channels of group {attn.index}; keep at least one"):
-        shrink_channels(gm, groups, {attn.index: [0, 1]}, (x,))
+        shrunk_copy(gm, groups, {attn.index: [0, 1]}, (x,))
 
 
 # ------------------------------------------------------------------ nn.MultiheadAttention (fused in_proj)
@@ -256,7 +258,7 @@ def test_multihead_attention_pruned_heads_equal_zeroed_heads_of_the_eager_model(
     gm = capture(model, example_inputs=(x,))
     groups = find_channel_groups(gm, (x,))
     heads = _group_of(groups, "attn.in_proj_weight")
-    small, report = shrink_channels(gm, groups, {heads.index: [1, 3]}, (x,))
+    small, report = shrunk_copy(gm, groups, {heads.index: [1, 3]}, (x,))
     reference = MHABlock().eval()
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -276,7 +278,7 @@ def test_multihead_attention_nothing_removed_is_exact_and_unfollowed_forms_are_r
     with the reason, and naming it in a config is a ValueError."""
     model, x = MHABlock().eval(), torch.randn(2, 5, 32)
     gm = capture(model, example_inputs=(x,))
-    small, _ = shrink_channels(gm, find_channel_groups(gm, (x,)), {}, (x,))
+    small, _ = shrunk_copy(gm, find_channel_groups(gm, (x,)), {}, (x,))
     with torch.no_grad():
         torch.testing.assert_close(small(x), gm(x), rtol=0, atol=0)
         torch.testing.assert_close(small(x), model(x))
@@ -307,7 +309,7 @@ def test_multihead_attention_kept_as_a_leaf_module_says_how_to_prune_its_heads()
             return self.block(self.pre(x))
 
     gm = capture(Wrapped().eval(), example_inputs=(x,), leaf_modules=[nn.MultiheadAttention])
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     why = _group_of(find_channel_groups(gm, (x,)), "pre.weight").frozen_reason
     assert "nn.MultiheadAttention kept whole (a leaf module); capture it with torch.export" in why
 
@@ -361,7 +363,7 @@ def test_symbolically_traced_literal_sizes_are_rewritten():
     model, x, image = LiteralHeads().eval(), torch.randn(2, 5, 32), torch.randn(2, 3, 2, 2)
     pruner = ChannelPruner(sparsity_level=0.5, mask_consumers=True)
     gm = pruner.prepare(model, example_inputs=(x, image))
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     pruner.step()
     small = shrink(gm)
     views = {n.name: n.args[1:] for n in small.graph.nodes if n.op == "call_method" and n.target in ("view", "reshape")}

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity import NearlyDiagonalSparsifier, WeightNormSparsifier, get_sparsifier, prepare
-from passes.capturing.tracing import capture
+from passes.capturing import capture
 from passes import find_weights, masked_targets
-from passes.masking.fuse import fuse_masks
-from passes.masking.insert import insert_masks
+from passes.masking import fuse_masks
+from passes.masking import insert_masks
+from passes import get_capture
 
 from helpers import (
     ConvNet1d3d,
@@ -115,7 +116,7 @@ def test_export_captured_model():
     model = ControlFlowNet()
     x = torch.randn(4, 6)
     gm = prepare(model, example_inputs=(x,), sparsifier=WeightNormSparsifier(0.5, (1, 1)))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     assert count_nodes(gm)[("call_function", operator.mul)] == 2
     sparsifier = get_sparsifier(gm)
     sparsifier.step()

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from passes.lowering import native
-from passes.lowering.formats import (
+from passes.lowering import (
     bitmask_to_dense,
     csr_to_dense,
     detect_nm,
@@ -31,7 +31,7 @@ from passes.lowering.formats import (
     to_narrow_csr_components,
     to_nm_components,
 )
-from passes.lowering.operators import bitmask_linear, csr_linear, nm_linear
+from passes.lowering import bitmask_linear, csr_linear, nm_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPS = {"bitmask": bitmask_linear, "nm": nm_linear, "csr": csr_linear}
@@ -314,7 +314,7 @@ def test_no_native_env_forces_the_reference_in_a_fresh_process():
     """FX_SPARSITY_NO_NATIVE=1: a fresh process never builds or loads the extension and warns nothing."""
     code = (
         "import warnings, torch; warnings.simplefilter('error', RuntimeWarning);"
-        "from passes.lowering import native; from passes.lowering.operators import bitmask_linear, to_bitmask_components;"
+        "from passes.lowering import native; from passes.lowering import bitmask_linear, to_bitmask_components;"
         "w = torch.randn(4, 8) * (torch.rand(4, 8) < 0.5); x = torch.randn(2, 8);"
         "torch.testing.assert_close(bitmask_linear(x, *to_bitmask_components(w), None), x @ w.t());"
         "assert native.native_ops() is None;"

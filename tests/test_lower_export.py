@@ -8,7 +8,7 @@ import torch
 from torch.export import Dim
 
 from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
-from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.lowering import lower
 
 from helpers import LinearNet, PointwiseConvNet
 

@@ -10,11 +10,13 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier
-from fx_sparsity.lowering.recipe import TimedShrinkReport, get_lowering
-from fx_sparsity.lowering.backends import LayerRequest
-from fx_sparsity.report.tables import lowering_table
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.structured.shrinking import shrink, shrink_report
+from fx_sparsity.lowering import TimedShrinkReport
+from fx_sparsity import get_lowering
+from fx_sparsity.lowering import LayerRequest
+from fx_sparsity.report import lowering_table
+from fx_sparsity.structured import ChannelPruner
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
 
 from helpers import TinyResNet, snapshot
 

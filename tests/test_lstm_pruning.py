@@ -1,4 +1,4 @@
-"""nn.LSTM hidden units as channel groups: the dependency pass, shrink_channels, and torch.ao.pruning's LSTM tests."""
+"""nn.LSTM hidden units as channel groups: the dependency pass, shrinking, and torch.ao.pruning's LSTM tests."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from torch.ao.pruning._experimental.pruner import BaseStructuredSparsifier
 from torch.ao.pruning._experimental.pruner.parametrization import FakeStructuredSparsity
 from torch.testing._internal import common_pruning
 
-from fx_sparsity.structured.pruner import ChannelPruner
-from passes import find_channel_groups, masked_lstm, shrink_channels
+from fx_sparsity.structured import ChannelPruner
+from passes import find_channel_groups
+from passes.masking import masked_lstm
+from helpers import shrunk_copy
 
 
 class _LSTMNet(nn.Module):
@@ -94,7 +96,7 @@ def test_shrunk_lstm_equals_the_model_with_its_units_cut_off(kwargs):
     inputs = next(g for g in groups if any(p.target == "inp.weight" for p in g.producers))
     removed = torch.tensor([1, 4]) if not kwargs.get("proj") else torch.tensor([1])  # proj_size 4 < hidden_size
     ref = _zero_readers(gm, units, removed)
-    small, report = shrink_channels(ref, groups, {units.index: removed, inputs.index: [2]}, x)
+    small, report = shrunk_copy(ref, groups, {units.index: removed, inputs.index: [2]}, x)
     assert small.lstm.hidden_size == 6 - len(removed) and small.lstm.input_size == 7
     assert small.lstm.weight_hh_l0.shape == (4 * (6 - len(removed)), kwargs.get("proj") or 6 - len(removed))
     assert report.exact, report.inexact
@@ -120,7 +122,7 @@ def test_unit_removal_that_is_not_exact_is_reported():
             gm.get_parameter(p.target).index_fill_(0, p.indices(torch.tensor([0])), 0)
         gm.inp.weight[3] = 0
         gm.inp.bias[3] = 1.0
-    _, report = shrink_channels(gm, groups, {units.index: [0], inputs.index: [3]}, x)
+    _, report = shrunk_copy(gm, groups, {units.index: [0], inputs.index: [3]}, x)
     notes = "\n".join(report.inexact)
     for fqn in ("lstm.weight_hh_l0", "lstm.weight_hh_l1", "lstm.weight_ih_l1"):
         assert f"still feed {fqn} inside the LSTM" in notes
@@ -157,7 +159,7 @@ def test_projection_shrinking_below_hidden_size_is_refused():
     gm = torch.fx.symbolic_trace(_LSTMNet(proj=4).eval())
     groups = find_channel_groups(gm, x)
     with pytest.raises(ValueError, match="hidden_size 4 and proj_size 4.*proj_size < hidden_size"):
-        shrink_channels(gm, groups, {_units_group(groups).index: [0, 1]}, x)
+        shrunk_copy(gm, groups, {_units_group(groups).index: [0, 1]}, x)
 
 
 class _BottomHalfLSTMPruner(BaseStructuredSparsifier):
@@ -191,7 +193,7 @@ def test_matches_torch_ao_lstm_pruning(name, layers):
     x = torch.randn(6, 2, 8)
     gm = torch.fx.symbolic_trace(ours_in)
     groups = find_channel_groups(gm, x)
-    small, report = shrink_channels(gm, groups, {_units_group(groups).index: torch.arange(4, 8)}, x)
+    small, report = shrunk_copy(gm, groups, {_units_group(groups).index: torch.arange(4, 8)}, x)
     lstm = small.get_submodule("model.lstm")
     assert lstm.hidden_size == theirs.lstm.hidden_size == 4
     for pname, param in theirs.named_parameters():
@@ -247,7 +249,8 @@ def test_channel_pruner_masks_lstm_units_and_shrink_is_exact(kwargs, mask_consum
     torch.testing.assert_close(gm(x), ref(x))
     assert not torch.allclose(gm(x), model(x))
 
-    from fx_sparsity.structured.shrinking import shrink, shrink_report
+    from fx_sparsity.structured import shrink
+    from fx_sparsity import shrink_report
 
     small = shrink(gm)
     assert small.lstm.hidden_size == 3 and small.lstm.input_size == 4
@@ -284,7 +287,8 @@ def test_lstm_units_are_masked_through_fine_tuning():
     torch.testing.assert_close(pruner.removed_channels()[units.index], removed)
     torch.testing.assert_close(gm(x), _masked_reference(gm, gm, pruner)(x))
 
-    from fx_sparsity.structured.shrinking import shrink, shrink_report
+    from fx_sparsity.structured import shrink
+    from fx_sparsity import shrink_report
 
     small = shrink(gm)
     assert shrink_report(small).exact
@@ -330,16 +334,16 @@ def test_lstm_masks_in_tables_and_lowering():
     pruner.step()
     fqns = [r.tensor_fqn for r in pruner.records if r.tensor_fqn.startswith("lstm.")]
     assert len(fqns) == 8
-    table, graph = fx_sparsity.sparsity_table(gm), fx_sparsity.graph_table(gm)
+    table, graph = fx_sparsity.report.sparsity_table(gm), fx_sparsity.report.graph_table(gm)
     for fqn in fqns:
         module, _, name = fqn.rpartition(".")
         assert f"{module} [{name}]" in table and f"MASK {fqn}_mask" in graph
     lowered = fx_sparsity.lower(gm, "fuse")
     assert [n.target for n in lowered.graph.nodes if n.op == "call_module"].count("lstm") == 1
     torch.testing.assert_close(lowered(x), gm(x), rtol=0, atol=0)
-    assert all(fqn in fx_sparsity.lowering_table(lowered) for fqn in fqns)
+    assert all(fqn in fx_sparsity.report.lowering_table(lowered) for fqn in fqns)
     sparse = fx_sparsity.lower(gm, "csr")
-    assert "no sparse LSTM kernel" in fx_sparsity.lowering_table(sparse)
+    assert "no sparse LSTM kernel" in fx_sparsity.report.lowering_table(sparse)
     torch.testing.assert_close(sparse(x), gm(x))
     small = fx_sparsity.lower(gm, "shrink", example_inputs=(x,))
     assert small.lstm.hidden_size == 3
@@ -388,7 +392,7 @@ def test_macs_count_lstm_weight_products_and_shrunk_module_saves(kwargs, tmp_pat
     gm = torch.fx.symbolic_trace(_LSTMNet(**kwargs).eval())
     groups = find_channel_groups(gm, x)
     units = _units_group(groups)
-    small, report = shrink_channels(gm, groups, {units.index: [0]}, x)
+    small, report = shrunk_copy(gm, groups, {units.index: [0]}, x)
 
     def expected(module):
         lstm_weights = sum(w.numel() for n, w in module.lstm.named_parameters() if n.startswith("weight_"))
@@ -405,7 +409,7 @@ def test_taylor_scores_read_the_lstm_input_columns():
     """criterion='taylor' on Linear -> LSTM: the features group's score includes |w x grad| of lstm.weight_ih_l0's
     columns (a consumer member), checked against a direct computation."""
     torch.manual_seed(0)
-    from fx_sparsity.structured.pruner import accumulate_gradients
+    from fx_sparsity.structured import accumulate_gradients
 
     x, target = torch.randn(7, 2, 5), torch.randn(7, 2, 3)
     model = _LSTMNet(layers=1).eval()

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from passes import SPARSITY_META_KEY, find_weights, lowering_blocker
-from passes.capturing.tracing import capture
-from passes.masking.fuse import fuse_masks
-from passes.masking.insert import insert_masks
+from passes import SPARSITY_META_KEY, find_weights
+from passes.lowering import lowering_blocker
+from passes.capturing import capture
+from passes.masking import fuse_masks
+from passes.masking import insert_masks
 
 from helpers import check_against_eager, count_nodes
 
@@ -177,7 +178,8 @@ def test_unmatched_weights_say_why_and_what_to_do():
 def test_unmatched_weights_after_masking_and_for_a_weight_in_both_layouts():
     """After insert_masks, find_masked_weights covers the masked weights; an unselected Linear is 'not selected';
     a weight used as F.linear(x, W) and as x @ W is reported with that reason."""
-    from passes import find_masked_weights, unmatched_weights
+    from passes.matching import find_masked_weights
+    from passes import unmatched_weights
 
     class Net(nn.Module):
         def __init__(self):

@@ -16,7 +16,8 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
-from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.lowering import lower
+from passes import get_capture
 
 from helpers import TinyMobileNet, TinyResNet, TinyViT, masked_reference
 
@@ -104,7 +105,7 @@ def test_tiny_bert_needs_export_capture_and_lowers():
         torch.fx.symbolic_trace(model)
     sparsifier = WeightNormSparsifier(sparsity_level=0.8, sparse_block_shape=(1, 1))
     gm = prepare(model, sparsifier=sparsifier, example_inputs=(ids,))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     assert len(sparsifier.groups) == 13  # 6 Linears per layer x 2, and the pooler
     sparsifier.step()
     reference = masked_reference(model, gm, sparsifier)
@@ -138,7 +139,7 @@ def test_tiny_bert_export_capture_runs_at_other_batch_sizes():
     model = tiny_bert(layers=1)
     sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
     gm = prepare(model, sparsifier=sparsifier, example_inputs=(torch.randint(0, 100, (4, 12)),))
-    assert gm.meta["dynamic_batch"] is True
+    assert get_capture(gm).dynamic_batch is True
     sparsifier.step()
     reference = masked_reference(model, gm, sparsifier)
     lowered = lower(gm, "fuse")

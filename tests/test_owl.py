@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, get_sparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.levels.owl import outlier_ratio, owl_levels, set_owl_levels
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.levels import outlier_ratio, owl_levels, set_owl_levels
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 
 

@@ -13,22 +13,21 @@ from torch import nn
 
 from fx_sparsity import (
     CubicSL,
-    GroupView,
     NMSparsifier,
     SparseGPTSparsifier,
     WandaSparsifier,
     get_lowering,
     LambdaSL,
     MagnitudeSparsifier,
-    WeightGroup,
     WeightNormSparsifier,
     get_sparsifier,
     get_unmatched,
     prepare,
-    sparsity_table,
 )
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.sparsifier import GroupView, WeightGroup
+from fx_sparsity.report import sparsity_table
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.lowering import lower
 
 from helpers import ImplementedSparsifier, SimpleLinear, snapshot
 

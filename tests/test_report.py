@@ -8,12 +8,11 @@ from fx_sparsity import (
     NearlyDiagonalSparsifier,
     WeightNormSparsifier,
     get_sparsifier,
-    graph_table,
     prepare,
     print_graph_table,
     print_sparsity_table,
-    sparsity_table,
 )
+from fx_sparsity.report import graph_table, sparsity_table
 
 from helpers import MixedNet, SimpleLinear
 

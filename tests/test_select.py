@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fx_sparsity import WeightNormSparsifier, parse_config, prepare
-from passes.capturing.tracing import capture
+from fx_sparsity import WeightNormSparsifier, prepare
+from fx_sparsity.config import parse_config
+from passes.capturing import capture
 from passes import find_weights, select_weights
 
 from helpers import ConvNet1d3d, ControlFlowNet, MixedNet, SimpleLinear

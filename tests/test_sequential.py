@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, get_sparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.levels.owl import set_owl_levels
-from fx_sparsity.calibration.sequential import prune_sequential
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.levels import set_owl_levels
+from fx_sparsity.calibration import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from helpers import TinyResNet, snapshot
-from passes import find_blocks, match_blocks, plan_stages
+from passes.calibration import find_blocks, match_blocks, plan_stages
 
 # ---------------------------------------------------------------- models
 
@@ -423,7 +423,7 @@ def test_streamed_from_safetensors_equals_in_memory(name, tmp_path):
     weights read from a safetensors file: the written checkpoint holds every tensor, the pruned weights equal
     weight * mask of the same run in memory (SparseGPT's updates included), the rest is copied bit for bit;
     each stage loaded only its own tensors, and the prepared module is back on meta afterwards."""
-    from fx_sparsity.calibration.streaming import SafetensorsWeights, prepare_on_meta
+    from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta
 
     model, batches = _gpt(), _batches()
     source = _checkpoint(model, tmp_path / "model.safetensors")
@@ -461,7 +461,7 @@ def test_streamed_from_safetensors_equals_in_memory(name, tmp_path):
 
 def test_streamed_bad_input(tmp_path):
     """A meta-prepared module without weights=, a checkpoint missing a tensor, or a missing file: clear errors."""
-    from fx_sparsity.calibration.streaming import SafetensorsWeights, prepare_on_meta
+    from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta
 
     model = _gpt()
     with torch.device("meta"):

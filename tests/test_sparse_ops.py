@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from passes.lowering.operators import (
+from passes.lowering import (
     bsr_linear,
     csr_linear,
     semi_structured_linear,

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.calibration import calibrate
 from fx_sparsity import prepare
 from fx_sparsity.sparsifier import SparseGPTSparsifier
-from fx_sparsity.sparsifier.masks import magnitude_keep, nm_keep
-from fx_sparsity.sparsifier.sparsegpt.obs import accumulate_hessian, input_rows, sparsegpt_prune
+from fx_sparsity.sparsifier.magnitude import magnitude_keep
+from fx_sparsity.sparsifier.nm import nm_keep
+from passes.calibration import accumulate_hessian, input_rows
+from fx_sparsity.sparsifier.sparsegpt import sparsegpt_prune
 
 from helpers import ConvNet1d3d, MixedNet, ThreeLinear, TiedEmbeddingNet, snapshot
 

@@ -21,7 +21,7 @@ from fx_sparsity import (
     get_sparsifier,
     prepare,
 )
-from fx_sparsity.calibration.statistics import calibrate
+from fx_sparsity.calibration import calibrate
 
 from helpers import MixedNet, PointwiseConvNet, ThreeLinear, count_nodes
 
@@ -268,10 +268,14 @@ def test_new_sparsifiers_lower_and_export():
 
 
 def test_public_names():
-    """The new sparsifiers, calibrate and the schedulers are exported."""
+    """The new sparsifiers, calibrate and the schedulers are exported; BaseScheduler from fx_sparsity.levels (the 0.1.0
+    top-level name still resolves, with a DeprecationWarning)."""
     for name in ("MagnitudeSparsifier", "GlobalMagnitudeSparsifier", "NMSparsifier", "WandaSparsifier",
-                 "calibrate", "LambdaSL", "CubicSL", "BaseScheduler"):
+                 "calibrate", "LambdaSL", "CubicSL"):
         assert name in fx_sparsity.__all__
+    assert {"BaseScheduler", "LambdaSL", "CubicSL"} <= set(fx_sparsity.levels.__all__)
+    with pytest.warns(DeprecationWarning, match="use fx_sparsity.levels.BaseScheduler"):
+        assert fx_sparsity.BaseScheduler is fx_sparsity.levels.BaseScheduler
     assert get_sparsifier is fx_sparsity.get_sparsifier
     assert F.linear is torch.nn.functional.linear
 

@@ -19,14 +19,16 @@ import fx_sparsity
 from torch.testing._internal import common_pruning
 
 from fx_sparsity import WeightNormSparsifier
-from fx_sparsity.levels.scheduler import LambdaSL
-from fx_sparsity.structured.importance import channel_importance, channels_to_remove, count_to_remove
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.structured.shrinking import shrink, shrink_report
-from passes.capturing.tracing import capture
-from passes import find_channel_groups, shrink_channels
+from fx_sparsity.levels import LambdaSL
+from fx_sparsity.structured import channel_importance, channels_to_remove, count_to_remove
+from fx_sparsity.structured import ChannelPruner
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
+from passes.capturing import capture
+from passes import find_channel_groups
+from passes import get_capture
 
-from helpers import TinyMobileNet, TinyResNet, TinyViT, assert_adds_channels, snapshot
+from helpers import TinyMobileNet, TinyResNet, TinyViT, assert_adds_channels, shrunk_copy, snapshot
 
 
 def _randomize_norms(model: nn.Module) -> nn.Module:
@@ -278,13 +280,13 @@ def test_bad_inputs_get_clear_errors():
     gm = capture(model)
     groups = find_channel_groups(gm, x)
     with pytest.raises(ValueError, match="removes all 16 channels"):
-        shrink_channels(gm, groups, {0: range(16)}, x)
+        shrunk_copy(gm, groups, {0: range(16)}, x)
     with pytest.raises(ValueError, match="group 6 cannot shrink: reaches the model output"):
-        shrink_channels(gm, groups, {6: [0]}, x)
+        shrunk_copy(gm, groups, {6: [0]}, x)
     mobile = capture(TinyMobileNet())
     mobile_groups = find_channel_groups(mobile, x)
     with pytest.raises(ValueError, match="4 blocks .* must lose equally many"):
-        shrink_channels(mobile, mobile_groups, {0: [0, 1, 2, 3]}, x)
+        shrunk_copy(mobile, mobile_groups, {0: [0, 1, 2, 3]}, x)
 
 
 # ------------------------------------------------------------------ torchvision
@@ -331,7 +333,7 @@ def test_exported_vit_shrinks_its_mlps_and_attention_heads():
     exactly; the residual width (which the default would prune too, see test_vit_width.py) stays."""
     model, x = TinyViT().eval(), torch.randn(2, 3, 32, 32)
     pruner, gm, small = _prune(model, x, ["*.in_proj_weight", "*.linear1"], sparsity_level=0.5, mask_consumers=True)
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     assert sorted(shrink_report(small).channels.values()) == [(2, 1), (2, 1), (64, 32), (64, 32)]
     assert list(pruner.frozen.values()).count("reaches the model output through linear_8") == 1
     with torch.no_grad():
@@ -339,12 +341,27 @@ def test_exported_vit_shrinks_its_mlps_and_attention_heads():
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), small(x))
 
 
-def test_channel_pruner_needs_its_own_prepare():
-    """fx_sparsity.prepare(model, sparsifier=ChannelPruner()) would skip the dependency analysis: it raises, saying
-    to call pruner.prepare(model, example_inputs=...); a config may not set the derived 'channel_groups'."""
+def test_channel_pruner_runs_its_own_prepare():
+    """fx_sparsity.prepare(model, sparsifier=ChannelPruner()) is pruner.prepare (the dependency analysis runs): it needs
+    example_inputs, and with them masks exactly what pruner.prepare does. The recipe's masking step alone, on a pruner
+    that has no channel groups, raises saying to call pruner.prepare; a config may not set the derived
+    'channel_groups'."""
+    from fx_sparsity.sparsifier.preparing import capture_model, mask_captured
+
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    with pytest.raises(ValueError, match=r"prepare it with pruner.prepare\(model, config, example_inputs"):
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"ChannelPruner.prepare needs example_inputs"):
         fx_sparsity.prepare(model, sparsifier=fx_sparsity.ChannelPruner(0.5))
+    via_prepare = fx_sparsity.ChannelPruner(0.5)
+    gm = fx_sparsity.prepare(model, sparsifier=via_prepare, example_inputs=x)
+    direct = fx_sparsity.ChannelPruner(0.5)
+    reference = direct.prepare(model, example_inputs=x)
+    via_prepare.step()
+    direct.step()
+    assert via_prepare.channel_groups == direct.channel_groups
+    torch.testing.assert_close(gm.get_buffer("0.weight_mask"), reference.get_buffer("0.weight_mask"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"prepare it with pruner.prepare\(model, config, example_inputs"):
+        mask_captured(fx_sparsity.ChannelPruner(0.5), model, capture_model(model), None)
     with pytest.raises(ValueError, match="sets 'channel_groups', which prepare derives"):
         fx_sparsity.ChannelPruner(0.5).prepare(model, {"0": {"channel_groups": (0,)}}, example_inputs=torch.randn(2, 8))
 

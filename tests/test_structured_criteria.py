@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.structured.importance import (
-    activation_importance,
-    channels_to_remove,
-    count_to_remove,
-    taylor_importance,
-)
-from fx_sparsity.structured.pruner import ChannelPruner, accumulate_gradients
-from fx_sparsity.structured.shrinking import shrink, shrink_report
+from fx_sparsity.structured import activation_importance, channels_to_remove, count_to_remove, taylor_importance
+from fx_sparsity.structured import ChannelPruner, accumulate_gradients
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
 
 from helpers import TinyResNet, assert_adds_channels, snapshot
 
@@ -248,7 +244,7 @@ def test_criteria_errors_are_clear():
         ChannelPruner(criterion="hessian")
     pruner = ChannelPruner(0.5, criterion="taylor")
     gm = pruner.prepare(model, example_inputs=x)
-    with pytest.raises(ValueError, match="needs the gradient of 0.weight: call fx_sparsity.accumulate_gradients"):
+    with pytest.raises(ValueError, match="needs the gradient of 0.weight: call fx_sparsity.structured.accumulate_gradients"):
         pruner.step()
     with pytest.raises(TypeError, match="batches must be an iterable of \\(inputs, target\\) pairs"):
         accumulate_gradients(gm, x, nn.CrossEntropyLoss())

@@ -12,8 +12,9 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, SparseGPTSparsifier, prepare
-from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.deploy.user_model import to_model
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.deploy import to_model
+from passes import get_capture
 
 from helpers import ThreeLinear, TiedEmbeddingNet, snapshot
 
@@ -56,7 +57,7 @@ def test_llama_sparsegpt_generate_save_and_reload(tmp_path):
     ids = torch.randint(0, 64, (2, 8))
     sparsifier = SparseGPTSparsifier(0.5, block_size=16)
     gm = prepare(model, sparsifier=sparsifier, example_inputs=(ids,))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     calibrate(gm, [torch.randint(0, 64, (2, 8)) for _ in range(4)], progress_bar=False)
     sparsifier.step()
     pruned = to_model(gm)
@@ -105,7 +106,7 @@ def test_torchvision_resnet_every_unlowered_form():
     x = torch.randn(2, 3, 32, 32)
     sparsifier = MagnitudeSparsifier(0.5)
     gm = prepare(model, sparsifier=sparsifier)
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     sparsifier.step()
     with torch.no_grad():
         expected = gm(x)

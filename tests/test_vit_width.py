@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.structured.shrinking import shrink, shrink_report
-from passes.capturing.tracing import capture
-from passes import find_channel_groups, shrink_channels
+from fx_sparsity.structured import ChannelPruner
+from fx_sparsity.structured import shrink
+from fx_sparsity import shrink_report
+from passes.capturing import capture
+from passes import find_channel_groups
+from passes import get_capture
 
-from helpers import snapshot
+from helpers import shrunk_copy, snapshot
 
 vision = pytest.importorskip("torchvision.models.vision_transformer")
 
@@ -79,7 +81,7 @@ def test_vit_residual_group_members():
     the five LayerNorms as inexact. The logits (classes) stay frozen."""
     model, x = small_vit(), _inputs()
     gm = capture(model, example_inputs=(x,))
-    assert gm.meta["capture"] == "export"
+    assert get_capture(gm).method == "export"
     groups = find_channel_groups(gm, (x,))
     width = _group_of(groups, "conv_proj.weight")
     assert width.prunable and width.size == 32
@@ -120,7 +122,7 @@ def test_vit_pruning_nothing_equals_the_original():
         torch.testing.assert_close(gm(x), expected)
         groups = find_channel_groups(captured, (x,))
         width = _group_of(groups, "conv_proj.weight")
-        same, report = shrink_channels(captured, groups, {width.index: []}, (x,))
+        same, report = shrunk_copy(captured, groups, {width.index: []}, (x,))
         assert torch.equal(same(x), expected) and report.exact
     after = snapshot(model)
     assert after["ids"] == before["ids"] and after["modules"] == before["modules"]
@@ -201,7 +203,7 @@ def test_symbolic_trace_functional_layer_norm_and_expanded_token():
     model, x = FunctionalWidth().eval(), torch.randn(2, 4, 6)
     pruner = ChannelPruner(0.5, mask_consumers=True)
     gm = pruner.prepare(model, example_inputs=(x,))
-    assert gm.meta["capture"] == "symbolic_trace"
+    assert get_capture(gm).method == "symbolic_trace"
     pruner.step()
     small = shrink(gm)
     group = _group_of(pruner.channel_groups, "embed.weight")
