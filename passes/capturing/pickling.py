@@ -9,12 +9,12 @@ squashed module loads again and can still be stepped, fused or lowered.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export._unlift import _StatefulGraphModule
 from torch.fx.graph_module import _CodeOnlyModule
 
 from passes.meta import SPARSITY_META_KEY
@@ -89,7 +89,7 @@ class _PicklesGraph:
         # which capture does not take); they do not pickle.
         for hooks in ("_forward_pre_hooks", "_forward_hooks"):
             body[hooks] = {k: h for k, h in body[hooks].items() if getattr(h, "__name__", "") != "<lambda>"}
-        exported = isinstance(self, _StatefulGraphModule)
+        exported = not isinstance(self, CapturedModule)  # else an export capture (_exported_module_class)
         if exported:
             # Its train/eval (which refuse) and its guard function are local functions.
             body = {k: v for k, v in body.items() if k not in ("train", "eval")}
@@ -113,15 +113,21 @@ class CapturedModule(_PicklesGraph, fx.GraphModule):
     """The ``GraphModule`` :func:`passes.capture` returns for symbolic tracing."""
 
 
-class _ExportedModule(_PicklesGraph, _StatefulGraphModule):
-    """What ``torch.export``'s ``.module()`` returns, pickling like :class:`CapturedModule`."""
+@functools.cache
+def _exported_module_class() -> type:
+    """The class of an export capture: torch.export's ``.module()`` class, pickling like :class:`CapturedModule`.
+    Made on first use: its base pulls in torch._dynamo (2 s of import time), which symbolic tracing never needs."""
+    from torch.export._unlift import _StatefulGraphModule
 
-    def train(self, mode: bool = True) -> nn.Module:
-        # As torch.export's module: its graph was captured in one mode.
-        raise NotImplementedError("Calling train() is not supported yet.")
+    class _ExportedModule(_PicklesGraph, _StatefulGraphModule):
+        def train(self, mode: bool = True) -> nn.Module:
+            # As torch.export's module: its graph was captured in one mode.
+            raise NotImplementedError("Calling train() is not supported yet.")
 
-    def eval(self) -> nn.Module:
-        raise NotImplementedError("Calling eval() is not supported yet.")
+        def eval(self) -> nn.Module:
+            raise NotImplementedError("Calling eval() is not supported yet.")
+
+    return _ExportedModule
 
 
 class _InputShapeGuards(nn.Module):
@@ -156,7 +162,7 @@ class _InputShapeGuards(nn.Module):
 
 def _new_captured(body: dict, exported: bool) -> fx.GraphModule:
     """An empty instance of the right per-instance class, filled in by ``__setstate__``."""
-    base = _ExportedModule if exported else CapturedModule
+    base = _exported_module_class() if exported else CapturedModule
     gm = fx.GraphModule.__new__(base)
     gm.__dict__["_body"] = body
     return gm
@@ -166,6 +172,6 @@ def as_exported_module(gm: fx.GraphModule) -> fx.GraphModule:
     """Give ``torch.export``'s module a class that pickles its graph."""
     # GraphModule installs forward on a class of its own per instance (recompile writes it
     # there): the new class must be per instance too.
-    gm.__class__ = type("GraphModuleImpl", (_ExportedModule,), {})
+    gm.__class__ = type("GraphModuleImpl", (_exported_module_class(),), {})
     gm.recompile()
     return gm
