@@ -346,7 +346,9 @@ def test_channel_pruner_runs_its_own_prepare():
     example_inputs, and with them masks exactly what pruner.prepare does. The recipe's masking step alone, on a pruner
     that has no channel groups, raises saying to call pruner.prepare; a config may not set the derived
     'channel_groups'."""
-    from fx_sparsity.sparsifier.preparing import capture_model, mask_captured
+    from passes import capture
+
+    from fx_sparsity.sparsifier.preparing import mask_captured
 
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(2, 8)
@@ -361,7 +363,7 @@ def test_channel_pruner_runs_its_own_prepare():
     assert via_prepare.channel_groups == direct.channel_groups
     torch.testing.assert_close(gm.get_buffer("0.weight_mask"), reference.get_buffer("0.weight_mask"), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"prepare it with pruner.prepare\(model, config, example_inputs"):
-        mask_captured(fx_sparsity.ChannelPruner(0.5), model, capture_model(model), None)
+        mask_captured(fx_sparsity.ChannelPruner(0.5), model, capture(model), None)
     with pytest.raises(ValueError, match="sets 'channel_groups', which prepare derives"):
         fx_sparsity.ChannelPruner(0.5).prepare(model, {"0": {"channel_groups": (0,)}}, example_inputs=torch.randn(2, 8))
 

@@ -62,6 +62,16 @@ def _bar_width(n: int) -> float:
     return 0.8 / n
 
 
+def _finish(figure: Any, axes: Any, ylabel: str, title: str, path: str | os.PathLike | None) -> Any:
+    """Label the bar chart, add its legend, save it to ``path`` (when given) and return the figure."""
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend()
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
+
 def plot_sparsity(
     gm: fx.GraphModule, path: str | os.PathLike | None = None, *, sparsifier: BaseSparsifier | None = None
 ) -> Any:
@@ -102,12 +112,7 @@ def plot_sparsity(
     axes.bar([i + width / 2 for i in x], [layer.achieved for layer in layers], width, label="achieved")
     axes.set_xticks(x, [layer.label for layer in layers], rotation=60, ha="right", fontsize="small")
     axes.set_ylim(0, 1)
-    axes.set_ylabel("fraction of zeros")
-    axes.set_title("sparsity per layer")
-    axes.legend()
-    if path is not None:
-        figure.savefig(path)
-    return figure
+    return _finish(figure, axes, "fraction of zeros", "sparsity per layer", path)
 
 
 def plot_compare(
@@ -158,12 +163,7 @@ def plot_compare(
     axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
     if any(e.relative_error for r in reports.values() for e in r.layers) or any(r.output_error for r in reports.values()):
         axes.set_yscale("log")
-    axes.set_ylabel("relative error ||y - y_ref|| / ||y_ref||")
-    axes.set_title("output error per layer against the reference")
-    axes.legend()
-    if path is not None:
-        figure.savefig(path)
-    return figure
+    return _finish(figure, axes, "relative error ||y - y_ref|| / ||y_ref||", "output error per layer against the reference", path)
 
 
 def _node_colors(gm: fx.GraphModule) -> dict[str, str]:

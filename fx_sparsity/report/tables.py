@@ -31,6 +31,7 @@ __all__ = [
     "print_lowering_table",
 ]
 
+
 def _format_group_args(args: Mapping[str, Any]) -> str:
     # Levels OWL or a scheduler computed are floats with many digits: four significant ones say enough.
     return " ".join(f"{k}={args[k]:.4g}" if isinstance(args[k], float) else f"{k}={args[k]}" for k in sorted(args))

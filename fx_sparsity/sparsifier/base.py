@@ -35,16 +35,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from passes.capturing import capture
 from passes.compat import moved_names, resolve_qualified_name
 from passes.masking import fuse_masks, swap_modules
-from passes.matching import WeightMatch, find_weights
+from passes.matching import FqnRule, WeightMatch, find_weights
 from passes import masked_targets
 
 from fx_sparsity.config import SparsityConfig, parse_config
 from fx_sparsity.meta import clone_without_sparsifier, set_sparsifier
 from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
 from fx_sparsity.sparsifier.mask_utils import to_bool_mask
-from fx_sparsity.sparsifier.preparing import CaptureMethod, capture_model, mask_captured
+from fx_sparsity.sparsifier.preparing import CaptureMethod, mask_captured
 
 __all__ = ["BaseSparsifier", "INPUT_NORM_KEY", "INITIAL_MASK_KEY"]
 
@@ -268,20 +269,31 @@ class BaseSparsifier(abc.ABC):
     ) -> fx.GraphModule:
         """``fx_sparsity.prepare(model, config, sparsifier=self, ...)``: see there for the arguments.
 
+        The recipe: check, parse the config, capture the model once (:func:`passes.capture`), then
+        :meth:`prepare_captured`.
+
         Returns:
             The prepared ``GraphModule``; ``self.model`` refers to it and
             ``get_sparsifier(gm)`` returns this sparsifier.
         """
         self.check_unbound()
         rules = parse_config(config)
-        gm = capture_model(
+        gm = capture(
             model,
             example_inputs=example_inputs,
             dynamic_shapes=dynamic_shapes,
-            capture_method=capture_method,
+            method=capture_method,
             leaf_modules=leaf_modules,
             concrete_args=concrete_args,
         )
+        return self.prepare_captured(model, gm, rules, example_inputs)
+
+    def prepare_captured(
+        self, model: nn.Module, gm: fx.GraphModule, rules: Sequence[FqnRule] | None, example_inputs: Any
+    ) -> fx.GraphModule:
+        """The second half of :meth:`prepare`: mask the weights of the captured ``gm`` that ``rules`` select
+        (:func:`fx_sparsity.sparsifier.preparing.mask_captured`). A sparsifier that analyses the graph first
+        (``ChannelPruner`` finds its channel groups) overrides it; ``gm`` is rewritten in place."""
         return mask_captured(self, model, gm, rules)
 
     # ------------------------------------------------------------------ step
@@ -482,7 +494,6 @@ def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tens
     if tuple(mask.shape) != tuple(match.weight_shape):
         raise ValueError(f"{where}: 'mask' has shape {tuple(mask.shape)}, the weight has {tuple(match.weight_shape)}")
     return to_bool_mask(mask.detach(), f"{where}: 'mask'")
-
 
 
 # Names of fx_sparsity 0.1.0's fx_sparsity.sparsifier.base that now live in fx_sparsity.meta.

@@ -19,6 +19,7 @@ _TOPK_CUTOFF = 1 << 16
 
 _SAMPLE_SIZE = 1 << 16
 
+
 def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest entries of 1-D ``scores``.
 
@@ -50,12 +51,14 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     # The sample missed the k-th value, or ties straddle it: let topk decide.
     return _topk_mask(scores, k)
 
+
 def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the entries ``torch.topk(scores, k, largest=False)`` picks."""
     picked = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         picked[torch.topk(scores, k, largest=False, sorted=False).indices] = True
     return picked
+
 
 def validate_level(level: object, name: str = "sparsity_level") -> float:
     """``level`` as a float in [0, 1], or a ``TypeError``/``ValueError`` naming it."""
@@ -64,6 +67,7 @@ def validate_level(level: object, name: str = "sparsity_level") -> float:
     if not 0.0 <= level <= 1.0:  # False for NaN too
         raise ValueError(f"{name} must be in [0, 1], got {level!r}")
     return float(level)
+
 
 def to_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """``mask`` as a bool tensor (``True`` = kept), the form fx_sparsity stores masks in.

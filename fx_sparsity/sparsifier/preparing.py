@@ -1,26 +1,23 @@
-"""The prepare recipe, as named steps: capture the model, then mask what the config selects.
+"""The masking half of the prepare recipe, as named steps.
 
-capture the model -> find its weights -> note the ones left dense -> select them by the
-config -> build and validate the sparsifier's groups -> check hooks -> insert masks ->
-attach the sparsifier and record what ``prepare`` knows in ``gm.meta``. Every check runs
-before the first rewrite, and the user's model is never modified.
-
-:meth:`BaseSparsifier.prepare <fx_sparsity.sparsifier.base.BaseSparsifier.prepare>` runs
-both steps; ``ChannelPruner.prepare`` runs :func:`capture_model`, analyses the captured
-graph, then runs :func:`mask_captured` on it, so a model is captured once. The sparsifier
-is an argument, not an import: this module sits below the sparsifier classes.
+:meth:`BaseSparsifier.prepare <fx_sparsity.sparsifier.base.BaseSparsifier.prepare>` parses the
+config and captures the model once (:func:`passes.capture`); then, here: find its weights ->
+note the ones left dense -> select them by the config -> build and validate the sparsifier's
+groups -> check hooks -> insert masks -> attach the sparsifier and record what ``prepare``
+knows in ``gm.meta``. Every check runs before the first rewrite, and the user's model is never
+modified. ``ChannelPruner`` analyses the captured graph in between (its ``prepare_captured``).
+The sparsifier is an argument, not an import: this module sits below the sparsifier classes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from torch import fx, nn
 
-from passes.capturing import capture
 from passes.masking import insert_masks
 from passes.matching import FqnRule, UnmatchedWeight, WeightMatch, select_weights, unmatched_weights
 
@@ -30,29 +27,9 @@ from fx_sparsity.utils.frames import caller_stacklevel
 if TYPE_CHECKING:
     from fx_sparsity.sparsifier.base import BaseSparsifier
 
-__all__ = ["CaptureMethod", "capture_model", "mask_captured"]
+__all__ = ["CaptureMethod", "mask_captured"]
 
 CaptureMethod = Literal["auto", "symbolic_trace", "export"]
-
-
-def capture_model(
-    model: nn.Module,
-    *,
-    example_inputs: Any = None,
-    dynamic_shapes: Any = None,
-    capture_method: CaptureMethod = "auto",
-    leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
-    concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Step 1: :func:`passes.capture` with ``prepare``'s argument names."""
-    return capture(
-        model,
-        example_inputs=example_inputs,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-        dynamic_shapes=dynamic_shapes,
-        method=capture_method,
-    )
 
 
 def _wanted(rules: Sequence[FqnRule] | None, tensor_fqn: str) -> bool:

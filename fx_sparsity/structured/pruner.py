@@ -42,7 +42,7 @@ from passes.utils import get_tensor
 
 from fx_sparsity.config import SparsityConfig, parse_config
 from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
-from fx_sparsity.sparsifier.preparing import CaptureMethod, capture_model, mask_captured
+from fx_sparsity.sparsifier.preparing import mask_captured
 from fx_sparsity.structured.importance import (
     Criterion,
     activation_importance,
@@ -149,34 +149,20 @@ class ChannelPruner(BaseSparsifier):
         self.gradients: dict[str, torch.Tensor] = {}
 
     def prepare(  # type: ignore[override]
-        self,
-        model: nn.Module,
-        config: SparsityConfig = None,
-        *,
-        example_inputs: Any = None,
-        dynamic_shapes: Any = None,
-        capture_method: CaptureMethod = "auto",
-        leaf_modules: Any = (),
-        concrete_args: dict[str, Any] | None = None,
+        self, model: nn.Module, config: SparsityConfig = None, *, example_inputs: Any = None, **kwargs: Any
     ) -> fx.GraphModule:
         """Find the channel groups of ``model``, then mask the producers (and consumers) of those to prune.
 
         The arguments are :func:`fx_sparsity.prepare`'s; ``example_inputs`` are required (shapes are
-        followed through the graph). The model is captured once: the groups are found on the capture,
-        which is then masked in place.
+        followed through the graph). The model is captured once: the groups are found on the capture
+        (:meth:`prepare_captured`), which is then masked in place.
         """
         if example_inputs is None:
             raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
-        self.check_unbound()
-        rules = parse_config(config)
-        gm = capture_model(
-            model,
-            example_inputs=example_inputs,
-            dynamic_shapes=dynamic_shapes,
-            capture_method=capture_method,
-            leaf_modules=leaf_modules,
-            concrete_args=concrete_args,
-        )
+        return super().prepare(model, config, example_inputs=example_inputs, **kwargs)
+
+    def prepare_captured(self, model: nn.Module, gm: fx.GraphModule, rules: Any, example_inputs: Any) -> fx.GraphModule:
+        """The dependency analysis of the captured ``gm``, the plan of what to prune, then the masks."""
         groups = find_channel_groups(gm, example_inputs)
         matches = self.find_weights(gm)
         maskable = {alias for match in matches for alias in match.aliases}

@@ -33,6 +33,7 @@ __all__ = [
     "align",
     "broadcast",
     "first_input",
+    "first_axis",
     "size_slot",
     "literal_at",
     "add_literal",
@@ -153,6 +154,15 @@ def first_input(node: fx.Node, layouts: dict, spaces: Spaces) -> tuple[fx.Node, 
             freeze(spaces, layouts[n], f"{node.name} reads tracked channels in a way the pass cannot follow")
         return None
     return x, layouts[x]
+
+
+def first_axis(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple[fx.Node, Layout, int, int] | None:
+    """:func:`first_input` with the input's rank and the channel axis's position in it: ``(x, layout, rank, pos)``."""
+    found = first_input(node, layouts, spaces)
+    if found is None:
+        return None
+    x, lay = found
+    return x, lay, len(shapes[x]), len(shapes[x]) + lay.axis
 
 
 def size_slot(node: fx.Node, p: int, rank: int) -> tuple[int, int] | None:

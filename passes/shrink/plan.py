@@ -77,7 +77,6 @@ def _checked_channels(groups: Sequence[ChannelGroup], removed: Mapping[int, Any]
     return checked
 
 
-
 def bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     """The bias that receives the fold into ``weight_fqn``'s outputs: the 1-D tensor beside the weight, a
     Linear/Conv's ``bias`` (which :func:`~passes.shrink.remove_channels` creates when it is ``None``), an LSTM's

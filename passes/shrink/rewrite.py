@@ -111,7 +111,6 @@ def _rewrite_literals(graph: fx.Graph, drops: Mapping[tuple[str, int, int], int]
             graph.erase_node(old)
 
 
-
 def remove_channels(gm: fx.GraphModule, plan: ShrinkPlan) -> fx.GraphModule:
     """Remove the channels of ``plan`` from ``gm``, in place, and fold its bias constants.
 

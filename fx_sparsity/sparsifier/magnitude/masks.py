@@ -12,6 +12,7 @@ __all__ = ["magnitude_keep", "global_magnitude_keep"]
 def _keep_all_but_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~smallest_k_mask(scores, k)
 
+
 def magnitude_keep(weight: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Keep all but the ``round(level * numel)`` entries of smallest ``|w|`` (``True`` = kept).
 
@@ -21,6 +22,7 @@ def magnitude_keep(weight: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     scores = weight.detach().abs().reshape(-1)
     k = round(validate_level(sparsity_level) * scores.numel())
     return _keep_all_but_smallest(scores, k).reshape(weight.shape)
+
 
 def global_magnitude_keep(weights: list[torch.Tensor], sparsity_level: float) -> list[torch.Tensor]:
     """One threshold over several weights: keep all but the ``round(level * total)`` smallest ``|w|``.

@@ -17,6 +17,7 @@ def validate_nm(n: object, m: object) -> tuple[int, int]:
         raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m} (e.g. n=2, m=4 for 2:4)")
     return n, m
 
+
 def nm_keep(weight: torch.Tensor, n: int, m: int, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``n`` largest of every ``m`` consecutive entries along the input dimension.
 

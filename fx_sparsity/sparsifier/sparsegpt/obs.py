@@ -38,6 +38,7 @@ from fx_sparsity.sparsifier.nm.masks import validate_nm
 
 __all__ = ["sparsegpt_prune", "validate_block_size"]
 
+
 def validate_block_size(block_size: object, nm: tuple[int, int] | None = None) -> int:
     """``block_size`` as a positive int (a multiple of ``m`` for N:M), or a ``TypeError``/``ValueError``."""
     if isinstance(block_size, bool) or not isinstance(block_size, int):

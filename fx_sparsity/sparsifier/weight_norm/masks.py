@@ -22,6 +22,7 @@ __all__ = ["NormFn", "resolve_norm", "validate_block", "weight_norm_keep", "weig
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
 
+
 def resolve_norm(norm: int | NormFn | None) -> NormFn:
     """The element-wise score of a weight: ``None``/``2`` squares, ``1`` takes ``abs``."""
     if norm is None or (not callable(norm) and norm == 2):
@@ -32,8 +33,10 @@ def resolve_norm(norm: int | NormFn | None) -> NormFn:
         return torch.abs
     raise ValueError(f"norm must be 1, 2, None or a callable, got {norm!r}")
 
+
 def _square(t: torch.Tensor) -> torch.Tensor:
     return t * t
+
 
 def validate_block(sparse_block_shape: object, zeros_per_block: object) -> tuple[tuple[int, int], int]:
     """Check a block shape and zeros-per-block pair; return them normalised.
@@ -63,15 +66,18 @@ def validate_block(sparse_block_shape: object, zeros_per_block: object) -> tuple
         raise ValueError(f"Number of zeros per block should be positive, got zeros_per_block={zpb}")
     return (shape[0], shape[1]), zpb
 
+
 def _block_scores(scores: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Mean score of each block (partial edge blocks average what they hold)."""
     if block == (1, 1):
         return scores
     return F.avg_pool2d(scores[None, None], kernel_size=block, stride=block, ceil_mode=True)[0, 0]
 
+
 def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
     out = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return out[: shape[0], : shape[1]]
+
 
 def _tensor_level_keep(scores: torch.Tensor, level: float, block: tuple[int, int]) -> torch.Tensor:
     """Keep-mask zeroing the ``round(level * blocks)`` blocks with the lowest mean score."""
@@ -83,6 +89,7 @@ def _tensor_level_keep(scores: torch.Tensor, level: float, block: tuple[int, int
     k = max(0, min(num_blocks - 1, round(level * num_blocks)))
     keep = ~smallest_k_mask(block_scores.flatten(), k)
     return _expand_blocks(keep.view(block_scores.shape), block, scores.shape)
+
 
 def _block_level_keep(scores: torch.Tensor, block: tuple[int, int], zeros: int) -> torch.Tensor:
     """Keep-mask zeroing the ``zeros`` lowest scores inside every block.
@@ -100,6 +107,7 @@ def _block_level_keep(scores: torch.Tensor, block: tuple[int, int], zeros: int) 
     keep = torch.ones(blocks.shape, dtype=torch.bool, device=scores.device).scatter_(1, idx, False)
     keep = keep.view(nbh, nbw, bh, bw).permute(0, 2, 1, 3).reshape(nbh * bh, nbw * bw)
     return keep[:h, :w]
+
 
 def weight_norm_keep(
     weight: torch.Tensor,
@@ -120,6 +128,7 @@ def weight_norm_keep(
     if zeros != values_per_block:
         keep |= _block_level_keep(scores, block, zeros)
     return keep.reshape(weight.shape)
+
 
 def weight_norm_mask(
     weight: torch.Tensor,

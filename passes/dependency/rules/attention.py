@@ -119,7 +119,6 @@ def attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Lay
     return Layout(-3, ref.segs)
 
 
-
 def _only_user(node: fx.Node, target: object, args: tuple = ()) -> fx.Node:
     users = list(node.users)
     if len(users) != 1 or users[0].target is not target or tuple(users[0].args[1 : 1 + len(args)]) != args:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from passes.dependency.layout import Layout, broadcast, first_input, freeze
+from passes.dependency.layout import Layout, broadcast, first_axis, first_input, freeze
 from passes.dependency.spaces import Spaces
 
 __all__ = ["pointwise", "spatial", "reduction"]
@@ -34,11 +34,10 @@ def spatial(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layou
 
 
 def reduction(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = first_input(node, layouts, spaces)
+    found = first_axis(node, shapes, layouts, spaces)
     if found is None:
         return None
-    x, lay = found
-    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    x, lay, rank, pos = found
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     dims = (dims,) if isinstance(dims, int) else dims

@@ -152,7 +152,6 @@ def follow_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict
     return Layout(lay.axis, lay.segs)
 
 
-
 def layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     """``layer_norm(x, normalized_shape, weight, bias, eps)`` over the channel axis, the last one."""
     found = first_input(node, layouts, spaces)

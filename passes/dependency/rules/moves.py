@@ -13,18 +13,16 @@ from torch import fx
 
 from passes.dependency import op_categories as ops
 from passes.dependency.spaces import Spaces
-from passes.dependency.layout import Layout, broadcast, first_input, freeze
+from passes.dependency.layout import Layout, broadcast, first_axis, freeze
 
 __all__ = ["transpose", "concat", "split", "getitem", "slice_"]
 
 
 def transpose(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = first_input(node, layouts, spaces)
+    found = first_axis(node, shapes, layouts, spaces)
     if found is None:
         return None
-    x, lay = found
-    rank = len(shapes[x])
-    pos = rank + lay.axis
+    x, lay, rank, pos = found
     dims = node.args[1:]
     if node.target in ops.PERMUTES:
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
@@ -55,11 +53,10 @@ def concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout
 
 
 def split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple | None:
-    found = first_input(node, layouts, spaces)
+    found = first_axis(node, shapes, layouts, spaces)
     if found is None:
         return None
-    x, lay = found
-    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    x, lay, rank, pos = found
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     pieces = shapes[node]
     if dim % rank != pos:
@@ -108,11 +105,10 @@ def getitem(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layou
 def slice_(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     """ATen ``slice.Tensor(x, dim, start, end, step)`` and ``select.int(x, dim, index)``: followed off the channel
     axis, or when a slice keeps the channel axis whole."""
-    found = first_input(node, layouts, spaces)
+    found = first_axis(node, shapes, layouts, spaces)
     if found is None:
         return None
-    x, lay = found
-    rank, pos = len(shapes[x]), len(shapes[x]) + lay.axis
+    x, lay, rank, pos = found
     dim = node.args[1] if len(node.args) > 1 else 0
     if not isinstance(dim, int):
         freeze(spaces, lay, f"{node.name} slices a dim the pass cannot tell")
