@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import warnings
 
 import pytest
 
@@ -18,7 +19,10 @@ def test_readme_has_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path, monkeypatch):
-    """README python block ``index`` runs without error (files it writes go to a temporary folder)."""
+    """README python block ``index`` runs without error (files it writes go to a temporary folder), and uses no
+    name fx_sparsity has deprecated (the docs show the new homes)."""
     monkeypatch.chdir(tmp_path)
     code = compile(BLOCKS[index], f"README.md python block {index}", "exec")
-    exec(code, {"__name__": f"readme_block_{index}"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".* is deprecated: use ", category=DeprecationWarning)
+        exec(code, {"__name__": f"readme_block_{index}"})
