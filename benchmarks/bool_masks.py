@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 
 from fx_sparsity import MagnitudeSparsifier, get_sparsifier, prepare
-from machine import describe
 
 MiB = 1 << 20
 

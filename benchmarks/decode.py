@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -44,7 +45,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import fx_sparsity
 from passes import native_isa
 from passes.lowering import SPARSE_OPS, SparseFormat
-from machine import describe
 
 VOCAB = 4096
 

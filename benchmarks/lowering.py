@@ -37,6 +37,7 @@ import time
 import warnings
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
@@ -46,7 +47,6 @@ from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, prep
 from fx_sparsity.lowering import lower
 from fx_sparsity.lowering.timing import last_level_cache_bytes
 from passes import native_isa
-from machine import describe
 
 CASES = [  # (label, sparsity_level, sparse_block_shape)
     ("50%", 0.5, (1, 1)),

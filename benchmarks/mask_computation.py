@@ -16,12 +16,12 @@ import statistics
 import time
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 from fx_sparsity import WeightNormSparsifier, prepare
-from machine import describe
 
 CASES = [  # (sparsity_level, block, zeros_per_block, seeds)
     (0.5, (1, 1), None, (0, 1, 2, 3, 4)),

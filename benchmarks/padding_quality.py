@@ -26,13 +26,13 @@ import sys
 import time
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 
 from benchmarks.quality import CONFIG, TinyGPT, add_model_arguments, corpus, make_sparsifier, perplexity, trained_model
-from machine import describe
-from fx_sparsity.calibration import calibrate
 from fx_sparsity import get_sparsifier, prepare
+from fx_sparsity.calibration import calibrate
 from fx_sparsity.levels import set_owl_levels
 
 

@@ -33,17 +33,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, prepare
-from fx_sparsity.calibration import calibrate
+from fx_sparsity.calibration import calibrate, prune_sequential
 from fx_sparsity.levels import set_owl_levels
-from fx_sparsity.calibration import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
-from machine import describe
-
 
 # ---------------------------------------------------------------- data
 

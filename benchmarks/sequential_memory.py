@@ -33,8 +33,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from machine import describe
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -64,8 +64,7 @@ def write(args: argparse.Namespace) -> dict:
 
 def streamed(args: argparse.Namespace) -> dict:
     from fx_sparsity import WandaSparsifier
-    from fx_sparsity.calibration import prune_sequential
-    from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta
+    from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta, prune_sequential
 
     base = _rss_mib()
     gm = prepare_on_meta(_model(args, "meta"), sparsifier=WandaSparsifier(0.5))

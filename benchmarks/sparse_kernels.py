@@ -37,17 +37,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 
 import fx_sparsity
-
-from passes.lowering import native_isa, native_ops
 from fx_sparsity.lowering.timing import last_level_cache_bytes
-from machine import describe
+from passes.lowering import (
+    bitmask_linear,
+    csr_linear,
+    native_isa,
+    native_ops,
+    nm_linear,
+    to_bitmask_components,
+    to_narrow_csr_components,
+    to_nm_components,
+)
 from passes.lowering.operators import _sparse_mm_linear
-from passes.lowering import bitmask_linear, csr_linear, nm_linear
-from passes.lowering import to_bitmask_components, to_narrow_csr_components, to_nm_components
 
 LLAMA_BLOCK = ((4096, 4096), (11008, 4096), (4096, 11008))
 WARM_SHAPE = (2048, 2048)

@@ -41,19 +41,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from machine import describe
 from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_leaves
 from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fx_sparsity.structured import ChannelPruner
-from fx_sparsity.structured import shrink
 from fx_sparsity import shrink_report
 from fx_sparsity.deploy import to_model
+from fx_sparsity.structured import ChannelPruner, shrink
 from passes.capturing import capture
 from passes.shrink import count_macs
-from machine import describe
 
 try:
     import torch_pruning as tp

@@ -8,9 +8,8 @@ from collections.abc import Collection, Mapping
 
 from torch import fx, nn
 
-from passes.masking import swap_modules
-
 from fx_sparsity.meta import clone_without_sparsifier
+from passes.masking import swap_modules
 
 __all__ = ["convert_modules"]
 

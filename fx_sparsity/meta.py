@@ -33,11 +33,10 @@ from torch import fx, nn
 from passes import clone_sharing_tensors
 
 if TYPE_CHECKING:
-    from passes.matching import UnmatchedWeight
-    from passes.shrink import ShrinkReport
-
     from fx_sparsity.lowering.recipe import LayerLowering
     from fx_sparsity.sparsifier.base import BaseSparsifier
+    from passes.matching import UnmatchedWeight
+    from passes.shrink import ShrinkReport
 
 __all__ = [
     "SPARSIFIER_KEY",

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.pruning import BaseSparsifier as AOBaseSparsifier
 
-from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
-
 from fx_sparsity import BaseSparsifier
+from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
 
 __all__ = [
     "SimpleLinear",

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from fx_sparsity import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
-from passes import masked_targets
-
 from helpers import ImplementedSparsifier, MockSparseLinear, SimpleLinear
+from passes import masked_targets
 
 ALL_LINEARS = {"seq.0", "seq.1", "seq.2", "linear1", "linear2"}
 

@@ -30,13 +30,12 @@ from fx_sparsity import (
     get_sparsifier,
     prepare,
 )
-from fx_sparsity.report import sparsity_table
 from fx_sparsity.calibration import calibrate
 from fx_sparsity.lowering import lower
+from fx_sparsity.report import sparsity_table
 from fx_sparsity.sparsifier.mask_utils import to_bool_mask
-from passes import masked_targets
-
 from helpers import LinearNet, SimpleLinear, ThreeLinear
+from passes import masked_targets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TWO_FOUR = {"sparsity_level": 1.0, "sparse_block_shape": (1, 4), "zeros_per_block": 2}

@@ -9,10 +9,9 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, prepare
 from fx_sparsity.calibration import calibrate
-from passes.calibration import InputHessianObserver
-from passes import insert_input_observers
-
 from helpers import MixedNet, TinyResNet, count_nodes, snapshot
+from passes import insert_input_observers
+from passes.calibration import InputHessianObserver
 
 
 class CountingSparsifier(MagnitudeSparsifier):

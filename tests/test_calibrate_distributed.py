@@ -21,8 +21,7 @@ from torch import nn
 
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
-from fx_sparsity.calibration import calibrate
-from fx_sparsity.calibration import prune_sequential
+from fx_sparsity.calibration import calibrate, prune_sequential
 from passes.calibration import InputNormObserver, all_reduce_observers
 
 WORLD = 2

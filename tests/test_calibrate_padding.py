@@ -12,8 +12,8 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
 from fx_sparsity.calibration import calibrate
-from passes.calibration import InputNormObserver, token_rows
 from passes import get_capture
+from passes.calibration import InputNormObserver, token_rows
 
 PAD = 0
 

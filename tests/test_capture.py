@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from passes import CaptureError
-from passes.capturing import capture
-from passes import get_capture
-
 from helpers import ControlFlowNet, MixedNet, snapshot
+from passes import CaptureError, get_capture
+from passes.capturing import capture
 
 
 def test_symbolic_trace_shares_parameters_not_modules():

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from fx_sparsity.cli import command as cli
 from fx_sparsity.cli import DemoNet, load_model
+from fx_sparsity.cli import command as cli
 
 
 def test_default_run_prints_tables_and_verdict(capsys):

@@ -13,7 +13,6 @@ from fx_sparsity import WandaSparsifier, prepare
 from fx_sparsity.calibration import calibrate
 from fx_sparsity.report import compare, print_compare
 from fx_sparsity.sparsifier import SparseGPTSparsifier
-
 from helpers import ConvNet1d3d, TinyResNet, snapshot
 
 
@@ -144,8 +143,8 @@ def test_compare_table_lines_up_forms_and_to_model_matches_prepared():
     """Net pruned by Wanda: compare_table puts the prepared, csr-lowered and to_model forms side by side, each
     column the report's own numbers (to_model's equal to the prepared module's, it holds the same weights); reports
     on different layers and an empty dict raise."""
-    from fx_sparsity.report import compare_table
     from fx_sparsity.deploy import to_model
+    from fx_sparsity.report import compare_table
 
     torch.manual_seed(0)
     model = Net()

@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity.structured import ChannelPruner
-from passes import Member, find_channel_groups
-from passes.capturing import capture
-from passes import get_capture
-
 from helpers import TinyMobileNet, TinyResNet, count_nodes, shrunk_copy, snapshot
+from passes import Member, find_channel_groups, get_capture
+from passes.capturing import capture
 
 
 def _groups(model: nn.Module, *inputs: torch.Tensor):

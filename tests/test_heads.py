@@ -13,14 +13,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fx_sparsity.structured import ChannelPruner, count_to_remove
-from fx_sparsity.structured import shrink
 from fx_sparsity import shrink_report
-from passes.capturing import capture
-from passes import find_channel_groups
-from passes import get_capture
-
+from fx_sparsity.structured import ChannelPruner, count_to_remove, shrink
 from helpers import count_nodes, shrunk_copy, snapshot
+from passes import find_channel_groups, get_capture
+from passes.capturing import capture
 
 transformers = pytest.importorskip("transformers")
 

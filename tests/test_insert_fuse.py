@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity import NearlyDiagonalSparsifier, WeightNormSparsifier, get_sparsifier, prepare
-from passes.capturing import capture
-from passes import find_weights, masked_targets
-from passes.masking import fuse_masks
-from passes.masking import insert_masks
-from passes import get_capture
-
 from helpers import (
-    ConvNet1d3d,
     ControlFlowNet,
+    ConvNet1d3d,
     MixedNet,
     MockSparseLinear,
     SimpleLinear,
@@ -27,6 +21,9 @@ from helpers import (
     masked_reference,
     snapshot,
 )
+from passes import find_weights, get_capture, masked_targets
+from passes.capturing import capture
+from passes.masking import fuse_masks, insert_masks
 
 MIXED_INPUT = (2, 3, 8, 8)
 

@@ -20,18 +20,20 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.lowering import native
 from passes.lowering import (
+    bitmask_linear,
     bitmask_to_dense,
+    csr_linear,
     csr_to_dense,
     detect_nm,
     mask_bytes_per_row,
+    native,
+    nm_linear,
     nm_to_dense,
     to_bitmask_components,
     to_narrow_csr_components,
     to_nm_components,
 )
-from passes.lowering import bitmask_linear, csr_linear, nm_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPS = {"bitmask": bitmask_linear, "nm": nm_linear, "csr": csr_linear}

@@ -11,15 +11,14 @@ from torch import nn
 
 import fx_sparsity
 import passes
-from passes.lowering import LAYOUTS
 from fx_sparsity import WeightNormSparsifier, get_lowering, get_sparsifier, prepare
-from fx_sparsity.report import lowering_table
 from fx_sparsity.lowering import lower
 from fx_sparsity.lowering.autotune import AUTO_MIN_SPEEDUP, choose_backend
 from fx_sparsity.lowering.timing import last_level_cache_bytes, time_variants
-from passes import get_capture
-
+from fx_sparsity.report import lowering_table
 from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, TinyResNet, count_nodes, snapshot
+from passes import get_capture
+from passes.lowering import LAYOUTS
 
 CSR = torch.ops.fx_sparsity.csr_linear.default
 BSR = torch.ops.fx_sparsity.bsr_linear.default
@@ -291,8 +290,8 @@ def test_nm_masks_take_the_semi_structured_pass():
     import warnings
 
     from passes import SparseFormat, clone_sharing_tensors
-    from passes.masking import fuse_masks
     from passes.lowering import lower_sparse
+    from passes.masking import fuse_masks
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the "2:4 runs fast only on CUDA" warning

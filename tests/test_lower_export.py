@@ -9,7 +9,6 @@ from torch.export import Dim
 
 from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
 from fx_sparsity.lowering import lower
-
 from helpers import LinearNet, PointwiseConvNet
 
 BACKENDS = ["fuse", "csr", "bsr", "bitmask", "nm"] + (["semi_structured"] if torch.cuda.is_available() else [])

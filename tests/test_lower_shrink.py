@@ -9,15 +9,10 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity import WeightNormSparsifier
-from fx_sparsity.lowering import TimedShrinkReport
-from fx_sparsity import get_lowering
-from fx_sparsity.lowering import LayerRequest
+from fx_sparsity import WeightNormSparsifier, get_lowering, shrink_report
+from fx_sparsity.lowering import LayerRequest, TimedShrinkReport
 from fx_sparsity.report import lowering_table
-from fx_sparsity.structured import ChannelPruner
-from fx_sparsity.structured import shrink
-from fx_sparsity import shrink_report
-
+from fx_sparsity.structured import ChannelPruner, shrink
 from helpers import TinyResNet, snapshot
 
 

@@ -12,9 +12,9 @@ from torch.ao.pruning._experimental.pruner.parametrization import FakeStructured
 from torch.testing._internal import common_pruning
 
 from fx_sparsity.structured import ChannelPruner
+from helpers import shrunk_copy
 from passes import find_channel_groups
 from passes.masking import masked_lstm
-from helpers import shrunk_copy
 
 
 class _LSTMNet(nn.Module):
@@ -249,8 +249,8 @@ def test_channel_pruner_masks_lstm_units_and_shrink_is_exact(kwargs, mask_consum
     torch.testing.assert_close(gm(x), ref(x))
     assert not torch.allclose(gm(x), model(x))
 
-    from fx_sparsity.structured import shrink
     from fx_sparsity import shrink_report
+    from fx_sparsity.structured import shrink
 
     small = shrink(gm)
     assert small.lstm.hidden_size == 3 and small.lstm.input_size == 4
@@ -287,8 +287,8 @@ def test_lstm_units_are_masked_through_fine_tuning():
     torch.testing.assert_close(pruner.removed_channels()[units.index], removed)
     torch.testing.assert_close(gm(x), _masked_reference(gm, gm, pruner)(x))
 
-    from fx_sparsity.structured import shrink
     from fx_sparsity import shrink_report
+    from fx_sparsity.structured import shrink
 
     small = shrink(gm)
     assert shrink_report(small).exact

@@ -13,10 +13,9 @@ from torch.ao.pruning import NearlyDiagonalSparsifier as AONearlyDiagonal
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 from fx_sparsity import NearlyDiagonalSparsifier, WeightNormSparsifier
-from fx_sparsity.sparsifier.nearly_diagonal import nearly_diagonal_mask
-from fx_sparsity.sparsifier.weight_norm import weight_norm_mask
-from fx_sparsity.sparsifier.weight_norm import resolve_norm
 from fx_sparsity.sparsifier.mask_utils import smallest_k_mask
+from fx_sparsity.sparsifier.nearly_diagonal import nearly_diagonal_mask
+from fx_sparsity.sparsifier.weight_norm import resolve_norm, weight_norm_mask
 
 
 def ao_weight_norm_masks(weight, steps=1, **kwargs):

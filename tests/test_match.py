@@ -8,13 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from passes import SPARSITY_META_KEY, find_weights
-from passes.lowering import lowering_blocker
-from passes.capturing import capture
-from passes.masking import fuse_masks
-from passes.masking import insert_masks
-
 from helpers import check_against_eager, count_nodes
+from passes import SPARSITY_META_KEY, find_weights
+from passes.capturing import capture
+from passes.lowering import lowering_blocker
+from passes.masking import fuse_masks, insert_masks
 
 
 class Conv1D(nn.Module):
@@ -178,8 +176,8 @@ def test_unmatched_weights_say_why_and_what_to_do():
 def test_unmatched_weights_after_masking_and_for_a_weight_in_both_layouts():
     """After insert_masks, find_masked_weights covers the masked weights; an unselected Linear is 'not selected';
     a weight used as F.linear(x, W) and as x @ W is reported with that reason."""
-    from passes.matching import find_masked_weights
     from passes import unmatched_weights
+    from passes.matching import find_masked_weights
 
     class Net(nn.Module):
         def __init__(self):
@@ -204,9 +202,8 @@ def test_unmatched_weights_after_masking_and_for_a_weight_in_both_layouts():
 
 def test_method_argument():
     """method='symbolic_trace' never falls back to export; method='export' needs example_inputs; bad values fail."""
-    from passes import CaptureError
-
     from helpers import ControlFlowNet
+    from passes import CaptureError
 
     with pytest.raises(CaptureError, match="symbolic tracing of ControlFlowNet failed"):
         capture(ControlFlowNet(), example_inputs=(torch.randn(3, 6),), method="symbolic_trace")

@@ -17,9 +17,8 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import WeightNormSparsifier, get_sparsifier, prepare
 from fx_sparsity.lowering import lower
-from passes import get_capture
-
 from helpers import TinyMobileNet, TinyResNet, TinyViT, masked_reference
+from passes import get_capture
 
 
 def _torchvision_model(name: str) -> nn.Module:

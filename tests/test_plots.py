@@ -13,11 +13,8 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, prepare
 from fx_sparsity.calibration import calibrate
-from fx_sparsity.report import compare
+from fx_sparsity.report import compare, draw_graph, layer_sparsity, plot_compare, plot_sparsity
 from fx_sparsity.report.plots import MASK_COLOR, MASKED_OP_COLOR
-from fx_sparsity.report import draw_graph, plot_compare, plot_sparsity
-from fx_sparsity.report import layer_sparsity
-
 from helpers import ThreeLinear
 
 

@@ -13,22 +13,21 @@ from torch import nn
 
 from fx_sparsity import (
     CubicSL,
+    LambdaSL,
+    MagnitudeSparsifier,
     NMSparsifier,
     SparseGPTSparsifier,
     WandaSparsifier,
-    get_lowering,
-    LambdaSL,
-    MagnitudeSparsifier,
     WeightNormSparsifier,
+    get_lowering,
     get_sparsifier,
     get_unmatched,
     prepare,
 )
-from fx_sparsity.sparsifier import GroupView, WeightGroup
-from fx_sparsity.report import sparsity_table
 from fx_sparsity.calibration import calibrate
 from fx_sparsity.lowering import lower
-
+from fx_sparsity.report import sparsity_table
+from fx_sparsity.sparsifier import GroupView, WeightGroup
 from helpers import ImplementedSparsifier, SimpleLinear, snapshot
 
 

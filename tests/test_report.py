@@ -13,7 +13,6 @@ from fx_sparsity import (
     print_sparsity_table,
 )
 from fx_sparsity.report import graph_table, sparsity_table
-
 from helpers import MixedNet, SimpleLinear
 
 

@@ -13,7 +13,6 @@ from torch.ao.pruning import LambdaSL as AOLambdaSL
 from torch.ao.pruning import WeightNormSparsifier as AOWeightNorm
 
 from fx_sparsity import CubicSL, LambdaSL, NearlyDiagonalSparsifier, WeightNormSparsifier, prepare
-
 from helpers import SimpleLinear
 
 CONFIG = [{"tensor_fqn": "seq.0.weight"}, {"tensor_fqn": "linear1.weight", "sparsity_level": 0.7}]

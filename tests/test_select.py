@@ -10,10 +10,9 @@ from torch import nn
 
 from fx_sparsity import WeightNormSparsifier, prepare
 from fx_sparsity.config import parse_config
-from passes.capturing import capture
+from helpers import ControlFlowNet, ConvNet1d3d, MixedNet, SimpleLinear
 from passes import find_weights, select_weights
-
-from helpers import ConvNet1d3d, ControlFlowNet, MixedNet, SimpleLinear
+from passes.capturing import capture
 
 
 def test_find_weights_both_forms_and_shared_weights():

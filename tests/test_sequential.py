@@ -1,4 +1,4 @@
-"""prune_sequential: block-by-block calibration and pruning (passes/blocks.py, fx_sparsity/sequential.py)."""
+"""prune_sequential: block-by-block calibration and pruning (passes/calibration/stages.py, fx_sparsity/calibration/sequential.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, get_sparsifier, prepare
-from fx_sparsity.calibration import calibrate
+from fx_sparsity.calibration import calibrate, prune_sequential
 from fx_sparsity.levels import set_owl_levels
-from fx_sparsity.calibration import prune_sequential
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from helpers import TinyResNet, snapshot
 from passes.calibration import find_blocks, match_blocks, plan_stages

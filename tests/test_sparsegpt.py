@@ -10,15 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.calibration import calibrate
 from fx_sparsity import prepare
+from fx_sparsity.calibration import calibrate
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from fx_sparsity.sparsifier.magnitude import magnitude_keep
 from fx_sparsity.sparsifier.nm import nm_keep
-from passes.calibration import accumulate_hessian, input_rows
 from fx_sparsity.sparsifier.sparsegpt import sparsegpt_prune
-
 from helpers import ConvNet1d3d, MixedNet, ThreeLinear, TiedEmbeddingNet, snapshot
+from passes.calibration import accumulate_hessian, input_rows
 
 
 def sparsegpt_reference(w, h, level, nm, block_size, dampening):

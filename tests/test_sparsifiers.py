@@ -22,7 +22,6 @@ from fx_sparsity import (
     prepare,
 )
 from fx_sparsity.calibration import calibrate
-
 from helpers import MixedNet, PointwiseConvNet, ThreeLinear, count_nodes
 
 

@@ -14,21 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
-
-import fx_sparsity
 from torch.testing._internal import common_pruning
 
-from fx_sparsity import WeightNormSparsifier
+import fx_sparsity
+from fx_sparsity import WeightNormSparsifier, shrink_report
 from fx_sparsity.levels import LambdaSL
-from fx_sparsity.structured import channel_importance, channels_to_remove, count_to_remove
-from fx_sparsity.structured import ChannelPruner
-from fx_sparsity.structured import shrink
-from fx_sparsity import shrink_report
-from passes.capturing import capture
-from passes import find_channel_groups
-from passes import get_capture
-
+from fx_sparsity.structured import ChannelPruner, channel_importance, channels_to_remove, count_to_remove, shrink
 from helpers import TinyMobileNet, TinyResNet, TinyViT, assert_adds_channels, shrunk_copy, snapshot
+from passes import find_channel_groups, get_capture
+from passes.capturing import capture
 
 
 def _randomize_norms(model: nn.Module) -> nn.Module:
@@ -346,9 +340,8 @@ def test_channel_pruner_runs_its_own_prepare():
     example_inputs, and with them masks exactly what pruner.prepare does. The recipe's masking step alone, on a pruner
     that has no channel groups, raises saying to call pruner.prepare; a config may not set the derived
     'channel_groups'."""
-    from passes import capture
-
     from fx_sparsity.sparsifier.preparing import mask_captured
+    from passes import capture
 
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(2, 8)

@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 import fx_sparsity
-from fx_sparsity.structured import activation_importance, channels_to_remove, count_to_remove, taylor_importance
-from fx_sparsity.structured import ChannelPruner, accumulate_gradients
-from fx_sparsity.structured import shrink
 from fx_sparsity import shrink_report
-
+from fx_sparsity.structured import (
+    ChannelPruner,
+    accumulate_gradients,
+    activation_importance,
+    channels_to_remove,
+    count_to_remove,
+    shrink,
+    taylor_importance,
+)
 from helpers import TinyResNet, assert_adds_channels, snapshot
 
 

@@ -14,9 +14,8 @@ import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, SparseGPTSparsifier, prepare
 from fx_sparsity.calibration import calibrate
 from fx_sparsity.deploy import to_model
-from passes import get_capture
-
 from helpers import ThreeLinear, TiedEmbeddingNet, snapshot
+from passes import get_capture
 
 
 def assert_unchanged(model: nn.Module, before: dict) -> None:

@@ -10,14 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fx_sparsity.structured import ChannelPruner
-from fx_sparsity.structured import shrink
 from fx_sparsity import shrink_report
-from passes.capturing import capture
-from passes import find_channel_groups
-from passes import get_capture
-
+from fx_sparsity.structured import ChannelPruner, shrink
 from helpers import shrunk_copy, snapshot
+from passes import find_channel_groups, get_capture
+from passes.capturing import capture
 
 vision = pytest.importorskip("torchvision.models.vision_transformer")
 

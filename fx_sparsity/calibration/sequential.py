@@ -26,6 +26,20 @@ from typing import Any
 import torch
 from torch import fx
 
+from fx_sparsity.calibration.statistics import (
+    apply_token_mask,
+    calibration_key,
+    calibration_observer,
+    calibration_statistic,
+    process_group,
+    run_observed,
+)
+from fx_sparsity.calibration.streaming import SafetensorsWeights, WeightStreamer
+from fx_sparsity.meta import get_sparsifier
+from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.structured.pruner import ChannelPruner
+from fx_sparsity.utils.progress import progress
+from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
 from passes.calibration import (
     Stage,
     StageRunner,
@@ -36,21 +50,6 @@ from passes.calibration import (
     plan_stages,
     remove_input_observers,
 )
-
-from fx_sparsity.calibration.statistics import (
-    apply_token_mask,
-    calibration_key,
-    calibration_observer,
-    calibration_statistic,
-    process_group,
-    run_observed,
-)
-from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
-from fx_sparsity.sparsifier.base import BaseSparsifier
-from fx_sparsity.meta import get_sparsifier
-from fx_sparsity.structured.pruner import ChannelPruner
-from fx_sparsity.calibration.streaming import SafetensorsWeights, WeightStreamer
 
 __all__ = ["SequentialReport", "StageRecord", "prune_sequential"]
 

@@ -27,7 +27,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.masking import LSTM_KIND
+from fx_sparsity.meta import get_sparsifier
+from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
+from fx_sparsity.utils.progress import progress
+from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
+from passes import SparseTarget
 from passes.calibration import (
     InputNormObserver,
     all_reduce_observers,
@@ -35,13 +39,7 @@ from passes.calibration import (
     insert_input_observers,
     remove_input_observers,
 )
-from passes import SparseTarget
-
-from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
-from fx_sparsity.sparsifier.base import BaseSparsifier
-from fx_sparsity.meta import get_sparsifier
-from fx_sparsity.sparsifier.base import INPUT_NORM_KEY
+from passes.masking import LSTM_KIND
 
 __all__ = [
     "calibrate",

@@ -30,13 +30,12 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from passes.calibration import Stage, stage_tensors
-from passes.utils import fqns_read, set_tensor, split_fqn, tensor_aliases
-from passes import get_sparse_target
-
+from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.preparation import prepare
 from fx_sparsity.sparsifier.base import BaseSparsifier
-from fx_sparsity.meta import get_sparsifier
+from passes import get_sparse_target
+from passes.calibration import Stage, stage_tensors
+from passes.utils import fqns_read, set_tensor, split_fqn, tensor_aliases
 
 __all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta", "write_safetensors"]
 

@@ -17,15 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
-from passes.capturing import CaptureError
-from passes.meta import get_capture
-
-from fx_sparsity.preparation import prepare
 from fx_sparsity.calibration.statistics import calibrate
-from fx_sparsity.report.comparison import compare, compare_table
+from fx_sparsity.cli.demo_models import load_model
 from fx_sparsity.lowering.backends import BACKENDS
 from fx_sparsity.lowering.recipe import lower
-from fx_sparsity.cli.demo_models import load_model
+from fx_sparsity.preparation import prepare
+from fx_sparsity.report.comparison import compare, compare_table
 from fx_sparsity.report.tables import graph_table, lowering_table, sparsity_table
 from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.magnitude.sparsifier import GlobalMagnitudeSparsifier, MagnitudeSparsifier
@@ -33,6 +30,8 @@ from fx_sparsity.sparsifier.nm.sparsifier import NMSparsifier
 from fx_sparsity.sparsifier.sparsegpt.sparsifier import SparseGPTSparsifier
 from fx_sparsity.sparsifier.wanda.sparsifier import WandaSparsifier
 from fx_sparsity.sparsifier.weight_norm.sparsifier import WeightNormSparsifier
+from passes.capturing import CaptureError
+from passes.meta import get_capture
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 

@@ -24,15 +24,13 @@ import warnings
 import torch
 from torch import fx, nn
 
-from passes.lowering import SPARSE_OPS
-from passes.masking import fuse_masks
-from passes import get_capture, masked_targets
-from passes import clone_sharing_tensors
-from passes.utils import get_tensor, set_tensor, tensor_aliases
-
 from fx_sparsity.meta import clone_without_sparsifier, get_shrink, get_source_model
 from fx_sparsity.utils.frames import caller_stacklevel
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from passes import clone_sharing_tensors, get_capture, masked_targets
+from passes.lowering import SPARSE_OPS
+from passes.masking import fuse_masks
+from passes.utils import get_tensor, set_tensor, tensor_aliases
 
 __all__ = ["to_model"]
 _SPARSE_OP_TARGETS = frozenset(SPARSE_OPS.values())

@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import fx
 
-from fx_sparsity.sparsifier.mask_utils import validate_level
 from fx_sparsity.meta import get_sparsifier
-from fx_sparsity.sparsifier.sparsegpt.sparsifier import INPUT_HESSIAN_KEY
 from fx_sparsity.sparsifier.base import INPUT_NORM_KEY
+from fx_sparsity.sparsifier.mask_utils import validate_level
+from fx_sparsity.sparsifier.sparsegpt.sparsifier import INPUT_HESSIAN_KEY
 from fx_sparsity.sparsifier.wanda.scores import wanda_scores
 
 __all__ = ["outlier_ratio", "owl_levels", "owl_scores", "set_owl_levels"]

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from passes.lowering import LAYOUTS, SparseFormat, unsupported_reason
-
-from fx_sparsity.lowering.timing import LayerTimer
 from fx_sparsity.lowering.backends import LayerRequest
+from fx_sparsity.lowering.timing import LayerTimer
+from passes.lowering import LAYOUTS, SparseFormat, unsupported_reason
 
 __all__ = ["AUTO_MIN_SPEEDUP", "LayerChoice", "choose_backend", "resolve_layer"]
 

@@ -19,10 +19,9 @@ from typing import Any, Union
 
 from torch import fx
 
+from fx_sparsity.config import parse_config
 from passes.lowering import LAYOUTS
 from passes.matching import WeightMatch, find_masked_weights, select_weights
-
-from fx_sparsity.config import parse_config
 
 __all__ = ["BACKENDS", "MODEL_BACKENDS", "BackendConfig", "LayerRequest", "parse_backends"]
 

@@ -37,22 +37,28 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
-from passes.masking import fuse_masks
-from passes.matching import find_masked_weights
-from passes import get_sparse_target
-from passes.meta import mask_nodes
-from passes.shrink import ShrinkReport
-from passes.utils import get_tensor
-
 from fx_sparsity.lowering.autotune import resolve_layer
 from fx_sparsity.lowering.backends import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest, parse_backends
 from fx_sparsity.lowering.timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
-from fx_sparsity.meta import ShrinkRecord, clone_without_sparsifier, find_sparsifier, get_sparsifier, set_lowering, set_shrink
+from fx_sparsity.meta import (
+    ShrinkRecord,
+    clone_without_sparsifier,
+    find_sparsifier,
+    get_sparsifier,
+    set_lowering,
+    set_shrink,
+)
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.structured.shrinking import shrink_with_dense
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from passes import get_sparse_target
+from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
+from passes.masking import fuse_masks
+from passes.matching import find_masked_weights
+from passes.meta import mask_nodes
+from passes.shrink import ShrinkReport
+from passes.utils import get_tensor
 
 __all__ = ["lower", "LayerLowering", "TimedShrinkReport", "BACKENDS", "MODEL_BACKENDS"]
 

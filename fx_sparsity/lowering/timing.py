@@ -37,11 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from passes.lowering import SparseFormat, conv_strides, sparse_layer_forward
-from passes import SparseTarget, get_sparse_target
-from passes.matching import op_arguments, weight_position
-
 from fx_sparsity.utils.running import eval_mode
+from passes import SparseTarget, get_sparse_target
+from passes.lowering import SparseFormat, conv_strides, sparse_layer_forward
+from passes.matching import op_arguments, weight_position
 
 __all__ = ["OpCall", "record_op_calls", "last_level_cache_bytes", "time_variants", "LayerTimer"]
 

@@ -24,11 +24,10 @@ from tabulate import tabulate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
-from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
-from passes import get_sparse_target
-from passes.utils import split_fqn
-
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from passes import get_sparse_target
+from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
+from passes.utils import split_fqn
 
 __all__ = ["LayerError", "CompareReport", "compare", "print_compare", "compare_table"]
 

@@ -26,11 +26,10 @@ from typing import Any
 
 from torch import fx
 
-from passes import get_sparse_target
-
 from fx_sparsity.report.comparison import CompareReport
 from fx_sparsity.report.tables import layer_sparsity
 from fx_sparsity.sparsifier.base import BaseSparsifier
+from passes import get_sparse_target
 
 __all__ = ["plot_sparsity", "plot_compare", "draw_graph", "MASK_COLOR", "MASKED_OP_COLOR"]
 

@@ -13,12 +13,9 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from passes import get_sparse_target
-
-from fx_sparsity.meta import get_unmatched
-from fx_sparsity.meta import get_lowering
+from fx_sparsity.meta import get_lowering, get_sparsifier, get_unmatched
 from fx_sparsity.sparsifier.base import BaseSparsifier
-from fx_sparsity.meta import get_sparsifier
+from passes import get_sparse_target
 
 __all__ = [
     "LayerSparsity",

@@ -4,8 +4,9 @@ A sparsifier holds one typed :class:`~fx_sparsity.sparsifier.group.WeightGroup`
 per selected weight (``sparsifier.records``), shown to torch.ao.pruning code as
 dict-like groups (``sparsifier.groups``), plus per-weight ``state``. It computes
 masks in :meth:`BaseSparsifier.step` and serialises with ``state_dict``.
-Capturing and rewriting the model is :func:`fx_sparsity.prepare`'s recipe;
-fusing is :func:`passes.masking.fuse`; module swapping is :mod:`fx_sparsity.lowering.convert`.
+:meth:`BaseSparsifier.prepare` is the prepare recipe: it captures the model once, then
+:meth:`BaseSparsifier.prepare_captured` masks it (:mod:`fx_sparsity.sparsifier.preparing`);
+fusing is :func:`passes.masking.fuse_masks`; module swapping is :func:`passes.masking.swap_modules`.
 
 The differences from ``torch.ao.pruning.BaseSparsifier``:
 
@@ -35,17 +36,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.capturing import capture
-from passes.compat import moved_names, resolve_qualified_name
-from passes.masking import fuse_masks, swap_modules
-from passes.matching import FqnRule, WeightMatch, find_weights
-from passes import masked_targets
-
 from fx_sparsity.config import SparsityConfig, parse_config
 from fx_sparsity.meta import clone_without_sparsifier, set_sparsifier
 from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
 from fx_sparsity.sparsifier.mask_utils import to_bool_mask
 from fx_sparsity.sparsifier.preparing import CaptureMethod, mask_captured
+from passes import masked_targets
+from passes.capturing import capture
+from passes.compat import moved_names, resolve_qualified_name
+from passes.masking import fuse_masks, swap_modules
+from passes.matching import FqnRule, WeightMatch, find_weights
 
 __all__ = ["BaseSparsifier", "INPUT_NORM_KEY", "INITIAL_MASK_KEY"]
 

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import fx, nn
 
-from passes.masking import insert_masks
-from passes.matching import FqnRule, UnmatchedWeight, WeightMatch, select_weights, unmatched_weights
-
 from fx_sparsity.meta import set_source_model, set_unmatched
 from fx_sparsity.utils.frames import caller_stacklevel
+from passes.masking import insert_masks
+from passes.matching import FqnRule, UnmatchedWeight, WeightMatch, select_weights, unmatched_weights
 
 if TYPE_CHECKING:
     from fx_sparsity.sparsifier.base import BaseSparsifier

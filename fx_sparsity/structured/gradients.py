@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.dependency import ChannelGroup
-from passes.utils import get_tensor
-
 from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from passes.dependency import ChannelGroup
+from passes.utils import get_tensor
 
 __all__ = ["accumulate_gradients"]
 

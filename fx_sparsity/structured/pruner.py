@@ -35,11 +35,6 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from passes.dependency import ChannelGroup, find_channel_groups
-from passes.masking import LSTM_KIND, find_lstm_weights
-from passes.matching import WeightMatch, find_weights, select_weights
-from passes.utils import get_tensor
-
 from fx_sparsity.config import SparsityConfig, parse_config
 from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
 from fx_sparsity.sparsifier.preparing import mask_captured
@@ -53,6 +48,10 @@ from fx_sparsity.structured.importance import (
     grouped_columns,
     taylor_importance,
 )
+from passes.dependency import ChannelGroup, find_channel_groups
+from passes.masking import LSTM_KIND, find_lstm_weights
+from passes.matching import WeightMatch, find_weights, select_weights
+from passes.utils import get_tensor
 
 __all__ = ["ChannelPruner"]
 

@@ -29,11 +29,10 @@ import copy
 
 from torch import fx
 
-from passes.masking import fuse_masks
-from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
-
 from fx_sparsity.meta import ShrinkRecord, clone_without_sparsifier, get_sparsifier, set_shrink
 from fx_sparsity.structured.pruner import ChannelPruner
+from passes.masking import fuse_masks
+from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
 
 __all__ = ["shrink", "shrink_with_dense"]
 

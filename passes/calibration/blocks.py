@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 
 from torch import fx
 
-
 __all__ = ["find_blocks", "match_blocks", "module_paths", "module_stack", "is_inside"]
 
 

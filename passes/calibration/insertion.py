@@ -20,9 +20,9 @@ from typing import Any
 
 from torch import fx, nn
 
+from passes.calibration.observers import ObserverFactory, input_norm_observer
 from passes.matching.weights import op_arguments
 from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target
-from passes.calibration.observers import ObserverFactory, input_norm_observer
 
 __all__ = ["insert_input_observers", "remove_input_observers"]
 

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.lazy import LazyModuleMixin
 from torch.export import Dim
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_leaves, tree_map
 
 from passes.capturing.pickling import CapturedModule, as_exported_module

@@ -48,14 +48,14 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass,
 )
 
-from passes.lowering.native import native_ops
 from passes.lowering.formats import (
-    sparse_beta_silenced,
     bitmask_to_dense,
     csr_to_dense,
     nm_to_dense,
+    sparse_beta_silenced,
     to_narrow_csr_components,
 )
+from passes.lowering.native import native_ops
 
 __all__ = [
     "bitmask_linear",

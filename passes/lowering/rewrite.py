@@ -35,17 +35,17 @@ from typing import Literal
 import torch
 from torch import Tensor, fx
 
-from passes.masking.lstm import LSTM_KIND
-from passes.matching.weights import op_arguments
-from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target, mask_nodes
-from passes.lowering.native import NO_NATIVE_ENV, native_ops
 from passes.lowering.formats import detect_nm, to_bitmask_components, to_nm_components
+from passes.lowering.native import NO_NATIVE_ENV, native_ops
 from passes.lowering.operators import (
     NATIVE_DTYPES,
     to_bsr_components,
     to_csr_components,
     to_semi_structured_components,
 )
+from passes.masking.lstm import LSTM_KIND
+from passes.matching.weights import op_arguments
+from passes.meta import SPARSITY_META_KEY, SparseTarget, get_sparse_target, mask_nodes
 from passes.utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_aliases
 
 __all__ = [

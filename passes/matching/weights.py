@@ -22,10 +22,9 @@ leave dense, why and what to do.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import operator
 
 import torch
 import torch.nn.functional as F

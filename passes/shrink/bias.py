@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.dependency.records import ChannelGroup, Member
 from passes.dependency.analysis import run_recording
+from passes.dependency.records import ChannelGroup, Member
 from passes.matching.weights import op_arguments, op_kind
 from passes.utils import get_tensor
 

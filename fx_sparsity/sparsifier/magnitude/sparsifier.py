@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.magnitude.masks import global_magnitude_keep, magnitude_keep
 from fx_sparsity.sparsifier.mask_utils import validate_level
-from fx_sparsity.sparsifier.base import BaseSparsifier
 
 __all__ = ["MagnitudeSparsifier", "GlobalMagnitudeSparsifier"]
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fx_sparsity.sparsifier.nearly_diagonal.masks import nearly_diagonal_mask
 from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.sparsifier.nearly_diagonal.masks import nearly_diagonal_mask
 
 __all__ = ["NearlyDiagonalSparsifier"]
 

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.lowering import native_ops
-
-from fx_sparsity.sparsifier.nm.masks import nm_keep, validate_nm
-from fx_sparsity.utils.frames import caller_stacklevel
 from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.group import WeightGroup
+from fx_sparsity.sparsifier.nm.masks import nm_keep, validate_nm
+from fx_sparsity.utils.frames import caller_stacklevel
+from passes.lowering import native_ops
 
 __all__ = ["NMSparsifier"]
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 
-
 from fx_sparsity.sparsifier.mask_utils import smallest_k_mask, validate_level
 from fx_sparsity.sparsifier.nm.masks import validate_nm
 

@@ -7,14 +7,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.calibration import InputHessianObserver
-from passes import SparseTarget, get_sparse_target
-from passes.utils import fqns_read, set_tensor, tensor_aliases
-
+from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.mask_utils import validate_level
 from fx_sparsity.sparsifier.nm.masks import validate_nm
 from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_prune, validate_block_size
-from fx_sparsity.sparsifier.base import BaseSparsifier
+from passes import SparseTarget, get_sparse_target
+from passes.calibration import InputHessianObserver
+from passes.utils import fqns_read, set_tensor, tensor_aliases
 
 __all__ = ["SparseGPTSparsifier", "INPUT_HESSIAN_KEY"]
 

@@ -7,13 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from passes.calibration import InputNormObserver
-from passes import SparseTarget
-
 from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
 from fx_sparsity.sparsifier.mask_utils import validate_level
 from fx_sparsity.sparsifier.nm.masks import nm_keep, validate_nm
 from fx_sparsity.sparsifier.wanda.scores import wanda_scores
+from passes import SparseTarget
+from passes.calibration import InputNormObserver
 
 __all__ = ["WandaSparsifier"]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from fx_sparsity.sparsifier.weight_norm.masks import NormFn, resolve_norm, validate_block, weight_norm_keep
-from fx_sparsity.sparsifier.mask_utils import validate_level
 from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.sparsifier.mask_utils import validate_level
+from fx_sparsity.sparsifier.weight_norm.masks import NormFn, resolve_norm, validate_block, weight_norm_keep
 
 __all__ = ["WeightNormSparsifier"]
 

@@ -28,8 +28,8 @@ import operator
 from torch import fx
 
 from passes.dependency import op_categories as ops
-from passes.dependency.spaces import Spaces
 from passes.dependency.layout import Layout, add_literal, align, broadcast, first_input, freeze, member, tensor_fqn
+from passes.dependency.spaces import Spaces
 from passes.matching.weights import op_arguments, op_kind
 
 __all__ = ["matmul", "softmax", "expand", "attention", "follow_fused_heads"]

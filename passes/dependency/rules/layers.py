@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from passes.dependency.spaces import Spaces
 from passes.dependency.layout import Layout, add_module, add_sliced, first_input, freeze, member, tensor_fqn, total
 from passes.dependency.rules.attention import follow_fused_heads
+from passes.dependency.spaces import Spaces
 from passes.matching.weights import op_arguments, op_kind
 from passes.meta import get_sparse_target
 from passes.utils import get_tensor

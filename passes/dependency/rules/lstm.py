@@ -30,8 +30,8 @@ import operator
 
 from torch import fx
 
-from passes.dependency.spaces import Spaces
 from passes.dependency.layout import Layout, add_module, add_sliced, freeze, member, total
+from passes.dependency.spaces import Spaces
 
 __all__ = ["follow_lstm"]
 

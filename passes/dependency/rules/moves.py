@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import fx
 
 from passes.dependency import op_categories as ops
-from passes.dependency.spaces import Spaces
 from passes.dependency.layout import Layout, broadcast, first_axis, freeze
+from passes.dependency.spaces import Spaces
 
 __all__ = ["transpose", "concat", "split", "getitem", "slice_"]
 
