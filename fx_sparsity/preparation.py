@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from fx_sparsity.config import SparsityConfig
@@ -25,6 +26,7 @@ def prepare(
     capture_method: CaptureMethod = "auto",
     leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    mask_dtype: torch.dtype | None = None,
 ) -> fx.GraphModule:
     """Return a new ``GraphModule`` computing ``model`` with a mask on each selected weight.
 
@@ -48,6 +50,10 @@ def prepare(
         capture_method: ``"auto"`` (symbolic tracing, export when it fails and
             ``example_inputs`` are given), ``"symbolic_trace"`` or ``"export"``.
         leaf_modules, concrete_args: symbolic-tracing knobs.
+        mask_dtype: the dtype of the mask buffers: ``None`` (default) for each weight's own dtype, as
+            torch.ao.pruning keeps them (the fastest eager ``weight * mask``); ``torch.bool`` for one byte per
+            weight (a quarter of an fp32 weight's memory; ``mul`` then promotes it, which costs time in eager mode);
+            or another floating dtype.
 
     Weights of Linear/Conv-like modules that the graph gives no op for (hidden
     in a ``torch.fx.wrap``'ed function, inside a leaf module, ...) stay dense:
@@ -74,7 +80,7 @@ def prepare(
 
         >>> gm = prepare(nn.Sequential(nn.Linear(8, 8)), {"0": {"sparsity_level": 0.75}})
         >>> get_sparsifier(gm).step()
-        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
+        >>> gm.get_buffer("0.weight_mask").mean().item()  # 1 = kept, in the weight's dtype
         0.25
     """
     if sparsifier is None:
@@ -91,4 +97,5 @@ def prepare(
         capture_method=capture_method,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
+        mask_dtype=mask_dtype,
     )

@@ -6,8 +6,6 @@
 share is in :mod:`.mask_utils`. Structured pruning's ``ChannelPruner`` is :mod:`fx_sparsity.structured`.
 """
 
-from passes.compat import moved_names
-
 from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.sparsifier.group import GroupView, WeightGroup
 from fx_sparsity.sparsifier.magnitude.sparsifier import GlobalMagnitudeSparsifier, MagnitudeSparsifier
@@ -16,6 +14,7 @@ from fx_sparsity.sparsifier.nm.sparsifier import NMSparsifier
 from fx_sparsity.sparsifier.sparsegpt.sparsifier import SparseGPTSparsifier
 from fx_sparsity.sparsifier.wanda.sparsifier import WandaSparsifier
 from fx_sparsity.sparsifier.weight_norm.sparsifier import WeightNormSparsifier
+from passes.compat import moved_names
 
 __all__ = [
     "BaseSparsifier",

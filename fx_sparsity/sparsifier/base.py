@@ -14,14 +14,20 @@ The differences from ``torch.ao.pruning.BaseSparsifier``:
   explicit ``mul(weight, mask)`` per selected weight; the user's model is not
   modified and shares its parameters with the returned module.
 * A sparsifier serves one prepared module: preparing a second one with it is an error.
-* Masks are bool buffers ``<module_fqn>.<tensor_name>_mask`` of the returned module
-  (``True`` = kept; one byte per weight whatever the weight's dtype), and bool in
-  ``state_dict``; :meth:`load_state_dict` and the config's initial ``"mask"`` also
-  take 0/1 masks of any numeric dtype (torch.ao.pruning's, older state dicts).
+* Masks are buffers ``<module_fqn>.<tensor_name>_mask`` of the returned module, of the
+  weight's dtype as torch.ao.pruning's (1 = kept), or bool with ``prepare(...,
+  mask_dtype=torch.bool)`` (one byte per weight); ``state_dict`` gives them in that dtype,
+  and :meth:`load_state_dict` and the config's initial ``"mask"`` take masks of any real
+  dtype (a bool mask must hold 0/1 values, a float one finite values).
 * ``state_dict`` returns copies, and ``load_state_dict`` validates everything,
   then copies in: two sparsifiers never share a mask or a state dict.
 * Arguments are validated when they are set (config, constructor, scheduler),
-  not at the first ``step()``.
+  not at the first ``step()``, except where torch.ao.pruning's own behaviour is the
+  contract: ``WeightNormSparsifier`` clamps a level outside [0, 1] (NaN is refused), and
+  ``NearlyDiagonalSparsifier`` refuses an illegal ``nearliness`` at ``step()`` (before any
+  mask changes). A group may carry keys the sparsifier does not name, passed through to
+  ``update_mask(**kwargs)``, when its ``update_mask`` takes ``**kwargs`` and it is not one
+  of fx_sparsity's own (:meth:`BaseSparsifier.takes_extra_keys`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
+import inspect
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -39,12 +46,12 @@ from torch import fx, nn
 from fx_sparsity.config import SparsityConfig, parse_config
 from fx_sparsity.meta import clone_without_sparsifier, set_sparsifier
 from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
-from fx_sparsity.sparsifier.mask_utils import to_bool_mask
+from fx_sparsity.sparsifier.mask_utils import as_mask
 from fx_sparsity.sparsifier.preparing import CaptureMethod, mask_captured
 from passes import masked_targets
 from passes.capturing import capture
 from passes.compat import moved_names, resolve_qualified_name
-from passes.masking import fuse_masks, swap_modules
+from passes.masking import check_mask_dtype, fuse_masks, swap_modules
 from passes.matching import FqnRule, WeightMatch, find_weights
 
 __all__ = ["BaseSparsifier", "INPUT_NORM_KEY", "INITIAL_MASK_KEY"]
@@ -83,12 +90,12 @@ class BaseSparsifier(abc.ABC):
 
         >>> class RowZero(BaseSparsifier):
         ...     def update_mask(self, module, tensor_name, **kwargs):
-        ...         getattr(module, tensor_name + "_mask")[0] = False
+        ...         getattr(module, tensor_name + "_mask")[0] = 0
         >>> sparsifier = RowZero()
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(4, 4)), None)
         >>> sparsifier.step()
         >>> gm.get_buffer("0.weight_mask")[0].tolist()
-        [False, False, False, False]
+        [0.0, 0.0, 0.0, 0.0]
     """
 
     def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
@@ -158,7 +165,7 @@ class BaseSparsifier(abc.ABC):
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
-        """Update ``getattr(module, tensor_name + "_mask")`` (a bool tensor, ``True`` = kept) in place.
+        """Update ``getattr(module, tensor_name + "_mask")`` (1 or ``True`` = kept) in place.
 
         ``module`` owns the weight and its mask inside the prepared module;
         ``kwargs`` holds the rest of the group (``tensor_fqn``, arguments, ...).
@@ -169,7 +176,7 @@ class BaseSparsifier(abc.ABC):
         return any(m is module and n == tensor_name for m, n in self._transposed)
 
     def get_mask(self, module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The bool mask buffer (``True`` = kept) of ``module.<tensor_name>``, in the ``[out, in]`` view (a
+        """The mask buffer (1 or ``True`` = kept) of ``module.<tensor_name>``, in the ``[out, in]`` view (a
         transposed view of the buffer for a weight stored ``[in, out]``; writing into it writes the buffer)."""
         mask = getattr(module, f"{tensor_name}_mask")
         return mask.t() if self._is_transposed(module, tensor_name) else mask
@@ -191,17 +198,32 @@ class BaseSparsifier(abc.ABC):
     def _validate_record(self, record: WeightGroup) -> None:
         self.validate_group(record.to_dict(), record.view_shape)
 
+    @classmethod
+    def takes_extra_keys(cls) -> bool:
+        """Whether config entries and state dicts may carry keys that are not arguments of this sparsifier.
+
+        torch.ao.pruning passes a group's extra keys through to ``update_mask(**kwargs)``, and its own tests save and
+        load them (``{"tensor_fqn": "linear1.weight", "test": 3}``). fx_sparsity does so for sparsifiers written
+        outside fx_sparsity whose ``update_mask`` takes ``**kwargs``; its own sparsifiers name every argument, so an
+        unknown key there is a mistake, refused with the closest argument.
+        """
+        method = cls.update_mask
+        if (method.__module__ or "").split(".")[0] == "fx_sparsity":
+            return False
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method).parameters.values())
+
     def _check_keys(self, keys: Iterable[str], where: str) -> None:
         unknown = [k for k in keys if k not in self.defaults]
-        if not unknown:
-            return
-        key = unknown[0]
-        close = difflib.get_close_matches(key, list(self.defaults), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"{where} sets {key!r}, which is not an argument of {type(self).__name__} "
-            f"(its arguments: {', '.join(sorted(self.defaults)) or 'none'}){hint}"
-        )
+        extra_ok = self.takes_extra_keys()
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(self.defaults), n=1, cutoff=0.8 if extra_ok else 0.6)
+            if extra_ok and not close:
+                continue  # passed through to update_mask(**kwargs), as torch.ao.pruning does
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{where} sets {key!r}, which is not an argument of {type(self).__name__} "
+                f"(its arguments: {', '.join(sorted(self.defaults)) or 'none'}){hint}"
+            )
 
     # --------------------------------------------------------------- prepare
     def make_groups(
@@ -266,6 +288,7 @@ class BaseSparsifier(abc.ABC):
         capture_method: CaptureMethod = "auto",
         leaf_modules: type[nn.Module] | Iterable[type[nn.Module] | str] = (),
         concrete_args: dict[str, Any] | None = None,
+        mask_dtype: torch.dtype | None = None,
     ) -> fx.GraphModule:
         """``fx_sparsity.prepare(model, config, sparsifier=self, ...)``: see there for the arguments.
 
@@ -278,6 +301,7 @@ class BaseSparsifier(abc.ABC):
         """
         self.check_unbound()
         rules = parse_config(config)
+        mask_dtype = check_mask_dtype(mask_dtype)
         gm = capture(
             model,
             example_inputs=example_inputs,
@@ -286,15 +310,20 @@ class BaseSparsifier(abc.ABC):
             leaf_modules=leaf_modules,
             concrete_args=concrete_args,
         )
-        return self.prepare_captured(model, gm, rules, example_inputs)
+        return self.prepare_captured(model, gm, rules, example_inputs, mask_dtype)
 
     def prepare_captured(
-        self, model: nn.Module, gm: fx.GraphModule, rules: Sequence[FqnRule] | None, example_inputs: Any
+        self,
+        model: nn.Module,
+        gm: fx.GraphModule,
+        rules: Sequence[FqnRule] | None,
+        example_inputs: Any,
+        mask_dtype: torch.dtype | None = None,
     ) -> fx.GraphModule:
         """The second half of :meth:`prepare`: mask the weights of the captured ``gm`` that ``rules`` select
         (:func:`fx_sparsity.sparsifier.preparing.mask_captured`). A sparsifier that analyses the graph first
         (``ChannelPruner`` finds its channel groups) overrides it; ``gm`` is rewritten in place."""
-        return mask_captured(self, model, gm, rules)
+        return mask_captured(self, model, gm, rules, mask_dtype=mask_dtype)
 
     # ------------------------------------------------------------------ step
     def step(self, tensor_fqns: Iterable[str] | None = None) -> None:
@@ -334,7 +363,8 @@ class BaseSparsifier(abc.ABC):
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """``{"sparsifier", "state", "groups"}``: deep copies; bool masks (while there are any) under ``state[fqn]["mask"]``."""
+        """``{"sparsifier", "state", "groups"}``: deep copies; the masks (while there are any, in their buffers' dtype)
+        under ``state[fqn]["mask"]``."""
         state = {fqn: copy.deepcopy(dict(s)) for fqn, s in self.state.items()}
         model = self.model
         for record in self.records:
@@ -350,8 +380,9 @@ class BaseSparsifier(abc.ABC):
         Everything is validated before anything changes: the state dict must come
         from a sparsifier of this type, its groups must name masked weights of the
         prepared module with valid arguments, and its masks must have their shapes.
-        Masks may be bool or hold 0/1 values of any numeric dtype (torch.ao.pruning's
-        float masks, older fx_sparsity state dicts); they are stored as bool.
+        Masks may have any real dtype (torch.ao.pruning's float masks, fx_sparsity 0.1.0's
+        bool ones); they are copied into the module's mask buffers, in the buffers' dtype: a bool
+        buffer takes 0/1 values only, a float one any finite values.
 
         Args:
             state_dict: what :meth:`state_dict` returned.
@@ -432,7 +463,8 @@ class BaseSparsifier(abc.ABC):
                 if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
                     shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                     raise ValueError(f"mask of {fqn!r} has shape {shape} but the prepared weight has {expected}")
-                masks[fqn] = to_bool_mask(mask, f"state_dict mask of {fqn!r}")
+                buffer = model.get_buffer(f"{fqn}_mask")
+                masks[fqn] = as_mask(mask, buffer.dtype, f"state_dict mask of {fqn!r}")
             state[fqn] = {k: copy.deepcopy(v) for k, v in raw.items() if k != "mask"}
         return groups, state, masks
 
@@ -493,7 +525,7 @@ def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tens
         raise TypeError(f"{where}: 'mask' must be a tensor of the weight's shape {match.weight_shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(match.weight_shape):
         raise ValueError(f"{where}: 'mask' has shape {tuple(mask.shape)}, the weight has {tuple(match.weight_shape)}")
-    return to_bool_mask(mask.detach(), f"{where}: 'mask'")
+    return mask.detach()
 
 
 # Names of fx_sparsity 0.1.0's fx_sparsity.sparsifier.base that now live in fx_sparsity.meta.

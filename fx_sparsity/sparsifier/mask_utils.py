@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["smallest_k_mask", "validate_level", "to_bool_mask"]
+__all__ = ["smallest_k_mask", "validate_level", "as_mask", "to_bool_mask"]
 
 
 # Below this many scores a plain topk is as fast as anything else.
@@ -69,45 +69,71 @@ def validate_level(level: object, name: str = "sparsity_level") -> float:
     return float(level)
 
 
-def to_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """``mask`` as a bool tensor (``True`` = kept), the form fx_sparsity stores masks in.
+def as_mask(mask: torch.Tensor, dtype: torch.dtype, name: str = "mask") -> torch.Tensor:
+    """``mask`` as a mask of ``dtype``, checked first: what a mask buffer of that dtype may hold.
 
-    A bool tensor is returned as it is. A numeric one (a float mask of an older
-    state dict, torch.ao.pruning's masks of the weight's dtype, a 0/1 int tensor)
-    must hold only 0 and 1: any other value (0.5, NaN, ...) scaled the weight
-    rather than masked it, and is refused instead of being silently rounded.
-    Tensors on the meta device have no values to check and are converted as they are.
+    A bool mask keeps (``True``) or drops weights, so a numeric ``mask`` converted to bool must
+    hold only 0 and 1: any other value (0.5, NaN, ...) would scale the weight, and is refused
+    instead of being silently rounded. A floating mask multiplies the weight as in
+    torch.ao.pruning, so any finite value is kept as it is (torch.ao's own tests load masks of
+    ``arange`` values); NaN and infinities are refused. Tensors on the meta device have no values
+    to check and are converted as they are.
 
     Args:
         mask: the mask, of any real or bool dtype.
+        dtype: the dtype of the buffer it goes to: ``torch.bool`` or a floating dtype.
         name: what the error message calls it (``"mask of 'fc.weight'"``).
 
     Returns:
-        A bool tensor of ``mask``'s shape and device (``mask`` itself when it is bool).
+        A tensor of ``mask``'s shape and device and of ``dtype`` (``mask`` itself when it has that dtype).
 
     Raises:
         TypeError: ``mask`` is not a real or bool tensor.
-        ValueError: ``mask`` holds values other than 0 and 1.
+        ValueError: ``mask`` holds values ``dtype`` cannot hold as a mask.
+
+    Example::
+
+        >>> as_mask(torch.tensor([0.0, 1.0, 1.0]), torch.bool)
+        tensor([False,  True,  True])
+        >>> as_mask(torch.arange(3), torch.float32)
+        tensor([0., 1., 2.])
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of 0/1 or bool values, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool or real tensor, got dtype {mask.dtype}")
+    if mask.dtype == dtype:
+        bad = None if dtype == torch.bool or mask.device.type == "meta" else ~torch.isfinite(mask)
+    elif mask.device.type == "meta" or mask.dtype == torch.bool:
+        bad = None
+    elif dtype == torch.bool:
+        bad = (mask != 0) & (mask != 1)  # NaN is caught too: it differs from both
+    else:
+        bad = ~torch.isfinite(mask)
+    count = 0 if bad is None else int(torch.count_nonzero(bad))
+    if count:
+        example = mask[bad].flatten()[0].item()
+        if dtype == torch.bool:
+            raise ValueError(
+                f"{name} must hold only 0 and 1 (or be a bool tensor) for a bool mask, but {count} of its "
+                f"{mask.numel()} values are not, e.g. {example!r}; bool masks keep or drop weights, they do not "
+                "scale them: pass (mask != 0) to keep every nonzero entry, or prepare with masks of the weight's dtype"
+            )
+        raise ValueError(
+            f"{name} must hold finite values, but {count} of its {mask.numel()} values are not, e.g. {example!r}"
+        )
+    if mask.dtype == dtype:
+        return mask
+    return mask != 0 if dtype == torch.bool else mask.to(dtype)
+
+
+def to_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """:func:`as_mask` to ``torch.bool``: a bool tensor of ``mask``'s shape (``mask`` itself when it is bool), for
+    a mask holding only 0 and 1.
 
     Example::
 
         >>> to_bool_mask(torch.tensor([0.0, 1.0, 1.0]))
         tensor([False,  True,  True])
     """
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of 0/1 or bool values, got {type(mask).__name__}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex():
-        raise TypeError(f"{name} must be a bool or real tensor of 0/1 values, got dtype {mask.dtype}")
-    if mask.device.type != "meta":
-        other = (mask != 0) & (mask != 1)  # NaN is caught too: it differs from both
-        count = int(torch.count_nonzero(other))
-        if count:
-            example = mask[other].flatten()[0].item()
-            raise ValueError(
-                f"{name} must hold only 0 and 1 (or be a bool tensor), but {count} of its {mask.numel()} values "
-                f"are not, e.g. {example!r}; masks keep or drop weights, they do not scale them: "
-                "pass (mask != 0) to keep every nonzero entry"
-            )
-    return mask != 0
+    return as_mask(mask, torch.bool, name)

@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+import torch
 from torch import fx, nn
 
 from fx_sparsity.meta import set_source_model, set_unmatched
+from fx_sparsity.sparsifier.mask_utils import as_mask
 from fx_sparsity.utils.frames import caller_stacklevel
 from passes.masking import insert_masks
 from passes.matching import FqnRule, UnmatchedWeight, WeightMatch, select_weights, unmatched_weights
+from passes.utils import get_tensor
 
 if TYPE_CHECKING:
     from fx_sparsity.sparsifier.base import BaseSparsifier
@@ -78,6 +81,8 @@ def mask_captured(
     gm: fx.GraphModule,
     rules: Sequence[FqnRule] | None,
     matches: Sequence[WeightMatch] | None = None,
+    *,
+    mask_dtype: torch.dtype | None = None,
 ) -> fx.GraphModule:
     """Step 2: mask the weights of the captured ``gm`` that ``rules`` select, and bind ``sparsifier`` to it.
 
@@ -87,6 +92,7 @@ def mask_captured(
         gm: its capture, rewritten in place.
         rules: the parsed config (:func:`fx_sparsity.config.parse_config`; ``None`` selects every weight).
         matches: ``sparsifier.find_weights(gm)``, when the caller has them already.
+        mask_dtype: the masks' dtype: ``None`` for each weight's own, ``torch.bool`` or a floating dtype.
 
     Returns:
         ``gm``, masked, with the sparsifier attached.
@@ -99,7 +105,11 @@ def mask_captured(
     groups, initial_masks = sparsifier.make_groups(selected)
     chosen = [match for match, _ in selected]
     _check_hooks(gm, chosen)
-    gm = insert_masks(gm, chosen)
+    dtypes = {m.tensor_fqn: mask_dtype or get_tensor(gm, m.tensor_fqn).dtype for m in chosen}
+    initial_masks = {
+        fqn: as_mask(mask, dtypes[fqn], f"config entry for {fqn}: 'mask'") for fqn, mask in initial_masks.items()
+    }
+    gm = insert_masks(gm, chosen, mask_dtype=mask_dtype)
     sparsifier.attach(gm, groups, initial_masks)
     set_unmatched(gm, unmatched)
     set_source_model(gm, model)  # for to_model(gm)

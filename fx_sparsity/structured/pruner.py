@@ -160,7 +160,9 @@ class ChannelPruner(BaseSparsifier):
             raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
         return super().prepare(model, config, example_inputs=example_inputs, **kwargs)
 
-    def prepare_captured(self, model: nn.Module, gm: fx.GraphModule, rules: Any, example_inputs: Any) -> fx.GraphModule:
+    def prepare_captured(
+        self, model: nn.Module, gm: fx.GraphModule, rules: Any, example_inputs: Any, mask_dtype: torch.dtype | None = None
+    ) -> fx.GraphModule:
         """The dependency analysis of the captured ``gm``, the plan of what to prune, then the masks."""
         groups = find_channel_groups(gm, example_inputs)
         matches = self.find_weights(gm)
@@ -191,7 +193,7 @@ class ChannelPruner(BaseSparsifier):
                 f"no channel group of {type(model).__name__} can shrink ({'; '.join(reasons) or 'it has no Linear/Conv'})"
             )
         self.channel_groups, self.example_inputs = groups, example_inputs
-        return mask_captured(self, model, gm, parse_config(entries), matches)
+        return mask_captured(self, model, gm, parse_config(entries), matches, mask_dtype=mask_dtype)
 
     def find_weights(self, gm: fx.GraphModule) -> list[WeightMatch]:
         """Linear/Conv weights and the parameters of each ``nn.LSTM`` (its hidden units are channels)."""

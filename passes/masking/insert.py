@@ -1,8 +1,9 @@
 """Rewrite Linear/Conv ops so the graph shows an explicit ``mul(weight, mask)``.
 
-For each selected weight tensor a boolean mask buffer of ``True`` (same shape
-and device as the weight; one byte per entry whatever the weight's dtype, and
-``mul`` promotes it to the weight's dtype) is registered on the module that owns the weight as
+For each selected weight tensor a mask buffer of ones (same shape, device and, by
+default, dtype as the weight, torch.ao.pruning's contract and the fastest eager
+multiply; ``mask_dtype=torch.bool`` stores one byte per entry instead, which ``mul``
+promotes to the weight's dtype) is registered on the module that owns the weight as
 ``<tensor_name>_mask``, and one ``mul`` node is inserted before the weight's
 first use. Every use then reads the masked weight:
 
@@ -36,7 +37,7 @@ from passes.matching.weights import WeightMatch, weight_position
 from passes.meta import SPARSITY_META_KEY, SparseTarget
 from passes.utils import get_tensor
 
-__all__ = ["insert_masks"]
+__all__ = ["insert_masks", "check_mask_dtype"]
 
 _CONV_FUNCS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -71,7 +72,21 @@ def _functional_call(graph: fx.Graph, node: fx.Node, module: nn.Module, masked: 
     return graph.create_node("call_function", _CONV_FUNCS[target.kind], args, name=name)
 
 
-def _mask_mul(gm: fx.GraphModule, match: WeightMatch, node: fx.Node, masked_weight: dict[str, fx.Node]) -> fx.Node:
+def check_mask_dtype(mask_dtype: object) -> torch.dtype | None:
+    """``mask_dtype`` when it is ``None`` (the weight's dtype), ``torch.bool`` or a floating dtype; else ``TypeError``."""
+    if mask_dtype is None or mask_dtype == torch.bool:
+        return mask_dtype
+    if not isinstance(mask_dtype, torch.dtype) or not mask_dtype.is_floating_point:
+        raise TypeError(
+            f"mask_dtype must be None (the weight's dtype), torch.bool (one byte per weight) or a floating dtype, "
+            f"got {mask_dtype!r}"
+        )
+    return mask_dtype
+
+
+def _mask_mul(
+    gm: fx.GraphModule, match: WeightMatch, node: fx.Node, masked_weight: dict[str, fx.Node], mask_dtype: torch.dtype | None
+) -> fx.Node:
     """The ``mul(weight, mask)`` node of ``match`` (made before ``node``, with its mask buffer, on first use)."""
     if match.tensor_fqn in masked_weight:
         return masked_weight[match.tensor_fqn]
@@ -79,7 +94,7 @@ def _mask_mul(gm: fx.GraphModule, match: WeightMatch, node: fx.Node, masked_weig
     base = SparseTarget(match.module_fqn, match.tensor_name, match.kind, match.weight_shape, transposed=match.transposed)
     weight = get_tensor(gm, match.tensor_fqn)
     owner = gm.get_submodule(match.module_fqn)
-    owner.register_buffer(base.mask_name, torch.ones_like(weight, dtype=torch.bool))
+    owner.register_buffer(base.mask_name, torch.ones_like(weight, dtype=mask_dtype or weight.dtype))
     with graph.inserting_before(node):
         w = graph.get_attr(match.tensor_fqn)
         m = graph.get_attr(base.mask_fqn)
@@ -106,18 +121,23 @@ def _lstm_call(gm: fx.GraphModule, node: fx.Node, masked: dict[str, fx.Node], ta
     graph.erase_node(node)
 
 
-def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.GraphModule:
-    """Insert a mask buffer and a ``mul(weight, mask)`` node for each match.
+def insert_masks(
+    gm: fx.GraphModule, matches: Iterable[WeightMatch], *, mask_dtype: torch.dtype | None = None
+) -> fx.GraphModule:
+    """Insert a mask buffer of ones and a ``mul(weight, mask)`` node for each match.
 
     Args:
         gm: the captured graph module (mutated in place).
         matches: the weights to mask, from :func:`passes.matching.weights.find_weights`.
+        mask_dtype: ``None`` for masks of each weight's dtype, ``torch.bool`` for one byte per weight, or a
+            floating dtype.
 
     Returns:
         ``gm``, recompiled, with masks at ``<module_fqn>.<tensor_name>_mask``.
 
     Raises:
         ValueError: a mask name is already taken; nothing is modified then.
+        TypeError: ``mask_dtype`` is neither ``None``, ``torch.bool`` nor a floating dtype.
 
     Example::
 
@@ -125,8 +145,9 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
         >>> gm = insert_masks(gm, find_weights(gm))
         >>> mask = gm.get_buffer("0.weight_mask")
         >>> mask.dtype, mask.all().item()
-        (torch.bool, True)
+        (torch.float32, True)
     """
+    mask_dtype = check_mask_dtype(mask_dtype)
     matches = list(matches)
     _check_mask_names(gm, matches)
     by_node: dict[str, list[WeightMatch]] = {}
@@ -140,7 +161,7 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
             continue
         if by_node[node.name][0].kind == LSTM_KIND:
             for match in by_node[node.name]:
-                _mask_mul(gm, match, node, masked_weight)
+                _mask_mul(gm, match, node, masked_weight, mask_dtype)
             target = SparseTarget(node.target, "", LSTM_KIND, (), call_module_fqn=node.target)
             _lstm_call(gm, node, masked_weight, target)
             continue
@@ -148,7 +169,7 @@ def insert_masks(gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> fx.Graph
         base = SparseTarget(
             match.module_fqn, match.tensor_name, match.kind, match.weight_shape, transposed=match.transposed
         )
-        mul = _mask_mul(gm, match, node, masked_weight)
+        mul = _mask_mul(gm, match, node, masked_weight, mask_dtype)
         if node.op == "call_module":
             target = dataclasses.replace(base, call_module_fqn=node.target)
             with graph.inserting_before(node):

@@ -29,7 +29,7 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(3, 3)), None)
         >>> sparsifier.step()
         >>> gm.get_buffer("0.weight_mask").diag().tolist()
-        [True, True, True]
+        [1.0, 1.0, 1.0]
     """
 
     def __init__(self, nearliness: int = 1) -> None:

@@ -37,7 +37,7 @@ class NMSparsifier(BaseSparsifier):
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(8, 8)), None)
         >>> sparsifier.step()
         >>> gm.get_buffer("0.weight_mask").view(8, 2, 4).sum(-1).unique().tolist()
-        [2]
+        [2.0]
     """
 
     def __init__(self, n: int = 2, m: int = 4) -> None:
