@@ -92,14 +92,32 @@ def test_weight_norm_matches_torch_ao(shape, block, weights):
             assert torch.equal(ours, theirs), (args, norm)
 
 
-@pytest.mark.parametrize("level", [-1, 1.5, 2, float("nan"), float("inf"), -float("inf")])
-def test_weight_norm_refuses_levels_outside_0_1(level):
-    """torch.ao.pruning clamps a level outside [0, 1] (and fails on NaN at step()); we refuse it up front,
-    in the constructor and in a config entry, as every other sparsifier does."""
-    with pytest.raises(ValueError, match="sparsity_level must be in"):
-        WeightNormSparsifier(sparsity_level=level)
-    with pytest.raises(ValueError, match=r"sparsity_level of 0.weight must be in"):
-        WeightNormSparsifier().prepare(nn.Sequential(nn.Linear(4, 4)), {"0": {"sparsity_level": level}})
+@pytest.mark.parametrize("level", [-1, 1.5, 2, 5.0, float("inf"), -float("inf")])
+@pytest.mark.parametrize("block, zeros", [((1, 1), 1), ((1, 4), 2), ((2, 2), 3), ((2, 2), 4)])
+def test_weight_norm_clamps_levels_outside_0_1_as_torch_ao(level, block, zeros):
+    """A level outside [0, 1], in the constructor or a config entry, is kept as given in the group and clamped when
+    masks are computed, exactly as torch.ao.pruning's WeightNormSparsifier does (masks equal bit for bit)."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    ours = WeightNormPair(weight, None)
+    masks, theirs = ours.masks(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros)
+    assert torch.equal(masks, theirs)
+    sparsifier = WeightNormSparsifier(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros)
+    gm = sparsifier.prepare(nn.Sequential(nn.Linear(16, 8)), {"0": {"sparsity_level": level}})
+    assert sparsifier.groups[0]["sparsity_level"] == level
+    sparsifier.step()
+    block_size = block[0] * block[1]
+    expected = min(max(level, 0), 1) * zeros / block_size
+    assert sparsifier.target_sparsity(sparsifier.groups[0]) == expected
+    assert float((gm.get_buffer("0.weight_mask") == 0).float().mean()) == expected
+
+
+def test_weight_norm_refuses_nan_levels():
+    """NaN is no level: refused in the constructor and a config entry, naming it (torch.ao.pruning fails at step())."""
+    with pytest.raises(ValueError, match="sparsity_level must be a number, got NaN"):
+        WeightNormSparsifier(sparsity_level=float("nan"))
+    with pytest.raises(ValueError, match=r"sparsity_level of 0.weight must be a number, got NaN"):
+        WeightNormSparsifier().prepare(nn.Sequential(nn.Linear(4, 4)), {"0": {"sparsity_level": float("nan")}})
 
 
 def test_weight_norm_matches_torch_ao_over_steps():

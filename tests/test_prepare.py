@@ -61,7 +61,7 @@ def test_groups_are_typed_records_under_a_dict_view():
                           "module": gm.linear1, **view.record.args}
     view["sparsity_level"] = 0.75
     assert sparsifier.records[0].args["sparsity_level"] == 0.75
-    with pytest.raises(ValueError, match="sparsity_level of linear1.weight must be in"):
+    with pytest.raises(ValueError, match="sparsity_level of linear1.weight must be a number, got NaN"):
         view["sparsity_level"] = float("nan")
     with pytest.raises(KeyError, match="names the weight"):
         view["tensor_fqn"] = "linear2.weight"
@@ -76,13 +76,23 @@ def test_groups_are_typed_records_under_a_dict_view():
 
 
 def test_scheduler_levels_are_checked_before_any_is_set():
-    """A LambdaSL whose factor drives a level above 1 raises at scheduler.step(), leaving every level as it was."""
-    sparsifier = WeightNormSparsifier(sparsity_level=0.8)
+    """A LambdaSL whose factor drives a level above 1 raises at scheduler.step() for a sparsifier that refuses such
+    levels (fx_sparsity's own; WeightNormSparsifier clamps them, as torch.ao.pruning does), and a NaN level for any,
+    leaving every level as it was."""
+    sparsifier = MagnitudeSparsifier(sparsity_level=0.8)
     prepare(SimpleLinear(), None, sparsifier=sparsifier)
     scheduler = LambdaSL(sparsifier, lambda epoch: 1.0 + epoch)  # epoch 0: 0.8; epoch 1: 1.6
     sparsifier.step()
     before = sparsifier.records
     with pytest.raises(ValueError, match="must be in"):
+        scheduler.step()
+    assert sparsifier.records == before
+    sparsifier = WeightNormSparsifier(sparsity_level=0.8)
+    prepare(SimpleLinear(), None, sparsifier=sparsifier)
+    scheduler = LambdaSL(sparsifier, lambda epoch: float("nan") if epoch else 1.0)
+    sparsifier.step()
+    before = sparsifier.records
+    with pytest.raises(ValueError, match="got NaN"):
         scheduler.step()
     assert sparsifier.records == before
     with pytest.raises(TypeError, match="sparsifier must be an fx_sparsity BaseSparsifier"):

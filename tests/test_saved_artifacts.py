@@ -90,8 +90,9 @@ def test_exported_program_loads_and_runs(expected):
     ("channel_pruner_state_dict.pt", lambda: fx_sparsity.ChannelPruner(0.5), "lstm"),
 ])
 def test_state_dicts_load_into_todays_classes(name, make, model, expected):
-    """A 0.1.0 state dict names its sparsifier by its old class path; it loads into a freshly prepared sparsifier of
-    today's class, and the masks it carries are the module's afterwards."""
+    """A 0.1.0 state dict names its sparsifier by its old class path and holds bool masks; it loads into a freshly
+    prepared sparsifier of today's class (masks of the weight's dtype), and the masks it carries are the module's
+    values afterwards."""
     spec = importlib.util.spec_from_file_location("make_v0_1_0", FIXTURES.parent / "make_v0_1_0.py")
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
@@ -104,4 +105,5 @@ def test_state_dicts_load_into_todays_classes(name, make, model, expected):
     assert state["sparsifier"] != f"{type(sparsifier).__module__}.{type(sparsifier).__qualname__}"
     sparsifier.load_state_dict(state)
     for fqn, entry in state["state"].items():
-        torch.testing.assert_close(gm.get_buffer(f"{fqn}_mask"), entry["mask"], rtol=0, atol=0)
+        assert entry["mask"].dtype == torch.bool
+        assert torch.equal(gm.get_buffer(f"{fqn}_mask"), entry["mask"])

@@ -71,7 +71,7 @@ class BaseScheduler:
 
     def step(self) -> None:
         """Advance one epoch: set every group's ``sparsity_level`` and enable mask updates."""
-        if self._step_count == 1 and not any(s.get("step_count", 0) for s in self.sparsifier.state.values()):
+        if self._step_count == 1 and not self.sparsifier.steps:
             warnings.warn(
                 "scheduler.step() was called before sparsifier.step(): call sparsifier.step() first, "
                 "as with learning-rate schedulers",

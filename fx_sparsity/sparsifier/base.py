@@ -36,6 +36,7 @@ import abc
 import copy
 import difflib
 import inspect
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ from fx_sparsity.meta import clone_without_sparsifier, set_sparsifier
 from fx_sparsity.sparsifier.group import STRUCTURAL_KEYS, GroupView, WeightGroup
 from fx_sparsity.sparsifier.mask_utils import as_mask
 from fx_sparsity.sparsifier.preparing import CaptureMethod, mask_captured
+from fx_sparsity.utils.frames import caller_stacklevel
 from passes import masked_targets
 from passes.capturing import capture
 from passes.compat import moved_names, resolve_qualified_name
@@ -83,7 +85,8 @@ class BaseSparsifier(abc.ABC):
         model: the prepared ``GraphModule`` (``None`` before :meth:`prepare`).
         groups: torch.ao.pruning's dict-like view of each group (see :class:`GroupView`).
         records: the typed groups (:class:`WeightGroup`), in the same order.
-        state: per-tensor state keyed by tensor FQN (``step_count`` at least).
+        state: per-tensor state keyed by tensor FQN (what the sparsifier keeps: statistics, ...).
+        steps: how many times :meth:`step` updated masks.
         enable_mask_update: :meth:`step` does nothing while ``False``.
 
     Example::
@@ -98,6 +101,8 @@ class BaseSparsifier(abc.ABC):
         [0.0, 0.0, 0.0, 0.0]
     """
 
+    steps = 0  # also for sparsifiers pickled by fx_sparsity 0.1.0, which had no such attribute
+
     def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
         if defaults is not None and not isinstance(defaults, Mapping):
             raise TypeError(f"defaults must be a dict or None, got {type(defaults).__name__}")
@@ -108,6 +113,7 @@ class BaseSparsifier(abc.ABC):
         self.state: dict[str, dict[str, Any]] = defaultdict(dict)
         self.groups: list[GroupView] = []
         self.enable_mask_update = True
+        self.steps = 0  # calls of step(); schedulers check that step() ran before them
         self.model: fx.GraphModule | None = None
         self._transposed: list[tuple[nn.Module, str]] = []  # (owner, tensor name) of weights stored [in, out]
 
@@ -139,6 +145,11 @@ class BaseSparsifier(abc.ABC):
         Called for every group at :meth:`prepare`, whenever an argument is set,
         and at :meth:`step`, always before anything changes. The base accepts everything.
         """
+
+    def check_step(self, group: Mapping[str, Any], weight_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError``/``TypeError`` when ``group`` cannot be stepped; called at :meth:`step` for every group
+        before any mask changes. For arguments torch.ao.pruning accepts when they are set and refuses at ``step()``
+        (``NearlyDiagonalSparsifier``'s ``nearliness``); the base accepts everything."""
 
     def validate_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """Raise ``ValueError`` when the groups cannot work together (after :meth:`validate_group`).
@@ -344,6 +355,7 @@ class BaseSparsifier(abc.ABC):
             return
         for record in self.records:
             self._validate_record(record)
+            self.check_step(record.to_dict(), record.view_shape)
         self.validate_groups([r.to_dict() for r in self.records])
         views = self.groups
         if tensor_fqns is not None:
@@ -355,11 +367,9 @@ class BaseSparsifier(abc.ABC):
         try:
             with torch.no_grad():
                 self.update_masks()
-                for record in self.records:
-                    state = self.state[record.tensor_fqn]
-                    state["step_count"] = state.get("step_count", 0) + 1
         finally:
             self.groups = views
+        self.steps += 1
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -384,23 +394,32 @@ class BaseSparsifier(abc.ABC):
         bool ones); they are copied into the module's mask buffers, in the buffers' dtype: a bool
         buffer takes 0/1 values only, a float one any finite values.
 
+        As in torch.ao.pruning, the state dict's groups and state replace this sparsifier's:
+        a masked weight the state dict has no group for keeps its mask but is no longer
+        stepped by this sparsifier (a ``UserWarning`` names it).
+
         Args:
             state_dict: what :meth:`state_dict` returned.
-            strict: every group must match a masked weight and every masked weight
-                must have a group. With ``False``, groups without a mask are dropped
-                and masked weights the state dict lacks keep their current group.
+            strict: every group of the state dict must match a masked weight of the prepared
+                module; with ``False``, groups without a mask are dropped.
         """
         model = self._require_model("load_state_dict()")
         groups, state, masks = self._parse_state_dict(model, state_dict, strict)
-        loaded = {record.tensor_fqn: record for record in groups}
         with torch.no_grad():
             for fqn, mask in masks.items():
                 model.get_buffer(f"{fqn}_mask").copy_(mask)
-        for view in self.groups:  # every masked weight has a group, so each loaded record has its view
-            view.record = loaded.get(view.record.tensor_fqn, view.record)
-        kept = defaultdict(dict, {fqn: s for fqn, s in self.state.items() if fqn not in loaded})
-        kept.update(state)
-        self.state = kept
+        loaded = {record.tensor_fqn for record in groups}
+        dropped = [r.tensor_fqn for r in self.records if r.tensor_fqn not in loaded]
+        self.groups = [GroupView(g, model.get_submodule(g.module_fqn), self._validate_record) for g in groups]
+        self.state = defaultdict(dict, state)
+        self._transposed = [(v.module, v.record.tensor_name) for v in self.groups if v.record.transposed]
+        if dropped:
+            warnings.warn(
+                f"the state dict has no group for {dropped}: as in torch.ao.pruning its groups replace this "
+                f"{type(self).__name__}'s, so these weights keep their masks but are no longer stepped",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
 
     def _parse_state_dict(
         self, model: fx.GraphModule, state_dict: Any, strict: bool
@@ -445,14 +464,7 @@ class BaseSparsifier(abc.ABC):
         names = [g.tensor_fqn for g in groups]
         if len(set(names)) != len(names):
             raise ValueError(f"state_dict names a weight twice among its groups: {names}")
-        own = [r.tensor_fqn for r in self.records if r.tensor_fqn not in names]
-        if strict and own:
-            raise ValueError(
-                f"state_dict has no group for {own}, which this sparsifier steps; "
-                "load a state dict of a sparsifier prepared with the same config, or pass strict=False"
-            )
-        merged = groups + [r for r in self.records if r.tensor_fqn in own]
-        self.validate_groups([g.to_dict() for g in merged])
+        self.validate_groups([g.to_dict() for g in groups])
         state, masks = {}, {}
         for fqn, raw in raw_state.items():
             if fqn not in names:

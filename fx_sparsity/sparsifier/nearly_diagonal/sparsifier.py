@@ -19,7 +19,7 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
     ``nearliness=1`` keeps the main diagonal only, ``3`` one more on each side.
     ``nearliness <= 0`` zeroes everything. Conv weights are viewed as ``[out, -1]``.
 
-    Raises (at ``prepare`` and ``step``):
+    Raises (at ``step``, before any mask changes, as torch.ao.pruning does; a non-int at ``prepare``):
         ValueError: ``nearliness`` is even, or ``nearliness // 2`` is not smaller
             than both dimensions of the weight.
 
@@ -38,6 +38,13 @@ class NearlyDiagonalSparsifier(BaseSparsifier):
         super().__init__(defaults={"nearliness": nearliness})
 
     def validate_group(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+        nearliness = group["nearliness"]
+        if isinstance(nearliness, bool) or not isinstance(nearliness, int):
+            raise TypeError(f"nearliness of {group['tensor_fqn']} must be an int, got {nearliness!r}")
+
+    def check_step(self, group: dict[str, Any], weight_shape: tuple[int, ...]) -> None:
+        """An even ``nearliness``, or one reaching past the weight, is refused here, at ``step()`` (before any mask
+        changes), where torch.ao.pruning refuses it, rather than when it is set."""
         nearly_diagonal_mask(torch.empty(weight_shape, device="meta"), group["nearliness"])
 
     def target_sparsity(self, group: dict[str, Any]) -> float:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from fx_sparsity.sparsifier.base import BaseSparsifier
-from fx_sparsity.sparsifier.mask_utils import validate_level
 from fx_sparsity.sparsifier.weight_norm.masks import NormFn, resolve_norm, validate_block, weight_norm_keep
 
-__all__ = ["WeightNormSparsifier"]
+__all__ = ["WeightNormSparsifier", "clamped_level"]
 
 
 class WeightNormSparsifier(BaseSparsifier):
@@ -26,7 +27,9 @@ class WeightNormSparsifier(BaseSparsifier):
     as torch.ao.pruning does, so pruned entries stay pruned.
 
     Args:
-        sparsity_level: target fraction of sparse blocks, in [0, 1].
+        sparsity_level: target fraction of sparse blocks, in [0, 1]; a level outside (a scheduler's 5.0, -1)
+            is clamped to it when masks are computed, as torch.ao.pruning does, and kept as given in the group
+            (NaN is refused). fx_sparsity's own sparsifiers refuse levels outside [0, 1] instead.
         sparse_block_shape: (rows, cols) of a block; ``(1, 4)`` with
             ``zeros_per_block=2`` and ``sparsity_level=1.0`` is 2:4 sparsity.
         zeros_per_block: zeros in each sparse block, 0 .. rows * cols;
@@ -40,7 +43,7 @@ class WeightNormSparsifier(BaseSparsifier):
         >>> sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
         >>> gm = sparsifier.prepare(nn.Sequential(nn.Linear(8, 8)), None)
         >>> sparsifier.step()
-        >>> gm.get_buffer("0.weight_mask").float().mean().item()  # bool mask: True = kept
+        >>> gm.get_buffer("0.weight_mask").mean().item()  # 1 = kept
         0.5
     """
 
@@ -66,7 +69,7 @@ class WeightNormSparsifier(BaseSparsifier):
     def target_sparsity(self, group: dict[str, Any]) -> float:
         """Fraction of zeros the group aims at: level (clamped) x zeros / block size."""
         block, zeros = validate_block(group["sparse_block_shape"], group["zeros_per_block"])
-        return float(group["sparsity_level"]) * zeros / (block[0] * block[1])
+        return clamped_level(group["sparsity_level"]) * zeros / (block[0] * block[1])
 
     def update_mask(  # type: ignore[override]
         self,
@@ -78,11 +81,31 @@ class WeightNormSparsifier(BaseSparsifier):
         **kwargs: Any,
     ) -> None:
         keep = weight_norm_keep(
-            self.masked_tensor(module, tensor_name), sparsity_level, sparse_block_shape, zeros_per_block, self.norm_fn
+            self.masked_tensor(module, tensor_name),
+            clamped_level(sparsity_level),
+            sparse_block_shape,
+            zeros_per_block,
+            self.norm_fn,
         )
         self.get_mask(module, tensor_name).copy_(keep)
 
 
+def clamped_level(level: object, name: str = "sparsity_level") -> float:
+    """``level`` clamped to [0, 1], as torch.ao.pruning's WeightNormSparsifier clamps it (infinities too);
+    a ``TypeError`` for a non-number and a ``ValueError`` for NaN, naming it.
+
+    Example::
+
+        >>> clamped_level(5.0), clamped_level(-1), clamped_level(float("inf")), clamped_level(0.3)
+        (1.0, 0.0, 1.0, 0.3)
+    """
+    if isinstance(level, bool) or not isinstance(level, (int, float)):
+        raise TypeError(f"{name} must be a number (clamped to [0, 1]), got {level!r}")
+    if math.isnan(level):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return min(max(float(level), 0.0), 1.0)
+
+
 def _validate(args: Mapping[str, Any], where: str = "") -> None:
-    validate_level(args.get("sparsity_level"), f"sparsity_level{where}")
+    clamped_level(args.get("sparsity_level"), f"sparsity_level{where}")
     validate_block(args.get("sparse_block_shape"), args.get("zeros_per_block"))
