@@ -278,7 +278,7 @@ def test_lstm_units_are_masked_through_fine_tuning():
     for _ in range(2):
         optimizer.zero_grad()
         nn.MSELoss()(gm(x), target).backward()
-        grad, mask = gm.lstm.weight_hh_l1.grad, gm.lstm.weight_hh_l1_mask
+        grad, mask = gm.lstm.weight_hh_l1.grad, gm.lstm.weight_hh_l1_mask.bool()
         assert grad is not None and bool(grad[mask].any()) and not grad[~mask].any()
         assert gm.lstm.bias_ih_l0.grad is not None
         optimizer.step()

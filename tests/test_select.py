@@ -112,8 +112,8 @@ def test_tied_weight_selected_by_either_name():
         ({"fc": {"sparsity_levle": 0.5}}, ValueError, "'sparsity_levle', which is not an argument of "
          "WeightNormSparsifier.*did you mean 'sparsity_level'"),
         ([{"tensor_fqn": "fc.weight", "spars_block_shape": (1, 1)}], ValueError, "did you mean 'sparse_block_shape'"),
-        ({"fc": {"sparsity_level": float("nan")}}, ValueError, "sparsity_level of fc.weight must be in"),
-        ({"fc": {"sparsity_level": 1.5}}, ValueError, "sparsity_level of fc.weight must be in"),
+        ({"fc": {"sparsity_level": float("nan")}}, ValueError, "sparsity_level of fc.weight must be a number, got NaN"),
+        ({"fc": {"sparsity_level": "1.5"}}, TypeError, "sparsity_level of fc.weight must be a number"),
         ({"fc": {"mask": torch.ones(3, 3)}}, ValueError, r"'mask' has shape \(3, 3\), the weight has \(12, 8\)"),
         ({"fc": {"mask": [[1.0]]}}, TypeError, "'mask' must be a tensor"),
     ],
