@@ -182,7 +182,12 @@ def prune_sequential(
     :func:`fx_sparsity.levels.owl.set_owl_levels` on the dense model first (OWL's
     outlier ratios are a whole-model quantity), then ``prune_sequential``,
     which prunes each group at the level it was given. Statistics already in
-    ``sparsifier.state`` are replaced stage by stage.
+    ``sparsifier.state`` are replaced stage by stage, and stay referenced until
+    the run succeeds (the memory they take stays held during the run): if a
+    stage fails (a batch the model cannot compute), ``sparsifier.state`` is as
+    before the call, so ``step()`` still works. Masks (and SparseGPT's
+    weights) of the stages stepped before the failure keep their new values;
+    a batch the first stage cannot compute fails before any step.
 
     Args:
         gm: a module returned by ``prepare`` (masks in place); its masks and,
@@ -198,9 +203,13 @@ def prune_sequential(
             are read from and the pruned ones go. Each stage's tensors are
             loaded just before it runs (masks start as ones) and, once it ran,
             its weights are written pruned (``weight * mask``, SparseGPT's
-            updates included) and every tensor goes back to the meta device;
-            the other tensors of the checkpoint are copied at the end. Stages
-            after the last one holding a sparsified weight do not run.
+            updates included, in the checkpoint's dtype) and every tensor goes
+            back to the meta device; the other tensors of the checkpoint are
+            copied at the end, the index last. Stages after the last one
+            holding a sparsified weight do not run. The checkpoint's headers
+            and the output directory are checked before the first stage; a
+            failed run puts ``gm``'s tensors back on the meta device and
+            removes the shards it wrote (see :class:`SafetensorsWeights`).
         keep_statistics: leave every weight's statistic in ``sparsifier.state``
             as ``calibrate`` does; by default each stage's are dropped after its
             step, so that only one stage's are held.
@@ -222,8 +231,12 @@ def prune_sequential(
             ``ChannelPruner`` (its channel groups span blocks).
         ValueError: ``batches`` is empty; ``blocks`` names nothing, overlapping
             modules, or blocks that do not run one after another; a weight is
-            read in two blocks; ``gm`` has meta tensors and no ``weights``, or
-            ``weights`` lacks one of them. All raised before any mask changes.
+            read in two blocks; ``gm`` has meta tensors and no ``weights``;
+            ``weights`` is given for a module not prepared on the meta device,
+            lacks one of its tensors or holds one of another shape or of a
+            dtype torch cannot read; ``weights``' output directory cannot be
+            written. All raised before any mask changes and, with ``weights``,
+            before anything is read from the checkpoint or written.
 
     Example::
 
@@ -245,6 +258,9 @@ def prune_sequential(
     check_token_mask_source(token_mask)
     fqns = [g["tensor_fqn"] for g in sparsifier.groups]
     stages = plan_stages(gm, _blocks(gm, blocks, fqns))
+    last = max((i for i, s in enumerate(stages) if s.tensor_fqns), default=-1)
+    stages = stages[: last + 1]
+    streamer = _streamer(gm, weights, stages)
     runner = StageRunner(gm)
     reduce_over = process_group(distributed)
     carried: list[dict] = []
@@ -258,45 +274,56 @@ def prune_sequential(
             raise TypeError(f"batch {i} of batches does not fit the model's inputs: {e}") from e
     if not carried:
         raise ValueError("prune_sequential needs at least one batch; batches was empty")
-    last = max((i for i, s in enumerate(stages) if s.tensor_fqns), default=-1)
-    stages = stages[: last + 1]
-    streamer = _streamer(gm, weights, stages)
     key = calibration_key(sparsifier)
-    for group in sparsifier.groups:
-        sparsifier.state[group["tensor_fqn"]].pop(key, None)
-    records = []
-    with torch.no_grad(), eval_mode(gm):
-        for index, stage in enumerate(progress(stages, progress_bar, "prune_sequential")):
-            if streamer is not None:
-                streamer.load(index)
-            input_bytes = carried_bytes(v for env in carried for v in env.values())
-            statistic_bytes = 0
-            if stage.tensor_fqns:
-                statistics = _calibrate(gm, sparsifier, runner, stage, carried, token_masks, reduce_over)
-                statistic_bytes = carried_bytes(statistics.values())
-                for fqn, statistic in statistics.items():
-                    sparsifier.state[fqn][key] = statistic
-                del statistics
-                sparsifier.step(stage.tensor_fqns)
-                if not keep_statistics:
-                    for fqn in stage.tensor_fqns:
-                        sparsifier.state[fqn].pop(key, None)
-            if index < len(stages) - 1:  # the last stage hands nothing on
-                for j, env in enumerate(carried):
-                    carried[j] = runner.run(stage, env)
-                runner.forget_constants()
-            else:
-                carried = [{} for _ in carried]
-            output_bytes = carried_bytes(v for env in carried for v in env.values())
-            weight_bytes = 0
-            if streamer is not None:
-                weight_bytes = streamer.loaded_bytes
-                streamer.release(index)
-            records.append(
-                StageRecord(stage.name, stage.tensor_fqns, input_bytes, output_bytes, statistic_bytes, weight_bytes)
-            )
+    earlier = {f: sparsifier.state[f][key] for f in fqns if key in sparsifier.state.get(f, {})}
     if streamer is not None:
-        streamer.finish()
+        streamer.begin()
+    records = []
+    try:
+        with torch.no_grad(), eval_mode(gm):
+            for index, stage in enumerate(progress(stages, progress_bar, "prune_sequential")):
+                if streamer is not None:
+                    streamer.load(index)
+                input_bytes = carried_bytes(v for env in carried for v in env.values())
+                statistic_bytes = 0
+                if stage.tensor_fqns:
+                    statistics = _calibrate(gm, sparsifier, runner, stage, carried, token_masks, reduce_over)
+                    statistic_bytes = carried_bytes(statistics.values())
+                    for fqn, statistic in statistics.items():
+                        sparsifier.state[fqn][key] = statistic
+                    del statistics
+                    sparsifier.step(stage.tensor_fqns)
+                    if not keep_statistics:
+                        for fqn in stage.tensor_fqns:
+                            sparsifier.state[fqn].pop(key, None)
+                if index < len(stages) - 1:  # the last stage hands nothing on
+                    for j, env in enumerate(carried):
+                        carried[j] = runner.run(stage, env)
+                    runner.forget_constants()
+                else:
+                    carried = [{} for _ in carried]
+                output_bytes = carried_bytes(v for env in carried for v in env.values())
+                weight_bytes = 0
+                if streamer is not None:
+                    weight_bytes = streamer.loaded_bytes
+                    streamer.release(index)
+                records.append(
+                    StageRecord(stage.name, stage.tensor_fqns, input_bytes, output_bytes, statistic_bytes, weight_bytes)
+                )
+        if streamer is not None:
+            streamer.finish()
+    except BaseException:
+        for fqn in fqns:  # the statistics calibrate left stay usable: step() works as before the call
+            if fqn in earlier:
+                sparsifier.state[fqn][key] = earlier[fqn]
+            else:
+                sparsifier.state[fqn].pop(key, None)
+        if streamer is not None:
+            streamer.abort()
+        raise
+    if not keep_statistics:
+        for fqn in fqns:
+            sparsifier.state[fqn].pop(key, None)
     return SequentialReport(tuple(records))
 
 

@@ -13,18 +13,30 @@
   loaded (masks start as ones); after it ran, its weights, pruned (``weight *
   mask``, SparseGPT's updates included), are written and every tensor goes
   back to the meta device.
+
+A run never loses data: every header of the checkpoint and the output folder
+are checked before the first block; the output folder may not hold the source's
+files; each shard is written under a temporary name, synced and renamed, an
+earlier run's index is removed before the first shard and the new one written
+last, and a failed run removes what it wrote. A killed run so leaves no index,
+and at most a ``.partial`` file, which no loader takes for a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import functools
 import json
+import math
+import os
+import re
+import secrets
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import fx, nn
@@ -41,33 +53,217 @@ __all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta", "write_saf
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on a header's length
+_SHARD = re.compile(r"pruned-\d{5}\.safetensors")
+_PARTIAL = re.compile(r"\.(pruned-\d{5}\.safetensors|model\.safetensors\.index\.json)\..+\.partial")
+_ENTRY_FORM = "{'dtype': str, 'shape': [int, ...], 'data_offsets': [start, end]}"
 
 
-def _header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """Where one tensor of a checkpoint lies: its file, the absolute offset and length of its bytes, its header."""
+
+    path: Path
+    start: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _is_ints(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+
+
+def _read_header(path: Path, what: str) -> dict[str, _Entry]:
+    """The tensors of safetensors file ``path`` (``what`` names it in errors), every header entry checked."""
+
+    def refuse(reason: str) -> ValueError:
+        return ValueError(f"{what} is not a safetensors file: {reason}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise refuse(f"it has {size} bytes, fewer than the 8 of a header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(size - 8, _MAX_HEADER):
+                raise refuse(f"its first 8 bytes give a header of {length} bytes, the file has {size} (at most 100 MB)")
+            raw = f.read(length)
+    except OSError as e:
+        raise ValueError(f"{what} cannot be read: {e}") from e
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise refuse(f"its header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise refuse(f"its header is a JSON {type(header).__name__}, not an object of tensor entries")
     header.pop("__metadata__", None)
-    return 8 + size, header
+    data = size - 8 - length
+    entries: dict[str, _Entry] = {}
+    for name, entry in header.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and _is_ints(entry.get("shape"))
+            and _is_ints(entry.get("data_offsets"), 2)
+        ):
+            raise refuse(f"tensor {name!r} has the entry {str(entry)[:120]}, not {_ENTRY_FORM}")
+        start, end = entry["data_offsets"]
+        if not start <= end <= data:
+            raise refuse(f"tensor {name!r} has data_offsets {[start, end]} outside the file's {data} data bytes (truncated?)")
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is not None and end - start != math.prod(entry["shape"]) * dtype.itemsize:
+            raise refuse(
+                f"tensor {name!r} of shape {entry['shape']} and dtype {entry['dtype']} needs "
+                f"{math.prod(entry['shape']) * dtype.itemsize} bytes, its data_offsets {[start, end]} hold {end - start}"
+            )
+        entries[name] = _Entry(path, 8 + length + start, end - start, entry["dtype"], tuple(entry["shape"]))
+    return entries
+
+
+def _read_index(source: Path) -> dict[str, Path]:
+    """The shard of each tensor that the sharded checkpoint index ``source`` lists."""
+    what = f"source {str(source)!r}"
+    try:
+        index = json.loads(source.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{what} is not JSON ({e}): give a sharded checkpoint's *.index.json or a .safetensors file") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{what} has no 'weight_map' object (it is a JSON {type(index).__name__}"
+            f"{' with keys ' + str(sorted(index))[:80] if isinstance(index, dict) else ''}): not a sharded safetensors index"
+        )
+    shards: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{what}: weight_map gives tensor {name!r} the shard {file!r}, not a file name")
+        path = source.parent / file
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: weight_map puts tensor {name!r} in {str(path)!r}, which is not a file")
+        shards[name] = path
+    return shards
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames and removals in ``directory`` durable (where the platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` so that it exists only complete: under a temporary ``.partial`` name beside it, synced,
+    then renamed over it; on any error the temporary file is removed."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    # os.open rather than tempfile.mkstemp: the file gets the umask's permissions, not mkstemp's 0600
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_shard(path: Path, records: Sequence[tuple[str, str, tuple[int, ...], torch.Tensor]]) -> int:
+    """Write a safetensors file of ``(name, dtype name, shape, contiguous CPU tensor)`` records, each tensor's
+    bytes straight from its memory; return the number of data bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, tensor in records:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for *_, tensor in records:
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    _write_atomic(path, write)
+    return offset
+
+
+def _records(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], torch.Tensor]]:
+    records = []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        records.append((name, _NAMES[tensor.dtype], tuple(tensor.shape), tensor.detach().contiguous()))
+    return records
+
+
+def _is_own_index(path: Path) -> bool:
+    """Whether ``path`` is an index SafetensorsWeights wrote (every shard named ``pruned-NNNNN.safetensors``)."""
+    try:
+        weight_map = json.loads(path.read_bytes()).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(weight_map, dict) and all(isinstance(f, str) and _SHARD.fullmatch(f) for f in weight_map.values())
 
 
 class SafetensorsWeights:
     """A safetensors checkpoint read tensor by tensor, and where the pruned tensors go.
+
+    Every header of the checkpoint is read and checked here (each tensor's
+    entry, and that its bytes lie inside its file), so a corrupt or truncated
+    checkpoint is refused before anything is pruned. A written tensor keeps the
+    checkpoint's dtype: a float32 model over a bfloat16 checkpoint writes
+    bfloat16 (pruned as ``weight * mask`` in the model's dtype, then cast), and
+    the tensors no stage loads are copied byte for byte, whatever their dtype.
+
+    The output directory is written so that only a finished run leaves a
+    checkpoint there: an earlier run's index and ``pruned-*`` shards are
+    removed before the first shard; each shard is written under a temporary
+    ``.partial`` name, synced and renamed; the index comes last; a failed run
+    (:meth:`abort`) removes its shards. A directory holding the source's files,
+    or another checkpoint's (a ``model.safetensors``, which loaders read before
+    an index), is refused. Unlike ``save_pretrained``, nothing but the weights
+    is written: copy ``config.json`` and the tokenizer yourself.
 
     Args:
         source: a ``.safetensors`` file, or the ``*.index.json`` of a sharded checkpoint.
         out: a directory to write the pruned checkpoint into (shards
             ``pruned-00000.safetensors``, ... and ``model.safetensors.index.json``;
             every tensor of ``source`` is written, pruned or not), or a callable
-            receiving each batch of finished tensors (``{name: tensor}``).
+            receiving each batch of finished tensors (``{name: tensor}``; a
+            failed run has already handed over some: ``prune_sequential``
+            raising is the sign to discard them).
 
     Raises:
-        FileNotFoundError / ValueError: ``source`` is missing or not a safetensors checkpoint.
-        TypeError: ``out`` is neither a path nor a callable.
+        TypeError: ``source`` is not a path; ``out`` is neither a path nor a callable.
+        FileNotFoundError: ``source``, or a shard its index lists, is not a file.
+        ValueError: ``source`` (or a shard) is not a safetensors checkpoint:
+            not JSON, no ``weight_map``, a header that is too long, not an
+            object, or has a malformed entry, bytes outside the file, a tensor
+            in two shards; ``out`` is a file, lies under one, is not writable,
+            or holds the source's files or another checkpoint's.
 
     Example::
 
@@ -80,33 +276,70 @@ class SafetensorsWeights:
     """
 
     def __init__(self, source: str | Path, out: str | Path | Callable[[dict[str, torch.Tensor]], None]) -> None:
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                "source must be the path of a .safetensors file or of a sharded checkpoint's *.index.json, "
+                f"got {type(source).__name__} {str(source)[:80]!r}"
+            )
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"source {str(source)!r} is not a file: give a .safetensors file or an *.index.json")
-        if source.name.endswith(".json"):
-            weight_map = json.loads(source.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{source} has no 'weight_map': not a sharded safetensors index")
-            files = {name: source.parent / file for name, file in weight_map.items()}
-        else:
-            files = None
-        self._entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
-        for path in sorted(set(files.values())) if files else [source]:
-            try:
-                offset, header = _header(path)
-            except (OSError, ValueError, struct.error) as e:
-                raise ValueError(f"{path} is not a safetensors file: {e}") from e
-            for name, entry in header.items():
-                self._entries[name] = (path, offset, entry)
-        if isinstance(out, (str, Path)):
+        shards = _read_index(source) if source.name.endswith(".json") else {}
+        self._entries: dict[str, _Entry] = {}
+        for path in sorted(set(shards.values())) or [source]:
+            what = f"shard {str(path)!r} of source {str(source)!r}" if shards else f"source {str(source)!r}"
+            for name, entry in _read_header(path, what).items():
+                if name in self._entries:
+                    raise ValueError(f"{what}: tensor {name!r} is also in {str(self._entries[name].path)!r}")
+                self._entries[name] = entry
+        for name, path in shards.items():
+            if name not in self._entries or self._entries[name].path != path:
+                raise ValueError(f"source {str(source)!r}: weight_map puts tensor {name!r} in {path.name}, whose header has no such tensor")
+        self._sources = sorted({source, *shards.values()})
+        if isinstance(out, (str, os.PathLike)):
             self._dir: Path | None = Path(out)
             self._callback = None
+            self._check_out()
         elif callable(out):
             self._dir, self._callback = None, out
         else:
             raise TypeError(f"out must be a directory path or a callable taking {{name: tensor}}, got {type(out).__name__}")
-        self._weight_map: dict[str, str] = {}
+        self._begun = False
+        self._reset()
+
+    def _reset(self) -> None:
         self.written: set[str] = set()
+        self._weight_map: dict[str, str] = {}
+        self._files: list[str] = []
+        self._data_bytes = 0
+        self._index_written = False
+
+    def _check_out(self) -> None:
+        """Refuse an output directory that cannot be written, or whose files a run would overwrite or mix with."""
+        out = self._dir
+        what = f"out {str(out)!r}"
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if existing == out and not out.is_dir():
+            raise ValueError(f"{what} is a file: give a directory for the pruned checkpoint")
+        if not existing.is_dir():
+            raise ValueError(f"{what} lies under {str(existing)!r}, which is a file: give a directory path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} is not writable (this process may not create files in {str(existing)!r}): choose another directory")
+        if existing != out:
+            return
+        target = out.resolve()
+        held = [str(p) for p in self._sources if target in (p.parent.resolve(), p.resolve().parent)]
+        if held:
+            raise ValueError(
+                f"{what} holds the source checkpoint's files ({held[:3]}): the pruned checkpoint would overwrite or "
+                "sit beside them; give a new directory (and swap it in yourself once the run finished)"
+            )
+        foreign = sorted(f.name for f in out.iterdir() if f.name.endswith(".safetensors") and not _SHARD.fullmatch(f.name))
+        if foreign or ((out / INDEX_NAME).exists() and not _is_own_index(out / INDEX_NAME)):
+            raise ValueError(
+                f"{what} holds another checkpoint ({(foreign or [INDEX_NAME])[:3]}): loaders would read it instead of, or "
+                "mixed with, the pruned one; give an empty directory or remove those files"
+            )
 
     def keys(self) -> list[str]:
         """The tensor names of the checkpoint."""
@@ -115,59 +348,134 @@ class SafetensorsWeights:
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def _read_bytes(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        with open(entry.path, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(buffer.numpy()) != entry.nbytes:
+                raise ValueError(f"{entry.path} ends inside tensor {name!r} (was it changed since it was opened?)")
+        return buffer
+
     def load(self, name: str) -> torch.Tensor:
         """Read tensor ``name`` into new memory (a plain file read, no memory map)."""
-        path, offset, entry = self._entries[name]
-        start, end = entry["data_offsets"]
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        with open(path, "rb") as f:
-            f.seek(offset + start)
-            if f.readinto(buffer.numpy()) != end - start:
-                raise ValueError(f"{path} ends inside tensor {name!r}")
-        dtype = _DTYPES.get(entry["dtype"])
+        entry = self._entries[name]
+        dtype = _DTYPES.get(entry.dtype)
         if dtype is None:
-            raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which torch cannot read")
-        return buffer.view(dtype).reshape(entry["shape"])
+            raise ValueError(f"tensor {name!r} of {entry.path} has dtype {entry.dtype}, which torch cannot read")
+        return self._read_bytes(name).view(dtype).reshape(entry.shape)
+
+    def _check_model(self, shapes: Mapping[str, tuple[str, tuple[int, ...]]], read: set[str]) -> None:
+        """Refuse a checkpoint that does not fit the model, before anything is read: every tensor of ``shapes``
+        (checkpoint name -> the model's FQN and shape) must have the model's shape; those of ``read`` (and, for a
+        callback ``out``, all) a dtype torch reads."""
+        problems = []
+        for name, (fqn, shape) in shapes.items():
+            entry = self._entries[name]
+            if entry.shape != tuple(shape):
+                problems.append(f"tensor {name!r} of {entry.path} has shape {entry.shape}, the model's {fqn} {tuple(shape)}")
+        for name in sorted(read if self._callback is None else set(self._entries)):
+            entry = self._entries[name]
+            if entry.dtype not in _DTYPES:
+                problems.append(f"tensor {name!r} of {entry.path} has dtype {entry.dtype}, which torch cannot read")
+        if problems:
+            raise ValueError(f"the checkpoint does not fit the model: {'; '.join(problems[:5])}" + (" ..." if len(problems) > 5 else ""))
+
+    def begin(self) -> None:
+        """Start a run: check ``out`` again, create it and remove an earlier run's output (index first)."""
+        self._reset()
+        if self._dir is not None:
+            self._check_out()
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+                (self._dir / INDEX_NAME).unlink(missing_ok=True)
+                _fsync_dir(self._dir)
+                for file in self._dir.iterdir():
+                    if _SHARD.fullmatch(file.name) or _PARTIAL.fullmatch(file.name):
+                        file.unlink()
+            except OSError as e:
+                raise ValueError(f"out {str(self._dir)!r} cannot be written: {e}") from e
+        self._begun = True
+
+    def _stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        entry = self._entries.get(name)
+        dtype = _DTYPES.get(entry.dtype) if entry is not None else None
+        tensor = tensor.detach()
+        return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+    def _write(self, records: Sequence[tuple[str, str, tuple[int, ...], torch.Tensor]]) -> None:
+        name = f"pruned-{len(self._files):05d}.safetensors"
+        self._files.append(name)
+        self._data_bytes += _write_shard(self._dir / name, records)
+        self._weight_map.update(dict.fromkeys((r[0] for r in records), name))
 
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write ``tensors`` (one shard, or one callback call)."""
+        """Write ``tensors`` (one shard, or one callback call), each in the checkpoint's dtype."""
         if not tensors:
             return
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        self.written.update(tensors)
+        if not self._begun:
+            self.begin()
+        tensors = {k: self._stored(k, v) for k, v in tensors.items()}
         if self._callback is not None:
             self._callback(tensors)
+        else:
+            self._write(_records(tensors))
+        self.written.update(tensors)
+
+    def _copy(self, names: list[str]) -> None:
+        if not names:
             return
-        self._dir.mkdir(parents=True, exist_ok=True)
-        name = f"pruned-{len(set(self._weight_map.values())):05d}.safetensors"
-        write_safetensors(self._dir / name, tensors)
-        self._weight_map.update(dict.fromkeys(tensors, name))
+        if self._callback is not None:
+            self._callback({n: self.load(n) for n in names})
+        else:
+            self._write([(n, self._entries[n].dtype, self._entries[n].shape, self._read_bytes(n)) for n in names])
+        self.written.update(names)
 
     def close(self, chunk_bytes: int) -> None:
-        """Copy the tensors not written yet (in shards of about ``chunk_bytes``) and write the index."""
-        chunk: dict[str, torch.Tensor] = {}
+        """Copy the tensors not written yet (in shards of about ``chunk_bytes``), then write the index."""
+        if not self._begun:
+            self.begin()
+        chunk: list[str] = []
+        size = 0
         for name in self.keys():
             if name in self.written:
                 continue
-            chunk[name] = self.load(name)
-            if sum(t.nbytes for t in chunk.values()) >= chunk_bytes:
-                self.save(chunk)
-                chunk = {}
-        self.save(chunk)
+            chunk.append(name)
+            size += self._entries[name].nbytes
+            if size >= chunk_bytes:
+                self._copy(chunk)
+                chunk, size = [], 0
+        self._copy(chunk)
         if self._dir is not None:
-            total = sum(
-                (e[2]["data_offsets"][1] - e[2]["data_offsets"][0]) for n, e in self._entries.items() if n in self.written
-            )
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self._weight_map.items()))}
-            (self._dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            index = {"metadata": {"total_size": self._data_bytes}, "weight_map": dict(sorted(self._weight_map.items()))}
+            self._index_written = True
+            encoded = json.dumps(index, indent=2).encode()
+            _write_atomic(self._dir / INDEX_NAME, lambda f: f.write(encoded))
+        self._begun = False
+
+    def abort(self) -> None:
+        """End a failed run: remove what it wrote to ``out`` (its index if it got that far, then its shards)."""
+        if self._dir is not None:
+            for name in [INDEX_NAME] * self._index_written + self._files:
+                try:
+                    (self._dir / name).unlink(missing_ok=True)
+                except OSError:  # best effort: the error being handled is the one to report
+                    pass
+            _fsync_dir(self._dir)
+        self._reset()
+        self._begun = False
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write ``tensors`` (contiguous, CPU) to a safetensors file, straight from their memory.
+    """Write ``tensors`` (CPU) to a safetensors file, straight from their memory, so that it exists only complete.
 
     ``safetensors.torch.save_file`` first copies every tensor into a Python
     ``bytes``; this writes the header and then each tensor's bytes, so that
-    writing a block costs no second copy of it.
+    writing a block costs no second copy of it. The file is written under a
+    temporary name beside ``path``, synced, and renamed to ``path``.
+
+    Raises:
+        TypeError: a tensor's dtype has no safetensors name.
 
     Example::
 
@@ -178,22 +486,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> 
         >>> load_file(str(path))["w"].sum().item()
         4.0
     """
-    names = {dtype: name for name, dtype in _DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, tensor in tensors.items():
-        if tensor.dtype not in names:
-            raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    _write_shard(Path(path), _records(tensors))
 
 
 def prepare_on_meta(
@@ -218,6 +511,7 @@ def prepare_on_meta(
         The prepared ``GraphModule``, its weights and masks on the meta device.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``model`` has no meta tensor, or another capture method is asked for.
 
     Example::
@@ -228,6 +522,11 @@ def prepare_on_meta(
         >>> gm.get_parameter("0.weight").is_meta, gm.get_buffer("0.weight_mask").is_meta
         (True, True)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module built under torch.device('meta'), got {type(model).__name__} "
+            f"{str(model)[:60]!r}: build it with `with torch.device('meta'): model = MyModel(config)`"
+        )
     method = kwargs.pop("capture_method", "symbolic_trace")
     if method != "symbolic_trace":
         raise ValueError(f"prepare_on_meta captures by symbolic tracing only, got capture_method={method!r}")
@@ -284,37 +583,59 @@ class WeightStreamer:
     """Loads each stage's tensors into ``gm`` before it runs and writes and unloads them after.
 
     Built (and everything checked) before the first stage runs; used by
-    :func:`fx_sparsity.calibration.sequential.prune_sequential`.
+    :func:`fx_sparsity.calibration.sequential.prune_sequential`. Only the
+    tensors it loaded are written from ``gm`` and put back on the meta device;
+    the checkpoint's others are copied from it at the end.
 
     Raises:
-        ValueError: a meta tensor a stage reads is not in the checkpoint under
-            any of its names; a masked weight is also read unmasked (its pruned
-            version cannot be written back for both uses).
+        ValueError: a masked weight of ``gm`` is a real tensor (a module
+            prepared in memory: streaming is for :func:`prepare_on_meta`'s); a
+            meta tensor a stage reads is not in the checkpoint under any of its
+            names; a checkpoint tensor has another shape than the model's, or a
+            dtype torch cannot read; a masked weight is also read unmasked (its
+            pruned version cannot be written back for both uses).
     """
 
     def __init__(self, gm: fx.GraphModule, store: SafetensorsWeights, stages: Sequence[Stage]) -> None:
         self.gm, self.store = gm, store
         sparsifier = get_sparsifier(gm)
         self._masked = {g["tensor_fqn"]: g for g in sparsifier.groups}
+        real = [f for f in self._masked if not _get(gm, f).is_meta]
+        if real:
+            raise ValueError(
+                f"weights= streams a module prepared on the meta device, but gm's {real[0]}"
+                f"{f' (and {len(real) - 1} more masked weights)' if len(real) > 1 else ''} is a real tensor: streaming "
+                "would prune it in place and leave gm on the meta device. For a module in memory call "
+                "prune_sequential(gm, batches) without weights=; for one larger than memory build the model under "
+                "torch.device('meta') and prepare it with fx_sparsity.calibration.prepare_on_meta"
+            )
         self._aliases = {}
         for aliases in tensor_aliases(gm).values():
             for a in aliases:
                 self._aliases[a] = aliases
         self._tensors = [stage_tensors(gm, s) for s in stages]
-        masks = {f + "_mask" for f in self._masked}
-        missing = []
+        missing, read = [], set()
         for fqns in self._tensors:
             for fqn in fqns:
-                if fqn in masks or fqn not in self._aliases or not _get(gm, fqn).is_meta:
+                if self._is_mask(fqn) or fqn not in self._aliases or not _get(gm, fqn).is_meta:
                     continue
-                if self._key(fqn) is None:
+                key = self._key(fqn)
+                if key is None:
                     missing.append(fqn)
+                else:
+                    read.add(key)
         if missing:
             raise ValueError(
                 f"{sorted(set(missing))[:5]} are on the meta device and not in the checkpoint under any of their "
                 "names: materialise them on the model before preparing (non-persistent buffers such as "
                 "rotary inv_freq are not saved in checkpoints)"
             )
+        shapes = {}
+        for fqn, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+            key = self._key(fqn)
+            if tensor.is_meta and not self._is_mask(fqn) and key is not None:
+                shapes[key] = (fqn, tuple(tensor.shape))
+        store._check_model(shapes, read)
         muls = [n for n in gm.graph.nodes if (t := get_sparse_target(n)) is not None and t.role == "mask_mul"]
         for fqn in self._masked:
             mul = [n for n in muls if get_sparse_target(n).tensor_fqn == fqn]
@@ -325,9 +646,17 @@ class WeightStreamer:
                     "version cannot be written back for both uses; exclude it from the config"
                 )
         self.loaded_bytes = self.peak_loaded_bytes = 0
+        self._loaded: list[str] = []
 
     def _key(self, fqn: str) -> str | None:
         return next((a for a in self._aliases.get(fqn, [fqn]) if a in self.store), None)
+
+    def _is_mask(self, fqn: str) -> bool:
+        return fqn.endswith("_mask") and fqn[: -len("_mask")] in self._masked
+
+    def begin(self) -> None:
+        """Prepare the output (checked again, an earlier run's output there removed); call before the first stage."""
+        self.store.begin()
 
     def load(self, index: int) -> None:
         """Materialise the tensors stage ``index`` reads (masks as ones); ``loaded_bytes`` says how much."""
@@ -336,7 +665,7 @@ class WeightStreamer:
             tensor = _get(self.gm, fqn)
             if not isinstance(tensor, torch.Tensor) or not tensor.is_meta:
                 continue
-            if fqn.endswith("_mask") and fqn[: -len("_mask")] in self._masked:
+            if self._is_mask(fqn):
                 real = torch.ones(tensor.shape, dtype=tensor.dtype)
             else:
                 key = self._key(fqn)
@@ -347,29 +676,38 @@ class WeightStreamer:
             if isinstance(tensor, nn.Parameter):
                 real = nn.Parameter(real, tensor.requires_grad)
             set_tensor(self.gm, self._aliases.get(fqn, [fqn]), real)
+            self._loaded.append(fqn)
             total += real.nbytes
         self.loaded_bytes = total
         self.peak_loaded_bytes = max(self.peak_loaded_bytes, total)
 
     def release(self, index: int) -> None:
-        """Write stage ``index``'s tensors that are final (pruned weights, ones no later stage prunes), then unload."""
+        """Write the weights stage ``index`` loaded (pruned), unless written already, then unload them."""
         done: dict[str, torch.Tensor] = {}
-        for fqn in self._tensors[index]:
-            tensor = _get(self.gm, fqn)
-            if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
-                continue
+        for fqn in self._loaded:
             key = self._key(fqn)
-            if key is not None and key not in self.store.written and key not in done:
-                if fqn in self._masked:  # the loaded copy (or SparseGPT's own) goes right after: prune in place
-                    tensor.detach().mul_(_get(self.gm, fqn + "_mask"))
-                done[key] = tensor
-        self.store.save(done)
-        for fqn in self._tensors[index]:
+            if self._is_mask(fqn) or key in self.store.written or key in done:
+                continue
             tensor = _get(self.gm, fqn)
-            if isinstance(tensor, torch.Tensor) and not tensor.is_meta and (self._key(fqn) is not None or fqn.endswith("_mask")):
+            if fqn in self._masked:  # the loaded copy (or SparseGPT's own) goes right after: prune in place
+                tensor.detach().mul_(_get(self.gm, fqn + "_mask"))
+            done[key] = tensor
+        self.store.save(done)
+        self._unload()
+
+    def _unload(self) -> None:
+        for fqn in self._loaded:
+            tensor = _get(self.gm, fqn)
+            if not tensor.is_meta:
                 set_tensor(self.gm, self._aliases.get(fqn, [fqn]), _meta_like(tensor))
+        self._loaded = []
         _release_heap()
 
     def finish(self) -> None:
-        """Copy the checkpoint's other tensors to the output and close it."""
+        """Copy the checkpoint's other tensors to the output and close it (the index last)."""
         self.store.close(max(self.peak_loaded_bytes, 1 << 26))
+
+    def abort(self) -> None:
+        """After a failed stage: put what is loaded back on the meta device and remove what was written."""
+        self._unload()
+        self.store.abort()
