@@ -505,7 +505,8 @@ def prepare_on_meta(
     Args:
         model: the module, built under ``torch.device("meta")`` (it is not modified).
         config, sparsifier, kwargs: as for :func:`fx_sparsity.prepare`;
-            ``capture_method`` must be ``"symbolic_trace"`` (the default here).
+            ``capture_method`` must be ``"symbolic_trace"`` (the default here), and ``mask_dtype``
+            defaults to ``torch.bool`` here: streamed masks are transient, one byte per weight.
 
     Returns:
         The prepared ``GraphModule``, its weights and masks on the meta device.
@@ -540,6 +541,7 @@ def prepare_on_meta(
             with mode:
                 fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
             set_tensor(clone, aliases, nn.Parameter(fake, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fake)
+    kwargs.setdefault("mask_dtype", torch.bool)
     gm = prepare(clone, config, sparsifier=sparsifier, capture_method="symbolic_trace", **kwargs)
     for aliases in tensor_aliases(gm).values():
         tensor = _get(gm, aliases[0])
