@@ -19,24 +19,21 @@ are checked before the first block; the output folder may not hold the source's
 files; each shard is written under a temporary name, synced and renamed, an
 earlier run's index is removed before the first shard and the new one written
 last, and a failed run removes what it wrote. A killed run so leaves no index,
-and at most a ``.partial`` file, which no loader takes for a checkpoint.
+and at most a ``.partial`` file, which no loader takes for a checkpoint. The file
+format itself (headers checked, atomic writes) is :mod:`fx_sparsity.utils.safetensors_files`.
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 import functools
 import json
-import math
 import os
 import re
-import secrets
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -45,178 +42,25 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.preparation import prepare
 from fx_sparsity.sparsifier.base import BaseSparsifier
+from fx_sparsity.utils.safetensors_files import (
+    DTYPES,
+    TensorEntry,
+    fsync_dir,
+    read_header,
+    read_index,
+    tensor_records,
+    write_atomic,
+    write_shard,
+)
 from passes import get_sparse_target
 from passes.calibration import Stage, stage_tensors
 from passes.utils import fqns_read, set_tensor, split_fqn, tensor_aliases
 
 __all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta", "write_safetensors"]
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
-_MAX_HEADER = 100_000_000  # the safetensors format's own limit on a header's length
 _SHARD = re.compile(r"pruned-\d{5}\.safetensors")
 _PARTIAL = re.compile(r"\.(pruned-\d{5}\.safetensors|model\.safetensors\.index\.json)\..+\.partial")
-_ENTRY_FORM = "{'dtype': str, 'shape': [int, ...], 'data_offsets': [start, end]}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """Where one tensor of a checkpoint lies: its file, the absolute offset and length of its bytes, its header."""
-
-    path: Path
-    start: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _is_ints(value: Any, length: int | None = None) -> bool:
-    return (
-        isinstance(value, list)
-        and (length is None or len(value) == length)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    )
-
-
-def _read_header(path: Path, what: str) -> dict[str, _Entry]:
-    """The tensors of safetensors file ``path`` (``what`` names it in errors), every header entry checked."""
-
-    def refuse(reason: str) -> ValueError:
-        return ValueError(f"{what} is not a safetensors file: {reason}")
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise refuse(f"it has {size} bytes, fewer than the 8 of a header length")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(size - 8, _MAX_HEADER):
-                raise refuse(f"its first 8 bytes give a header of {length} bytes, the file has {size} (at most 100 MB)")
-            raw = f.read(length)
-    except OSError as e:
-        raise ValueError(f"{what} cannot be read: {e}") from e
-    try:
-        header = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise refuse(f"its header is not JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise refuse(f"its header is a JSON {type(header).__name__}, not an object of tensor entries")
-    header.pop("__metadata__", None)
-    data = size - 8 - length
-    entries: dict[str, _Entry] = {}
-    for name, entry in header.items():
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and _is_ints(entry.get("shape"))
-            and _is_ints(entry.get("data_offsets"), 2)
-        ):
-            raise refuse(f"tensor {name!r} has the entry {str(entry)[:120]}, not {_ENTRY_FORM}")
-        start, end = entry["data_offsets"]
-        if not start <= end <= data:
-            raise refuse(f"tensor {name!r} has data_offsets {[start, end]} outside the file's {data} data bytes (truncated?)")
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is not None and end - start != math.prod(entry["shape"]) * dtype.itemsize:
-            raise refuse(
-                f"tensor {name!r} of shape {entry['shape']} and dtype {entry['dtype']} needs "
-                f"{math.prod(entry['shape']) * dtype.itemsize} bytes, its data_offsets {[start, end]} hold {end - start}"
-            )
-        entries[name] = _Entry(path, 8 + length + start, end - start, entry["dtype"], tuple(entry["shape"]))
-    return entries
-
-
-def _read_index(source: Path) -> dict[str, Path]:
-    """The shard of each tensor that the sharded checkpoint index ``source`` lists."""
-    what = f"source {str(source)!r}"
-    try:
-        index = json.loads(source.read_bytes())
-    except ValueError as e:
-        raise ValueError(f"{what} is not JSON ({e}): give a sharded checkpoint's *.index.json or a .safetensors file") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(
-            f"{what} has no 'weight_map' object (it is a JSON {type(index).__name__}"
-            f"{' with keys ' + str(sorted(index))[:80] if isinstance(index, dict) else ''}): not a sharded safetensors index"
-        )
-    shards: dict[str, Path] = {}
-    for name, file in weight_map.items():
-        if not isinstance(file, str) or not file:
-            raise ValueError(f"{what}: weight_map gives tensor {name!r} the shard {file!r}, not a file name")
-        path = source.parent / file
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: weight_map puts tensor {name!r} in {str(path)!r}, which is not a file")
-        shards[name] = path
-    return shards
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames and removals in ``directory`` durable (where the platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` so that it exists only complete: under a temporary ``.partial`` name beside it, synced,
-    then renamed over it; on any error the temporary file is removed."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    # os.open rather than tempfile.mkstemp: the file gets the umask's permissions, not mkstemp's 0600
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_shard(path: Path, records: Sequence[tuple[str, str, tuple[int, ...], torch.Tensor]]) -> int:
-    """Write a safetensors file of ``(name, dtype name, shape, contiguous CPU tensor)`` records, each tensor's
-    bytes straight from its memory; return the number of data bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape, tensor in records:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-
-    def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for *_, tensor in records:
-            if tensor.numel():
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-
-    _write_atomic(path, write)
-    return offset
-
-
-def _records(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], torch.Tensor]]:
-    records = []
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        records.append((name, _NAMES[tensor.dtype], tuple(tensor.shape), tensor.detach().contiguous()))
-    return records
 
 
 def _is_own_index(path: Path) -> bool:
@@ -284,11 +128,11 @@ class SafetensorsWeights:
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"source {str(source)!r} is not a file: give a .safetensors file or an *.index.json")
-        shards = _read_index(source) if source.name.endswith(".json") else {}
-        self._entries: dict[str, _Entry] = {}
+        shards = read_index(source) if source.name.endswith(".json") else {}
+        self._entries: dict[str, TensorEntry] = {}
         for path in sorted(set(shards.values())) or [source]:
             what = f"shard {str(path)!r} of source {str(source)!r}" if shards else f"source {str(source)!r}"
-            for name, entry in _read_header(path, what).items():
+            for name, entry in read_header(path, what).items():
                 if name in self._entries:
                     raise ValueError(f"{what}: tensor {name!r} is also in {str(self._entries[name].path)!r}")
                 self._entries[name] = entry
@@ -360,7 +204,7 @@ class SafetensorsWeights:
     def load(self, name: str) -> torch.Tensor:
         """Read tensor ``name`` into new memory (a plain file read, no memory map)."""
         entry = self._entries[name]
-        dtype = _DTYPES.get(entry.dtype)
+        dtype = DTYPES.get(entry.dtype)
         if dtype is None:
             raise ValueError(f"tensor {name!r} of {entry.path} has dtype {entry.dtype}, which torch cannot read")
         return self._read_bytes(name).view(dtype).reshape(entry.shape)
@@ -376,7 +220,7 @@ class SafetensorsWeights:
                 problems.append(f"tensor {name!r} of {entry.path} has shape {entry.shape}, the model's {fqn} {tuple(shape)}")
         for name in sorted(read if self._callback is None else set(self._entries)):
             entry = self._entries[name]
-            if entry.dtype not in _DTYPES:
+            if entry.dtype not in DTYPES:
                 problems.append(f"tensor {name!r} of {entry.path} has dtype {entry.dtype}, which torch cannot read")
         if problems:
             raise ValueError(f"the checkpoint does not fit the model: {'; '.join(problems[:5])}" + (" ..." if len(problems) > 5 else ""))
@@ -389,7 +233,7 @@ class SafetensorsWeights:
             try:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 (self._dir / INDEX_NAME).unlink(missing_ok=True)
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
                 for file in self._dir.iterdir():
                     if _SHARD.fullmatch(file.name) or _PARTIAL.fullmatch(file.name):
                         file.unlink()
@@ -399,14 +243,14 @@ class SafetensorsWeights:
 
     def _stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         entry = self._entries.get(name)
-        dtype = _DTYPES.get(entry.dtype) if entry is not None else None
+        dtype = DTYPES.get(entry.dtype) if entry is not None else None
         tensor = tensor.detach()
         return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
     def _write(self, records: Sequence[tuple[str, str, tuple[int, ...], torch.Tensor]]) -> None:
         name = f"pruned-{len(self._files):05d}.safetensors"
         self._files.append(name)
-        self._data_bytes += _write_shard(self._dir / name, records)
+        self._data_bytes += write_shard(self._dir / name, records)
         self._weight_map.update(dict.fromkeys((r[0] for r in records), name))
 
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -419,7 +263,7 @@ class SafetensorsWeights:
         if self._callback is not None:
             self._callback(tensors)
         else:
-            self._write(_records(tensors))
+            self._write(tensor_records(tensors))
         self.written.update(tensors)
 
     def _copy(self, names: list[str]) -> None:
@@ -450,7 +294,7 @@ class SafetensorsWeights:
             index = {"metadata": {"total_size": self._data_bytes}, "weight_map": dict(sorted(self._weight_map.items()))}
             self._index_written = True
             encoded = json.dumps(index, indent=2).encode()
-            _write_atomic(self._dir / INDEX_NAME, lambda f: f.write(encoded))
+            write_atomic(self._dir / INDEX_NAME, lambda f: f.write(encoded))
         self._begun = False
 
     def abort(self) -> None:
@@ -461,7 +305,7 @@ class SafetensorsWeights:
                     (self._dir / name).unlink(missing_ok=True)
                 except OSError:  # best effort: the error being handled is the one to report
                     pass
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         self._reset()
         self._begun = False
 
@@ -486,7 +330,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> 
         >>> load_file(str(path))["w"].sum().item()
         4.0
     """
-    _write_shard(Path(path), _records(tensors))
+    write_shard(Path(path), tensor_records(tensors))
 
 
 def prepare_on_meta(
