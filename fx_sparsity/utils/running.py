@@ -120,7 +120,8 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     parameters = list(signature.parameters.values())
     kinds = {p.kind for p in parameters}
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    owner = f"{type(module).__name__}'s forward"
+    # A captured module's class name is the model's (symbolic tracing) or an internal one (torch.export).
+    owner = "the GraphModule's forward" if isinstance(module, torch.fx.GraphModule) else f"{type(module).__name__}'s forward"
     if inspect.Parameter.VAR_POSITIONAL not in kinds and len(args) > len(positional):
         extra = ", ".join(f"{name}[{i}] ({_describe(v)})" for i, v in enumerate(args) if i >= len(positional))
         plural = "is not an input" if len(args) - len(positional) == 1 else "are not inputs"
@@ -132,9 +133,11 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:
-        raise TypeError(
-            f"{name} does not fit {owner}{signature} ({e}); give the inputs the model takes"
-        ) from None
+        empty = inspect.Parameter.empty
+        plain = signature.replace(
+            parameters=[p.replace(annotation=empty) for p in parameters], return_annotation=empty
+        )
+        raise TypeError(f"{name} does not fit {owner}{plain} ({e}); give the inputs the model takes") from None
 
 
 def _describe(value: Any) -> str:
