@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from passes.matching.weights import WeightMatch, is_transposed_linear, op_kind, weight_of
+from passes.matching.weights import WeightMatch, is_transposed_linear, op_kind, weight_of, weight_parametrizations
 from passes.meta import get_capture
 from passes.utils import get_tensor
 
@@ -46,7 +46,11 @@ def _candidate_weights(model: nn.Module) -> dict[int, str]:
     ``bias`` attribute, as transformers' ``Conv1D``)."""
     names = {id(t): fqn for fqn, t in model.named_parameters()}
     found: dict[int, str] = {}
-    for module in model.modules():
+    for fqn, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight_parametrizations(module):
+            # No stored tensor: keyed by the module (the ids of live objects never collide).
+            found.setdefault(id(module), f"{fqn}.weight" if fqn else "weight")
+            continue
         if isinstance(module, nn.MultiheadAttention):
             tensors = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
         elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -141,15 +145,32 @@ def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[We
             if isinstance(value, torch.Tensor):
                 reads.setdefault(id(value), []).extend(node.users)
         elif node.op == "call_module" and op_kind(node, gm) is not None:
-            reads.setdefault(id(weight_of(node, gm)), []).append(node)
+            weight = weight_of(node, gm)
+            if weight is not None:
+                reads.setdefault(id(weight), []).append(node)
         elif node.op == "call_module":
             for tensor in gm.get_submodule(node.target).parameters():
                 leaves.setdefault(id(tensor), []).append(node)
     tensors = {id(t): t for t in model.parameters()}
+    modules = {id(m): m for m in model.modules()}
     unmatched = []
     for tid, fqn in _candidate_weights(model).items():
         if tid in matched:
             continue
-        reason, remedy = _why_unmatched(gm, tensors[tid], reads.get(tid, []), leaves.get(tid, []))
+        if tid in modules:
+            reason, remedy = _why_parametrized(modules[tid], fqn.rpartition(".")[0])
+        else:
+            reason, remedy = _why_unmatched(gm, tensors[tid], reads.get(tid, []), leaves.get(tid, []))
         unmatched.append(UnmatchedWeight(fqn, reason, remedy))
     return unmatched
+
+
+def _why_parametrized(module: nn.Module, fqn: str) -> tuple[str, str]:
+    originals = [f"{fqn + '.' if fqn else ''}parametrizations.weight.{n}" for n, _ in
+                 module.parametrizations["weight"].named_parameters()]
+    return (
+        f"computed on each access by the parametrization {', '.join(weight_parametrizations(module))} "
+        f"(torch.nn.utils.parametrize) from {', '.join(originals)}: there is no stored weight tensor to mask",
+        f"remove the parametrization before prepare (torch.nn.utils.parametrize.remove_parametrizations("
+        f"model.get_submodule({fqn!r}), 'weight') stores the weight it computes), or leave {fqn!r} out of the config",
+    )
