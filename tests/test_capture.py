@@ -379,3 +379,18 @@ def test_loaded_static_export_capture_still_checks_input_shapes():
         torch.testing.assert_close(loaded(x), model(x))
         with pytest.raises(AssertionError, match=r"Guard failed: input 0.size\(\)\[0\] == 3"):
             loaded(torch.randn(5, 6))
+
+
+@pytest.mark.parametrize("method", ["auto", "symbolic_trace", "export"])
+def test_an_attribute_that_cannot_be_copied_is_named(method):
+    """A threading.Lock on a submodule: capture copies the model (sharing its tensors) and deepcopy refuses the lock.
+    The TypeError names the submodule, its class, the attribute and the lock's type, with every capture method (the
+    export capture wrapped it as a torch.export failure, advising torch.cond)."""
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"the attribute 'lock' of submodule '2' \(Linear\), a _thread.lock, cannot be "
+                                        r"copied .*define __deepcopy__") as info:
+        capture(model, example_inputs=(torch.randn(3, 4),), method=method)
+    assert "torch.cond" not in str(info.value)

@@ -24,6 +24,7 @@ can, and warns when it cannot. How a module was captured is recorded as a
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import os
@@ -100,14 +101,39 @@ def _failing_construct(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _uncopyable_attribute(model: nn.Module) -> tuple[str, str, object] | None:
+    """``(module FQN, attribute, value)`` of the first module attribute ``copy.deepcopy`` refuses (tensors shared,
+    as capture copies them), or ``None`` when each copies on its own."""
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for fqn, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name in _MODULE_INTERNALS:
+                continue
+            try:
+                copy.deepcopy(value, dict(memo))
+            except Exception:
+                return fqn, name, value
+    return None
+
+
 def _clone(model: nn.Module) -> nn.Module:
     try:
         return clone_sharing_tensors(model)
     except Exception as e:
-        raise CaptureError(
+        found = _uncopyable_attribute(model)
+        where = ""
+        if found is not None:
+            fqn, name, value = found
+            owner = f"submodule {fqn!r} ({type(model.get_submodule(fqn)).__name__})" if fqn else "the model itself"
+            where = f"the attribute {name!r} of {owner}, a {type(value).__module__}.{type(value).__qualname__}, "
+        raise TypeError(
             f"capture works on a copy of {type(model).__name__} (copy.deepcopy sharing its parameters and "
-            f"buffers), so that tracing never writes onto the model, but copying it failed: "
-            f"{type(e).__name__}: {e}. Make the model's attributes deep-copyable (or define __deepcopy__)."
+            f"buffers), so that tracing never writes onto the model, but {where or 'the model '}cannot be "
+            f"copied ({type(e).__name__}: {e}). Make it deep-copyable (define __deepcopy__ on its class), or set "
+            "it outside the model (or after prepare, on the prepared module)."
         ) from e
 
 
@@ -309,8 +335,9 @@ def capture(
 
     Raises:
         TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
-            DataParallel/DistributedDataParallel or torch.compile wrapper), or an
-            argument has the wrong type (a string as ``leaf_modules``, ...).
+            DataParallel/DistributedDataParallel or torch.compile wrapper), cannot be
+            copied (naming the module and attribute ``copy.deepcopy`` refuses, such as a
+            ``threading.Lock``), or an argument has the wrong type (a string as ``leaf_modules``, ...).
         ValueError: ``model`` has uninitialized lazy modules, tensors on the
             meta device, or is already prepared (mask buffers or nodes);
             ``leaf_modules`` names no module; ``dynamic_shapes`` without
@@ -329,6 +356,7 @@ def capture(
     example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
     name = type(model).__name__
     if method == "export":
+        _clone(model)  # a model that cannot be copied is the user's to fix, not a failure of torch.export
         try:
             gm = _export(model, example_args, dynamic_shapes)
         except Exception as e:
