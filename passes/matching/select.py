@@ -144,9 +144,10 @@ def select_weights(
     """The weights the rules select, each with the overrides of its winning rule.
 
     Args:
-        model: the module whose FQNs the rules name, to describe a name that
-            selects nothing: best the user's model, whose containers the
-            captured graph module may have flattened.
+        model: the module whose FQNs the rules name (its names of a weight select it too,
+            and describe a name that selects nothing): best the user's model, whose
+            containers the captured graph module may have flattened, and whose aliased
+            modules symbolic tracing keeps under one name.
         matches: output of :func:`passes.matching.weights.find_weights`.
         rules: ``None`` selects every match with no overrides.
 
@@ -154,7 +155,8 @@ def select_weights(
         ``(match, overrides)`` pairs in the order of ``matches``.
 
     Raises:
-        ValueError: a rule selects nothing, or two exact rules name the same key.
+        ValueError: a rule selects nothing, two exact rules name the same key, or two exact rules
+            name one weight under two of its names with different overrides.
 
     Example::
 
