@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,7 +73,8 @@ def prepare(
 
     Raises:
         TypeError / ValueError: bad arguments, a config entry that selects
-            nothing or sets an unknown argument, hooks on a masked layer;
+            nothing or sets an unknown argument, hooks on a masked layer, tensors
+            on the meta device (pointing to :func:`fx_sparsity.calibration.prepare_on_meta`);
             raised before anything is built.
         CaptureError: the model could not be captured.
 
@@ -83,6 +85,16 @@ def prepare(
         >>> gm.get_buffer("0.weight_mask").mean().item()  # 1 = kept, in the weight's dtype
         0.25
     """
+    if isinstance(model, nn.Module):
+        meta = next((f for f, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"model has tensors on the meta device ({meta}, ...): prepare needs real weights. For a model "
+                "built on the meta device because it is too large for memory, use "
+                "fx_sparsity.calibration.prepare_on_meta(model, config, sparsifier=...), then "
+                "prune_sequential(gm, batches, weights=SafetensorsWeights(checkpoint)); else materialise the "
+                "tensors first (model.to_empty(device='cpu') and load the weights)"
+            )
     if sparsifier is None:
         sparsifier = WeightNormSparsifier()
     elif not isinstance(sparsifier, BaseSparsifier):

@@ -379,3 +379,116 @@ def test_loaded_static_export_capture_still_checks_input_shapes():
         torch.testing.assert_close(loaded(x), model(x))
         with pytest.raises(AssertionError, match=r"Guard failed: input 0.size\(\)\[0\] == 3"):
             loaded(torch.randn(5, 6))
+
+
+@pytest.mark.parametrize("method", ["auto", "symbolic_trace", "export"])
+def test_an_attribute_that_cannot_be_copied_is_named(method):
+    """A threading.Lock on a submodule: capture copies the model (sharing its tensors) and deepcopy refuses the lock.
+    The TypeError names the submodule, its class, the attribute and the lock's type, with every capture method (the
+    export capture wrapped it as a torch.export failure, advising torch.cond)."""
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"the attribute 'lock' of submodule '2' \(Linear\), a _thread.lock, cannot be "
+                                        r"copied .*define __deepcopy__") as info:
+        capture(model, example_inputs=(torch.randn(3, 4),), method=method)
+    assert "torch.cond" not in str(info.value)
+
+
+@torch.fx.wrap
+def _wrapped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight)
+
+
+@torch.fx.wrap
+def _wrapped_branchy_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.sum() > 0:  # data-dependent: torch.export cannot capture it
+        return torch.nn.functional.linear(x, weight)
+    return torch.nn.functional.linear(x, weight).relu()
+
+
+class WrappedWeightNet(nn.Module):
+    """fc is called as a module; proj's weight is used only inside a torch.fx.wrap'ed function (as torchvision's
+    swin_t passes its attention projections to shifted_window_attention); with ``branchy``, a wrapped function
+    torch.export cannot capture."""
+
+    def __init__(self, branchy: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+        self.branchy = branchy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branchy:
+            return _wrapped_branchy_linear(self.fc(x), self.proj.weight)
+        return _wrapped_linear(self.fc(x), self.proj.weight)
+
+
+def test_auto_capture_takes_export_when_tracing_hides_weights_export_exposes():
+    """WrappedWeightNet with example inputs: symbolic tracing succeeds but leaves proj.weight in an opaque call, which
+    the export graph exposes; method='auto' now returns the export capture (every weight matched) and warns, naming
+    proj.weight and both ways to choose. Without example inputs, and with leaf_modules or concrete_args (symbolic
+    tracing's own knobs), it keeps the trace."""
+    import warnings
+
+    from passes import find_weights, unmatched_weights
+
+    model, x = WrappedWeightNet(), torch.randn(3, 8)
+    with pytest.warns(UserWarning, match=r"WrappedWeightNet was captured with torch.export, not symbolic tracing: .*"
+                                         r"\(proj.weight; passed to _wrapped_linear.*capture_method='symbolic_trace'"):
+        gm = capture(model, example_inputs=(x,))
+    assert get_capture(gm).method == "export"
+    assert sorted(m.tensor_fqn for m in find_weights(gm)) == ["fc.weight", "proj.weight"]
+    assert unmatched_weights(model, gm, find_weights(gm)) == []
+    torch.testing.assert_close(gm(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs in ({}, {"example_inputs": (x,), "leaf_modules": [nn.ReLU]},
+                       {"example_inputs": (x,), "concrete_args": {}}):
+            assert get_capture(capture(model, **kwargs)).method == "symbolic_trace", kwargs
+
+
+def test_auto_capture_keeps_the_trace_that_masks_everything_or_when_export_fails():
+    """MixedNet, whose every weight the trace matches, stays symbolically traced with example inputs (no export run,
+    no warning); a wrapped function torch.export cannot capture (data-dependent control flow) keeps the trace too,
+    its weight reported with the export remedy."""
+    import warnings
+
+    from passes import find_weights, unmatched_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(MixedNet(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert get_capture(gm).method == "symbolic_trace"
+    model = WrappedWeightNet(branchy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = capture(model, example_inputs=(torch.randn(3, 8),))
+    assert get_capture(gm).method == "symbolic_trace"
+    (hidden,) = unmatched_weights(model, gm, find_weights(gm))
+    assert hidden.tensor_fqn == "proj.weight" and hidden.opaque and "method='export'" in hidden.remedy
+
+
+def test_auto_capture_of_a_small_swin_masks_every_weight():
+    """torchvision's SwinTransformer (2 stages, embed_dim 16; swin_t's blocks, where symbolic tracing left the qkv
+    and proj weights of every attention in shifted_window_attention): prepare with example inputs now masks all 11
+    Linear/Conv weights, none left dense, and the masked module computes the model."""
+    import warnings
+
+    import fx_sparsity
+
+    swin = pytest.importorskip("torchvision.models.swin_transformer", reason="torchvision is not importable here")
+    torch.manual_seed(0)
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                 window_size=[4, 4], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = fx_sparsity.prepare(model, example_inputs=(x,))
+    assert any("captured with torch.export, not symbolic tracing" in str(w.message) for w in caught)
+    assert not any("the config selects stay dense" in str(w.message) for w in caught)
+    assert get_capture(gm).method == "export" and fx_sparsity.get_unmatched(gm) == ()
+    assert len(fx_sparsity.get_sparsifier(gm).records) == 11
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))

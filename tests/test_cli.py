@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,44 @@ def test_eval_errors_equal_compare_on_the_same_batches(capsys, monkeypatch):
     assert compare_table({"prepared": first, "lowered (fuse)": second}) in out
     assert cli.main(["--method=magnitude", "--no-graph", "--no-progress"]) == cli.EXIT_OK
     assert "relative error of each layer" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["folder", "empty", "unwritable"])
+def test_export_path_that_cannot_be_written_exits_2_before_the_run(kind, tmp_path, capsys):
+    """--export to a folder, to '' or to a path that cannot be created (under /sys: os.access says yes to root, but
+    no file can be made there): exit 2 with the reason before anything runs (no table printed), and no file left."""
+    if kind == "unwritable" and not os.path.isdir("/sys"):
+        pytest.skip("needs Linux's /sys")
+    path = {"folder": str(tmp_path), "empty": "", "unwritable": "/sys/fx_sparsity_export.pt2"}[kind]
+    message = {"folder": f"--export {tmp_path} is a folder", "empty": "--export is empty",
+               "unwritable": "--export /sys/fx_sparsity_export.pt2 cannot be written"}[kind]
+    assert cli.main([f"--export={path}", "--no-graph", "--no-progress"]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists("/sys/fx_sparsity_export.pt2")
+
+
+def test_export_check_leaves_an_existing_file_as_it_was(tmp_path, monkeypatch):
+    """The check opens the --export file for appending: an existing file keeps its bytes until the run replaces it,
+    and a new path is not created by the check."""
+    existing, fresh = tmp_path / "old.pt2", tmp_path / "new.pt2"
+    existing.write_bytes(b"earlier run")
+    cli._check_export_path(str(existing))
+    cli._check_export_path(str(fresh))
+    assert existing.read_bytes() == b"earlier run" and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt2"]
+
+
+def test_failed_export_save_leaves_no_file(tmp_path, monkeypatch):
+    """A save that fails half-way (here after writing some bytes) leaves neither the --export file nor its temporary:
+    the program is written under a temporary name and renamed onto the path only once complete."""
+    import torch
+
+    def broken_save(program, f):
+        f.write(b"half a program")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", broken_save)
+    path = tmp_path / "m.pt2"
+    with pytest.raises(OSError, match="No space left on device"):
+        cli.main([f"--export={path}", "--no-graph", "--no-progress"])
+    assert list(tmp_path.iterdir()) == []

@@ -188,3 +188,76 @@ def test_lowered_tied_weights_are_credited_to_the_calling_layer():
         assert (q.name, q.calls, q.note) == (p.name, p.calls, p.note)
         assert q.relative_error == pytest.approx(p.relative_error, rel=1e-4)
     assert [layer.calls for layer in lowered.layers] == [2, 2, 2, 4, 2]
+
+
+@pytest.mark.parametrize("function", [compare, print_compare])
+@pytest.mark.parametrize("batches, match", [
+    (None, "batches must be an iterable of model inputs.*got NoneType"),
+    (5, "batches must be an iterable of model inputs.*got int"),
+    (torch.randn(4, 16), r"got Tensor \(one tensor would run row by row: wrap it in a list, \[x\]\)"),
+])
+def test_batches_that_are_no_iterable_of_inputs_are_refused(function, batches, match, capsys):
+    """compare / print_compare with batches=None, 5 (a TypeError not naming batches) or one tensor (run row by row,
+    each row a batch of its own, where calibrate refuses it): a TypeError naming batches and the fix, nothing
+    printed."""
+    model = Net()
+    gm = prepare(model)
+    with pytest.raises(TypeError, match=match):
+        function(model, gm, batches)
+    assert capsys.readouterr().out == ""
+
+
+def test_one_layer_given_as_a_string_is_that_layer():
+    """layers='fc1' on a Sequential of fc1, relu, fc2 is the layer fc1 (it was read as ['f', 'c', '1'], which are not
+    modules); an unknown name lists the closest FQNs, a non-string entry is refused."""
+    from collections import OrderedDict
+
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(16, 32), relu=nn.ReLU(), fc2=nn.Linear(32, 8)))
+    gm = prepare(model)
+    fx_sparsity.get_sparsifier(gm).step()
+    batches = [torch.randn(4, 16)]
+    report = compare(model, gm, batches, layers="fc1")
+    assert report == compare(model, gm, batches, layers=["fc1"])
+    assert [e.name for e in report.layers] == ["fc1"] and report.layers[0].relative_error > 0
+    with pytest.raises(ValueError, match=r"layers \['fc3'\] are not modules of the reference Sequential; closest FQNs: fc2, fc1"):
+        compare(model, gm, batches, layers="fc3")
+    with pytest.raises(TypeError, match="layers must hold module FQNs"):
+        compare(model, gm, batches, layers=[0])
+
+
+@pytest.mark.parametrize("reference, candidate, match", [
+    ("model", "gm", "reference must be an nn.Module .*got str 'model'"),
+    ("net", None, "candidate must be an nn.Module .*got NoneType None"),
+])
+def test_a_reference_or_candidate_that_is_no_module_is_refused(reference, candidate, match):
+    """compare(reference='model') or candidate=None (AttributeError on named_modules / a call of None): a TypeError
+    naming the argument and its value."""
+    model = Net()
+    gm = prepare(model)
+    values = {"net": model, "gm": gm, "model": "model", None: None}
+    with pytest.raises(TypeError, match=match):
+        compare(values[reference], values[candidate], [torch.randn(4, 16)])
+
+
+def test_a_batch_with_inputs_the_models_do_not_take_is_refused():
+    """A batch with an extra input: the prepared GraphModule (run by an fx.Interpreter) would drop it silently and
+    the reference would fail with its own error; compare refuses it naming the batch and the extra input."""
+    model = Net()
+    gm = prepare(model)
+    with pytest.raises(TypeError, match=r"batch 0 of batches holds 2 positional inputs, but Net's forward takes 1 "
+                                        r"\(x\): batch 0 of batches\[1\] \(a tensor of shape \(3,\)\)"):
+        compare(model, gm, [(torch.randn(4, 16), torch.randn(3))])
+
+
+def test_compare_table_refuses_a_value_that_is_no_report():
+    """compare_table({'prepared': report, 'lowered': 'x'}): a TypeError naming reports['lowered'] (an AttributeError
+    on .layers before)."""
+    from fx_sparsity.report import compare_table
+
+    model = Net()
+    gm = prepare(model)
+    report = compare(model, gm, [torch.randn(4, 16)])
+    with pytest.raises(TypeError, match=r"reports\['lowered'\] must be a CompareReport .*got str"):
+        compare_table({"prepared": report, "lowered": "x"})
+    with pytest.raises(TypeError, match=r"reports\['prepared'\] must be a CompareReport .*got NoneType"):
+        compare_table({"prepared": None})

@@ -342,6 +342,29 @@ def test_example_inputs_are_checked(example_inputs, match):
         lower(gm, "csr", example_inputs=example_inputs, progress_bar=False)
 
 
+
+@pytest.mark.parametrize("capture_method", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("backend", ["auto", "fuse", "shrink"])
+def test_example_inputs_the_module_does_not_take_are_refused(capture_method, backend):
+    """LinearNet takes one input: lower(gm, backend, example_inputs=(x, extra)) timed the layers on x and dropped the
+    extra input without a word (the interpreter binds placeholders only), for a traced and an exported module alike.
+    Now a TypeError names the extra input and the forward's parameters, for every backend, before anything runs;
+    an unknown keyword is refused too."""
+    x = torch.randn(3, 64)
+    if backend == "shrink":
+        pruner = fx_sparsity.ChannelPruner(0.5)
+        gm = pruner.prepare(LinearNet(), example_inputs=(x,), capture_method=capture_method)
+        pruner.step()
+    else:
+        gm = prepared(LinearNet(), example_inputs=(x,), capture_method=capture_method)
+    with pytest.raises(TypeError, match=r"example_inputs holds 2 positional inputs, but the GraphModule's forward "
+                                        r"takes 1 \(x\): example_inputs\[1\] \(a tensor of shape \(5,\)\) is not an "
+                                        r"input of the model; drop it"):
+        lower(gm, backend, example_inputs=(x, torch.randn(5)), repeats=1, progress_bar=False)
+    with pytest.raises(TypeError, match=r"example_inputs does not fit the GraphModule's forward\(x\) .*'y'"):
+        lower(gm, backend, example_inputs={"x": x, "y": x}, repeats=1, progress_bar=False)
+
+
 def test_timing_leaves_batchnorm_statistics_alone():
     """TinyResNet (BatchNorm, in training mode): lower('auto') runs the module to time layers, in eval mode,
     so the user's running statistics and num_batches_tracked do not move, and training flags are restored."""

@@ -211,3 +211,37 @@ def test_method_argument():
         capture(ControlFlowNet(), method="export")
     with pytest.raises(ValueError, match="method must be"):
         capture(ControlFlowNet(), method="fx")
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_a_parametrized_weight_is_reported_not_a_key_error(method):
+    """A Linear under torch.nn.utils.parametrizations.weight_norm: its weight is computed on each access, so there is
+    no stored tensor to mask. find_weights failed with a KeyError on the computed tensor's id (symbolic tracing);
+    now it matches only the plain Linear, unmatched_weights names the parametrized one with the parametrization and
+    the remedy (remove it, or leave the layer out), and a config naming it says so. The prepared module still
+    computes the model."""
+    import warnings
+
+    from fx_sparsity import get_sparsifier, get_unmatched, prepare
+    from passes import unmatched_weights
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    x = torch.randn(3, 4)
+    gm = capture(model, example_inputs=(x,), method=method)
+    matches = find_weights(gm)
+    assert [m.tensor_fqn for m in matches] == ["2.weight"]
+    (report,) = unmatched_weights(model, gm, matches)
+    assert report.tensor_fqn == "0.weight"
+    assert "parametrization _WeightNorm" in report.reason and "0.parametrizations.weight.original0" in report.reason
+    assert "remove_parametrizations(model.get_submodule('0'), 'weight')" in report.remedy
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        prepared = prepare(model, example_inputs=(x,), capture_method=method)
+    assert [g["tensor_fqn"] for g in get_sparsifier(prepared).groups] == ["2.weight"]
+    assert [u.tensor_fqn for u in get_unmatched(prepared)] == ["0.weight"]
+    torch.testing.assert_close(prepared(x), model(x))
+    for key in ("0", "0.weight", "0.parametrizations.weight.original0"):
+        with pytest.raises(ValueError, match=r"'0' is a ParametrizedLinear whose weight the parametrization _WeightNorm "
+                                             r"computes on each access.*or select only unparametrized layers"):
+            prepare(model, [key], example_inputs=(x,), capture_method=method)

@@ -134,3 +134,39 @@ def test_set_owl_levels_blocks_and_errors():
     calibrate(nm, skewed_batches(), progress_bar=False)
     with pytest.raises(ValueError, match="uses N:M"):
         set_owl_levels(nm)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (({"a": 0.01, "b": 0.03}, 0.5, 0.08, {"a": 0, "b": 0}), ValueError, r"sizes\['a'\] must be the layer's number of weights, a number > 0, got 0"),
+    (({"a": 0.01, "b": 0.03}, 0.5, 0.08, {"a": 10, "b": -5}), ValueError, r"sizes\['b'\] .* got -5"),
+    (({"a": float("nan"), "b": 0.03}, 0.5), ValueError, r"ratios\['a'\] must be an outlier ratio in \[0, 1\].*got nan"),
+    (({"a": 1.5, "b": 0.03}, 0.5), ValueError, r"ratios\['a'\] must be an outlier ratio in \[0, 1\].*got 1.5"),
+    (([0.01, 0.03], 0.5), TypeError, r"ratios must be a dict of layer -> outlier ratio, got list.*dict\(zip"),
+    (({"a": 0.01}, 0.5, 0.08, [4]), TypeError, "sizes must be a dict"),
+])
+def test_owl_levels_refuses_bad_ratios_and_sizes(args, error, match):
+    """owl_levels: all-zero sizes (which gave NaN levels), a negative size (which gave 1.0), a NaN or out-of-range
+    ratio (a NaN was ignored), a list of ratios (a list-index error) and a list of sizes: errors naming the entry."""
+    with pytest.raises(error, match=match):
+        owl_levels(*args)
+
+
+def test_outlier_ratio_takes_a_list_and_refuses_non_finite_scores():
+    """outlier_ratio of a list of numbers equals that of the tensor (it raised AttributeError); a NaN score (whose
+    mean made every comparison False, ratio 0) and a string are refused."""
+    values = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0]
+    assert outlier_ratio(values, m=5.0) == outlier_ratio(torch.tensor(values), m=5.0) == 0.125
+    with pytest.raises(ValueError, match="scores holds 1 NaN or infinite value"):
+        outlier_ratio(torch.tensor([1.0, float("nan"), 3.0]))
+    with pytest.raises(TypeError, match="scores must be a tensor .* got str"):
+        outlier_ratio("scores")
+
+
+def test_set_owl_levels_refuses_a_blocks_that_is_not_callable():
+    """blocks='layers' ('str' object is not callable, after the scores were computed): a TypeError naming blocks and
+    the form it takes, and the groups' levels are left as they were."""
+    gm = prepare(Skewed(), sparsifier=WandaSparsifier(0.5))
+    calibrate(gm, skewed_batches(), progress_bar=False)
+    with pytest.raises(TypeError, match=r"blocks must be a function of a weight FQN .*got str 'layers'"):
+        set_owl_levels(gm, blocks="layers")
+    assert [g["sparsity_level"] for g in get_sparsifier(gm).groups] == [0.5, 0.5, 0.5]

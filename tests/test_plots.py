@@ -142,3 +142,10 @@ def test_without_pydot_the_error_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match="pip install pydot"):
         draw_graph(gm, tmp_path / "g.dot")
     assert not (tmp_path / "g.dot").exists()
+
+
+def test_plot_sparsity_refuses_a_sparsifier_that_is_not_one():
+    """plot_sparsity(gm, sparsifier='x'): a TypeError naming sparsifier (an AttributeError on .groups before)."""
+    gm = prepare(ThreeLinear(), sparsifier=MagnitudeSparsifier(0.5))
+    with pytest.raises(TypeError, match="sparsifier must be the BaseSparsifier that prepared gm.*got str 'x'"):
+        plot_sparsity(gm, sparsifier="x")

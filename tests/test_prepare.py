@@ -243,3 +243,15 @@ def test_weights_stored_in_out_are_pruned_along_their_input(method):
     lowered = lower(gm, "auto", example_inputs=(x,), repeats=1, progress_bar=False)
     assert [r.backend for r in get_lowering(lowered)] == ["fuse", "fuse"]
     torch.testing.assert_close(lowered(x), reference(x))
+
+
+@pytest.mark.parametrize("capture_method", ["auto", "symbolic_trace", "export"])
+def test_a_meta_device_model_points_to_prepare_on_meta(capture_method):
+    """A model built under torch.device('meta'): prepare refuses it before anything is built, naming a meta tensor
+    and pointing to fx_sparsity.calibration.prepare_on_meta (the path for models larger than memory) as well as to
+    materialising the weights; the message said only the latter."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"meta device \(0.weight, \.\.\.\).*fx_sparsity.calibration.prepare_on_meta"
+                                         r"\(model, config, sparsifier=\.\.\.\).*model.to_empty"):
+        prepare(model, example_inputs=(torch.randn(2, 8),), capture_method=capture_method)

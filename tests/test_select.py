@@ -90,6 +90,41 @@ def test_tied_weight_selected_by_either_name():
         assert [g["tensor_fqn"] for g in sparsifier.groups] == ["shared.weight"]
 
 
+
+class AliasedNet(nn.Module):
+    """One Linear reachable as ``a`` and ``b`` (``self.b = self.a``), called as ``b``, then a Linear ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(x))
+
+
+@pytest.mark.parametrize("capture_method", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("key", ["b", "b.weight", "a", {"module_fqn": "b"}, {"tensor_fqn": "b.weight"}])
+def test_aliased_module_is_selected_by_either_name(key, capture_method):
+    """AliasedNet with the config ['b'] (the module's second name): symbolic tracing keeps the first name only, and
+    'b' selected nothing ("no Linear or Conv op in the graph uses it"). Either name of the module or of its weight now
+    selects the one shared weight, a.weight, with either capture."""
+    sparsifier = WeightNormSparsifier()
+    sparsifier.prepare(AliasedNet(), [key], example_inputs=(torch.randn(2, 4),), capture_method=capture_method)
+    assert [g["tensor_fqn"] for g in sparsifier.groups] == ["a.weight"]
+
+
+def test_two_names_of_one_weight_with_different_arguments_are_refused():
+    """{'a': level 0.5, 'b': level 0.9} names one weight twice with different levels: neither name has precedence, so
+    it is an error asking to merge the entries; the same arguments under both names are one selection."""
+    with pytest.raises(ValueError, match="config entries 'a' and 'b' name the same weight a.weight .*merge them"):
+        prepare(AliasedNet(), {"a": {"sparsity_level": 0.5}, "b": {"sparsity_level": 0.9}})
+    sparsifier = WeightNormSparsifier()
+    sparsifier.prepare(AliasedNet(), {"a": {"sparsity_level": 0.5}, "b": {"sparsity_level": 0.5}})
+    assert [(g["tensor_fqn"], g["sparsity_level"]) for g in sparsifier.groups] == [("a.weight", 0.5)]
+
+
 @pytest.mark.parametrize(
     "config, error, match",
     [

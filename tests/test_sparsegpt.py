@@ -328,3 +328,18 @@ def test_sparsifier_errors_leave_everything_alone():
     with pytest.raises(ValueError, match="SparseGPT cannot prune b.weight: hessian has non-finite"):
         bad.step()
     assert all((gm.get_buffer(f"{g['tensor_fqn']}_mask") == 1).all() for g in bad.groups)
+
+
+@pytest.mark.parametrize("dampening", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_dampening_is_refused(dampening):
+    """SparseGPTSparsifier(dampening=inf) was accepted, and step() then failed advising to raise dampening; inf, NaN
+    and -inf are refused when set, in the constructor and in a config entry, naming the weight there."""
+    with pytest.raises(ValueError, match=r"dampening must be a finite number >= 0 .*got " + repr(dampening)):
+        SparseGPTSparsifier(dampening=dampening)
+    with pytest.raises(ValueError, match="dampening of a.weight must be a finite number >= 0"):
+        prepare(ThreeLinear(), {"a": {"dampening": dampening}}, sparsifier=SparseGPTSparsifier())
+    sparsifier = SparseGPTSparsifier()
+    prepare(ThreeLinear(), sparsifier=sparsifier)
+    with pytest.raises(ValueError, match="dampening of a.weight must be a finite number"):
+        sparsifier.update_group("a.weight", dampening=dampening)
+    assert sparsifier.groups[0]["dampening"] == 0.01

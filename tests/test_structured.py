@@ -283,6 +283,22 @@ def test_bad_inputs_get_clear_errors():
         shrunk_copy(mobile, mobile_groups, {0: [0, 1, 2, 3]}, x)
 
 
+
+def test_shrink_after_squash_mask_is_refused_naming_the_order():
+    """shrink(gm) after squash_mask() (the masks, and with them the removed channels, are gone): a ValueError saying
+    to shrink before squashing, not an AttributeError on a missing weight_mask; the squashed module is left as it was."""
+    pruner = ChannelPruner(sparsity_level=0.5)
+    gm = pruner.prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), example_inputs=torch.randn(2, 8))
+    pruner.step()
+    pruner.squash_mask()
+    before = snapshot(gm)
+    with pytest.raises(ValueError, match=r"shrink\(gm\) after squash_mask\(\).*call shrink\(gm\) before squash_mask"):
+        shrink(gm)
+    after = snapshot(gm)
+    assert after["ids"] == before["ids"] and after["modules"] == before["modules"]
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+
+
 # ------------------------------------------------------------------ torchvision
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_shrink_and_export(name):

@@ -10,6 +10,7 @@ weights -> one-line verdict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -167,11 +168,53 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.blocksize is not None and args.backend not in ("bsr", "auto"):
         raise ValueError(f"--blocksize applies to --backend bsr or auto, not {args.backend}")
     if args.export is not None:
-        folder = os.path.dirname(os.path.abspath(args.export))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--export {args.export}: the folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"--export {args.export}: the folder {folder} is not writable")
+        _check_export_path(args.export)
+
+
+def _temporary_path(path: str) -> str:
+    """Where :func:`_save_exported` writes before renaming onto ``path``: a hidden file beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def _check_export_path(path: str) -> None:
+    """Refuse an ``--export`` path the run could not write, before the run. The file is opened for appending
+    (which leaves an existing file as it was; one this check creates is removed again), and so is the temporary
+    file the save renames from. ``os.access`` is not enough: it says yes to root where writing fails."""
+    if not path:
+        raise ValueError("--export is empty: give the file to write, e.g. --export model.pt2")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"--export {path} is a folder: give the file to write in it, e.g. --export {os.path.join(path, 'model.pt2')}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--export {path}: the folder {folder} does not exist; create it first")
+    for candidate in (path, _temporary_path(path)):
+        existed = os.path.lexists(candidate)
+        try:
+            with open(candidate, "ab"):
+                pass
+        except OSError as e:
+            raise ValueError(f"--export {path} cannot be written ({e.strerror or e}); choose another path") from None
+        if not existed:
+            os.remove(candidate)
+
+
+def _save_exported(program: torch.export.ExportedProgram, path: str) -> None:
+    """``torch.export.save`` to a temporary file beside ``path``, fsync'd, then renamed onto ``path``: a killed or
+    failed run leaves no file at ``path`` that could be taken for a finished export."""
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "wb") as f:
+            torch.export.save(program, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def _masked_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, sparsifier: BaseSparsifier) -> torch.nn.Module:
@@ -236,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         print("\n" + lowering_table(lowered))
         checks[f"lowered ({args.backend}) == masked eager"] = (lowered(example), reference)
         if args.export is not None:
-            torch.export.save(torch.export.export(lowered, (example,)), args.export)
+            _save_exported(torch.export.export(lowered, (example,)), args.export)
             checks["exported, saved and loaded == masked eager"] = (
                 torch.export.load(args.export).module()(example), reference
             )

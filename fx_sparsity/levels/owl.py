@@ -17,6 +17,8 @@ records input norms for sparsifiers that do not ask for anything else).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 
 import torch
@@ -34,6 +36,17 @@ __all__ = ["outlier_ratio", "owl_levels", "owl_scores", "set_owl_levels"]
 def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
     """The fraction of ``scores`` greater than ``m`` times their mean.
 
+    Args:
+        scores: a layer's scores, a tensor of any shape (or a list of numbers).
+        m: the multiple of the mean above which a score is an outlier.
+
+    Returns:
+        The fraction, in ``[0, 1]``.
+
+    Raises:
+        TypeError: ``scores`` is not a tensor or a list of numbers.
+        ValueError: ``scores`` is empty or holds NaN or infinity; ``m`` is not a number ``> 0``.
+
     Example::
 
         >>> outlier_ratio(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0]), m=5.0)
@@ -41,9 +54,21 @@ def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
     """
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
         raise ValueError(f"m must be a number > 0 (outliers are scores above m times the mean), got {m!r}")
+    if not isinstance(scores, torch.Tensor):
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"scores must be a tensor (or a list of numbers) of a layer's scores, got {type(scores).__name__}"
+            ) from None
     flat = scores.detach().reshape(-1).double()
     if flat.numel() == 0:
         raise ValueError("outlier_ratio needs at least one score")
+    if not torch.isfinite(flat).all():
+        raise ValueError(
+            f"scores holds {int((~torch.isfinite(flat)).sum())} NaN or infinite value(s) of {flat.numel()}: "
+            "their mean is not a threshold; check the weights and the calibration statistics"
+        )
     return (flat > m * flat.mean()).double().mean().item()
 
 
@@ -71,6 +96,11 @@ def owl_levels(
     Returns:
         layer -> sparsity level.
 
+    Raises:
+        TypeError: ``ratios`` or ``sizes`` is not a dict.
+        ValueError: a ratio is not a number in ``[0, 1]`` (NaN included), a size is not a
+            number ``> 0``, ``sizes`` lacks a layer, or ``sparsity_level``/``lam`` is out of range.
+
     Example::
 
         >>> owl_levels({"a": 0.01, "b": 0.03}, 0.5)
@@ -79,20 +109,56 @@ def owl_levels(
     level = validate_level(sparsity_level)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 0.5:
         raise ValueError(f"lam must be a number in [0, 0.5] (half the span of the levels), got {lam!r}")
-    if not ratios:
-        raise ValueError("owl_levels needs at least one layer")
+    _check_ratios(ratios)
     names = list(ratios)
     r = torch.tensor([float(ratios[n]) for n in names], dtype=torch.float64)
     if sizes is not None:
-        missing = [n for n in names if n not in sizes]
-        if missing:
-            raise ValueError(f"sizes has no entry for {missing}")
+        _check_sizes(sizes, names)
     w = torch.tensor([float(sizes[n]) for n in names] if sizes is not None else [1.0] * len(names), dtype=torch.float64)
     span = r.max() - r.min()
     scaled = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
     density = scaled - (scaled * w).sum() / w.sum() + (1 - level)
     levels = (1 - density).clamp(0.0, 1.0)
     return {n: round(levels[i].item(), 12) for i, n in enumerate(names)}
+
+
+def _as_number(value: object) -> float | None:
+    """``value`` as a float when it is a real number (a Python or NumPy number, a one-element tensor), else ``None``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _check_ratios(ratios: object) -> None:
+    if not isinstance(ratios, Mapping):
+        hint = " (pair each ratio with its layer: dict(zip(names, ratios)))" if isinstance(ratios, (list, tuple)) else ""
+        raise TypeError(f"ratios must be a dict of layer -> outlier ratio, got {type(ratios).__name__}{hint}")
+    if not ratios:
+        raise ValueError("owl_levels needs at least one layer")
+    for name, ratio in ratios.items():
+        value = _as_number(ratio)
+        if value is None or not 0 <= value <= 1:  # False for NaN too
+            raise ValueError(
+                f"ratios[{name!r}] must be an outlier ratio in [0, 1] (a fraction of the layer's scores, see "
+                f"outlier_ratio), got {ratio!r}"
+            )
+
+
+def _check_sizes(sizes: object, names: list[str]) -> None:
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"sizes must be a dict of layer -> number of weights, or None; got {type(sizes).__name__}")
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        raise ValueError(f"sizes has no entry for {missing}")
+    for name in names:
+        size = _as_number(sizes[name])
+        if size is None or not 0 < size < math.inf:
+            raise ValueError(
+                f"sizes[{name!r}] must be the layer's number of weights, a number > 0, got {sizes[name]!r}; "
+                "leave out a layer without weights"
+            )
 
 
 def owl_scores(sparsifier: object, group: dict) -> torch.Tensor:
@@ -142,6 +208,7 @@ def set_owl_levels(
 
     Raises:
         ValueError: a group uses N:M (OWL sets unstructured levels); bad ``m``/``lam``.
+        TypeError: ``blocks`` is not callable.
         RuntimeError: ``calibrate`` has not run.
 
     Example::
@@ -151,6 +218,11 @@ def set_owl_levels(
         >>> levels = set_owl_levels(gm)
         >>> fx_sparsity.get_sparsifier(gm).step()
     """
+    if blocks is not None and not callable(blocks):
+        raise TypeError(
+            f"blocks must be a function of a weight FQN giving its layer's name, like lambda fqn: fqn.split('.')[1], "
+            f"or None (each weight is a layer); got {type(blocks).__name__} {blocks!r}"
+        )
     sparsifier = get_sparsifier(gm)
     level = sparsity_level if sparsity_level is not None else sparsifier.defaults.get("sparsity_level")
     if level is None:

@@ -51,7 +51,7 @@ from fx_sparsity.meta import (
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.structured.shrinking import shrink_with_dense
 from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from fx_sparsity.utils.running import ModelInputs, as_model_inputs, check_inputs_fit, eval_mode
 from passes import get_sparse_target
 from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
 from passes.masking import fuse_masks
@@ -185,8 +185,9 @@ def lower(
             (FQN-keyed dict or list of dicts with ``"backend"`` and, for bsr and
             auto, ``"blocksize"``); layers it does not select are fused.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword
-            inputs; required by ``"auto"``, and with it each layer's time before
-            and after is measured (the module runs once, in eval mode).
+            inputs, which ``gm``'s forward must take (no more, no fewer); required by
+            ``"auto"``, and with it each layer's time before and after is measured
+            (the module runs once, in eval mode).
         repeats: timed rounds per layer (the median is used).
         progress_bar: show a progress bar on stderr while layers are timed.
 
@@ -209,13 +210,14 @@ def lower(
         ['csr']
     """
     muls = _check_arguments(gm, repeats)
+    inputs = _model_inputs(gm, example_inputs)
     if isinstance(backend, str) and backend in MODEL_BACKENDS:
-        return _lower_shrink(gm, muls, example_inputs, repeats)
+        return _lower_shrink(gm, muls, inputs, repeats)
     requests = parse_backends(gm, backend, find_masked_weights(gm, muls))
-    timed = example_inputs is not None
+    timed = inputs is not None
     if not timed and any(r.backend == "auto" for r in requests.values()):
         raise ValueError("backend 'auto' times each layer on its input: pass example_inputs=(x,)")
-    calls = record_op_calls(gm, *as_model_inputs(example_inputs, "example_inputs")) if timed else {}
+    calls = record_op_calls(gm, *inputs) if timed else {}
     cold = timed and _weights_exceed_cache(gm)
 
     formats, choices = {}, []
@@ -235,7 +237,17 @@ def lower(
     return lowered
 
 
-def _lower_shrink(gm: fx.GraphModule, muls: dict[str, fx.Node], example_inputs: Any, repeats: int) -> fx.GraphModule:
+def _model_inputs(gm: fx.GraphModule, example_inputs: Any) -> ModelInputs | None:
+    """``(args, kwargs)`` of ``example_inputs`` (``None`` without them), checked against ``gm``'s forward: an input it
+    does not take would be dropped without a word by the interpreter that records the layers' calls."""
+    if example_inputs is None:
+        return None
+    args, kwargs = as_model_inputs(example_inputs, "example_inputs")
+    check_inputs_fit(gm, args, kwargs, "example_inputs")
+    return args, kwargs
+
+
+def _lower_shrink(gm: fx.GraphModule, muls: dict[str, fx.Node], inputs: ModelInputs | None, repeats: int) -> fx.GraphModule:
     """``lower(gm, "shrink")``: :func:`fx_sparsity.shrink`, one record per masked weight, and the latency."""
     pruner = get_sparsifier(gm)
     if not isinstance(pruner, ChannelPruner):
@@ -244,7 +256,6 @@ def _lower_shrink(gm: fx.GraphModule, muls: dict[str, fx.Node], example_inputs: 
             f"{type(pruner).__name__}: use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...), "
             "or another backend"
         )
-    inputs = as_model_inputs(example_inputs, "example_inputs") if example_inputs is not None else None
     dense, small, report = shrink_with_dense(gm)
     records = []
     for mul in muls.values():

@@ -15,6 +15,7 @@ recognisably is reported as such, never dropped.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from tabulate import tabulate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
-from fx_sparsity.utils.running import as_model_inputs, eval_mode
+from fx_sparsity.utils.running import as_model_inputs, check_batches, check_inputs_fit, eval_mode
 from passes import get_sparse_target
 from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
 from passes.utils import split_fqn
@@ -129,8 +130,9 @@ class _GraphRecorder(fx.Interpreter):
         return result
 
 
-def _run(model: nn.Module, batch: Any, layers: set[str]) -> tuple[Any, dict[str, list[Tensor]]]:
-    args, kwargs = as_model_inputs(batch, "each batch")
+def _run(model: nn.Module, batch: Any, layers: set[str], name: str) -> tuple[Any, dict[str, list[Tensor]]]:
+    args, kwargs = as_model_inputs(batch, name)
+    check_inputs_fit(model, args, kwargs, name)
     if isinstance(model, fx.GraphModule):
         if kwargs:
             raise TypeError("compare runs a GraphModule on positional inputs: give each batch as a tensor or tuple")
@@ -149,6 +151,27 @@ def _run(model: nn.Module, batch: Any, layers: set[str]) -> tuple[Any, dict[str,
             handle.remove()
 
 
+def _layer_names(reference: nn.Module, layers: Iterable[str] | str | None) -> list[str]:
+    """The module FQNs to compare: ``layers`` checked against ``reference`` (one FQN may be given as a string)."""
+    if layers is None:
+        return [n for n, m in reference.named_modules() if isinstance(m, _LAYER_TYPES)]
+    if isinstance(layers, str):
+        layers = [layers]
+    elif not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a list of module FQNs (or one FQN) or None, got {type(layers).__name__}")
+    names = list(dict.fromkeys(layers))
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"layers must hold module FQNs (strings), got {bad[0]!r}")
+    known = [n for n, _ in reference.named_modules()]
+    unknown = [n for n in names if n not in set(known)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=5, cutoff=0.5)
+        hint = f"; closest FQNs: {', '.join(close)}" if close else ""
+        raise ValueError(f"layers {unknown} are not modules of the reference {type(reference).__name__}{hint}")
+    return names
+
+
 def compare(
     reference: nn.Module,
     candidate: nn.Module,
@@ -163,14 +186,18 @@ def compare(
     Args:
         reference: the dense model (or any module to compare against).
         candidate: the pruned model: prepared, squashed, lowered, or a plain module.
-        batches: inputs (a tensor or a tuple of positional inputs per batch), run under ``no_grad``.
-        layers: module FQNs to compare; default: every Linear and Conv module of ``reference``.
+        batches: an iterable of inputs (a tensor or a tuple of positional inputs per batch, e.g. a list
+            or a DataLoader), run under ``no_grad``.
+        layers: module FQNs to compare (a string for one); default: every Linear and Conv module of ``reference``.
 
     Returns:
         A :class:`CompareReport` (``print(report)`` shows the table).
 
     Raises:
-        ValueError: ``batches`` is empty, or the outputs' structures or shapes differ.
+        TypeError: ``reference`` or ``candidate`` is not a module; ``batches`` is not an iterable of inputs
+            (one tensor, ``None``, a number); a batch holds inputs the models do not take.
+        ValueError: ``batches`` is empty, ``layers`` names a module the reference lacks, or the outputs'
+            structures or shapes differ.
 
     Example::
 
@@ -180,14 +207,14 @@ def compare(
         >>> round(report.output_error, 2)       # half the weights of a random, untrained model gone
         0.71
     """
-    if layers is None:
-        names = [n for n, m in reference.named_modules() if isinstance(m, _LAYER_TYPES)]
-    else:
-        names = list(dict.fromkeys(layers))
-        known = {n for n, _ in reference.named_modules()}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"layers {unknown} are not modules of the reference {type(reference).__name__}")
+    for argument, value in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(value, nn.Module):
+            raise TypeError(
+                f"{argument} must be an nn.Module (the dense model, or the prepared, squashed or lowered one), "
+                f"got {type(value).__name__} {value!r}"[:300]
+            )
+    check_batches(batches)
+    names = _layer_names(reference, layers)
     wanted = set(names)
     per_layer, output = _Recorder(), _Recorder()
     calls: dict[str, int] = {}
@@ -195,8 +222,9 @@ def compare(
     seen = 0
     with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
         for batch in batches:
-            ref_out, ref_layers = _run(reference, batch, wanted)
-            cand_out, cand_layers = _run(candidate, batch, wanted)
+            name = f"batch {seen} of batches"
+            ref_out, ref_layers = _run(reference, batch, wanted, name)
+            cand_out, cand_layers = _run(candidate, batch, wanted, name)
             ref_leaves = [t for t in tree_leaves(ref_out) if isinstance(t, Tensor)]
             cand_leaves = [t for t in tree_leaves(cand_out) if isinstance(t, Tensor)]
             if len(ref_leaves) != len(cand_leaves):
@@ -225,7 +253,27 @@ def compare(
 def print_compare(
     reference: nn.Module, candidate: nn.Module, batches: Iterable[Any], layers: Iterable[str] | None = None
 ) -> CompareReport:
-    """Print :func:`compare`'s table and return the report."""
+    """Print :func:`compare`'s table and return the report.
+
+    Args:
+        reference, candidate, batches, layers: as for :func:`compare`.
+
+    Returns:
+        The :class:`CompareReport`.
+
+    Raises:
+        TypeError / ValueError: as :func:`compare`, before anything is printed.
+
+    Example::
+
+        >>> gm = fx_sparsity.prepare(model)  # all-ones masks until step(): no error yet
+        >>> report = print_compare(model, gm, batches)  # doctest: +NORMALIZE_WHITESPACE
+        layer       relative error    calls  note
+        --------  ----------------  -------  ------
+        0                        0        4
+        2                        0        4
+        (output)                 0
+    """
     report = compare(reference, candidate, batches, layers)
     print(report.table())
     return report
@@ -245,6 +293,7 @@ def compare_table(reports: Mapping[str, CompareReport], tablefmt: str = "simple"
 
     Raises:
         ValueError: ``reports`` is empty or its reports list different layers.
+        TypeError: a value of ``reports`` is not a :class:`CompareReport`.
 
     Example::
 
@@ -256,6 +305,11 @@ def compare_table(reports: Mapping[str, CompareReport], tablefmt: str = "simple"
     """
     if not isinstance(reports, Mapping) or not reports:
         raise ValueError("reports must be a non-empty dict of form name -> CompareReport")
+    for form, report in reports.items():
+        if not isinstance(report, CompareReport):
+            raise TypeError(
+                f"reports[{form!r}] must be a CompareReport (what compare() returns), got {type(report).__name__}"
+            )
     forms = list(reports)
     names = [e.name for e in reports[forms[0]].layers]
     for form in forms[1:]:

@@ -89,7 +89,7 @@ def plot_sparsity(
 
     Raises:
         ImportError: matplotlib is not installed.
-        TypeError / ValueError: a bad ``path``, or ``gm`` was not prepared.
+        TypeError / ValueError: a bad ``path`` or ``sparsifier``, or ``gm`` was not prepared.
 
     Example::
 
@@ -101,6 +101,11 @@ def plot_sparsity(
         >>> _ = plot_sparsity(gm, "sparsity.png")  # doctest: +SKIP
     """
     _check_path(path)
+    if sparsifier is not None and not isinstance(sparsifier, BaseSparsifier):
+        raise TypeError(
+            f"sparsifier must be the BaseSparsifier that prepared gm, or None for get_sparsifier(gm); got "
+            f"{type(sparsifier).__name__} {sparsifier!r}"[:300]
+        )
     layers = layer_sparsity(gm, sparsifier)
     figure = _figure_class()(figsize=(max(6.0, 0.5 * len(layers) + 2), 4.5), layout="constrained")
     axes = figure.subplots()

@@ -31,6 +31,7 @@ from torch import fx
 
 from fx_sparsity.meta import ShrinkRecord, clone_without_sparsifier, get_sparsifier, set_shrink
 from fx_sparsity.structured.pruner import ChannelPruner
+from passes import masked_targets
 from passes.masking import fuse_masks
 from passes.shrink import ShrinkReport, compare_shrunk, plan_shrink, remove_channels
 
@@ -43,13 +44,18 @@ def shrink_with_dense(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModul
     ``lower(gm, "shrink")`` times it against ``dense``.
 
     Raises:
-        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``.
+        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``, or its masks were squashed.
     """
     pruner = get_sparsifier(gm)
     if not isinstance(pruner, ChannelPruner):
         raise ValueError(
             f"shrink needs a module prepared by ChannelPruner, got one prepared by {type(pruner).__name__}; "
             "use fx_sparsity.ChannelPruner().prepare(model, example_inputs=...)"
+        )
+    if not masked_targets(gm):
+        raise ValueError(
+            "shrink(gm) after squash_mask(): gm's masks are gone, and with them the channels the ChannelPruner "
+            "removed; call shrink(gm) before squash_mask() (shrink fuses the masks itself), or prepare and step again"
         )
     removed = pruner.removed_channels()
     dense = fuse_masks(clone_without_sparsifier(gm))
@@ -72,7 +78,7 @@ def shrink(gm: fx.GraphModule) -> fx.GraphModule:
         MACs before and after, and where the result is not exactly the masked module.
 
     Raises:
-        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``.
+        ValueError: ``gm`` was not prepared, or not by a ``ChannelPruner``, or ``squash_mask()`` removed its masks.
 
     Example::
 

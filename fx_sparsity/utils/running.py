@@ -3,7 +3,10 @@
 ``lower(example_inputs=...)`` and ``calibrate(batches)`` accept the same input
 forms (one tensor, a tuple/list of positional inputs, a dict of keyword inputs),
 checked here before anything runs, so that a wrong form gets a ``TypeError``
-naming the argument instead of a failure deep inside the model. They run the
+naming the argument instead of a failure deep inside the model; :func:`check_inputs_fit`
+refuses inputs the module's forward does not take (a ``GraphModule`` run by an
+``fx.Interpreter`` would drop extra ones silently) and :func:`check_batches` an
+iterable that is no iterable of inputs (one tensor, ``None``). They run the
 module under :func:`eval_mode`: the prepared module shares its buffers with the
 user's model, so a forward pass in training mode would update the user's
 BatchNorm statistics. :func:`batch_token_mask` finds a batch's padding mask
@@ -13,13 +16,23 @@ for ``calibrate(token_mask=...)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelInputs", "TokenMask", "as_model_inputs", "batch_token_mask", "check_token_mask_source", "eval_mode"]
+__all__ = [
+    "ModelInputs",
+    "TokenMask",
+    "as_model_inputs",
+    "batch_token_mask",
+    "check_batches",
+    "check_inputs_fit",
+    "check_token_mask_source",
+    "eval_mode",
+]
 
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -54,6 +67,83 @@ def as_model_inputs(value: Any, name: str) -> ModelInputs:
     if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
         raise TypeError(f"{name} holds no tensor: give the model's inputs, e.g. (torch.randn(1, 16),), got {value!r}"[:300])
     return args, kwargs
+
+
+def check_batches(batches: Any, name: str = "batches") -> None:
+    """Refuse a ``batches`` argument that is not an iterable of model inputs, before any batch runs.
+
+    One tensor is iterable too, but row by row: it is refused with the fix (wrap it in a list), as are
+    ``None``, numbers and strings.
+
+    Raises:
+        TypeError: ``batches`` is not an iterable of inputs, naming ``name`` and the fix.
+
+    Example::
+
+        >>> check_batches([torch.ones(2, 3)])
+        >>> check_batches(torch.ones(2, 3))
+        Traceback (most recent call last):
+        ...
+        TypeError: batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; got Tensor (one tensor would run row by row: wrap it in a list, [x])
+    """
+    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        hint = " (one tensor would run row by row: wrap it in a list, [x])" if isinstance(batches, torch.Tensor) else ""
+        raise TypeError(
+            f"{name} must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
+            f"got {type(batches).__name__}{hint}"
+        )
+
+
+def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> None:
+    """Refuse inputs ``module``'s forward does not take (extra positional inputs, unknown keywords) or lacks
+    (required inputs not given), naming them, before anything runs.
+
+    A ``GraphModule`` run by an ``fx.Interpreter`` drops extra positional inputs without a word; this is
+    the check it does not make. The forward's signature is the one the capture gave it (a ``torch.export``
+    capture takes exactly the inputs it was exported with).
+
+    Raises:
+        TypeError: the inputs do not fit, naming ``name``, the inputs and the forward's parameters.
+
+    Example::
+
+        >>> check_inputs_fit(nn.Linear(3, 2), (torch.ones(1, 3),), {}, "example_inputs")
+        >>> check_inputs_fit(nn.Linear(3, 2), (torch.ones(1, 3), torch.ones(1)), {}, "example_inputs")
+        Traceback (most recent call last):
+        ...
+        TypeError: example_inputs holds 2 positional inputs, but Linear's forward takes 1 (input): example_inputs[1] (a tensor of shape (1,)) is not an input of the model; drop it
+    """
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # a forward without a signature: nothing to check against
+        return
+    parameters = list(signature.parameters.values())
+    kinds = {p.kind for p in parameters}
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # A captured module's class name is the model's (symbolic tracing) or an internal one (torch.export).
+    owner = "the GraphModule's forward" if isinstance(module, torch.fx.GraphModule) else f"{type(module).__name__}'s forward"
+    if inspect.Parameter.VAR_POSITIONAL not in kinds and len(args) > len(positional):
+        extra = ", ".join(f"{name}[{i}] ({_describe(v)})" for i, v in enumerate(args) if i >= len(positional))
+        plural = "is not an input" if len(args) - len(positional) == 1 else "are not inputs"
+        raise TypeError(
+            f"{name} holds {len(args)} positional inputs, but {owner} takes {len(positional)} "
+            f"({', '.join(positional) or 'none'}): {extra} {plural} of the model; drop "
+            f"{'it' if len(args) - len(positional) == 1 else 'them'}"
+        )
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        empty = inspect.Parameter.empty
+        plain = signature.replace(
+            parameters=[p.replace(annotation=empty) for p in parameters], return_annotation=empty
+        )
+        raise TypeError(f"{name} does not fit {owner}{plain} ({e}); give the inputs the model takes") from None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 @contextlib.contextmanager

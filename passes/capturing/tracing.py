@@ -6,7 +6,12 @@ it fails (Python control flow on tensors, unsupported built-ins, ...) and
 ``example_inputs`` are given, the model is captured with
 ``torch.export.export(...).module()`` instead, which turns such models (for
 example Hugging Face transformers) into ATen-level graphs. When both fail, a
-:class:`CaptureError` names the failing construct and the remedies.
+:class:`CaptureError` names the failing construct and the remedies. When tracing
+succeeds but keeps Linear/Conv weights in opaque calls (``torch.fx.wrap``'ed
+functions, as torchvision's swin_t does) and ``example_inputs`` are given, the export
+capture is taken if its graph leaves fewer weights unmatched, with a warning (this
+asks :mod:`passes.matching` which weights each graph exposes: the one place capture
+looks ahead to the next stage).
 
 Both captures work on a clone of the model that shares its tensors (see
 :func:`passes.utils.clone_sharing_tensors`), never on the model itself: the tracer
@@ -24,6 +29,7 @@ can, and warns when it cannot. How a module was captured is recorded as a
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import os
@@ -39,6 +45,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_leaves, tree_map
 
 from passes.capturing.pickling import CapturedModule, as_exported_module
+from passes.matching.unmatched import unmatched_weights
+from passes.matching.weights import find_weights
 from passes.meta import SPARSITY_META_KEY, CaptureRecord, set_capture
 from passes.utils import clone_sharing_tensors
 
@@ -100,14 +108,39 @@ def _failing_construct(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _uncopyable_attribute(model: nn.Module) -> tuple[str, str, object] | None:
+    """``(module FQN, attribute, value)`` of the first module attribute ``copy.deepcopy`` refuses (tensors shared,
+    as capture copies them), or ``None`` when each copies on its own."""
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for fqn, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name in _MODULE_INTERNALS:
+                continue
+            try:
+                copy.deepcopy(value, dict(memo))
+            except Exception:
+                return fqn, name, value
+    return None
+
+
 def _clone(model: nn.Module) -> nn.Module:
     try:
         return clone_sharing_tensors(model)
     except Exception as e:
-        raise CaptureError(
+        found = _uncopyable_attribute(model)
+        where = ""
+        if found is not None:
+            fqn, name, value = found
+            owner = f"submodule {fqn!r} ({type(model.get_submodule(fqn)).__name__})" if fqn else "the model itself"
+            where = f"the attribute {name!r} of {owner}, a {type(value).__module__}.{type(value).__qualname__}, "
+        raise TypeError(
             f"capture works on a copy of {type(model).__name__} (copy.deepcopy sharing its parameters and "
-            f"buffers), so that tracing never writes onto the model, but copying it failed: "
-            f"{type(e).__name__}: {e}. Make the model's attributes deep-copyable (or define __deepcopy__)."
+            f"buffers), so that tracing never writes onto the model, but {where or 'the model '}cannot be "
+            f"copied ({type(e).__name__}: {e}). Make it deep-copyable (define __deepcopy__ on its class), or set "
+            "it outside the model (or after prepare, on the prepared module)."
         ) from e
 
 
@@ -129,11 +162,19 @@ def _export_clone(model: nn.Module, example_args: tuple, dynamic_shapes: Any = N
 
 def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.GraphModule:
     """``torch.export`` of a clone of ``model``, its :class:`CaptureRecord` set; by default with a dynamic batch
-    dimension."""
+    dimension (a warning says why when it cannot be)."""
+    gm, warning = _export_quietly(model, example_args, dynamic_shapes)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=3)
+    return gm
+
+
+def _export_quietly(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> tuple[fx.GraphModule, str | None]:
+    """:func:`_export`, returning the warning it would give (a static batch dimension) instead of giving it."""
     if dynamic_shapes is not None:
         gm = _export_clone(model, example_args, dynamic_shapes)
         set_capture(gm, CaptureRecord("export", None))
-        return gm
+        return gm, None
     name = type(model).__name__
     batches = {v.shape[0] for v in tree_leaves(example_args) if isinstance(v, torch.Tensor) and v.dim() > 0}
     why = None
@@ -146,7 +187,7 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
         try:
             gm = _export_clone(model, example_args, _batch_dims(example_args))
             set_capture(gm, CaptureRecord("export", True))
-            return gm
+            return gm, None
         except Exception as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             # torch's constraint errors list the reasons as "- ..." lines, then advice on its own API.
@@ -154,16 +195,47 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
             detail = detail.split(" If you're using")[0]
             why = f"torch.export could not keep dim 0 dynamic ({type(e).__name__}: {detail})"
     gm = _export_clone(model, example_args)
+    warning = None
     if why is not None:
-        warnings.warn(
+        warning = (
             f"{name} was captured with torch.export for batch size {', '.join(map(str, sorted(batches)))} "
             f"only: {why}. "
             "The captured module refuses other batch sizes; pass dynamic_shapes=... (torch.export's "
-            "argument) to choose the dynamic dimensions yourself.",
-            stacklevel=3,
+            "argument) to choose the dynamic dimensions yourself."
         )
     set_capture(gm, CaptureRecord("export", False))
-    return gm
+    return gm, warning
+
+
+def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, example_args: tuple, dynamic_shapes: Any
+                             ) -> fx.GraphModule:
+    """``method="auto"`` with example inputs, after symbolic tracing succeeded: the ``torch.export`` capture instead
+    when the trace keeps Linear/Conv weights in opaque calls (a ``torch.fx.wrap``'ed function, as torchvision's
+    swin_t holds its attention projections) and export's graph leaves fewer weights unmatched; a warning names
+    the weights and how to choose. Otherwise (or when export fails) the trace, unchanged."""
+    dense = unmatched_weights(model, traced, find_weights(traced))
+    if not any(u.opaque for u in dense):
+        return traced
+    try:
+        exported, warning = _export_quietly(model, example_args, dynamic_shapes)
+    except Exception:
+        return traced  # the trace stands; prepare names the weights it leaves dense, with the remedies
+    still = {u.tensor_fqn for u in unmatched_weights(model, exported, find_weights(exported))}
+    if len(still) >= len(dense):
+        return traced
+    exposed = [u for u in dense if u.tensor_fqn not in still]
+    shown = ", ".join(u.tensor_fqn for u in exposed[:5]) + (f" and {len(exposed) - 5} more" if len(exposed) > 5 else "")
+    warnings.warn(
+        f"{type(model).__name__} was captured with torch.export, not symbolic tracing: the trace keeps "
+        f"{len(exposed)} Linear/Conv weight(s) in opaque calls ({shown}; {exposed[0].reason}), which torch.export's "
+        "graph exposes, so they are masked too. Pass capture_method='export' to choose this capture without the "
+        "warning, or capture_method='symbolic_trace' to keep the traced graph (those weights then stay dense).",
+        UserWarning,
+        stacklevel=3,
+    )
+    if warning is not None:
+        warnings.warn(warning, stacklevel=3)
+    return exported
 
 
 def _check_model(model: Any) -> None:
@@ -296,8 +368,10 @@ def capture(
             export can keep it so; where it cannot (an example batch of 1, or a
             model that fixes the batch size) the capture is static and a
             ``UserWarning`` says why.
-        method: ``"auto"`` (symbolic tracing, torch.export when it fails and
-            ``example_inputs`` are given), ``"symbolic_trace"`` (no fallback) or
+        method: ``"auto"`` (symbolic tracing; torch.export when it fails and
+            ``example_inputs`` are given, or when the trace keeps Linear/Conv weights in
+            opaque calls that export's graph exposes: then a ``UserWarning`` says so; never
+            with ``leaf_modules`` or ``concrete_args``, which are symbolic tracing's), ``"symbolic_trace"`` (no fallback) or
             ``"export"`` (needs ``example_inputs``; for models whose weights
             symbolic tracing hides, in ``torch.fx.wrap``'ed functions say).
 
@@ -309,8 +383,9 @@ def capture(
 
     Raises:
         TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
-            DataParallel/DistributedDataParallel or torch.compile wrapper), or an
-            argument has the wrong type (a string as ``leaf_modules``, ...).
+            DataParallel/DistributedDataParallel or torch.compile wrapper), cannot be
+            copied (naming the module and attribute ``copy.deepcopy`` refuses, such as a
+            ``threading.Lock``), or an argument has the wrong type (a string as ``leaf_modules``, ...).
         ValueError: ``model`` has uninitialized lazy modules, tensors on the
             meta device, or is already prepared (mask buffers or nodes);
             ``leaf_modules`` names no module; ``dynamic_shapes`` without
@@ -329,6 +404,7 @@ def capture(
     example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
     name = type(model).__name__
     if method == "export":
+        _clone(model)  # a model that cannot be copied is the user's to fix, not a failure of torch.export
         try:
             gm = _export(model, example_args, dynamic_shapes)
         except Exception as e:
@@ -368,4 +444,6 @@ def capture(
             ) from export_exc
         return gm
     set_capture(gm, CaptureRecord("symbolic_trace"))
+    if method == "auto" and example_args is not None and not leaf_modules and concrete_args is None:
+        return _export_if_it_masks_more(model, gm, example_args, dynamic_shapes)
     return gm

@@ -7,6 +7,7 @@ left dense, why and what to do, so that no weight is skipped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from passes.matching.weights import WeightMatch, is_transposed_linear, op_kind, weight_of
+from passes.matching.weights import WeightMatch, is_transposed_linear, op_kind, weight_of, weight_parametrizations
 from passes.meta import get_capture
 from passes.utils import get_tensor
 
@@ -29,11 +30,14 @@ class UnmatchedWeight:
         tensor_fqn: its FQN in the user's model.
         reason: why the graph gives no weight operand to mask.
         remedy: what the user can do about it.
+        opaque: the capture kept the weight's use in one opaque call (a ``torch.fx.wrap``'ed
+            function, a leaf module), which another capture (``torch.export``) may open up.
     """
 
     tensor_fqn: str
     reason: str
     remedy: str
+    opaque: bool = False
 
 
 _EXPORT_REMEDY = "capture with torch.export instead: capture(model, example_inputs=(...), method='export')"
@@ -46,7 +50,11 @@ def _candidate_weights(model: nn.Module) -> dict[int, str]:
     ``bias`` attribute, as transformers' ``Conv1D``)."""
     names = {id(t): fqn for fqn, t in model.named_parameters()}
     found: dict[int, str] = {}
-    for module in model.modules():
+    for fqn, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight_parametrizations(module):
+            # No stored tensor: keyed by the module (the ids of live objects never collide).
+            found.setdefault(id(module), f"{fqn}.weight" if fqn else "weight")
+            continue
         if isinstance(module, nn.MultiheadAttention):
             tensors = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
         elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -82,35 +90,38 @@ def _is_wrapped_function(target: object) -> bool:
     return not (target.__module__ or "").startswith(("torch", "_operator", "operator"))
 
 
-def _why_unmatched(gm: fx.GraphModule, tensor: torch.Tensor, users: list[fx.Node], leaves: list[fx.Node]) -> tuple[str, str]:
+def _why_unmatched(gm: fx.GraphModule, tensor: torch.Tensor, users: list[fx.Node], leaves: list[fx.Node]) -> UnmatchedWeight:
+    """The reason and remedy (``tensor_fqn`` left empty for the caller to fill in)."""
     record = get_capture(gm)
     capture = record.method if record is not None else None
     if leaves:
         module = gm.get_submodule(leaves[0].target)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            return (f"{type(module).__name__} is a transposed convolution, which fx_sparsity does not sparsify yet",
-                    "none yet: it stays dense")
-        return (f"inside {leaves[0].target!r} ({type(module).__name__}), which the capture keeps as one opaque "
-                "call_module (a leaf module)",
-                f"take {leaves[0].target!r} out of leaf_modules, or {_EXPORT_REMEDY}")
+            return UnmatchedWeight("", f"{type(module).__name__} is a transposed convolution, which fx_sparsity does "
+                                   "not sparsify yet", "none yet: it stays dense")
+        return UnmatchedWeight("", f"inside {leaves[0].target!r} ({type(module).__name__}), which the capture keeps "
+                               "as one opaque call_module (a leaf module)",
+                               f"take {leaves[0].target!r} out of leaf_modules, or {_EXPORT_REMEDY}", opaque=True)
     if not users:
-        return ("the captured graph never reads it: its module is not called by forward (or only on a branch the "
-                "example inputs did not take)", "nothing to do if the layer is unused")
+        return UnmatchedWeight("", "the captured graph never reads it: its module is not called by forward (or only "
+                               "on a branch the example inputs did not take)", "nothing to do if the layer is unused")
     kinds = {is_transposed_linear(u, gm) for u in users if op_kind(u, gm) is not None and weight_of(u, gm) is tensor}
     if len(kinds) == 2:
-        return ("used both as an [out, in] weight (linear) and as an [in, out] one (x @ W): one mask cannot "
-                "sparsify both layouts", "use the weight in one layout only")
+        return UnmatchedWeight("", "used both as an [out, in] weight (linear) and as an [in, out] one (x @ W): one "
+                               "mask cannot sparsify both layouts", "use the weight in one layout only")
     for user in users:
         if _is_wrapped_function(user.target):
-            return (f"passed to {_target_name(user)}, a function symbolic tracing keeps as one opaque call "
-                    "(torch.fx.wrap)",
-                    _EXPORT_REMEDY if capture != "export" else "none: torch.export kept the call opaque too")
+            return UnmatchedWeight(
+                "", f"passed to {_target_name(user)}, a function symbolic tracing keeps as one opaque call "
+                "(torch.fx.wrap)", _EXPORT_REMEDY if capture != "export" else "none: torch.export kept the call opaque too",
+                opaque=capture != "export",
+            )
     for user in users:
         if op_kind(user, gm) is None or weight_of(user, gm) is not tensor:
-            return (f"used by {_target_name(user)} (node {user.name}), not as the weight operand of a Linear/Conv "
-                    "op or of x @ W: there is no plain weight operand to mask",
-                    "apply the layer to the weight as stored (F.linear(x, W), F.convNd(x, W) or x @ W)")
-    return ("not selected", "select it in the config")
+            return UnmatchedWeight("", f"used by {_target_name(user)} (node {user.name}), not as the weight operand "
+                                   "of a Linear/Conv op or of x @ W: there is no plain weight operand to mask",
+                                   "apply the layer to the weight as stored (F.linear(x, W), F.convNd(x, W) or x @ W)")
+    return UnmatchedWeight("", "not selected", "select it in the config")
 
 
 def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[WeightMatch]) -> list[UnmatchedWeight]:
@@ -141,15 +152,32 @@ def unmatched_weights(model: nn.Module, gm: fx.GraphModule, matches: Iterable[We
             if isinstance(value, torch.Tensor):
                 reads.setdefault(id(value), []).extend(node.users)
         elif node.op == "call_module" and op_kind(node, gm) is not None:
-            reads.setdefault(id(weight_of(node, gm)), []).append(node)
+            weight = weight_of(node, gm)
+            if weight is not None:
+                reads.setdefault(id(weight), []).append(node)
         elif node.op == "call_module":
             for tensor in gm.get_submodule(node.target).parameters():
                 leaves.setdefault(id(tensor), []).append(node)
     tensors = {id(t): t for t in model.parameters()}
+    modules = {id(m): m for m in model.modules()}
     unmatched = []
     for tid, fqn in _candidate_weights(model).items():
         if tid in matched:
             continue
-        reason, remedy = _why_unmatched(gm, tensors[tid], reads.get(tid, []), leaves.get(tid, []))
-        unmatched.append(UnmatchedWeight(fqn, reason, remedy))
+        if tid in modules:
+            found = UnmatchedWeight("", *_why_parametrized(modules[tid], fqn.rpartition(".")[0]))
+        else:
+            found = _why_unmatched(gm, tensors[tid], reads.get(tid, []), leaves.get(tid, []))
+        unmatched.append(dataclasses.replace(found, tensor_fqn=fqn))
     return unmatched
+
+
+def _why_parametrized(module: nn.Module, fqn: str) -> tuple[str, str]:
+    originals = [f"{fqn + '.' if fqn else ''}parametrizations.weight.{n}" for n, _ in
+                 module.parametrizations["weight"].named_parameters()]
+    return (
+        f"computed on each access by the parametrization {', '.join(weight_parametrizations(module))} "
+        f"(torch.nn.utils.parametrize) from {', '.join(originals)}: there is no stored weight tensor to mask",
+        f"remove the parametrization before prepare (torch.nn.utils.parametrize.remove_parametrizations("
+        f"model.get_submodule({fqn!r}), 'weight') stores the weight it computes), or leave {fqn!r} out of the config",
+    )

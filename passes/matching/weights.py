@@ -14,7 +14,9 @@ Both forms the captures produce are recognised:
 
 Matches are grouped by weight *tensor* (by identity, not by name), so a weight
 used by several nodes, or tied between modules, is one :class:`WeightMatch`
-with several uses.
+with several uses. A weight a parametrization computes on each access
+(``torch.nn.utils.parametrizations.weight_norm``...) is no stored tensor and is not
+matched; :mod:`passes.matching.unmatched` reports it.
 
 :mod:`passes.matching.unmatched` says, for each Linear/Conv-like weight these matches
 leave dense, why and what to do.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from passes.meta import get_sparse_target, mask_nodes
 from passes.utils import get_tensor, split_fqn, tensor_aliases
@@ -42,6 +45,7 @@ __all__ = [
     "weight_position",
     "is_transposed_linear",
     "weight_of",
+    "weight_parametrizations",
 ]
 
 aten = torch.ops.aten
@@ -233,10 +237,26 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
     return f"conv{ndim - 2}d" if ndim in (3, 4, 5) else None
 
 
+def weight_parametrizations(module: nn.Module, name: str = "weight") -> tuple[str, ...]:
+    """The class names of the parametrizations computing ``module.<name>`` (``torch.nn.utils.parametrize``:
+    ``weight_norm``, ``spectral_norm``, ``orthogonal``...), ``()`` when it is a plain tensor.
+
+    Example::
+
+        >>> weight_parametrizations(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+        ('_WeightNorm',)
+    """
+    if not parametrize.is_parametrized(module, name):
+        return ()
+    return tuple(type(p).__name__ for p in module.parametrizations[name])
+
+
 def weight_of(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
-    """The weight tensor a matched Linear/Conv op reads (``None`` when it is computed in the graph)."""
+    """The weight tensor a matched Linear/Conv op reads (``None`` when it is computed in the graph, or computed on
+    each access by a parametrization: there is no stored tensor to mask)."""
     if node.op == "call_module":
-        return gm.get_submodule(node.target).weight
+        module = gm.get_submodule(node.target)
+        return None if weight_parametrizations(module) else module.weight
     weight = _weight_arg(node)
     if not isinstance(weight, fx.Node) or weight.op != "get_attr":
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,7 +49,8 @@ class SparseGPTSparsifier(BaseSparsifier):
         sparsity_level: fraction of each block to prune (unstructured).
         nm: ``(n, m)`` for N:M; then ``sparsity_level`` is not used.
         block_size: columns per block; a multiple of ``m`` with ``nm``.
-        dampening: added to the Hessian's diagonal, as a fraction of its mean.
+        dampening: added to the Hessian's diagonal, as a fraction of its mean: a finite number ``>= 0``
+            (infinity would swamp the Hessian; ``step()`` would then fail advising more dampening).
 
     Example::
 
@@ -161,5 +163,8 @@ def _validate(group: dict[str, Any], where: str) -> None:
     except (TypeError, ValueError) as e:
         raise type(e)(f"{e}{where}") from None
     dampening = group["dampening"]
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening >= 0:
-        raise ValueError(f"dampening{where} must be a number >= 0 (a fraction of the mean of diag H), got {dampening!r}")
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not 0 <= dampening < math.inf:
+        raise ValueError(
+            f"dampening{where} must be a finite number >= 0 (a fraction of the mean of diag H, e.g. 0.01), "
+            f"got {dampening!r}"
+        )
