@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,8 +47,9 @@ def prepare(
         example_inputs: a tensor or tuple, for the ``torch.export`` fallback.
         dynamic_shapes: for the ``torch.export`` capture; by default dim 0 of every
             tensor input is dynamic where export allows (else a warning says why).
-        capture_method: ``"auto"`` (symbolic tracing, export when it fails and
-            ``example_inputs`` are given), ``"symbolic_trace"`` or ``"export"``.
+        capture_method: ``"auto"`` (symbolic tracing; with ``example_inputs``, ``torch.export``
+            when tracing fails, or when it hides weights in opaque calls that the export graph
+            exposes, with a warning naming them), ``"symbolic_trace"`` or ``"export"``.
         leaf_modules, concrete_args: symbolic-tracing knobs.
         mask_dtype: the dtype of the mask buffers: ``None`` (default) for each weight's own dtype, as
             torch.ao.pruning keeps them (the fastest eager ``weight * mask``); ``torch.bool`` for one byte per
@@ -85,16 +85,6 @@ def prepare(
         >>> gm.get_buffer("0.weight_mask").mean().item()  # 1 = kept, in the weight's dtype
         0.25
     """
-    if isinstance(model, nn.Module):
-        meta = next((f for f, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
-        if meta is not None:
-            raise ValueError(
-                f"model has tensors on the meta device ({meta}, ...): prepare needs real weights. For a model "
-                "built on the meta device because it is too large for memory, use "
-                "fx_sparsity.calibration.prepare_on_meta(model, config, sparsifier=...), then "
-                "prune_sequential(gm, batches, weights=SafetensorsWeights(checkpoint)); else materialise the "
-                "tensors first (model.to_empty(device='cpu') and load the weights)"
-            )
     if sparsifier is None:
         sparsifier = WeightNormSparsifier()
     elif not isinstance(sparsifier, BaseSparsifier):

@@ -31,18 +31,18 @@ Importing the package registers the ``fx_sparsity::*_linear`` custom operators
 from passes.calibration.insertion import insert_input_observers, remove_input_observers
 from passes.capturing.tracing import CaptureError, capture
 from passes.compat import install_moved_modules, keep_attributes, moved_names
-from passes.dependency.records import ChannelGroup, Member
 from passes.dependency.analysis import find_channel_groups
-from passes.lowering.rewrite import SparseFormat, lower_sparse
+from passes.dependency.records import ChannelGroup, Member
 from passes.lowering.native import native_isa
+from passes.lowering.rewrite import SparseFormat, lower_sparse
 from passes.masking.fuse import fuse_masks
 from passes.masking.insert import insert_masks
 from passes.matching.select import FqnRule, select_weights
 from passes.matching.unmatched import UnmatchedWeight, unmatched_weights
 from passes.matching.weights import WeightMatch, find_weights
 from passes.meta import SPARSITY_META_KEY, SparseTarget, get_capture, get_sparse_target, masked_targets
-from passes.shrink.report import ShrinkReport
 from passes.shrink.plan import plan_shrink
+from passes.shrink.report import ShrinkReport
 from passes.shrink.rewrite import remove_channels
 from passes.utils import clone_sharing_tensors
 

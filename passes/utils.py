@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import sys
 from collections.abc import Collection, Iterable
 
 import torch
@@ -18,6 +20,7 @@ __all__ = [
     "fqns_read",
     "ReadIndex",
     "erase_unused_get_attrs",
+    "user_stacklevel",
 ]
 
 
@@ -136,3 +139,19 @@ def erase_unused_get_attrs(graph: fx.Graph, nodes: Iterable[object]) -> None:
     for node in nodes:
         if isinstance(node, fx.Node) and node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+
+
+# The folder holding this package and its user-side sibling: frames inside either are the library's own.
+_LIBRARY_DIRS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name) + os.sep
+    for name in ("passes", "fx_sparsity")
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that names the first frame
+    outside passes and fx_sparsity: the user's line, however deep inside the library the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -194,7 +194,7 @@ def test_lowered_tied_weights_are_credited_to_the_calling_layer():
 @pytest.mark.parametrize("batches, match", [
     (None, "batches must be an iterable of model inputs.*got NoneType"),
     (5, "batches must be an iterable of model inputs.*got int"),
-    (torch.randn(4, 16), r"got Tensor \(one tensor would run row by row: wrap it in a list, \[x\]\)"),
+    (torch.randn(4, 16), r"got Tensor \(wrap one tensor in a list: \[x\]; alone it would run row by row\)"),
 ])
 def test_batches_that_are_no_iterable_of_inputs_are_refused(function, batches, match, capsys):
     """compare / print_compare with batches=None, 5 (a TypeError not naming batches) or one tensor (run row by row,

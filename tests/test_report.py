@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
+import fx_sparsity
 from fx_sparsity import (
     NearlyDiagonalSparsifier,
     WeightNormSparsifier,
@@ -64,3 +67,13 @@ def test_graph_table_marks_masks(capsys):
     print_sparsity_table(gm)
     out = capsys.readouterr().out
     assert table in out and sparsity_table(gm) in out
+
+
+def test_layer_sparsity_refuses_a_sparsifier_that_is_not_one():
+    """layer_sparsity / sparsity_table with sparsifier='x' is a TypeError naming the argument, not an AttributeError."""
+    from fx_sparsity.report import layer_sparsity, sparsity_table
+
+    gm = fx_sparsity.prepare(nn.Sequential(nn.Linear(4, 4)))
+    for fn in (layer_sparsity, sparsity_table):
+        with pytest.raises(TypeError, match="sparsifier must be the BaseSparsifier that prepared gm"):
+            fn(gm, sparsifier="x")

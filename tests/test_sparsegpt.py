@@ -343,3 +343,11 @@ def test_non_finite_dampening_is_refused(dampening):
     with pytest.raises(ValueError, match="dampening of a.weight must be a finite number"):
         sparsifier.update_group("a.weight", dampening=dampening)
     assert sparsifier.groups[0]["dampening"] == 0.01
+
+
+def test_sparsegpt_prune_refuses_non_finite_dampening_called_directly():
+    """The pure function refuses infinite or NaN dampening too (the sparsifier refuses it when set), naming it."""
+    w, h = torch.randn(4, 8), torch.eye(8)
+    for bad in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match="dampening must be a finite number >= 0"):
+            sparsegpt_prune(w, h, sparsity_level=0.5, dampening=bad)

@@ -39,7 +39,15 @@ from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
+from fx_sparsity.utils.running import (
+    TokenMask,
+    as_model_inputs,
+    batch_token_mask,
+    check_batches,
+    check_inputs_fit,
+    check_token_mask_source,
+    eval_mode,
+)
 from passes.calibration import (
     Stage,
     StageRunner,
@@ -90,14 +98,6 @@ class SequentialReport:
     def blocks(self) -> tuple[str, ...]:
         """The stage names, in order."""
         return tuple(s.name for s in self.stages)
-
-
-def _check_batches(batches: Any) -> None:
-    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
-            f"got {type(batches).__name__}" + (" (wrap one tensor in a list: [x])" if isinstance(batches, torch.Tensor) else "")
-        )
 
 
 def _blocks(gm: fx.GraphModule, blocks: Sequence[str] | None, fqns: list[str]) -> tuple[str, ...]:
@@ -254,7 +254,7 @@ def prune_sequential(
             "ChannelPruner couples channels of layers across blocks and cannot prune one block at a time: "
             "use fx_sparsity.calibrate and step() on the whole model"
         )
-    _check_batches(batches)
+    check_batches(batches)
     check_token_mask_source(token_mask)
     fqns = [g["tensor_fqn"] for g in sparsifier.groups]
     stages = plan_stages(gm, _blocks(gm, blocks, fqns))
@@ -267,6 +267,7 @@ def prune_sequential(
     token_masks: list[torch.Tensor | None] = []
     for i, batch in enumerate(batches):
         args, kwargs = as_model_inputs(batch, f"batch {i} of batches")
+        check_inputs_fit(gm, args, kwargs, f"batch {i} of batches")
         token_masks.append(batch_token_mask(batch, token_mask, f"batch {i} of batches"))
         try:
             carried.append(runner.inputs(args, kwargs))

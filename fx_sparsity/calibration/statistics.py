@@ -30,7 +30,15 @@ from torch import fx, nn
 from fx_sparsity.meta import get_sparsifier
 from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
 from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import TokenMask, as_model_inputs, batch_token_mask, check_token_mask_source, eval_mode
+from fx_sparsity.utils.running import (
+    TokenMask,
+    as_model_inputs,
+    batch_token_mask,
+    check_batches,
+    check_inputs_fit,
+    check_token_mask_source,
+    eval_mode,
+)
 from passes import SparseTarget
 from passes.calibration import (
     InputNormObserver,
@@ -162,11 +170,7 @@ def calibrate(
         >>> sparsifier.step()  # the same masks on every process  # doctest: +SKIP
     """
     sparsifier = get_sparsifier(gm)
-    if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
-            f"got {type(batches).__name__}" + (" (wrap one tensor in a list: [x])" if isinstance(batches, torch.Tensor) else "")
-        )
+    check_batches(batches)
     check_token_mask_source(token_mask)
     group = process_group(distributed)
     # nn.LSTM parameters (ChannelPruner's hidden units) are read inside the LSTM, with no input of their own to
@@ -225,6 +229,7 @@ def _run(gm: fx.GraphModule, observers: dict[str, nn.Module], batches: Iterable[
             for batch in progress(batches, progress_bar, "calibrate", total):
                 name = f"batch {seen} of batches"
                 args, kwargs = as_model_inputs(batch, name)
+                check_inputs_fit(gm, args, kwargs, name)
                 apply_token_mask(observers, batch_token_mask(batch, token_mask, name))
                 gm(*args, **kwargs)
                 seen += 1

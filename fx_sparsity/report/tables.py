@@ -75,6 +75,11 @@ def layer_sparsity(gm: fx.GraphModule, sparsifier: BaseSparsifier | None = None)
         >>> [(r.label, r.target, r.achieved) for r in layer_sparsity(gm)]
         [('0', 0.75, 0.75)]
     """
+    if sparsifier is not None and not isinstance(sparsifier, BaseSparsifier):
+        raise TypeError(
+            f"sparsifier must be the BaseSparsifier that prepared gm (or None for get_sparsifier(gm)), got "
+            f"{type(sparsifier).__name__} {sparsifier!r:.40}"
+        )
     sparsifier = sparsifier or get_sparsifier(gm)
     layers = []
     for view in sparsifier.groups:

@@ -36,6 +36,7 @@ import abc
 import copy
 import difflib
 import inspect
+import itertools
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -311,6 +312,7 @@ class BaseSparsifier(abc.ABC):
             ``get_sparsifier(gm)`` returns this sparsifier.
         """
         self.check_unbound()
+        _refuse_meta(model)
         rules = parse_config(config)
         mask_dtype = check_mask_dtype(mask_dtype)
         gm = capture(
@@ -530,6 +532,21 @@ class BaseSparsifier(abc.ABC):
             raise TypeError(f"module must be the GraphModule prepare() returned, got {type(module).__name__}")
         target = module if inplace else clone_without_sparsifier(module)
         return swap_modules(target, mapping, {r.module_fqn for r in self.records})
+
+
+def _refuse_meta(model: Any) -> None:
+    """A model with tensors on the meta device gets the pointer to prepare_on_meta (capture would refuse it too)."""
+    if not isinstance(model, nn.Module):
+        return
+    meta = next((f for f, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"model has tensors on the meta device ({meta}, ...): prepare needs real weights. For a model "
+            "built on the meta device because it is too large for memory, use "
+            "fx_sparsity.calibration.prepare_on_meta(model, config, sparsifier=...), then "
+            "prune_sequential(gm, batches, weights=SafetensorsWeights(checkpoint)); else materialise the "
+            "tensors first (model.to_empty(device='cpu') and load the weights)"
+        )
 
 
 def _check_initial_mask(mask: Any, match: WeightMatch, where: str) -> torch.Tensor:

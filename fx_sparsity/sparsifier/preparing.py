@@ -54,7 +54,7 @@ def _warn_unmatched(unmatched: Sequence[UnmatchedWeight], rules: Sequence[FqnRul
     lines = "\n".join(f"  {u.tensor_fqn}: {u.reason}; remedy: {u.remedy}" for u in wanted)
     warnings.warn(
         f"{len(wanted)} Linear/Conv-like weight(s) the config selects stay dense, the captured graph gives "
-        f"no op to mask them (capture_method='export' with example_inputs often finds them):\n{lines}",
+        f"no op to mask them:\n{lines}",
         UserWarning,
         stacklevel=caller_stacklevel(),
     )

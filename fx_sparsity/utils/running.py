@@ -84,10 +84,10 @@ def check_batches(batches: Any, name: str = "batches") -> None:
         >>> check_batches(torch.ones(2, 3))
         Traceback (most recent call last):
         ...
-        TypeError: batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; got Tensor (one tensor would run row by row: wrap it in a list, [x])
+        TypeError: batches must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; got Tensor (wrap one tensor in a list: [x]; alone it would run row by row)
     """
     if batches is None or isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        hint = " (one tensor would run row by row: wrap it in a list, [x])" if isinstance(batches, torch.Tensor) else ""
+        hint = " (wrap one tensor in a list: [x]; alone it would run row by row)" if isinstance(batches, torch.Tensor) else ""
         raise TypeError(
             f"{name} must be an iterable of model inputs, e.g. a list of tensors or a DataLoader; "
             f"got {type(batches).__name__}{hint}"

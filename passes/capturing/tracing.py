@@ -48,7 +48,7 @@ from passes.capturing.pickling import CapturedModule, as_exported_module
 from passes.matching.unmatched import unmatched_weights
 from passes.matching.weights import find_weights
 from passes.meta import SPARSITY_META_KEY, CaptureRecord, set_capture
-from passes.utils import clone_sharing_tensors
+from passes.utils import clone_sharing_tensors, user_stacklevel
 
 __all__ = ["capture", "CaptureError"]
 
@@ -165,7 +165,7 @@ def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.Gr
     dimension (a warning says why when it cannot be)."""
     gm, warning = _export_quietly(model, example_args, dynamic_shapes)
     if warning is not None:
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, stacklevel=user_stacklevel())
     return gm
 
 
@@ -231,10 +231,10 @@ def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, example_a
         "graph exposes, so they are masked too. Pass capture_method='export' to choose this capture without the "
         "warning, or capture_method='symbolic_trace' to keep the traced graph (those weights then stay dense).",
         UserWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     if warning is not None:
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, stacklevel=user_stacklevel())
     return exported
 
 

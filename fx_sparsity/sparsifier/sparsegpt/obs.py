@@ -30,6 +30,8 @@ group, each with the Hessian of the input channels it reads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fx_sparsity.sparsifier.mask_utils import smallest_k_mask, validate_level
@@ -91,8 +93,8 @@ def sparsegpt_prune(
     if nm is not None:
         nm = validate_nm(*nm)
     validate_block_size(block_size, nm)
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening >= 0:
-        raise ValueError(f"dampening must be a number >= 0 (a fraction of the mean of diag H), got {dampening!r}")
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not 0 <= dampening < math.inf:
+        raise ValueError(f"dampening must be a finite number >= 0 (a fraction of the mean of diag H), got {dampening!r}")
     out = weight.shape[0]
     matrix = weight.detach().reshape(out, -1)
     columns = matrix.shape[1]
