@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from passes.dependency.analysis import run_recording
-from passes.matching.weights import op_arguments, op_kind
+from passes.matching.weights import is_transposed_linear, op_arguments, op_kind
 from passes.shrink.plan import ShrinkPlan
 
 __all__ = ["ShrinkReport", "count_macs", "count_params", "compare_shrunk"]
@@ -62,8 +62,9 @@ def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
             weight = gm.get_submodule(node.target).weight
         else:
             weight = op_arguments(node.target, args, kwargs)["weight"]
-        # Each output entry reads one row of the weight (a grouped conv's rows hold in_channels / groups columns).
-        total[0] += result.numel() * weight[0].numel()
+        # Each output entry reads one row of the weight (a grouped conv's rows hold in_channels / groups columns);
+        # x @ W reads a column of its [in, out] weight.
+        total[0] += result.numel() * (weight.shape[0] if is_transposed_linear(node, gm) else weight[0].numel())
 
     run_recording(gm, example_inputs, record)
     return total[0]
