@@ -24,6 +24,7 @@ from fx_sparsity.structured import ChannelPruner, shrink
 from helpers import TinyMobileNet, TinyResNet
 from passes import find_channel_groups
 from passes.capturing import capture
+from passes.shrink import count_macs
 
 
 def _prune(model: nn.Module, x, ratio: float = 0.5, mask_consumers: bool = True, **capture_args):
@@ -141,11 +142,41 @@ def test_gpt2_eager_attention_shrinks_too():
     _assert_shrunk_equals_masked(gm, small, x, model)
 
 
+class Conv1DMLP(nn.Module):
+    """GPT-2's MLP from transformers' own Conv1D modules (16 -> 32 -> 16, random biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc, self.c_proj = Conv1D(32, 16), Conv1D(16, 32)
+        with torch.no_grad():
+            self.c_fc.bias.normal_()
+            self.c_proj.bias.normal_()
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_fc(x)))
+
+
+def test_symbolically_traced_conv1d_rewrites_the_size_it_adds():
+    """Conv1DMLP, symbolically traced: Conv1D reshapes its output to ``x.size()[:-1] + (nf,)``, a tuple added in the
+    graph whose literal 32 is lowered to 16 with c_fc's rows; the removed channels' constant relu(bias) is folded
+    into c_proj's bias, so the shrunk module equals the masked one (masks on producers only) and exports."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = Conv1DMLP().eval(), torch.randn(2, 5, 16)
+    _, gm, small = _prune(model, x, mask_consumers=False, capture_method="symbolic_trace")
+    assert _shapes(small)["c_fc.weight"] == (16, 16) and _shapes(small)["c_proj.weight"] == (16, 16)
+    assert shrink_report(small).folded == ("c_proj.weight",)
+    _assert_shrunk_equals_masked(gm, small, x, model)
+
+
 # ------------------------------------------------------------------ T5: a per-head position bias
 def test_t5_position_bias_unites_every_layers_heads():
     """T5 encoder (2 layers, 4 heads of 8; torch.export): layer 0's relative position bias (an embedding with one
     column per head) is added to the scores of both layers, so the 4 heads of both layers are one group holding the
-    embedding's columns; 2 heads go from q/k/v/o of every layer and from the embedding, exactly, and it exports."""
+    embedding's columns; 2 heads go from q/k/v/o of every layer and from the embedding, exactly, and it exports.
+    The token embedding (``shared``, tied to ``encoder.embed_tokens``) is followed under its other name."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
@@ -155,6 +186,7 @@ def test_t5_position_bias_unites_every_layers_heads():
     heads = _group_of(pruner.channel_groups, bias)
     projections = {f"encoder.block.{i}.layer.0.SelfAttention.{p}.weight" for i in (0, 1) for p in "qkv"}
     assert heads.size == 4 and projections | {bias} == {m.target for m in heads.producers}
+    assert "shared" not in pruner.unfollowed  # the token embedding, tied to encoder.embed_tokens, is followed
     shapes = _shapes(small)
     assert shapes[bias] == (32, 2)
     assert shapes["encoder.block.1.layer.0.SelfAttention.q.weight"] == (16, 32)
@@ -417,6 +449,13 @@ def test_swin_window_attention_and_patch_merging_are_followed():
     half = _swin(width=8)
     half.load_state_dict(small.state_dict())
     torch.testing.assert_close(_outputs(half, x), _outputs(small, x))
+
+
+def test_swin_macs_count_the_projections_inside_the_window_attention():
+    """count_macs of the symbolically traced Swin (its q/k/v and output projections inside the wrapped call) equals
+    that of its torch.export capture, where they are plain linear ops (no window is padded at 32x32)."""
+    model, x = _swin(), torch.randn(1, 3, 32, 32)
+    assert count_macs(capture(model), x) == count_macs(capture(model, example_inputs=(x,), method="export"), x)
 
 
 # ------------------------------------------------------------------ timm's test models against Torch-Pruning

@@ -11,6 +11,7 @@ the helpers here add members to spaces, freeze layouts and line up broadcast ope
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -237,6 +238,13 @@ def add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int
     """Record the literal size of output dim ``p`` (if it is one) as a member of every space of ``layout``:
     it drops by ``inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
     slot = size_slot(node, p, rank)
+    if node.target in ops.SIZED_RESHAPES and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        # Sizes computed in the graph: x.view(x.size()[:-1] + (nf,)), as transformers' Conv1D writes it, holds its
+        # literal in the tuple added to the input's sizes.
+        sizes, slot = node.args[1], None
+        tail = sizes.args[1] if sizes.target is operator.add and len(sizes.args) == 2 else None
+        if isinstance(tail, tuple) and p >= rank - len(tail):
+            node, slot = sizes, (1, p - rank + len(tail))
     if slot is None or not isinstance(literal_at(node, slot), int) or literal_at(node, slot) == -1:
         return
     for s, inner in layout.segs:

@@ -114,9 +114,13 @@ class Spaces:
                 cuts[root] += pieces
                 refused[root] = "its channels are split at two different places"
         related = {self.find(s) for fine, coarse, _ in self.relations for s in (fine, coarse)}
+        done: dict[int, tuple[int, ...]] = {}
         for s, pieces in cuts.items():
             root = self.find(s)
-            if any(self.find(p) == root for p in pieces):
+            if root in done:  # two cuts met through the pieces united above (each piece cut again)
+                refused[s] = "its channels are split at two different places"
+                pieces += done[root]
+            elif any(self.find(p) == root for p in pieces):
                 refused[s] = "a piece of its split is combined with the whole"
             elif root in related or self.blocks[root] > 1:
                 refused[s] = "a split cuts channels that are grouped into heads or blocks"
@@ -124,6 +128,7 @@ class Spaces:
                 for p in (root, *pieces):
                     self.freeze(p, refused[s])
                 continue
+            done[root] = pieces
             members, self.members[root] = self.members[root], []
             start = 0
             for p in pieces:

@@ -10,6 +10,8 @@ import torch
 from torch import fx, nn
 
 from passes.dependency.analysis import run_recording
+from passes.dependency.op_categories import WINDOW_ATTENTION, op_category
+from passes.dependency.rules.wrapped import attention_arguments
 from passes.matching.weights import is_transposed_linear, op_arguments, op_kind
 from passes.shrink.plan import ShrinkPlan
 
@@ -43,7 +45,9 @@ class ShrinkReport:
 
 
 def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
-    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``.
+    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``
+    (and of the q/k/v and output projections inside torchvision Swin's wrapped window attention, per token of its
+    output: windows padded to the window size are not counted).
 
     Example::
 
@@ -55,6 +59,11 @@ def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
     def record(node: fx.Node, result: Any, args: tuple, kwargs: dict) -> None:
         if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM:
             total[0] += _lstm_macs(gm.get_submodule(node.target), result[0])
+            return
+        if op_category(node, gm) == WINDOW_ATTENTION:  # Swin's q/k/v and output projections, inside the call
+            named = attention_arguments(args, kwargs)
+            tokens = result.numel() // result.shape[-1]
+            total[0] += tokens * (named["qkv_weight"].numel() + named["proj_weight"].numel())
             return
         if op_kind(node, gm) is None:
             return

@@ -31,10 +31,17 @@ from torch import fx
 from passes.dependency.layout import Layout, add_sliced, first_input, freeze, member, tensor_fqn, total
 from passes.dependency.spaces import Spaces
 
-__all__ = ["patch_merging", "window_attention"]
+__all__ = ["patch_merging", "window_attention", "attention_arguments"]
 
 _ATTENTION_ARGUMENTS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
                         "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale")
+
+
+def attention_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of a ``shifted_window_attention`` call by name (nodes or values)."""
+    named = dict(zip(_ATTENTION_ARGUMENTS, args))
+    named.update({k: v for k, v in kwargs.items() if k in _ATTENTION_ARGUMENTS})
+    return named
 
 
 def patch_merging(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
@@ -55,8 +62,7 @@ def window_attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces)
     if found is None:
         return None
     x, lay = found
-    args = dict(zip(_ATTENTION_ARGUMENTS, node.args))
-    args.update({k: v for k, v in node.kwargs.items() if k in _ATTENTION_ARGUMENTS})
+    args = attention_arguments(node.args, node.kwargs)
     weights = {name: args.get(name) for name in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias")}
     fqns = {name: tensor_fqn(t) for name, t in weights.items() if t is not None}
     channels, heads = total(spaces, lay), args.get("num_heads")
