@@ -1,5 +1,18 @@
 """Structured pruning: parameters, MACs and CPU latency (batch 1) of shrunk models, side by side with Torch-Pruning.
 
+Two tables. The default one times five models (below). ``--zoo`` counts only parameters and MACs (no timing) of
+the shrunk models of a dozen real architectures at ratio 0.5, ours and Torch-Pruning's side by side (issue 18):
+torchvision efficientnet_b0, convnext_tiny, swin_t, mobilenet_v2, resnet50, regnet_y_400mf and vit_b_16 (1x3x224x224),
+timm efficientnet_b0, convnext_tiny and mobilevitv2_050 (if timm is installed; 1x3x224x224, 256x256 for
+mobilevitv2), GPT-2 (n_embd 256, 4 layers, 8 heads) and a T5 encoder (d_model 256, 4 layers, 8 heads of 32, d_ff
+1024) from transformers configs at 128 tokens. Torch-Pruning runs ``MetaPruner`` with
+``GroupMagnitudeImportance(p=1)`` and the final classifier ignored (vit_b_16: its channel-group recipe below, the
+widths patched by hand); both tools count with :func:`passes.shrink.count_macs` on a capture of the pruned module
+(Linear/Conv and ``x @ W`` multiply-accumulates; attention's own matmuls are not counted). swin_t is not given to
+Torch-Pruning (1.6.1 raises ``MemoryError`` building its index mappings, under an 8 GiB limit at 64x64 already).
+
+    python benchmarks/structured.py --zoo [--models resnet50,gpt2] [--tiny]
+
 Models (random init, no weights downloaded): torchvision resnet18, mobilenet_v3_small and vit_b_16 (224x224),
 a transformers BERT (hidden 256, 4 layers, 4 heads, intermediate 1024) and a Llama-style model (hidden 512, 4
 layers, 16 query heads on 8 KV heads, intermediate 1408), both at sequence length 128. ``--tiny`` builds small
@@ -52,7 +65,7 @@ from fx_sparsity import shrink_report
 from fx_sparsity.deploy import to_model
 from fx_sparsity.structured import ChannelPruner, shrink
 from passes.capturing import capture
-from passes.shrink import count_macs
+from passes.shrink import count_macs, count_params
 
 try:
     import torch_pruning as tp
@@ -60,6 +73,10 @@ except ImportError:  # the comparison column is left out
     tp = None
 
 MODELS = ("resnet18", "mobilenet_v3_small", "vit_b_16", "bert", "llama")
+ZOO = ("efficientnet_b0", "convnext_tiny", "swin_t", "mobilenet_v2", "resnet50", "regnet_y_400mf", "vit_b_16",
+       "timm/efficientnet_b0", "timm/convnext_tiny", "timm/mobilevitv2_050", "gpt2", "t5")
+# Models Torch-Pruning is not run on, and why.
+TP_SKIPPED = {"swin_t": "not run: raises MemoryError building its index mappings (8 GiB limit, at 64x64 already)"}
 
 
 def _bert(tiny: bool) -> nn.Module:
@@ -78,6 +95,43 @@ def _llama(tiny: bool) -> nn.Module:
         hidden_size=512, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, intermediate_size=1408)
     config = transformers.LlamaConfig(vocab_size=1000, max_position_embeddings=512, use_cache=False, **size)
     return transformers.LlamaModel(config)
+
+
+def _gpt2(tiny: bool) -> nn.Module:
+    import transformers
+
+    size = dict(n_embd=64, n_layer=2, n_head=4) if tiny else dict(n_embd=256, n_layer=4, n_head=8)
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=512, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                     **size)
+    return transformers.GPT2Model(config)
+
+
+def _t5(tiny: bool) -> nn.Module:
+    import transformers
+
+    size = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4) if tiny else dict(
+        d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8)
+    return transformers.T5EncoderModel(transformers.T5Config(vocab_size=1000, **size))
+
+
+def build_zoo(name: str, tiny: bool) -> tuple[nn.Module, torch.Tensor]:
+    """A model of :data:`ZOO` (random init, eval mode) and its batch-1 input."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 1000, (1, 16 if tiny else 128), generator=torch.Generator().manual_seed(0))
+    if name == "gpt2":
+        return _gpt2(tiny).eval(), tokens
+    if name == "t5":
+        return _t5(tiny).eval(), tokens
+    image = 64 if tiny else 256 if "mobilevit" in name else 224
+    x = torch.randn(1, 3, image, image)
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm/")).eval(), x
+    if name == "vit_b_16" and tiny:
+        return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64,
+                                 mlp_dim=128).eval(), x
+    return getattr(models, name)().eval(), x
 
 
 def build(name: str, tiny: bool) -> tuple[nn.Module, torch.Tensor]:
@@ -158,6 +212,9 @@ def _tp_recipe(name: str, model: nn.Module, ratio: float) -> tuple[dict[str, Any
             for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                       layer.mlp.down_proj)]
         return {"ignored_layers": ignored}, lambda: None
+    if name in ZOO:  # every group, the final classifier (1000 classes) ignored
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+        return {"ignored_layers": classifier}, lambda: None
     raise ValueError(f"no Torch-Pruning recipe for {name!r}")
 
 
@@ -259,17 +316,67 @@ def run(names: list[str], tiny: bool, rounds: int, inner: int) -> list[list[obje
     return rows
 
 
+def _zoo_row(name: str, label: str, module: nn.Module, x: torch.Tensor, dense: tuple[int, int], shapes: list,
+             note: str) -> list[object]:
+    params, macs = count_params(module), _macs(module, x)
+    return [name, label, f"{params / 1e6:.3f}", f"{params / dense[0]:.3f}", f"{macs / 1e6:.1f}",
+            f"{macs / dense[1]:.3f}", "yes" if _shapes(module, x) == shapes else "no", _exports(module, x), note]
+
+
+def run_zoo(names: list[str], tiny: bool, ratio: float = 0.5) -> list[list[object]]:
+    """Parameters and MACs of the dense model, ours and Torch-Pruning's at ``ratio``; no timing."""
+    rows = []
+    for name in names:
+        dense, x = build_zoo(name, tiny)
+        sizes, shapes = (count_params(dense), _macs(dense, x)), _shapes(dense, x)
+        rows.append(_zoo_row(name, "dense", dense, x, sizes, shapes, ""))
+        small = _ours(dense, x, ratio)
+        report = shrink_report(small)
+        note = "exact" if report.exact else f"inexact: {_reasons(report.inexact)}"
+        rows.append(_zoo_row(name, "fx_sparsity", small, x, sizes, shapes, note))
+        if tp is None or name in TP_SKIPPED:
+            rows.append([name, "torch-pruning", "-", "-", "-", "-", "-", "-",
+                         TP_SKIPPED.get(name, "not installed")])
+            continue
+        recipe = "vit_b_16 channel groups" if name == "vit_b_16" else name
+        try:
+            theirs = _torch_pruning(recipe, dense, x, ratio)
+            rows.append(_zoo_row(name, "torch-pruning", theirs, x, sizes, shapes, ""))
+        except Exception as e:  # noqa: BLE001 - its failure is a result
+            rows.append([name, "torch-pruning", "-", "-", "-", "-", "-", "-", f"failed: {type(e).__name__}: {e}"[:90]])
+    return rows
+
+
+def _reasons(notes: tuple[str, ...]) -> str:
+    """What makes a shrunk module inexact, by kind (LayerNorm statistics, ...)."""
+    kinds = {"LayerNorm": "LayerNorm statistics", "GroupNorm": "GroupNorm statistics", "scales q": "attention scale",
+             "vary with the input": "removed channels still vary", "still feed": "removed channels still vary",
+             "padded conv": "padded conv borders"}
+    found = [label for key, label in kinds.items() if any(key in n for n in notes)]
+    return ", ".join(dict.fromkeys(found)) or notes[0][:60]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inner", type=int, default=3)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--models", default="", help=f"comma-separated, from {', '.join(MODELS)} (or, with --zoo, "
+                        f"{', '.join(ZOO)}); all by default")
     parser.add_argument("--tiny", action="store_true", help="small models, to check the script (timings meaningless)")
+    parser.add_argument("--zoo", action="store_true", help="parameters and MACs of the ZOO models at 0.5, no timing")
     args = parser.parse_args()
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(MODELS))
+    known = ZOO if args.zoo else MODELS
+    names = [n for n in (args.models or ",".join(known)).split(",") if n]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown models {unknown}; choose from {', '.join(known)}")
+    if args.zoo:
+        print(f"{describe()}, torch-pruning {getattr(tp, '__version__', 'not installed')}, ratio 0.5, batch 1"
+              f"{', TINY models' if args.tiny else ''}")
+        headers = ["model", "method", "params (M)", "params / dense", "MACs (M)", "MACs / dense", "output shape kept",
+                   "exports", "shrunk == masked / note"]
+        print(tabulate(run_zoo(names, args.tiny), headers=headers, tablefmt="github"))
+        return
     print(f"{describe()}, torch-pruning {getattr(tp, '__version__', 'not installed')}, batch 1"
           f"{', TINY models' if args.tiny else ''}")
     headers = ["model", "ratio", "method", "params (M)", "MACs (M, ours)", "MACs (M, TP count)", "MACs reduction",

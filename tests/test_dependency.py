@@ -96,14 +96,20 @@ def test_analysis_rewrites_nothing_and_leaves_the_model_alone():
 
 
 def test_concat_offsets_and_split_at_the_same_boundary():
-    """cat([a(8), b(6)]) -> mix: consumer members at offsets 0 and 8; splitting mix's output at 8 keeps both heads
-    on mix's group, which a residual sum of the two heads does not touch."""
+    """cat([a(8), b(6)]) -> mix: consumer members at offsets 0 and 8; splitting mix's output at 8 cuts mix's
+    channels into two groups (rows 0-7 read by head_a, rows 8-13 by head_b), each with its own size in the split's
+    list of sizes; a residual sum of the two heads does not touch them."""
     _, groups = _groups(Concat(), torch.randn(2, 3, 5, 5))
-    a, b, mix = (_group_of(groups, f"{n}.weight") for n in ("a", "b", "mix"))
+    a, b = (_group_of(groups, f"{n}.weight") for n in ("a", "b"))
     assert [(m.target, m.offset) for m in a.consumers] == [("mix.weight", 0)]
     assert [(m.target, m.offset) for m in b.consumers] == [("mix.weight", 8)]
-    assert mix.prunable is False and "splits the channel axis inside" in mix.frozen_reason
     assert a.prunable and b.prunable
+    pieces = [g for g in groups if "mix.weight" in _layers(g, "producer")]
+    assert [(g.size, g.prunable) for g in pieces] == [(8, True), (6, True)]
+    assert [[(m.offset, m.dim) for m in g.producers] for g in pieces] == [[(0, 0)], [(8, 0)]]
+    assert [_layers(g, "consumer") for g in pieces] == [{"head_a.weight"}, {"head_b.weight"}]
+    literals = [[(m.target, m.dim, m.offset) for m in g.members if m.kind == "literal"] for g in pieces]
+    assert literals == [[("split", 1, 0)], [("split", 1, 1)]]
 
 
 def test_split_along_concat_boundaries_is_followed():

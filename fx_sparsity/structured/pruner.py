@@ -51,7 +51,7 @@ from fx_sparsity.structured.importance import (
 from passes.dependency import ChannelGroup, find_channel_groups
 from passes.masking import LSTM_KIND, find_lstm_weights
 from passes.matching import WeightMatch, find_weights, select_weights
-from passes.utils import get_tensor
+from passes.utils import get_tensor, tensor_aliases
 
 __all__ = ["ChannelPruner"]
 
@@ -101,7 +101,11 @@ class ChannelPruner(BaseSparsifier):
     shrink (a model output, an unknown op) is a ``ValueError`` with the reason.
     ``frozen`` maps the groups left alone to why; ``unfollowed`` maps the modules whose
     parameters are in no group at all (a layer the dependency analysis does not know,
-    such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole.
+    such as ``nn.GRU``, or one it cannot reach) to why; both are kept whole. A group's
+    producers that have no mask (an embedding table: T5's relative position bias, one
+    column per head beside the heads' q/k/v rows) are neither scored nor zeroed, as long as
+    the group has a masked producer; ``shrink`` removes their slices, and reports the result
+    inexact if the removed channels still carried values that vary with the input.
 
     An ``nn.LSTM``'s hidden units are a group too: a removed unit's rows in the four gate
     blocks of every layer's ``weight_ih``/``weight_hh`` (``weight_hr``'s rows for a
@@ -171,6 +175,8 @@ class ChannelPruner(BaseSparsifier):
         entries: dict[str, dict[str, Any]] = {}
         for index, overrides in plan.items():
             for m in groups[index].producers:
+                if m.target not in maskable:  # a table lookup beside the masked producers: shrink slices it
+                    continue
                 entry = entries.setdefault(m.target, {"channel_groups": ()})
                 if index not in entry["channel_groups"]:  # an LSTM weight produces in four gate blocks
                     entry.update(overrides, channel_groups=entry["channel_groups"] + (index,))
@@ -213,16 +219,21 @@ class ChannelPruner(BaseSparsifier):
         def blocker(group: ChannelGroup) -> str | None:
             if not group.prunable:
                 return group.frozen_reason
-            unmaskable = [p.target for p in group.producers if p.dim != 0 or p.target not in maskable]
-            unmaskable = list(dict.fromkeys(unmaskable))  # an LSTM weight produces in four gate blocks
-            if unmaskable:
-                return f"its producers {unmaskable} have no mask (not Linear/Conv/LSTM weights)"
+            # A producer's rows are its mask's dim 0, or dim 1 for a weight stored [in, out] (x @ W). Producers
+            # without a mask (an embedding table) may sit beside masked ones, which are scored and zeroed.
+            masked = [p for p in group.producers if p.target in maskable]
+            across = [p.target for p in masked if p.dim != row_dim[p.target]]
+            if not masked or across:
+                unmaskable = across or [p.target for p in group.producers]
+                unmaskable = list(dict.fromkeys(unmaskable))  # an LSTM weight produces in four gate blocks
+                return f"its producers {unmaskable} have no mask along their rows (not Linear/Conv/LSTM weights)"
             unobserved = [c.target for c in group.consumers if c.target not in observable]
             if self.criterion == "activation" and (unobserved or not group.consumers):
                 return f"criterion 'activation' observes its consumers, and {unobserved or 'none'} cannot be observed"
             return None
 
         maskable = {alias for match in matches for alias in match.aliases}
+        row_dim = {alias: int(match.transposed) for match in matches for alias in match.aliases}
         observable = {alias for match in matches if match.kind != LSTM_KIND for alias in match.aliases}  # Linear/Conv
         self.frozen = {g.index: why for g in groups if (why := blocker(g)) is not None}
         if rules is None:
@@ -287,8 +298,9 @@ class ChannelPruner(BaseSparsifier):
         if self.criterion in _WEIGHT_CRITERIA:
             rows = [
                 channel_rows(self.masked_tensor(weights[p.target]["module"], weights[p.target]["tensor_name"]),
-                              p, group.size).float()
+                              self._in_view(p, weights[p.target]), group.size).float()
                 for p in group.producers
+                if p.target in weights
             ]
             return channel_importance(torch.cat(rows, 1), self.criterion)
         gm = self._require_model("step()")
@@ -305,6 +317,13 @@ class ChannelPruner(BaseSparsifier):
             # The observer's norms run over the input channels (global ones for a grouped conv), along dim 0.
             sums.append(channel_rows(norm.double().square(), dataclasses.replace(c, dim=0), group.size))
         return activation_importance(torch.cat(sums, 1)).float()
+
+    def _in_view(self, member: Any, group: dict[str, Any]) -> Any:
+        """``member`` in the ``[out, in]`` view of ``get_mask`` and ``masked_tensor``: its dim swapped for a weight
+        stored ``[in, out]`` (``x @ W``), whose members name the stored dims."""
+        if member.kind in ("producer", "consumer") and self._is_transposed(group["module"], group["tensor_name"]):
+            return dataclasses.replace(member, dim=1 - member.dim)
+        return member
 
     def _taylor_score(self, gm: fx.GraphModule, group: ChannelGroup, weights: dict[str, Any]) -> torch.Tensor:
         rows, grads = [], []
@@ -364,7 +383,7 @@ class ChannelPruner(BaseSparsifier):
             removed = channels_to_remove(scores[index], count, group.blocks)
             for m in group.members:
                 if m.target in weights and (m.kind in kinds or m.kind == "param"):  # params: LSTM biases
-                    _zero(weights[m.target], m, removed, self.get_mask)
+                    _zero(weights[m.target], self._in_view(m, weights[m.target]), removed, self.get_mask)
 
     def _counts(self, scores: dict[int, torch.Tensor], args: dict[int, tuple]) -> dict[int, int]:
         groups = self.channel_groups
@@ -388,9 +407,10 @@ class ChannelPruner(BaseSparsifier):
         for index in {i for g in self.groups for i in self._produced(g)}:
             group = self.channel_groups[index]
             dead = torch.ones(group.size, dtype=torch.bool)
-            for p in group.producers:
+            for p in (p for p in group.producers if p.target in weights):
                 mask = self.get_mask(weights[p.target]["module"], weights[p.target]["tensor_name"])
-                rows = mask.movedim(p.dim, 0).flatten(1).eq(0).all(1)[p.indices(torch.arange(group.size))]
+                dim = self._in_view(p, weights[p.target]).dim
+                rows = mask.movedim(dim, 0).flatten(1).eq(0).all(1)[p.indices(torch.arange(group.size))]
                 dead &= rows.reshape(group.size, -1).all(1)
             removed[index] = dead.nonzero().flatten()
         return removed
@@ -399,9 +419,10 @@ class ChannelPruner(BaseSparsifier):
 def _unfollowed(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> dict[str, str]:
     """Module FQN -> why, for the modules owning parameters that no channel group holds."""
     members = {m.target for g in groups for m in g.members}
+    aliases = tensor_aliases(gm)
     missing: dict[str, list[str]] = {}
-    for fqn, _ in gm.named_parameters():
-        if fqn not in members:
+    for fqn, tensor in gm.named_parameters():
+        if members.isdisjoint(aliases[id(tensor)]):  # a tied weight is followed under any of its names
             owner, _, name = fqn.rpartition(".")
             missing.setdefault(owner, []).append(name)
     return {

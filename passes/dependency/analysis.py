@@ -21,6 +21,14 @@ A literal size at the channel axis of a view, reshape or expand (``view(b, s, 8,
 as ``torch.export`` writes it) is recorded as a ``"literal"`` member, which
 :mod:`passes.shrink` lowers by the channels removed.
 
+A split along the channels cuts a space into pieces, each a space of its own (GPT-2's q/k/v from one
+``c_attn``, see :meth:`passes.dependency.spaces.Spaces.split`). Weights stored ``[in, out]`` (``x @ W``,
+transformers' ``Conv1D``) are followed along their stored dims; functional and exported batch/group
+norms, table lookups (``aten.embedding``), a per-channel parameter viewed to the channel axis (a
+layer scale), and the functions models hide from symbolic tracing with ``torch.fx.wrap`` that
+:mod:`passes.dependency.rules.wrapped` knows (torchvision's ``stochastic_depth``, Swin's window
+attention and patch merging) have rules too.
+
 What the pass cannot prove safe is *frozen*, with the reason: a channel that
 reaches a model output, an unknown op, a reshape it cannot follow,
 ``nn.MultiheadAttention``'s fused ``in_proj_weight`` in a form other than the exported
@@ -44,7 +52,7 @@ from torch import fx, nn
 from passes.dependency import op_categories as ops
 from passes.dependency.layout import Layout, freeze, tracked_inputs
 from passes.dependency.records import ChannelGroup
-from passes.dependency.rules import GETITEM_RULE, LAYER_RULE, MODULE_RULES, OP_RULES
+from passes.dependency.rules import GETITEM_RULE, LAYER_RULE, MODULE_RULES, OP_RULES, OPENING
 from passes.dependency.spaces import Spaces
 from passes.matching.weights import op_kind
 
@@ -126,6 +134,8 @@ def follow_node(
     if module_rule is not None:
         return module_rule(node, gm, shapes, layouts, spaces)
     category = ops.op_category(node, gm)
+    if category in OPENING:
+        return OP_RULES[category](node, shapes, layouts, spaces)
     if category == ops.SHAPE_QUERIES or not tracked:
         return None
     if node.op == "call_function" and node.target is operator.getitem:

@@ -11,7 +11,9 @@ the helpers here add members to spaces, freeze layouts and line up broadcast ope
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 from torch import fx
@@ -37,6 +39,7 @@ __all__ = [
     "size_slot",
     "literal_at",
     "add_literal",
+    "add_param_view",
 ]
 
 
@@ -115,6 +118,15 @@ def broadcast(
     tracked = [layouts[t] for t in tensors if isinstance(layouts.get(t), Layout)]
     if not tracked or not isinstance(out_shape, tuple) or not all(isinstance(d, int) for d in out_shape):
         return None
+    # One tracked channel broadcast across many (MobileViTv2's context scores times its keys) couples nothing: that
+    # channel cannot go alone, the others line up without it.
+    single = [lay for lay in tracked
+              if total(spaces, lay) == 1 and -lay.axis <= len(out_shape) and out_shape[lay.axis] > 1]
+    for lay in single:
+        freeze(spaces, lay, f"{name} broadcasts its one channel across the channel axis")
+    tracked = [lay for lay in tracked if all(lay is not one for one in single)]
+    if not tracked:
+        return None
     ref = tracked[0]
     if not all(align(spaces, ref, other, f"{name} combines differently laid-out channels") for other in tracked[1:]):
         return None
@@ -127,7 +139,7 @@ def broadcast(
             continue
         if t.op == "get_attr":
             add_sliced(spaces, ref, t.target, "param", len(shape) + ref.axis)
-        elif not add_expanded(spaces, ref, t, shapes):
+        elif not add_expanded(spaces, ref, t, shapes) and not add_param_view(spaces, ref, t, shapes):
             freeze(spaces, ref, f"{name} combines it with {t.name}, whose channels are not tracked")
     return ref
 
@@ -143,6 +155,47 @@ def add_expanded(spaces: Spaces, ref: Layout, node: fx.Node, shapes: dict) -> bo
     if shape[ref.axis] != 1:  # else every channel reads the same broadcast value: nothing to slice
         add_sliced(spaces, ref, fqn, "param", len(shape) + ref.axis)
     add_literal(spaces, ref, node, rank + ref.axis, rank)
+    return True
+
+
+def _is_view(node: Any) -> bool:
+    """Whether ``node`` reshapes, expands or copies its first argument, and reads no other tensor."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
+        return False
+    if not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in node.args[1:]):
+        return False
+    return node.target in ops.VIEWS
+
+
+def add_param_view(spaces: Spaces, ref: Layout, node: fx.Node, shapes: dict) -> bool:
+    """A per-channel parameter viewed to line up with the channel axis (timm's layer scale
+    ``gamma.reshape(1, -1, 1, 1)``, ``bias.view(1, C, 1)``, possibly expanded last) is sliced at its one
+    non-1 dim, and the literal sizes its views write there are recorded; ``False`` when ``node`` is no such view."""
+    chain, t = [], node
+    while tensor_fqn(t) is None:
+        if not _is_view(t):
+            return False
+        chain.append(t)
+        t = t.args[0]
+    channels, shape = total(spaces, ref), shapes.get(t)
+    if not chain or not isinstance(shape, tuple) or channels < 2 or prod(shape) != channels:
+        return False
+    pos = shape.index(channels)
+    places = []
+    for n, x in zip(reversed(chain), [t, *reversed(chain[1:])]):  # from the parameter to node
+        out, expanded = shapes[n], n.target in ops.EXPANDING
+        if expanded:  # an expand keeps its input's dims at the end
+            pos += len(out) - len(shapes[x])
+        elif prod(out) != channels:  # a view after an expand: the channel dim is lost among the copies
+            return False
+        else:
+            pos = out.index(channels)
+        places.append((n, pos))
+    if pos != len(shapes[node]) + ref.axis:
+        return False
+    add_sliced(spaces, ref, tensor_fqn(t), "param", shape.index(channels))
+    for n, p in places:
+        add_literal(spaces, ref, n, p, len(shapes[n]))
     return True
 
 
@@ -185,6 +238,13 @@ def add_literal(spaces: Spaces, layout: Layout, node: fx.Node, p: int, rank: int
     """Record the literal size of output dim ``p`` (if it is one) as a member of every space of ``layout``:
     it drops by ``inner`` for each removed channel, and :mod:`passes.shrink` rewrites it."""
     slot = size_slot(node, p, rank)
+    if node.target in ops.SIZED_RESHAPES and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        # Sizes computed in the graph: x.view(x.size()[:-1] + (nf,)), as transformers' Conv1D writes it, holds its
+        # literal in the tuple added to the input's sizes.
+        sizes, slot = node.args[1], None
+        tail = sizes.args[1] if sizes.target is operator.add and len(sizes.args) == 2 else None
+        if isinstance(tail, tuple) and p >= rank - len(tail):
+            node, slot = sizes, (1, p - rank + len(tail))
     if slot is None or not isinstance(literal_at(node, slot), int) or literal_at(node, slot) == -1:
         return
     for s, inner in layout.segs:

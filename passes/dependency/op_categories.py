@@ -12,6 +12,9 @@ Each table names ops by what they do to a channel axis:
   among the batch dims;
 * ``SLICES``: ATen ``slice``/``select`` of one dim (rotary embeddings slice the head dim);
 * ``LAYER_NORMS``: functional/ATen ``layer_norm`` (a norm over the trailing dims);
+* ``EMBEDDINGS``: functional/ATen ``embedding`` (a table lookup: a new channel space);
+* ``BATCH_NORMS``, ``GROUP_NORMS``: functional/ATen ``batch_norm``/``group_norm`` (over dim 1);
+* ``PATCH_MERGING``, ``WINDOW_ATTENTION``: torchvision Swin's ``torch.fx.wrap``'ed functions, found by name;
 * ``SHAPE_QUERIES``: ops that read only a tensor's shape.
 
 An op in no table is unknown, and the dependency pass freezes every channel it reads.
@@ -40,9 +43,16 @@ __all__ = [
     "EXPANDS",
     "SLICES",
     "LAYER_NORMS",
+    "EMBEDDINGS",
+    "BATCH_NORMS",
+    "GROUP_NORMS",
+    "PATCH_MERGING",
+    "WINDOW_ATTENTION",
     "SIZED_RESHAPES",
     "EXPANDING",
     "PERMUTES",
+    "CHUNKS",
+    "VIEWS",
     "op_category",
 ]
 
@@ -51,10 +61,12 @@ _POINTWISE_FUNCS = {
     operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.relu,
     torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.gelu,
     F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.hardtanh, F.mish, F.softplus, F.dropout,
+    torch.pow, torch.rsqrt, torch.sqrt, torch.erf, torch.log, torch.where,
 }
 _POINTWISE_METHODS = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "relu", "relu_", "sigmoid",
     "sigmoid_", "tanh", "clamp", "clamp_", "contiguous", "float", "half", "bfloat16", "to", "clone", "detach",
+    "pow", "rsqrt", "sqrt", "erf", "log",
 }
 _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
@@ -86,6 +98,11 @@ ATTENTION = "attention"
 EXPANDS = "expand"
 SLICES = "slice"
 LAYER_NORMS = "layer_norm"
+EMBEDDINGS = "embedding"
+BATCH_NORMS = "batch_norm"
+GROUP_NORMS = "group_norm"
+PATCH_MERGING = "patch_merging"
+WINDOW_ATTENTION = "window_attention"
 
 aten = torch.ops.aten
 # torch.export captures ATen ops; these take their arguments in the positions of the torch functions above.
@@ -95,7 +112,11 @@ _ATEN = {
         aten.relu_.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
         aten.hardswish.default, aten.hardsigmoid.default, aten.dropout.default, aten.clone.default,
         aten._to_copy.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout,
-        aten.to.device,
+        aten.to.device, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.rsqrt.default, aten.sqrt.default,
+        aten.exp.default, aten.abs.default, aten.erf.default, aten.log.default, aten.where.self,
+        aten.where.ScalarOther, aten.where.ScalarSelf, aten.clamp.default, aten.hardtanh.default,
+        aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.softplus.default,
+        aten.silu_.default, aten.hardswish_.default, aten.rsub.Scalar,
     )},
     **{op: SPATIAL for op in (aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default)},
     aten.mean.dim: REDUCTIONS, aten.sum.dim_IntList: REDUCTIONS,
@@ -108,15 +129,24 @@ _ATEN = {
     aten.matmul.default: MATMULS, aten.bmm.default: MATMULS,
     aten.softmax.int: SOFTMAXES, aten._softmax.default: SOFTMAXES,
     aten.scaled_dot_product_attention.default: ATTENTION,
-    aten.expand.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
+    aten.expand.default: EXPANDS, aten.expand_as.default: EXPANDS, aten.repeat_interleave.self_int: EXPANDS,
     aten.sym_size.int: SHAPE_QUERIES, aten._assert_tensor_metadata.default: SHAPE_QUERIES,
     aten.slice.Tensor: SLICES, aten.select.int: SLICES,
     aten.layer_norm.default: LAYER_NORMS,
+    aten.embedding.default: EMBEDDINGS,
+    aten.batch_norm.default: BATCH_NORMS, aten.group_norm.default: GROUP_NORMS,
 }
 # The ops among these that take a list of sizes (a literal there pins the channel count).
 SIZED_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-EXPANDING = {"expand", "expand_as", aten.expand.default}
+EXPANDING = {"expand", "expand_as", aten.expand.default, aten.expand_as.default}
 PERMUTES = {"permute", torch.permute, aten.permute.default}
+CHUNKS = {"chunk", torch.chunk, aten.chunk.default}
+# Ops that view, expand or copy one tensor (a parameter lined up with the channel axis goes through these).
+VIEWS = SIZED_RESHAPES | EXPANDING | {
+    "view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous", "to", "float", "half", "bfloat16", "clone",
+    torch.unsqueeze, torch.squeeze, torch.flatten, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+    aten._to_copy.default, aten.contiguous.default, aten.to.dtype, aten.alias.default,
+}
 
 _FUNCS = {
     **_ATEN,
@@ -132,6 +162,8 @@ _FUNCS = {
     torch.cat: CONCATS, torch.concat: CONCATS,
     torch.split: SPLITS, torch.chunk: SPLITS,
     F.layer_norm: LAYER_NORMS, torch.layer_norm: LAYER_NORMS,
+    F.embedding: EMBEDDINGS, torch.embedding: EMBEDDINGS,
+    F.batch_norm: BATCH_NORMS, torch.batch_norm: BATCH_NORMS, F.group_norm: GROUP_NORMS, torch.group_norm: GROUP_NORMS,
     getattr: SHAPE_QUERIES,
 }
 _METHODS = {
@@ -143,6 +175,16 @@ _METHODS = {
     "transpose": TRANSPOSES, "permute": TRANSPOSES,
     "split": SPLITS, "chunk": SPLITS,
     "size": SHAPE_QUERIES, "dim": SHAPE_QUERIES,
+}
+
+
+# Functions models wrap with torch.fx.wrap (kept as one call by symbolic tracing), by (module, name): found by
+# name, so that passes needs no torchvision. stochastic_depth scales whole samples (rows) or the whole batch, so
+# every channel is treated alike: the identity in eval, elementwise in training.
+_NAMED_FUNCS = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): POINTWISE,
+    ("torchvision.models.swin_transformer", "_patch_merging_pad"): PATCH_MERGING,
+    ("torchvision.models.swin_transformer", "shifted_window_attention"): WINDOW_ATTENTION,
 }
 
 
@@ -159,7 +201,9 @@ def op_category(node: fx.Node, gm: fx.GraphModule) -> str | None:
         [None, 'pointwise', None]
     """
     if node.op == "call_function":
-        return _FUNCS.get(node.target)
+        found = _FUNCS.get(node.target)
+        name = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+        return found if found is not None else _NAMED_FUNCS.get(name)
     if node.op == "call_method":
         return _METHODS.get(node.target)
     if node.op != "call_module":

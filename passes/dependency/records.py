@@ -30,6 +30,9 @@ class Member:
         inner: consecutive entries per channel along ``dim`` (a flatten of
             ``[C, H, W]`` into a Linear gives ``inner = H * W``); for a literal, how
             much it drops per removed channel.
+        part: for a literal size of a channel space that a split cut into pieces, which
+            piece this copy belongs to (each piece's removed channels lower it, even when the
+            pieces are one group); ``-1`` otherwise.
     """
 
     target: str
@@ -37,6 +40,7 @@ class Member:
     dim: int = 0
     offset: int = 0
     inner: int = 1
+    part: int = -1
 
     def indices(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices along ``dim`` that hold ``channels`` (a 1-D long tensor of channel numbers)."""

@@ -8,6 +8,12 @@ of the coarse space is channels ``c*f .. c*f+f-1`` of the fine one. Splitting
 (grouped-query attention) relates the query heads to the KV heads (``f = n_rep``).
 When the groups are built, a fine space is absorbed into its coarse one, its
 members' ``inner`` multiplied by ``f``: removing a KV head removes its query group.
+
+A *split* cuts a space into consecutive pieces, new spaces of their own (GPT-2's
+``c_attn`` output split into q, k and v; MobileViTv2's ``split_with_sizes`` into query,
+key and value): when the groups are built, every member of the cut space is handed to
+each piece at the piece's offset (a producer row ``c`` of piece ``k`` is row
+``start_k + c``), with its freeze reasons and notes, before relations are absorbed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Spaces:
         self.inexact: dict[int, list[str]] = {}
         self._owner: dict[Any, int] = {}
         self.relations: list[tuple[int, int, int]] = []
+        self.splits: list[tuple[int, tuple[int, ...]]] = []
 
     def new(self, size: int) -> int:
         s = len(self.parent)
@@ -82,6 +89,71 @@ class Spaces:
     def roots(self) -> list[int]:
         return sorted({self.find(s) for s in range(len(self.parent))})
 
+    def split(self, s: int, sizes: list[int]) -> list[int]:
+        """New spaces for consecutive pieces of ``s`` of ``sizes`` channels (summing to its size); ``s``'s members go
+        to them when the groups are built (:meth:`resolve`)."""
+        assert sum(sizes) == self.size[self.find(s)], (sizes, self.size[self.find(s)])
+        pieces = tuple(self.new(n) for n in sizes)
+        self.splits.append((s, pieces))
+        return list(pieces)
+
+    def _cut(self) -> None:
+        """Hand each cut space's members, reasons and notes to its pieces. A space cut at two different places,
+        one with a piece united back into it, or one related to heads or in blocks keeps its members and is frozen
+        with its pieces."""
+        cuts: dict[int, tuple[int, ...]] = {}
+        refused: dict[int, str] = {}
+        for s, pieces in self.splits:
+            root = self.find(s)
+            if root not in cuts:
+                cuts[root] = pieces
+            elif [self.size[p] for p in cuts[root]] == [self.size[p] for p in pieces]:
+                for p, q in zip(cuts[root], pieces):  # the same cut twice (two splits of one tensor)
+                    self.union(p, q)
+            else:
+                cuts[root] += pieces
+                refused[root] = "its channels are split at two different places"
+        related = {self.find(s) for fine, coarse, _ in self.relations for s in (fine, coarse)}
+        done: dict[int, tuple[int, ...]] = {}
+        for s, pieces in cuts.items():
+            root = self.find(s)
+            if root in done:  # two cuts met through the pieces united above (each piece cut again)
+                refused[s] = "its channels are split at two different places"
+                pieces += done[root]
+            elif any(self.find(p) == root for p in pieces):
+                refused[s] = "a piece of its split is combined with the whole"
+            elif root in related or self.blocks[root] > 1:
+                refused[s] = "a split cuts channels that are grouped into heads or blocks"
+            if s in refused:
+                for p in (root, *pieces):
+                    self.freeze(p, refused[s])
+                continue
+            done[root] = pieces
+            members, self.members[root] = self.members[root], []
+            start = 0
+            for p in pieces:
+                self.reasons[self.find(p)] += self.reasons[root]
+                self.inexact[self.find(p)] += self.inexact[root]
+                for m in members:
+                    self._move(m, root, p, start)
+                start += self.size[p]
+
+    def _move(self, m: Any, root: int, piece: int, start: int) -> None:
+        """Add member ``m`` of cut space ``root`` to ``piece``, which starts at channel ``start`` of it."""
+        if m.kind == "module":
+            self.members[self.find(piece)].append(m)
+            return
+        if m.kind == "literal":  # one copy per piece: the size loses every piece's channels
+            self.members[self.find(piece)].append(dataclasses.replace(m, part=piece))
+            return
+        shifted = dataclasses.replace(m, offset=m.offset + start * m.inner)
+        owner = self._owner.get(shifted)
+        if owner is not None and self.find(owner) not in (root, self.find(piece)):  # a shared layer's slice
+            self.union(owner, piece)
+            return
+        self._owner[shifted] = self.find(piece)
+        self.members[self.find(piece)].append(shifted)
+
     def relate(self, fine: int, coarse: int, factor: int) -> None:
         """Record that ``fine`` is ``coarse`` with each channel repeated ``factor`` times."""
         self.relations.append((fine, coarse, factor))
@@ -112,6 +184,7 @@ class Spaces:
 
     def resolve(self) -> list[dict[str, Any]]:
         """The final groups: one dict (size, members, reasons, inexact, blocks) per root not absorbed."""
+        self._cut()
         coarser = self._absorb()
         groups: dict[int, dict[str, Any]] = {}
 

@@ -9,7 +9,9 @@ for an LSTM reading them). Units removed from an LSTM vary with the input, so th
 columns that read them inside the LSTM must be zero for the removal to be exact, unless
 the units are silent: every gate row and bias entry of theirs zero (as ChannelPruner's
 masks make them), a unit's cell and hidden state stay exactly 0 from the zero initial state
-(``c = sigmoid(0) c + sigmoid(0) tanh(0) = 0``), and it feeds nothing.
+(``c = sigmoid(0) c + sigmoid(0) tanh(0) = 0``), and it feeds nothing. Columns read inside a
+function that :mod:`passes.dependency.rules.wrapped` follows (Swin's window attention) are not
+measured either: they are reported unless zero.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch import fx, nn
 
 from passes.dependency.analysis import run_recording
 from passes.dependency.records import ChannelGroup, Member
-from passes.matching.weights import op_arguments, op_kind
-from passes.utils import get_tensor
+from passes.matching.weights import is_transposed_linear, op_arguments, op_kind
+from passes.utils import get_tensor, split_fqn
 
 __all__ = ["bias_deltas"]
 
@@ -91,7 +93,8 @@ def _constant(values: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, int, tuple, bool]:
-    """(weight, groups, dilation, padded) of a Linear/Conv node."""
+    """(weight, groups, dilation, padded) of a Linear/Conv node; the weight of ``x @ W`` (stored ``[in, out]``)
+    transposed to ``[out, in]``."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.Linear):
@@ -101,6 +104,8 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, int, tuple,
         return module.weight, module.groups, tuple(module.dilation), padded
     bound = op_arguments(node.target, node.args, node.kwargs)
     weight = get_tensor(gm, bound["weight"].target)
+    if is_transposed_linear(node, gm):
+        return weight.t(), 1, (), False
     if weight.dim() == 2:
         return weight, 1, (), False
     ndim = weight.dim() - 2
@@ -191,13 +196,18 @@ def bias_deltas(
                 f"group {index}: {fqn} is a padded conv; the removed channels' constant is folded into its "
                 "bias, which is exact away from the borders only"
             )
-    for fqn in wanted.keys() - nodes.keys():  # read inside an LSTM (its recurrence, its next layer): not measured
+    # Read inside an LSTM (its recurrence, its next layer) or inside a function the dependency rules know (Swin's
+    # window attention): not measured.
+    for fqn in wanted.keys() - nodes.keys():
+        lstm = isinstance(gm.get_submodule(split_fqn(fqn)[0]), nn.LSTM)
+        where = "the LSTM" if lstm else "the function that reads it"
         for member, channels in wanted[fqn]:
             if _silent(gm, groups[owner[member]], channels):
                 continue
-            if _reads(get_tensor(gm, fqn), 1, member.indices(channels)):
+            if _reads(get_tensor(gm, fqn).movedim(member.dim, 1), 1, member.indices(channels)):
                 inexact.append(
-                    f"group {owner[member]}: the removed units still feed {fqn} inside the LSTM (its columns for "
-                    "them are not zero; ChannelPruner(mask_consumers=True) zeroes them): not folded"
+                    f"group {owner[member]}: the removed units still feed {fqn} inside {where} (its columns for "
+                    "them are not zero; ChannelPruner(mask_consumers=True) zeroes them where they have a mask): "
+                    "not folded"
                 )
     return deltas, folded, inexact

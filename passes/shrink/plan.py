@@ -85,8 +85,12 @@ def bias_fqn(gm: fx.GraphModule, weight_fqn: str) -> str | None:
     owner = gm.get_submodule(owner_fqn)
     bias = getattr(owner, "bias", None)
     own_bias = f"{owner_fqn}.bias" if owner_fqn else "bias"
-    if name == "weight" and isinstance(bias, torch.Tensor) and bias.shape == owner.weight.shape[:1]:
-        return own_bias  # an exported module keeps plain containers: its Linear's bias is the tensor beside the weight
+    # An exported module keeps plain containers: its Linear's bias is the tensor beside the weight (of its rows,
+    # or of its columns for a weight stored [in, out], as transformers' Conv1D).
+    weight = getattr(owner, "weight", None)
+    if name == "weight" and isinstance(bias, torch.Tensor) and isinstance(weight, torch.Tensor):
+        if bias.shape == weight.shape[:1] or (weight.dim() == 2 and bias.shape == weight.shape[1:]):
+            return own_bias
     if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
         return own_bias
     if type(owner) is nn.LSTM and owner.bias:  # weight_ih_l0[_reverse] -> bias_ih_l0[_reverse]

@@ -10,7 +10,9 @@ import torch
 from torch import fx, nn
 
 from passes.dependency.analysis import run_recording
-from passes.matching.weights import op_arguments, op_kind
+from passes.dependency.op_categories import WINDOW_ATTENTION, op_category
+from passes.dependency.rules.wrapped import attention_arguments
+from passes.matching.weights import is_transposed_linear, op_arguments, op_kind
 from passes.shrink.plan import ShrinkPlan
 
 __all__ = ["ShrinkReport", "count_macs", "count_params", "compare_shrunk"]
@@ -43,7 +45,9 @@ class ShrinkReport:
 
 
 def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
-    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``.
+    """Multiply-accumulates of the Linear/Conv ops and ``nn.LSTM`` weight products of ``gm`` on ``example_inputs``
+    (and of the q/k/v and output projections inside torchvision Swin's wrapped window attention, per token of its
+    output: windows padded to the window size are not counted).
 
     Example::
 
@@ -56,14 +60,20 @@ def count_macs(gm: fx.GraphModule, example_inputs: Any) -> int:
         if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.LSTM:
             total[0] += _lstm_macs(gm.get_submodule(node.target), result[0])
             return
+        if op_category(node, gm) == WINDOW_ATTENTION:  # Swin's q/k/v and output projections, inside the call
+            named = attention_arguments(args, kwargs)
+            tokens = result.numel() // result.shape[-1]
+            total[0] += tokens * (named["qkv_weight"].numel() + named["proj_weight"].numel())
+            return
         if op_kind(node, gm) is None:
             return
         if node.op == "call_module":
             weight = gm.get_submodule(node.target).weight
         else:
             weight = op_arguments(node.target, args, kwargs)["weight"]
-        # Each output entry reads one row of the weight (a grouped conv's rows hold in_channels / groups columns).
-        total[0] += result.numel() * weight[0].numel()
+        # Each output entry reads one row of the weight (a grouped conv's rows hold in_channels / groups columns);
+        # x @ W reads a column of its [in, out] weight.
+        total[0] += result.numel() * (weight.shape[0] if is_transposed_linear(node, gm) else weight[0].numel())
 
     run_recording(gm, example_inputs, record)
     return total[0]

@@ -67,11 +67,13 @@ def _cut_grouped_columns(weight: torch.Tensor, groups: int, drop: torch.Tensor) 
     return torch.cat(blocks)
 
 
-def _ensure_bias(gm: fx.GraphModule, bias: str) -> None:
-    """Give a Linear/Conv without a bias a zero one, to receive a fold."""
+def _ensure_bias(gm: fx.GraphModule, bias: str) -> bool:
+    """Give a Linear/Conv without a bias a zero one, to receive a fold; whether one was made."""
     owner = gm.get_submodule(split_fqn(bias)[0])
     if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and owner.bias is None:
         owner.bias = nn.Parameter(torch.zeros(owner.weight.shape[0], dtype=owner.weight.dtype))
+        return True
+    return False
 
 
 def _lowered(graph: fx.Graph, node: fx.Node, size: Any, drop: int, made: dict) -> Any:
@@ -157,9 +159,9 @@ def remove_channels(gm: fx.GraphModule, plan: ShrinkPlan) -> fx.GraphModule:
             bias = bias_fqn(gm, fqn)
             if bias is None:
                 continue  # the plan lists it as inexact
-            _ensure_bias(gm, bias)
+            made = _ensure_bias(gm, bias)
             _set_tensor(gm, bias, get_tensor(gm, bias) + delta, aliases)
-            if (fqn, 0) in plain:  # a bias made here is not a member: it loses the rows its weight loses
+            if made and (fqn, 0) in plain:  # a bias made here is not a member: it loses the rows its weight loses
                 plain.setdefault((bias, 0), list(plain[(fqn, 0)]))
         for (fqn, dim), parts in plain.items():
             tensor = get_tensor(gm, fqn)

@@ -5,17 +5,19 @@ that file plus one line here. :func:`passes.dependency.analysis.follow_node` dis
 a Linear/Conv op to :data:`LAYER_RULE`, a ``call_module`` whose type is a key of
 :data:`MODULE_RULES` to its rule, ``getitem`` to :data:`GETITEM_RULE`, and any other node to
 the rule of its category (:func:`passes.dependency.op_categories.op_category`) in
-:data:`OP_RULES`; a node with tracked inputs and no rule freezes them. Layer and module rules
-take ``(node, gm, shapes, layouts, spaces)``, the others ``(node, shapes, layouts, spaces)``;
-each returns the layout of the node's output (:class:`passes.dependency.layout.Layout`).
+:data:`OP_RULES`; a node with tracked inputs and no rule freezes them. The categories in
+:data:`OPENING` (table lookups) open a space of their own, so their rule runs with no
+tracked input too. Layer and module rules take ``(node, gm, shapes, layouts, spaces)``, the
+others ``(node, shapes, layouts, spaces)``; each returns the layout of the node's output
+(:class:`passes.dependency.layout.Layout`).
 """
 
 from torch import nn
 
 from passes.dependency import op_categories as ops
-from passes.dependency.rules import attention, elementwise, layers, lstm, moves, reshape
+from passes.dependency.rules import attention, elementwise, layers, lstm, moves, norms, reshape, wrapped
 
-__all__ = ["LAYER_RULE", "MODULE_RULES", "GETITEM_RULE", "OP_RULES"]
+__all__ = ["LAYER_RULE", "MODULE_RULES", "GETITEM_RULE", "OP_RULES", "OPENING"]
 
 LAYER_RULE = layers.follow_layer
 MODULE_RULES = {
@@ -42,4 +44,10 @@ OP_RULES = {
     ops.SOFTMAXES: attention.softmax,
     ops.EXPANDS: attention.expand,
     ops.ATTENTION: attention.attention,
+    ops.EMBEDDINGS: layers.embedding,
+    ops.BATCH_NORMS: norms.batch_norm,
+    ops.GROUP_NORMS: norms.group_norm,
+    ops.PATCH_MERGING: wrapped.patch_merging,
+    ops.WINDOW_ATTENTION: wrapped.window_attention,
 }
+OPENING = {ops.EMBEDDINGS}

@@ -69,7 +69,14 @@ def softmax(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layou
 
 
 def expand(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
-    found = first_input(node, layouts, spaces)
+    if node.target in ("expand_as", aten.expand_as.default):  # x.expand_as(other): other gives only the shape
+        x = node.args[0]
+        if not isinstance(layouts.get(x), Layout):
+            freeze(spaces, layouts.get(x), f"{node.name} expands channels the pass cannot follow")
+            return None
+        found = x, layouts[x]
+    else:
+        found = first_input(node, layouts, spaces)
     if found is None:
         return None
     x, lay = found
@@ -97,13 +104,16 @@ def attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Lay
     args.update({k: v for k, v in node.kwargs.items() if k in names})
     q, k, v, mask = (args.get(n) for n in names)
     tracked = [t for t in (q, k, v) if isinstance(layouts.get(t), Layout)]
+    per_head = isinstance(mask, fx.Node) and len(shapes[mask]) >= 3 and shapes[mask][-3] != 1
+    if per_head and isinstance(layouts.get(mask), Layout):  # a bias computed per head (T5's position bias)
+        tracked.append(mask)
     why = None
     if not isinstance(layouts.get(q), Layout):
         why = f"{node.name} mixes heads with query heads the pass does not track"
     elif any(layouts[t].axis != -3 for t in tracked):
         why = f"{node.name} reads the channels along a dim other than its heads"
-    elif isinstance(mask, fx.Node) and len(shapes[mask]) >= 3 and shapes[mask][-3] != 1:
-        why = f"{node.name} has a per-head attention mask"
+    elif per_head and mask not in tracked:
+        why = f"{node.name} has a per-head attention mask whose heads the pass does not track"
     if why is not None:
         for t in tracked:
             freeze(spaces, layouts[t], why)
@@ -111,7 +121,7 @@ def attention(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Lay
     ref = layouts[q]
     for t in tracked[1:]:
         lay = layouts[t]
-        if node.kwargs.get("enable_gqa") and shapes[t][-3] != shapes[q][-3]:
+        if node.kwargs.get("enable_gqa") and t is not mask and shapes[t][-3] != shapes[q][-3]:
             repeat = shapes[q][-3] // shapes[t][-3]
             lay = Layout(lay.axis, tuple((s, inner * repeat) for s, inner in lay.segs))
         if not align(spaces, ref, lay, f"{node.name} attends with differently grouped heads"):

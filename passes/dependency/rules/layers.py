@@ -4,32 +4,52 @@ A Linear or Conv consumes the channels of its input (weight columns, dim 1)
 and opens a new space for its output (weight rows and bias, dim 0). A depthwise
 conv (``groups == in_channels == out_channels``) keeps its input's space: channel
 ``c`` of the output reads only channel ``c`` of the input, so both go together,
-and ``groups`` follows. Another grouped conv splits both its input and its output
+and ``groups`` follows (a functional or exported conv's literal ``groups`` is a
+``"literal"`` member). Another grouped conv splits both its input and its output
 channels into ``groups`` blocks that must keep equal counts (``ChannelGroup.blocks``);
-the columns of each block are cut for the rows of that block only. BatchNorm, LayerNorm over the
+the columns of each block are cut for the rows of that block only (its input is frozen
+when the conv is functional or exported: the module's attributes say how its blocks are
+cut). A matrix product ``x @ W`` with a weight stored ``[in, out]`` (transformers'
+``Conv1D`` as ``addmm(bias, x, W)``, see :func:`passes.matching.weights.is_transposed_linear`)
+is a Linear whose rows are ``W``'s dim 1 and columns its dim 0. BatchNorm, LayerNorm over the
 last dim, and GroupNorm keep their input's space and slice their parameters. A functional or
 ATen ``layer_norm`` over the last dim does too (``F.layer_norm(x, [C], weight, bias, eps)``, as
 ``torch.export`` writes ``nn.LayerNorm``): its weight and bias are sliced and the literal ``C``
 of ``normalized_shape`` becomes a ``"literal"`` member. Removing a channel changes a LayerNorm's
-mean and variance, so every LayerNorm/GroupNorm is listed in the group's ``inexact``.
+mean and variance, so every LayerNorm/GroupNorm is listed in the group's ``inexact``. A functional
+or ATen ``embedding(weight, indices)`` (``torch.export``'s ``nn.Embedding``; T5's relative position
+bias, whose columns are heads) opens a space of the weight's columns, as ``nn.Embedding`` does.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.dependency.layout import Layout, add_module, add_sliced, first_input, freeze, member, tensor_fqn, total
+from passes.dependency.layout import (
+    Layout,
+    add_module,
+    add_sliced,
+    first_input,
+    freeze,
+    member,
+    tensor_fqn,
+    total,
+    tracked_inputs,
+)
 from passes.dependency.rules.attention import follow_fused_heads
 from passes.dependency.spaces import Spaces
-from passes.matching.weights import op_arguments, op_kind
+from passes.matching.weights import is_transposed_linear, op_arguments, op_kind
 from passes.meta import get_sparse_target
 from passes.utils import get_tensor
 
-__all__ = ["follow_layer", "follow_module", "layer_norm"]
+__all__ = ["follow_layer", "follow_module", "layer_norm", "embedding"]
 
 
 def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None, str | None, int, str | None]:
-    """(input node, weight FQN, bias FQN, groups, module FQN or None for a functional op)."""
+    """(input node, weight FQN, bias FQN, groups, module FQN or None for a functional op); a matrix product
+    ``x @ W`` has no groups (1)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         x = node.args[0] if node.args else node.kwargs["input"]
@@ -43,12 +63,21 @@ def _layer_parts(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None
     # A call_module that prepare() rewrote into F.conv2d(x, mul(weight, mask), ...) still names its module.
     target = get_sparse_target(node)
     module_fqn = target.call_module_fqn if target is not None else None
-    return bound["input"], tensor_fqn(bound["weight"]), bias_fqn, bound["groups"], module_fqn
+    return bound["input"], tensor_fqn(bound["weight"]), bias_fqn, bound.get("groups", 1), module_fqn
+
+
+def _groups_slot(node: fx.Node) -> int | None:
+    """The index of a functional conv's positional ``groups`` argument (``F.conv2d``/``aten.conv2d`` 6,
+    ``aten.convolution`` 8), or ``None`` when it is not passed positionally."""
+    index = 8 if node.target is torch.ops.aten.convolution.default else 6
+    return index if len(node.args) > index and isinstance(node.args[index], int) else None
 
 
 def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
     """Members and output layout of a Linear/Conv node (``call_module`` or functional)."""
     linear = op_kind(node, gm) == "linear"
+    # x @ W with W stored [in, out]: its output channels are W's dim 1, its inputs dim 0.
+    rows, cols = (1, 0) if is_transposed_linear(node, gm) else (0, 1)
     x, weight, bias, groups, module_fqn = _layer_parts(node, gm)
     lay = layouts.get(x)
     lay = lay if isinstance(lay, Layout) else None
@@ -56,15 +85,18 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
     if weight is None or bias == "?":
         freeze(spaces, lay, f"{node.name} computes its weight or bias in the graph")
         return None
-    shape = tuple(get_tensor(gm, weight).shape)
+    stored = tuple(get_tensor(gm, weight).shape)
+    shape = (stored[rows], stored[cols], *stored[2:])  # [out, in, ...] whatever the storage
     depthwise = not linear and groups > 1 and shape[1] == 1 and groups == shape[0]
     if lay is not None:
         pos = len(shapes[x]) + lay.axis
         why = None
         if pos != len(shapes[x]) - 1 if linear else pos != 1:
             why = f"{node.name} reads them along a dim other than its input features"
-        elif groups > 1 and module_fqn is None:
+        elif groups > 1 and module_fqn is None and not depthwise:
             why = f"functional grouped conv {node.name} has a literal groups argument"
+        elif depthwise and module_fqn is None and _groups_slot(node) is None:
+            why = f"functional depthwise conv {node.name} takes groups as a keyword the pass cannot rewrite"
         elif groups > 1 and not depthwise and (len(lay.segs) > 1 or lay.segs[0][1] != 1):
             why = f"grouped conv {node.name} reads channels from several sources or a flatten"
         elif total(spaces, lay) != shape[1] * groups:
@@ -81,9 +113,12 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
         add_sliced(spaces, out, weight, "producer", 0)
         add_sliced(spaces, out, bias, "param", 0)
         add_module(spaces, out, module_fqn)
+        if module_fqn is None and _groups_slot(node) is not None:  # the literal groups drops with the channels
+            for s, inner in out.segs:
+                spaces.add(s, member(node.name, "literal", _groups_slot(node), -1, inner))
         return out
     if lay is not None:
-        add_sliced(spaces, lay, weight, "consumer", 1)
+        add_sliced(spaces, lay, weight, "consumer", cols)
         add_module(spaces, lay, module_fqn)
         if groups > 1:
             spaces.set_blocks(lay.segs[0][0], groups)
@@ -104,7 +139,7 @@ def follow_layer(node: fx.Node, gm: fx.GraphModule, shapes: dict, layouts: dict,
     out = Layout(-1 if linear else 1 - out_rank, ((spaces.new(shape[0]), 1),))
     if groups > 1:
         spaces.set_blocks(out.segs[0][0], groups)
-    add_sliced(spaces, out, weight, "producer", 0)
+    add_sliced(spaces, out, weight, "producer", rows)
     add_sliced(spaces, out, bias, "param", 0)
     add_module(spaces, out, module_fqn)
     return out
@@ -185,3 +220,17 @@ def layer_norm(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> La
         spaces.inexact[spaces.find(s)].append(note)
     return Layout(lay.axis, lay.segs)
 
+
+
+def embedding(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout | None:
+    """``aten.embedding(weight, indices)`` or ``F.embedding(indices, weight)``: a new space of ``weight``'s columns
+    on the output's last axis; tracked indices are frozen (they index rows, they carry no channels)."""
+    weight = node.args[1] if node.target is F.embedding else node.args[0]
+    for n in tracked_inputs(node, layouts):
+        freeze(spaces, layouts[n], f"{node.name} reads them as indices")
+    fqn = tensor_fqn(weight)
+    if fqn is None or len(shapes.get(weight) or ()) != 2:
+        return None
+    out = Layout(-1, ((spaces.new(shapes[weight][1]), 1),))
+    add_sliced(spaces, out, fqn, "producer", 1)
+    return out

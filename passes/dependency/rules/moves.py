@@ -2,17 +2,23 @@
 
 ``transpose``/``permute`` move it; ``cat`` along it chains the spaces of its inputs
 (each whole, at increasing offsets), along another dim it lines them up; ``split``
-and ``chunk`` along it are followed when the pieces fall on the boundaries of the
-concatenated spaces; indexing, ATen ``slice`` and ``select`` are followed when they
-leave the channel axis whole.
+and ``chunk`` along it hand each piece the spaces it covers, cutting a space where a
+piece ends inside it (:meth:`passes.dependency.spaces.Spaces.split`: GPT-2's q/k/v from
+one ``c_attn``). Pieces of a list of sizes (``split_with_sizes``, ``split(x, [8, 6])``)
+shrink on their own, each size a ``"literal"`` member of its piece; pieces of one size
+(``split(x, 32)``, ``chunk``) must stay equal, so they are united, the size a literal of
+their group. Indexing, ATen ``slice`` and ``select`` are followed when they leave the
+channel axis whole.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import fx
 
 from passes.dependency import op_categories as ops
-from passes.dependency.layout import Layout, broadcast, first_axis, freeze
+from passes.dependency.layout import Layout, align, broadcast, first_axis, freeze, member
 from passes.dependency.spaces import Spaces
 
 __all__ = ["transpose", "concat", "split", "getitem", "slice_"]
@@ -52,6 +58,37 @@ def concat(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> Layout
     return Layout(tracked[0].axis, tuple(segs))
 
 
+def _sizes_arg(node: fx.Node) -> Any:
+    """The split size or list of sizes ``node`` was called with (positionally, where the shrink can rewrite it),
+    ``None`` for ``chunk``, ``False`` when neither an int nor a list of ints."""
+    if node.target in ops.CHUNKS:
+        return None
+    sizes = node.args[1] if len(node.args) > 1 else None
+    if isinstance(sizes, int) or (isinstance(sizes, (list, tuple)) and all(isinstance(n, int) for n in sizes)):
+        return sizes
+    return False
+
+
+def _cut(spaces: Spaces, segs: list[tuple[int, int]], width: int) -> list[tuple[int, int]] | None:
+    """Take ``width`` channels' worth of segments off the front of ``segs``, splitting the space a piece ends in;
+    ``None`` when the cut falls inside a channel's ``inner`` entries."""
+    taken = []
+    while width > 0 and segs:
+        s, inner = segs.pop(0)
+        size = spaces.size[spaces.find(s)]
+        if size * inner <= width:
+            taken.append((s, inner))
+            width -= size * inner
+            continue
+        if width % inner:
+            return None
+        head, tail = spaces.split(s, [width // inner, size - width // inner])
+        taken.append((head, inner))
+        segs.insert(0, (tail, inner))
+        width = 0
+    return taken if width == 0 else None
+
+
 def split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple | None:
     found = first_axis(node, shapes, layouts, spaces)
     if found is None:
@@ -61,17 +98,28 @@ def split(node: fx.Node, shapes: dict, layouts: dict, spaces: Spaces) -> tuple |
     pieces = shapes[node]
     if dim % rank != pos:
         return tuple(lay for _ in pieces)
+    sizes = _sizes_arg(node)
+    if sizes is False:
+        freeze(spaces, lay, f"{node.name} splits the channel axis at sizes the pass cannot rewrite")
+        return None
     result, segs = [], list(lay.segs)
     for piece in pieces:
-        taken, width = [], 0
-        while segs and width < piece[pos]:
-            s, inner = segs.pop(0)
-            taken.append((s, inner))
-            width += spaces.size[spaces.find(s)] * inner
-        if width != piece[pos]:
-            freeze(spaces, lay, f"{node.name} splits the channel axis inside a channel space")
+        taken = _cut(spaces, segs, piece[pos])
+        if taken is None:
+            freeze(spaces, lay, f"{node.name} splits the channel axis inside a channel's entries")
             return None
         result.append(Layout(lay.axis, tuple(taken)))
+    if isinstance(sizes, (list, tuple)):
+        for k, piece in enumerate(result):
+            for s, inner in piece.segs:
+                spaces.add(s, member(node.name, "literal", 1, k, inner))
+        return tuple(result)
+    # Pieces of one size stay equal when each loses the same channels: they are one group.
+    if not all(align(spaces, result[0], other, f"{node.name} splits into unequal pieces") for other in result[1:]):
+        return None
+    if isinstance(sizes, int):
+        for s, inner in result[0].segs:
+            spaces.add(s, member(node.name, "literal", 1, -1, inner))
     return tuple(result)
 
 
