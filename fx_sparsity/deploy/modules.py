@@ -146,7 +146,7 @@ class _SparseLayer(nn.Module):
         self._out, self._in = out_features, in_features
         self.component_names = tuple(f"weight_{part}" for part in COMPONENT_NAMES[layout])
         for name, tensor in zip(self.component_names, components):
-            self.register_buffer(name, tensor.detach())
+            self.register_buffer(name, tensor.detach() if tensor.requires_grad else tensor)  # shared ones stay shared
         if bias is None:
             self.register_parameter("bias", None)
         else:
