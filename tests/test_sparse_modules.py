@@ -305,7 +305,8 @@ def test_tied_shared_and_functional_weights():
 def test_auto_per_layer_config_and_densify():
     """LinearNet: 'auto' on example inputs gives each layer a sparse module or keeps the Linear (fused), and the
     output equals gm's; an explicit per-layer config gives each layer its format (nm detected from a 2:4 mask);
-    densify_model turns the sparse layers back into Linears holding exactly the masked weights."""
+    densify_model turns the sparse layers back into Linears holding exactly the masked weights; 'fuse' packs no
+    layer and gives to_model's weights."""
     model = LinearNet().eval()
     sparsifier = NMSparsifier(2, 4)
     gm = prepare(model, sparsifier=sparsifier)
@@ -324,6 +325,9 @@ def test_auto_per_layer_config_and_densify():
             torch.testing.assert_close(candidate(x), gm(x))
     assert type(dense.fc1) is nn.Linear and torch.equal(dense.fc1.weight, reference.fc1.weight)
     assert type(explicit.fc1) is SparseLinear  # densify made a copy
+    fused = sparsify_model(gm, "fuse")  # no layer packed: to_model's model
+    assert not any(isinstance(m, SPARSE_CLASSES) for m in fused.modules())
+    assert all(torch.equal(p, to_model(gm).get_parameter(n)) for n, p in fused.named_parameters())
 
 
 class ReadsWeight(nn.Module):

@@ -483,7 +483,7 @@ def sparsify_model(
         for fqn, r in requests.items()
         if fqn in owners and r.backend != "fuse"
     ]
-    lowered = lower(gm, config, example_inputs=example_inputs, repeats=repeats, progress_bar=progress_bar)
+    lowered = lower(gm, config or "fuse", example_inputs=example_inputs, repeats=repeats, progress_bar=progress_bar)
     records = {r.tensor_fqn: r for r in get_lowering(lowered)}
     _check_fused_names(lowered, [t for t in masked_targets(gm, nodes) if records[t.tensor_fqn].backend == "fuse"])
     changes = _replacements(source, lowered, by_module=not _exported(gm))
