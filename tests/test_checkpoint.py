@@ -44,6 +44,13 @@ def sparse_llama(tie_word_embeddings: bool = False) -> tuple[nn.Module, nn.Modul
     return model, sparsify_model(gm, "bitmask"), ids
 
 
+@pytest.fixture(scope="module")
+def llama() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """:func:`sparse_llama`, made once for the tests of this file that only read it (export capture and lowering
+    take a few seconds)."""
+    return sparse_llama()
+
+
 def sparse_mlp() -> nn.Module:
     """Three 256-wide Linears, 75% magnitude, csr (a bias, an unpruned LayerNorm between)."""
     torch.manual_seed(0)
@@ -65,14 +72,16 @@ def greedy(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
                               pad_token_id=0, use_cache=True)
 
 
-def test_llama_save_then_load_in_a_fresh_process(tmp_path):
+def test_llama_save_then_load_in_a_fresh_process(llama, tmp_path):
     """A sparse Llama (GQA, bitmask) saved: config.json (architectures set), generation_config.json, one shard and
     fx_sparsity.json naming each layer's format, shape and dtype and the versions; no model.safetensors, so
     transformers' from_pretrained refuses the folder. A fresh Python process that imports fx_sparsity and loads it
     gets a LlamaForCausalLM of 15 bitmask SparseLinears whose logits equal the saved model's bit for bit and whose
-    greedy generate() gives the same tokens."""
+    greedy generate() gives the same tokens; the model's torch.export program, saved, loads there (fx_sparsity and
+    transformers' output types imported) and computes the same logits with the bitmask operator. (About 15 s on 2
+    busy cores: the fresh process imports torch, transformers and fx_sparsity; the one subprocess of this file.)"""
     transformers = pytest.importorskip("transformers")
-    _, sparse, ids = sparse_llama()
+    _, sparse, ids = llama
     folder = save_sparse(sparse, tmp_path / "ckpt")
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "fx_sparsity.json", "generation_config.json", "sparse-00001-of-00001.safetensors"]
@@ -89,8 +98,10 @@ def test_llama_save_then_load_in_a_fresh_process(tmp_path):
         transformers.LlamaForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         torch.save({"ids": ids, "logits": sparse(ids).logits, "tokens": greedy(sparse, ids)}, tmp_path / "expected.pt")
+    torch.export.save(torch.export.export(sparse, (ids,)), tmp_path / "sparse.pt2")
     script = textwrap.dedent(f"""
-        import torch, fx_sparsity
+        import torch, fx_sparsity                # fx_sparsity registers the operators the sparse layers call
+        import transformers.modeling_outputs     # the output types of a transformers .pt2
         from fx_sparsity.deploy import SparseLinear, load_sparse
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         model = load_sparse({str(folder)!r})
@@ -103,6 +114,9 @@ def test_llama_save_then_load_in_a_fresh_process(tmp_path):
             tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                     pad_token_id=0, use_cache=True)
         assert torch.equal(tokens, expected["tokens"]), (tokens, expected["tokens"])
+        program = torch.export.load({str(tmp_path / 'sparse.pt2')!r}).module()
+        assert any("fx_sparsity.bitmask_linear" in str(n.target) for n in program.graph.nodes)
+        torch.testing.assert_close(program(ids).logits, expected["logits"])
         print("loaded ok")
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -225,7 +239,7 @@ def rewrite_metadata(folder: Path, change) -> None:
     path.write_text(json.dumps(metadata))
 
 
-def test_bad_checkpoints_are_refused_naming_file_and_tensor(tmp_path):
+def test_bad_checkpoints_are_refused_naming_file_and_tensor(llama, tmp_path):
     """Each broken copy of a sharded MLP checkpoint is refused with a ValueError naming what is wrong: no metadata
     (an unfinished save), another format version, an unknown layer format, a missing shard, a truncated shard, a
     header whose shape disagrees with the metadata (same bytes), a metadata shape that disagrees with the model,
@@ -290,9 +304,9 @@ def test_bad_checkpoints_are_refused_naming_file_and_tensor(tmp_path):
         load_sparse(good, model=nn.Sequential(nn.Linear(256, 256)))
     with pytest.raises(ValueError, match="holds a plain nn.Module"):
         load_sparse(good)
-    llama = save_sparse(sparse_llama()[1], tmp_path / "llama")
+    folder = save_sparse(llama[1], tmp_path / "llama")
     with pytest.raises(ValueError, match="has a sparse layer model.layers.0.self_attn.q_proj, which Sequential lacks"):
-        load_sparse(llama, model=mlp_skeleton())
+        load_sparse(folder, model=mlp_skeleton())
 
 
 def safetensors_load(path: Path) -> dict[str, torch.Tensor]:
@@ -337,11 +351,11 @@ def test_a_killed_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
     assert not (tmp_path / "meta").exists()
 
 
-def test_decompress_to_a_dense_transformers_checkpoint(tmp_path):
+def test_decompress_to_a_dense_transformers_checkpoint(llama, tmp_path):
     """densify_model of a loaded sparse Llama saves with save_pretrained as a plain dense checkpoint that
     transformers loads alone, computing the sparse model's logits (the dense kernel's rounding aside)."""
     transformers = pytest.importorskip("transformers")
-    _, sparse, ids = sparse_llama()
+    _, sparse, ids = llama
     loaded = load_sparse(save_sparse(sparse, tmp_path / "sparse"))
     densify_model(loaded).save_pretrained(tmp_path / "dense")
     dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense")

@@ -1,4 +1,4 @@
-"""``to_model``: the pruned weights back in a copy of the user's own model class.
+"""``to_model`` and ``sparsify_model``: the pruned model back in a copy of the user's own model class.
 
 A ``GraphModule`` has none of what the user's model class offers (transformers'
 ``generate``, ``save_pretrained`` and ``config``, a serving stack's expectations).
@@ -13,6 +13,14 @@ not touched.
 and pickling drops it: after ``torch.load`` pass the model as ``model=``.
 Weights are matched by FQN, which both captures keep (symbolic tracing copies the
 module tree, ``torch.export``'s module registers the tensors under their FQNs).
+
+:func:`sparsify_model` lowers the prepared module (:func:`fx_sparsity.lower`, whose
+format choice it reuses) and puts each packed weight in a sparse module
+(:mod:`fx_sparsity.deploy.modules`) in place of the layer of the user's class that
+reads it: the layer is the module whose ``forward`` ran the masked op (the
+``call_module`` it was, or the innermost ``nn_module_stack`` entry that both captures
+record). Weights left dense take :func:`to_model`'s path. :func:`densify_model` turns
+sparse layers back into plain ones.
 """
 
 from __future__ import annotations
