@@ -153,7 +153,8 @@ def test_transformers_round_trip(name, tmp_path):
 def test_plain_module_needs_a_skeleton_and_ties_stay(tmp_path):
     """PointwiseConvNet and MixedNet (symbolic trace, bitmask): loading without model= is refused naming the
     class; with a skeleton built on the meta device the loaded copy computes the saved one's outputs; MixedNet's
-    tied Linears share one set of buffers again; the skeleton is not modified (still meta, still dense Linears)."""
+    tied Linears share one set of buffers again, and densified, one Parameter again; the skeleton is not modified
+    (still meta, still dense Linears)."""
     for cls, x in ((PointwiseConvNet, torch.randn(2, 16, 8, 8)), (MixedNet, torch.randn(2, 3, 8, 8))):
         torch.manual_seed(0)
         model = cls().eval()
@@ -173,6 +174,14 @@ def test_plain_module_needs_a_skeleton_and_ties_stay(tmp_path):
         assert snapshot(skeleton)["modules"] == before["modules"]
         assert all(t.is_meta for t in skeleton.parameters())
     assert all(a is b for a, b in zip(loaded.shared.components, loaded.tied.components))
+    dense = densify_model(sparse)  # MixedNet of plain layers: one Parameter under shared.weight and tied.weight
+    assert dense.shared.weight is dense.tied.weight
+    with torch.device("meta"):
+        skeleton = MixedNet()
+    reloaded = load_sparse(save_sparse(dense, tmp_path / "dense"), model=skeleton)
+    assert isinstance(reloaded.shared.weight, nn.Parameter) and reloaded.shared.weight is reloaded.tied.weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), dense(x))
 
 
 def test_disk_bytes_are_the_formats_bytes(tmp_path):
