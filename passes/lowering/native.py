@@ -3,7 +3,9 @@
 The kernels are compiled against the installed torch by
 :func:`torch.utils.cpp_extension.load` the first time an operator needs them
 (20-45 s on a busy 2-core machine), into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes
+(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), in a folder of its
+own per source folder, Python and torch version (two checkouts of fx_sparsity
+would otherwise rebuild over each other in every new process); later processes
 only check the sources' hash and load the library (under a second). A source
 change rebuilds, and a file lock lets concurrent processes share one build.
 ``pip install -e .`` stays a plain Python install.
@@ -17,6 +19,8 @@ Without a C++ compiler, or when the build fails, :func:`native_ops` returns
 from __future__ import annotations
 
 import functools
+import hashlib
+import sys
 import logging
 import os
 import warnings
@@ -29,6 +33,13 @@ __all__ = ["native_ops", "native_isa", "NO_NATIVE_ENV"]
 NO_NATIVE_ENV = "FX_SPARSITY_NO_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("ops.cpp", "kernels_avx512bf16.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
+
+
+def _build_directory(root: Path) -> Path:
+    """``root/fx_sparsity_native-py311-torch2.14.1-<hash of the csrc folder's path>``."""
+    digest = hashlib.sha256(str(_CSRC.resolve()).encode()).hexdigest()[:12]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / f"fx_sparsity_native-{python}-torch{torch.__version__.split('+')[0]}-{digest}"
 
 
 @functools.cache
@@ -44,8 +55,11 @@ def _load() -> object | None:
         finally:
             logger.setLevel(level)
 
+        build = _build_directory(Path(cpp_extension.get_default_build_root()))
+        build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name="fx_sparsity_native",
+            build_directory=str(build),
             sources=[str(_CSRC / s) for s in _SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
