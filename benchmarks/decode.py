@@ -9,11 +9,12 @@ layer's format on its own one-token input (the decode regime). Two measurements:
 
 * **KV-cache decode** (the table to read): a greedy decode with transformers' ``DynamicCache`` --
   a prompt of ``--prompt`` tokens (prefill), then ``--new-tokens`` one-token steps, each attending
-  over the cache. The HF model runs eagerly; in a copy of it every decoder ``nn.Linear`` is swapped
-  for :class:`PackedLinear`, which holds the packed buffers of the format ``auto`` chose for that
-  layer (``fuse``: the masked dense weight) and calls the same ``torch.ops.fx_sparsity`` operator as
-  the lowered graph. The dense baseline is the unpruned model. tokens/s = new tokens / decode time
-  (the prefill is reported apart).
+  over the cache. The HF model runs eagerly: ``fx_sparsity.sparsify_model`` gives a
+  ``LlamaForCausalLM`` whose decoder Linears are ``SparseLinear`` modules holding the packed buffers
+  of the format ``auto`` chose for that layer (the per-layer choices of the lowered graph, passed
+  back as a per-layer config; ``fuse``: the Linear with the masked dense weight), calling the same
+  ``torch.ops.fx_sparsity`` operator as the lowered graph. The dense baseline is the unpruned model.
+  tokens/s = new tokens / decode time (the prefill is reported apart).
 * **one-token forward** of the export-captured graphs without a cache (``lower(gm, "auto")`` against
   ``lower(gm, "fuse")`` with all-ones masks): the lowered program itself, as ``torch.export`` ships it.
 
@@ -24,85 +25,52 @@ a cached step, and the one-token forward).
 
     python benchmarks/decode.py                 # fp32 and bf16, about 8 minutes on 2 cores
     python benchmarks/decode.py --rounds 3 --new-tokens 16 --dtypes bfloat16   # quicker
+    python benchmarks/decode.py --hidden 128 --intermediate 256 --layers 1 --rounds 1 --forward-rounds 1 \
+        --prompt 4 --new-tokens 2 --vocab 256                                   # does it run (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from machine import describe
 from tabulate import tabulate
-from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import fx_sparsity
+from fx_sparsity.deploy import SparseLinear
 from passes import native_isa
-from passes.lowering import SPARSE_OPS, SparseFormat
-
-VOCAB = 4096
 
 
-def build(dtype: torch.dtype, layers: int) -> LlamaForCausalLM:
+def build(dtype: torch.dtype, args: argparse.Namespace) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=VOCAB, use_cache=False,
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab, use_cache=False,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-class PackedLinear(nn.Module):
-    """``F.linear(x, W * mask, bias)`` with ``W * mask`` stored as ``backend`` stores it: the packed buffers of
-    ``fx_sparsity.lower`` and the same ``torch.ops.fx_sparsity`` operator, or the masked dense weight (``fuse``)."""
-
-    def __init__(self, linear: nn.Linear, masked_weight: torch.Tensor, backend: str,
-                 blocksize: tuple[int, int] | None) -> None:
-        super().__init__()
-        self.backend = backend
-        parts = (masked_weight,) if backend == "fuse" else SparseFormat(backend, blocksize=blocksize).components(
-            masked_weight)
-        self.names = [f"part{i}" for i in range(len(parts))]
-        for name, part in zip(self.names, parts):
-            self.register_buffer(name, part.detach().clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [getattr(self, n) for n in self.names]
-        if self.backend == "fuse":
-            return F.linear(x, parts[0], self.bias)
-        return SPARSE_OPS[self.backend](x, *parts, self.bias)
-
-
 def pruned_variants(model, sparsifier, ids: torch.Tensor):
-    """(lowered graph, eager model with packed Linears, masked eager reference, backends picked)."""
+    """(lowered graph, the model's class with sparse modules, masked eager reference, backends picked)."""
     gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=sparsifier, example_inputs=(ids,))
     sparsifier.step()
-    reference = copy.deepcopy(model)
-    masked = {}
-    with torch.no_grad():
-        for record in sparsifier.records:
-            weight = reference.get_parameter(record.tensor_fqn)
-            weight.mul_(gm.get_buffer(f"{record.tensor_fqn}_mask"))
-            masked[record.tensor_fqn] = weight.detach()
+    reference = fx_sparsity.to_model(gm)  # the masked weights, dense, in the model's class
     lowered = fx_sparsity.lower(gm, "auto", example_inputs=(ids,), progress_bar=False)
-    packed = copy.deepcopy(model)
-    for layer in fx_sparsity.get_lowering(lowered):
-        module_fqn = layer.tensor_fqn.removesuffix(".weight")
-        parent_fqn, _, name = module_fqn.rpartition(".")
-        parent = packed.get_submodule(parent_fqn)
-        linear = getattr(parent, name)
-        if not isinstance(linear, nn.Linear) or layer.kind != "linear":
-            raise RuntimeError(f"{module_fqn} is a {type(linear).__name__} ({layer.kind}); this benchmark swaps Linears")
-        setattr(parent, name, PackedLinear(linear, masked[layer.tensor_fqn], layer.backend, layer.blocksize))
+    # The formats auto chose for the lowered graph, per layer, so that both variants run the same kernels.
+    choices = [{"tensor_fqn": r.tensor_fqn, "backend": r.backend, **({"blocksize": r.blocksize} if r.blocksize else {})}
+               for r in fx_sparsity.get_lowering(lowered)]
+    sparse = fx_sparsity.sparsify_model(gm, choices, example_inputs=(ids,), progress_bar=False)
     picks = [r.backend for r in fx_sparsity.get_lowering(lowered)]
-    return lowered, packed, reference, {p: picks.count(p) for p in dict.fromkeys(picks)}
+    swapped = sum(isinstance(m, SparseLinear) for m in sparse.modules())
+    if swapped != len(picks) - picks.count("fuse"):
+        raise RuntimeError(f"sparsify_model swapped {swapped} layers, lower packed {len(picks) - picks.count('fuse')}")
+    return lowered, sparse, reference, {p: picks.count(p) for p in dict.fromkeys(picks)}
 
 
 def decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
@@ -155,6 +123,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5504)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5, help="KV-cache decodes per variant")
     parser.add_argument("--forward-rounds", type=int, default=15, help="one-token forwards per variant")
     parser.add_argument("--prompt", type=int, default=32)
@@ -165,9 +137,9 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         tol = 1e-3 if dtype == torch.float32 else 5e-2
-        model = build(dtype, args.layers)
-        ids = torch.randint(0, VOCAB, (1, 1))
-        prompt = torch.randint(0, VOCAB, (1, args.prompt))
+        model = build(dtype, args)
+        ids = torch.randint(0, args.vocab, (1, 1))
+        prompt = torch.randint(0, args.vocab, (1, args.prompt))
         eager = {"dense": model}
         graphs, picks = {}, {"dense": {"fuse": 7 * args.layers}}
         dense_gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=fx_sparsity.MagnitudeSparsifier(0.0),
@@ -177,11 +149,11 @@ def main() -> None:
             ("50% unstructured, auto", fx_sparsity.MagnitudeSparsifier(0.5)),
             ("2:4, auto", fx_sparsity.NMSparsifier(2, 4)),
         ):
-            lowered, packed, reference, picks[name] = pruned_variants(model, sparsifier, ids)
+            lowered, sparse, reference, picks[name] = pruned_variants(model, sparsifier, ids)
             with torch.no_grad():
                 torch.testing.assert_close(lowered(ids).logits, reference(ids).logits, rtol=tol, atol=tol)
-                check(packed, reference, prompt, tol)
-            graphs[name], eager[name] = lowered, packed
+                check(sparse, reference, prompt, tol)
+            graphs[name], eager[name] = lowered, sparse
             print(f"  {dtype_name} {name}: {picks[name]}", flush=True)
         with torch.no_grad():
             runs = interleaved({n: (lambda m=m: decode(m, prompt, args.new_tokens)) for n, m in eager.items()},

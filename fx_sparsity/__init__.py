@@ -9,7 +9,8 @@ The stages, each a subpackage (the names below are the ones a user calls most):
 * :mod:`fx_sparsity.calibration`: :func:`calibrate`, :func:`prune_sequential`, streaming from a checkpoint;
 * :mod:`fx_sparsity.structured`: :class:`ChannelPruner` and :func:`shrink`;
 * :mod:`fx_sparsity.lowering`: :func:`lower`;
-* :mod:`fx_sparsity.deploy`: :func:`to_model`, back to the user's class;
+* :mod:`fx_sparsity.deploy`: :func:`to_model` and :func:`sparsify_model`, back to the user's class (dense, or with
+  sparse modules), and compressed checkpoints (``save_sparse``, ``load_sparse``);
 * :mod:`fx_sparsity.report`: tables, error reports, plots; :mod:`fx_sparsity.cli`: the command line.
 
 Example::
@@ -28,7 +29,7 @@ from passes.compat import install_moved_modules, keep_attributes, moved_names
 
 from fx_sparsity.calibration.statistics import calibrate
 from fx_sparsity.calibration.sequential import prune_sequential
-from fx_sparsity.deploy.user_model import to_model
+from fx_sparsity.deploy.user_model import sparsify_model, to_model
 from fx_sparsity.levels.scheduler import CubicSL, LambdaSL
 from fx_sparsity.levels.owl import set_owl_levels
 from fx_sparsity.lowering.recipe import lower
@@ -75,6 +76,7 @@ __all__ = [
     "shrink",
     "shrink_report",
     "to_model",
+    "sparsify_model",
     # report
     "print_sparsity_table",
     "print_graph_table",

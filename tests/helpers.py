@@ -25,6 +25,8 @@ __all__ = [
     "TinyMobileNet",
     "TinyViT",
     "ThreeLinear",
+    "tiny_causal_lm",
+    "CAUSAL_LMS",
     "ImplementedSparsifier",
     "AOImplementedSparsifier",
     "MockSparseLinear",
@@ -239,6 +241,31 @@ class ThreeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+# transformers causal LMs from small configs (random weights, nothing downloaded): hidden 64, 2 layers, vocab 128.
+CAUSAL_LMS = ("llama", "qwen2", "gpt2")
+
+
+def tiny_causal_lm(name: str, *, tie_word_embeddings: bool = False) -> nn.Module:
+    """A transformers ``LlamaForCausalLM`` (grouped-query attention: 4 heads, 2 KV heads), ``Qwen2ForCausalLM``
+    (likewise, with q/k/v biases) or ``GPT2LMHeadModel`` (``Conv1D`` layers, head tied to the embedding), in eval
+    mode; seeded."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, use_cache=False, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common)
+        return transformers.GPT2LMHeadModel(config).eval()
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, **common)).eval()
+    if name == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, **common)).eval()
+    raise ValueError(f"name must be one of {CAUSAL_LMS}, got {name!r}")
 
 
 class ImplementedSparsifier(BaseSparsifier):

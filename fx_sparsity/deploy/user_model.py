@@ -1,4 +1,4 @@
-"""``to_model``: the pruned weights back in a copy of the user's own model class.
+"""``to_model`` and ``sparsify_model``: the pruned model back in a copy of the user's own model class.
 
 A ``GraphModule`` has none of what the user's model class offers (transformers'
 ``generate``, ``save_pretrained`` and ``config``, a serving stack's expectations).
@@ -13,6 +13,14 @@ not touched.
 and pickling drops it: after ``torch.load`` pass the model as ``model=``.
 Weights are matched by FQN, which both captures keep (symbolic tracing copies the
 module tree, ``torch.export``'s module registers the tensors under their FQNs).
+
+:func:`sparsify_model` lowers the prepared module (:func:`fx_sparsity.lower`, whose
+format choice it reuses) and puts each packed weight in a sparse module
+(:mod:`fx_sparsity.deploy.modules`) in place of the layer of the user's class that
+reads it: the layer is the module whose ``forward`` ran the masked op (the
+``call_module`` it was, or the innermost ``nn_module_stack`` entry that both captures
+record). Weights left dense take :func:`to_model`'s path. :func:`densify_model` turns
+sparse layers back into plain ones.
 """
 
 from __future__ import annotations
@@ -20,20 +28,27 @@ from __future__ import annotations
 import copy
 import difflib
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fx_sparsity.meta import clone_without_sparsifier, get_shrink, get_source_model
+from fx_sparsity.deploy.modules import SPARSE_MODULES, SparseLinear, sparse_module_for
+from fx_sparsity.lowering.backends import MODEL_BACKENDS, BackendConfig, parse_backends
+from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.meta import clone_without_sparsifier, get_lowering, get_shrink, get_source_model
 from fx_sparsity.utils.frames import caller_stacklevel
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
-from passes import clone_sharing_tensors, get_capture, masked_targets
-from passes.lowering import SPARSE_OPS
+from passes import SparseTarget, clone_sharing_tensors, get_capture, get_sparse_target, masked_targets
+from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
 from passes.masking import fuse_masks
-from passes.utils import get_tensor, set_tensor, tensor_aliases
+from passes.meta import mask_nodes
+from passes.utils import get_tensor, set_tensor, split_fqn, tensor_aliases
 
-__all__ = ["to_model"]
+__all__ = ["to_model", "sparsify_model", "densify_model"]
 _SPARSE_OP_TARGETS = frozenset(SPARSE_OPS.values())
+_SPARSE_CLASSES = tuple(SPARSE_MODULES.values())
 
 
 def _source_model(gm: fx.GraphModule, model: nn.Module | None) -> nn.Module:
@@ -144,6 +159,8 @@ def _replacements(
     for fqns in tensor_aliases(model).values():
         old = _lookup(model, fqns[0])
         found = {fqn: t for fqn in fqns if (t := _lookup(fused, fqn)) is not None}
+        if not found:  # gm no longer holds it (a weight lowered to packed buffers, read by no op)
+            continue
         for fqn, new in found.items():
             if new.shape != old.shape:
                 raise ValueError(
@@ -293,3 +310,246 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     for fqns, tensor in changes:
         set_tensor(pruned, fqns, tensor)
     return pruned
+
+
+# ------------------------------------------------------------------------------------ sparse layers in the class
+def _op_nodes(mul: fx.Node) -> list[fx.Node]:
+    return [u for u in mul.users if (t := get_sparse_target(u)) is not None and t.role == "op"]
+
+
+def _calling_module(node: fx.Node) -> str | None:
+    """The FQN of the module whose ``forward`` ran ``node``: the module a ``call_module`` called (symbolic
+    tracing), else the innermost entry of the node's ``nn_module_stack`` (both captures record it)."""
+    target = get_sparse_target(node)
+    if target is not None and target.call_module_fqn is not None:
+        return target.call_module_fqn
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None
+
+
+def _sparse_owners(
+    gm: fx.GraphModule, source: nn.Module, nodes: dict[str, fx.Node]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """For each masked weight, the FQNs of the modules of ``source`` that read it masked, when every one is a
+    layer a sparse module can replace and the weight is that layer's own ``weight``; else why not."""
+    owners: dict[str, list[str]] = {}
+    reasons: dict[str, str] = {}
+    for fqn, mul in nodes.items():
+        weight = _lookup(source, fqn)
+        modules: list[str] = []
+        for op in _op_nodes(mul):
+            path = _calling_module(op)
+            if not path:
+                reasons[fqn] = f"an op of {type(source).__name__}.forward itself reads it (a functional call)"
+                break
+            try:
+                module = source.get_submodule(path)
+            except AttributeError:
+                reasons[fqn] = f"the module {path!r} that reads it is not one of {type(source).__name__}'s"
+                break
+            sparse = sparse_module_for(module)
+            if isinstance(sparse, str):
+                reasons[fqn] = f"{path} is {sparse}"
+                break
+            if weight is None or module._parameters.get("weight") is not weight:
+                reasons[fqn] = f"{path} reads it, but it is not {path}.weight"
+                break
+            if path not in modules:
+                modules.append(path)
+        else:
+            owners[fqn] = modules
+    return owners, reasons
+
+
+def _check_fused_names(lowered: fx.GraphModule, fused: Sequence[SparseTarget]) -> None:
+    """Refuse a fused weight that the module reads masked and dense under one name (see :func:`_fused`)."""
+    aliases = None
+    for t in fused:
+        owner = lowered.get_submodule(t.module_fqn)
+        if f"{t.tensor_name}_fused" in owner._parameters or f"{t.tensor_name}_fused" in owner._buffers:
+            aliases = tensor_aliases(lowered) if aliases is None else aliases
+            raise ValueError(_tied_message(aliases.get(id(getattr(owner, t.tensor_name)), [t.tensor_fqn])))
+
+
+def _sparse_layer(dense: nn.Module, layout: str, components: Sequence[torch.Tensor]) -> nn.Module:
+    sparse = sparse_module_for(dense)
+    if sparse is SparseLinear:
+        return SparseLinear(dense.in_features, dense.out_features, layout, components, dense.bias)
+    return sparse(dense.in_channels, dense.out_channels, layout, components, dense.bias, dense.stride)
+
+
+def _swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put ``replacements[id(module)]`` in place of ``module`` under every name it has in ``model``."""
+    for fqn, module in list(model.named_modules(remove_duplicate=False)):
+        new = replacements.get(id(module))
+        if new is not None and fqn:
+            parent_fqn, name = split_fqn(fqn)
+            setattr(model.get_submodule(parent_fqn), name, new)
+
+
+def _check_computes(model: nn.Module, lowered: fx.GraphModule, example_inputs: Any) -> None:
+    args, kwargs = as_model_inputs(example_inputs, "example_inputs")
+    with torch.no_grad(), eval_mode(model), eval_mode(lowered):
+        expected = lowered(*args, **kwargs)
+        try:
+            torch.testing.assert_close(model(*args, **kwargs), expected)
+        except Exception as e:  # noqa: BLE001 -- any failure means the swapped model is not the lowered one
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"{type(model).__name__} with its sparse layers does not compute what the lowered module does on "
+                f"example_inputs ({type(e).__name__}: {first}): its forward reads a pruned layer's weight outside "
+                "the layer. Use fx_sparsity.lower(gm, backend) (it exports and saves) or to_model(gm)"
+            ) from None
+
+
+def sparsify_model(
+    gm: fx.GraphModule,
+    backend: BackendConfig = "auto",
+    *,
+    example_inputs: Any = None,
+    model: nn.Module | None = None,
+    repeats: int = 7,
+    progress_bar: bool = True,
+) -> nn.Module:
+    """A copy of the user's model, of its own class, whose pruned layers are sparse modules.
+
+    Each masked weight gets the format :func:`fx_sparsity.lower` gives it (the
+    same ``backend`` forms: one name for every layer, or per layer; ``"auto"``
+    times each format on the layer's own input from ``example_inputs`` and keeps
+    a sparse one only where it is faster), and every module of the user's class
+    that reads it masked, a plain ``nn.Linear`` or a 1x1 unpadded ungrouped
+    ``nn.Conv1d/2d/3d``, is replaced by a :class:`SparseLinear` /
+    :class:`SparseConv2d` (1d, 3d) holding the packed buffers and calling the same
+    ``fx_sparsity::*`` operator as the lowered graph. Weights that stay dense
+    (``"fuse"``, or ``auto`` found no faster format) are ``weight * mask`` in the
+    class's own layer, as :func:`to_model` gives them. A weight read by anything
+    else (a functional ``F.linear`` in a ``forward``, a subclass with its own
+    ``forward``, transformers' ``Conv1D`` storing it ``[in, out]``, a 3x3 conv) is
+    fused too, as ``lower`` fuses what its kernels cannot run.
+
+    The result keeps the class's methods (transformers' ``generate`` with its KV
+    cache runs the sparse kernels), runs under ``torch.compile`` and
+    ``torch.export``, and saves with :func:`fx_sparsity.deploy.save_sparse`.
+    Tied weights stay tied: layers sharing a masked weight share one set of packed
+    buffers, and a use that reads it dense (an embedding tied to a pruned head)
+    keeps the dense tensor, as ``lower`` keeps it. Tensors pruning left unchanged
+    are the user's own (shared); the user's model is not modified. With
+    ``example_inputs``, the copy is checked to compute what the lowered module
+    computes on them. The sparse layers are for inference: their packed weights
+    get no gradient (unlike torch.ao.pruning's ``convert``, which keeps a
+    trainable module).
+
+    Args:
+        gm: a module returned by :func:`fx_sparsity.prepare` (masks in place, stepped), captured by
+            symbolic tracing or ``torch.export``.
+        backend: as for :func:`fx_sparsity.lower` (``"fuse"``, ``"bitmask"``, ``"nm"``, ``"csr"``,
+            ``"bsr"``, ``"semi_structured"``, ``"auto"``, or a per-layer config); not ``"shrink"``.
+        example_inputs: inputs of the model (tensor, tuple or dict of keyword inputs); required by ``"auto"``.
+        model: the model that was prepared; by default the one ``prepare`` kept a reference to.
+        repeats, progress_bar: as for :func:`fx_sparsity.lower`.
+
+    Returns:
+        A new module of ``type(model)``, in ``model``'s training mode.
+
+    Raises:
+        TypeError: ``gm`` is not a ``GraphModule`` or ``model`` not a module; a backend of the wrong type.
+        ValueError: ``gm`` has no masks, is lowered or shrunk; a backend, block size or ``example_inputs`` is
+            invalid or an explicit format cannot hold a layer here (as ``lower`` says); the model cannot be
+            found or lacks a weight of ``gm``; the copy does not compute what the lowered module does.
+            Raised before anything is returned.
+
+    Example::
+
+        >>> gm = fx_sparsity.prepare(model, sparsifier=WeightNormSparsifier(0.75))
+        >>> fx_sparsity.get_sparsifier(gm).step()
+        >>> sparse = sparsify_model(gm, "bitmask")
+        >>> type(sparse).__name__, type(sparse[0]).__name__, type(model[0]).__name__
+        ('Sequential', 'SparseLinear', 'Linear')
+        >>> x = torch.randn(2, 64)
+        >>> torch.testing.assert_close(sparse(x), gm(x))
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"gm must be the GraphModule fx_sparsity.prepare returned, got {type(gm).__name__}")
+    source = _source_model(gm, model)
+    _check_not_packed(gm)
+    if get_shrink(gm) is not None:
+        raise ValueError("gm is shrunk: its layers are dense and smaller, not packed; use to_model(gm)")
+    if isinstance(backend, str) and backend in MODEL_BACKENDS:
+        raise ValueError(f"backend {backend!r} removes channels instead of packing weights: use "
+                         f"fx_sparsity.lower(gm, {backend!r}) or fx_sparsity.shrink, then to_model")
+    nodes = mask_nodes(gm)
+    if not nodes:
+        raise ValueError("gm has no mask nodes: sparsify_model takes the module prepare() returned, before "
+                         "squash_mask() (use to_model for a squashed one)")
+    requests = parse_backends(gm, backend)
+    owners, _ = _sparse_owners(gm, source, nodes)
+    config = [
+        {"tensor_fqn": fqn, "backend": r.backend, **({"blocksize": r.blocksize} if r.blocksize else {})}
+        for fqn, r in requests.items()
+        if fqn in owners and r.backend != "fuse"
+    ]
+    lowered = lower(gm, config or "fuse", example_inputs=example_inputs, repeats=repeats, progress_bar=progress_bar)
+    records = {r.tensor_fqn: r for r in get_lowering(lowered)}
+    _check_fused_names(lowered, [t for t in masked_targets(gm, nodes) if records[t.tensor_fqn].backend == "fuse"])
+    changes = _replacements(source, lowered, by_module=not _exported(gm))
+    pruned = clone_sharing_tensors(source)
+    for fqns, tensor in changes:
+        set_tensor(pruned, fqns, tensor)
+    swaps: dict[int, nn.Module] = {}
+    for fqn, record in records.items():
+        if record.backend == "fuse":
+            continue
+        components = [lowered.get_buffer(f"{fqn}_{part}") for part in COMPONENT_NAMES[record.backend]]
+        for module_fqn in owners[fqn]:
+            dense = pruned.get_submodule(module_fqn)
+            if id(dense) not in swaps:
+                swaps[id(dense)] = _sparse_layer(dense, record.backend, components)
+    _swap_modules(pruned, swaps)
+    if example_inputs is not None:
+        _check_computes(pruned, lowered, example_inputs)
+    return pruned
+
+
+def densify_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose sparse layers are plain ``nn.Linear`` / ``nn.Conv`` layers again (weights rebuilt
+    from the packed buffers, exactly), for tools that cannot run ours (``save_pretrained`` of a dense checkpoint,
+    say). Layers sharing packed buffers share one dense weight; other tensors are the model's own.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+
+    Example::
+
+        >>> dense = densify_model(nn.Sequential(SparseLinear.from_dense(nn.Linear(4, 2), "csr")))
+        >>> type(dense[0]).__name__, tuple(dense[0].weight.shape)
+        ('Linear', (2, 4))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    copy_ = clone_sharing_tensors(model)
+    weights: dict[int, nn.Parameter] = {}
+    swaps: dict[int, nn.Module] = {}
+    for module in copy_.modules():
+        if not isinstance(module, _SPARSE_CLASSES) or id(module) in swaps:
+            continue
+        key = id(module.components[0])
+        if key not in weights:
+            weights[key] = nn.Parameter(module.dense_weight(), requires_grad=False)
+        dense_class = next(d for d, s in SPARSE_MODULES.items() if s is type(module))
+        with torch.device("meta"):
+            if dense_class is nn.Linear:
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            else:
+                dense = dense_class(module.in_channels, module.out_channels, 1, stride=module.stride,
+                                    bias=module.bias is not None)
+        dense.weight = weights[key]
+        dense.bias = module.bias
+        dense.train(module.training)
+        swaps[id(module)] = dense
+    if isinstance(copy_, _SPARSE_CLASSES):
+        return swaps[id(copy_)]
+    _swap_modules(copy_, swaps)
+    return copy_
