@@ -315,7 +315,7 @@ class BaseSparsifier(abc.ABC):
         _refuse_meta(model)
         rules = parse_config(config)
         mask_dtype = check_mask_dtype(mask_dtype)
-        gm = capture(
+        gm = self.capture(
             model,
             example_inputs=example_inputs,
             dynamic_shapes=dynamic_shapes,
@@ -324,6 +324,12 @@ class BaseSparsifier(abc.ABC):
             concrete_args=concrete_args,
         )
         return self.prepare_captured(model, gm, rules, example_inputs, mask_dtype)
+
+    def capture(self, model: nn.Module, **capture_args: Any) -> fx.GraphModule:
+        """The capture :meth:`prepare` masks: :func:`passes.capture` with ``capture_args`` (its keyword
+        arguments). A sparsifier that reads the graph differently may choose another capture for
+        ``method="auto"`` (:class:`~fx_sparsity.structured.ChannelPruner` does)."""
+        return capture(model, **capture_args)
 
     def prepare_captured(
         self,

@@ -48,6 +48,7 @@ from fx_sparsity.structured.importance import (
     grouped_columns,
     taylor_importance,
 )
+from passes.capturing import CaptureError
 from passes.dependency import ChannelGroup, find_channel_groups
 from passes.masking import LSTM_KIND, find_lstm_weights
 from passes.matching import WeightMatch, find_weights, select_weights
@@ -163,6 +164,22 @@ class ChannelPruner(BaseSparsifier):
         if example_inputs is None:
             raise ValueError("ChannelPruner.prepare needs example_inputs=(...): shapes are followed through the graph")
         return super().prepare(model, config, example_inputs=example_inputs, **kwargs)
+
+    def capture(self, model: nn.Module, **capture_args: Any) -> fx.GraphModule:
+        """``method="auto"``: symbolic tracing, ``torch.export`` only when tracing fails.
+
+        Unlike :func:`passes.capture`'s ``"auto"`` for masking sparsifiers, a trace that keeps weights
+        in ``torch.fx.wrap``'ed calls is kept: the dependency analysis follows the wrapped functions it
+        has rules for (torchvision Swin's window attention and patch merging, whose weights the pruner
+        scores through the group's other producers), where export's graph would spread them into
+        pad/roll/index ops that freeze the groups.
+        """
+        if capture_args.get("method", "auto") != "auto" or capture_args.get("example_inputs") is None:
+            return super().capture(model, **capture_args)
+        try:
+            return super().capture(model, **{**capture_args, "method": "symbolic_trace"})
+        except CaptureError:
+            return super().capture(model, **capture_args)
 
     def prepare_captured(
         self, model: nn.Module, gm: fx.GraphModule, rules: Any, example_inputs: Any, mask_dtype: torch.dtype | None = None
