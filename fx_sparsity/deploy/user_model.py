@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from fx_sparsity.deploy.modules import SPARSE_MODULES, SparseLinear, sparse_module_for
+from fx_sparsity.deploy.resized import is_transformers_model, resized_transformers_model
 from fx_sparsity.lowering.backends import MODEL_BACKENDS, BackendConfig, parse_backends
 from fx_sparsity.lowering.recipe import lower
 from fx_sparsity.meta import clone_without_sparsifier, get_lowering, get_shrink, get_source_model
@@ -206,15 +207,17 @@ def _leaf_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def _shrunk_model(gm: fx.GraphModule, source: nn.Module) -> nn.Module:
     """A copy of ``source`` whose layers that shrinking changed are ``gm``'s (copies), checked to compute what
     ``gm`` computes on the example inputs the pruner was prepared with; raises before returning otherwise."""
+    inputs = get_shrink(gm).example_inputs
+    if inputs is None:
+        raise ValueError("the shrunk module no longer knows the pruner's example inputs to check the copy on "
+                         "(they are kept in gm.meta); shrink the prepared module again")
+    if is_transformers_model(source):
+        return resized_transformers_model(gm, source, inputs)
     if _exported(gm):
         raise ValueError(
             "to_model of a shrunk module needs a symbolically traced capture: a torch.export capture keeps no "
             f"module of {type(source).__name__}'s classes to swap in. Use the shrunk GraphModule itself"
         )
-    inputs = get_shrink(gm).example_inputs
-    if inputs is None:
-        raise ValueError("the shrunk module no longer knows the pruner's example inputs to check the copy on "
-                         "(they are kept in gm.meta); shrink the prepared module again")
     pruned = clone_sharing_tensors(source)
     for fqn, layer in gm.named_modules():
         if not fqn or next(layer.children(), None) is not None:
@@ -268,7 +271,13 @@ def to_model(gm: fx.GraphModule, model: nn.Module | None = None) -> nn.Module:
     ones (a torchvision ResNet with slimmer convs, BatchNorms and fc), running
     eagerly as the class does; the copy is checked to compute what the shrunk
     module does on the pruner's example inputs, and refused when the class keeps
-    a size in an attribute or config its forward reads.
+    a size in an attribute or config its forward reads. A shrunk transformers
+    model (either capture) comes back as a new instance of its class built from a
+    copy of its config with the changed sizes (``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``, ...; see
+    :mod:`fx_sparsity.deploy.resized`): ``generate``, ``save_pretrained`` and
+    ``from_pretrained`` work; where no config can hold the sizes (layers pruned
+    to different widths) it is refused, naming the tensors.
 
     Args:
         gm: a module returned by :func:`fx_sparsity.prepare`, stepped, squashed
