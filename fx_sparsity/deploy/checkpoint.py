@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,6 +60,8 @@ from torch import nn
 
 from fx_sparsity.calibration.streaming import SafetensorsWeights, write_safetensors
 from fx_sparsity.deploy.modules import SPARSE_MODULES, SparseLinear, check_components, sparse_module_for
+from fx_sparsity.deploy.resized import is_transformers_model
+from fx_sparsity.utils.safetensors_files import fsync_dir, write_atomic
 from passes import clone_sharing_tensors
 from passes.lowering import COMPONENT_NAMES, LAYOUTS
 from passes.utils import get_tensor, set_tensor, split_fqn
@@ -90,40 +91,7 @@ def _version() -> str:
     return str(getattr(sys.modules.get("fx_sparsity"), "__version__", "unknown"))
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
 # ----------------------------------------------------------------------------------------------------- writing
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` under a temporary name beside it, synced, then renamed over it."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    try:
-        with open(temporary, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _check_folder(folder: Path) -> None:
     """Refuse a folder whose files a save would overwrite or mix with (only a previous save's are replaced)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
@@ -234,7 +202,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: i
         if tensor.dtype not in _DTYPE_NAMES:
             raise TypeError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
     _check_folder(folder)
-    is_hf = _is_transformers_model(model)
+    is_hf = is_transformers_model(model)
     config_files = {}
     if is_hf:
         config = model.config.__class__.from_dict(model.config.to_dict())  # a copy: the user's config unchanged
@@ -266,7 +234,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: i
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / METADATA_NAME).unlink(missing_ok=True)  # first: until the new one is written, no checkpoint
-        _fsync_dir(folder)
+        fsync_dir(folder)
         for old in folder.iterdir():
             if _SHARD.fullmatch(old.name) or _PARTIAL.fullmatch(old.name) or old.name in _CONFIG_FILES:
                 old.unlink()
@@ -281,8 +249,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: i
                 metadata["weight_map"][name] = file
         for file, data in config_files.items():
             written.append(folder / file)
-            _write_atomic(folder / file, data)
-        _write_atomic(folder / METADATA_NAME, json.dumps(metadata, indent=1).encode())
+            write_atomic(folder / file, lambda f, data=data: f.write(data))
+        metadata_bytes = json.dumps(metadata, indent=1).encode()
+        write_atomic(folder / METADATA_NAME, lambda f: f.write(metadata_bytes))
     except BaseException:
         for file in written:  # best effort: the error being handled is the one to report
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,10 +43,10 @@ _MAX_TRIALS = 64
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
-    config = getattr(model, "config", None)
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
-               for c in type(model).__mro__) and hasattr(config, "to_dict")
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (one can exist only once transformers is imported:
+    this never imports it)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _shapes(cls: type, config: Any) -> dict[str, tuple[int, ...]] | None:
