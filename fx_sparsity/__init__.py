@@ -11,6 +11,7 @@ The stages, each a subpackage (the names below are the ones a user calls most):
 * :mod:`fx_sparsity.lowering`: :func:`lower`;
 * :mod:`fx_sparsity.deploy`: :func:`to_model` and :func:`sparsify_model`, back to the user's class (dense, or with
   sparse modules), and compressed checkpoints (``save_sparse``, ``load_sparse``);
+* :func:`oneshot` (:mod:`fx_sparsity.recipes`): a model and calibration data to the pruned model in its own class;
 * :mod:`fx_sparsity.report`: tables, error reports, plots; :mod:`fx_sparsity.cli`: the command line.
 
 Example::
@@ -35,6 +36,7 @@ from fx_sparsity.levels.owl import set_owl_levels
 from fx_sparsity.lowering.recipe import lower
 from fx_sparsity.meta import get_lowering, get_sparsifier, get_unmatched, shrink_report
 from fx_sparsity.preparation import prepare
+from fx_sparsity.recipes import oneshot
 from fx_sparsity.report.comparison import compare, print_compare
 from fx_sparsity.report.tables import print_graph_table, print_lowering_table, print_sparsity_table
 from fx_sparsity.sparsifier.base import BaseSparsifier
@@ -77,6 +79,8 @@ __all__ = [
     "shrink_report",
     "to_model",
     "sparsify_model",
+    # one call for LLM users
+    "oneshot",
     # report
     "print_sparsity_table",
     "print_graph_table",
