@@ -46,7 +46,7 @@ from fx_sparsity.sparsifier.sparsegpt import SparseGPTSparsifier
 from fx_sparsity.sparsifier.wanda import WandaSparsifier
 from fx_sparsity.utils.safetensors_files import fsync_dir
 
-__all__ = ["oneshot", "OneshotResult", "METHODS", "parse_sparsity"]
+__all__ = ["oneshot", "OneshotResult", "METHODS", "parse_sparsity", "check_output_dir", "save_model"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -161,20 +161,28 @@ def _batches(data: Any, tokenizer: Any, max_length: int) -> list[Any]:
     return batches
 
 
-def _check_output_dir(output_dir: Any) -> Path | None:
+def check_output_dir(output_dir: Any, name: str = "output_dir") -> Path | None:
+    """``output_dir`` as a ``Path`` (``None`` stays ``None``), refused unless it is new or an empty folder.
+
+    Raises:
+        TypeError: not a path. ValueError: a file, or a folder holding files (never written over).
+    """
     if output_dir is None:
         return None
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"output_dir must be a path, got {type(output_dir).__name__}")
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise TypeError(f"{name} must be a path, got {output_dir!r:.60}")
     folder = Path(output_dir)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ValueError(f"output_dir {str(folder)!r} exists and is not an empty folder; give a new path (oneshot "
-                         "never writes over files)")
+        raise ValueError(f"{name} {str(folder)!r} exists and is not an empty folder; give a new path (nothing is "
+                         "written over)")
     return folder
 
 
-def _save(model: nn.Module, folder: Path, sparse: bool) -> Path:
-    """``model`` into ``folder``, through a temporary sibling renamed at the end."""
+def save_model(model: nn.Module, folder: Path, sparse: bool) -> Path:
+    """``model`` into ``folder`` (checked by :func:`check_output_dir`): a compressed checkpoint
+    (:func:`fx_sparsity.deploy.save_sparse`) when ``sparse`` or the model is not a transformers one, else
+    ``save_pretrained``; written into a temporary sibling folder renamed at the end, so ``folder`` exists only
+    complete."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.partial")
     try:
@@ -251,7 +259,7 @@ def oneshot(
     level = parse_sparsity(sparsity)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-    folder = _check_output_dir(output_dir)
+    folder = check_output_dir(output_dir)
     batches = _batches(data, tokenizer, max_length)
     sparsifier = _sparsifier(method, level)
     config = _default_config(model) if config is None else config
@@ -266,5 +274,5 @@ def oneshot(
     pruned = to_model(gm) if sparse_format is None else sparsify_model(
         gm, sparse_format, example_inputs=batches[0], progress_bar=progress_bar)
     quality = compare(model, pruned, batches)
-    saved = _save(pruned, folder, sparse_format is not None) if folder is not None else None
+    saved = save_model(pruned, folder, sparse_format is not None) if folder is not None else None
     return OneshotResult(pruned, gm, quality, report, saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -288,3 +289,39 @@ def test_failed_export_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left on device"):
         cli.main([f"--export={path}", "--no-graph", "--no-progress"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_transformers_folder_pruned_and_saved_sparse(tmp_path, capsys):
+    """--model hf:DIR (a tiny Llama that save_pretrained wrote, its cache on) with SparseGPT 2:4 on random token ids,
+    lowered to nm and --save'd: exit 0 with the saved-and-loaded check among those passed; the folder loads with
+    load_sparse into a LlamaForCausalLM of nm SparseLinears whose logits equal the eager masked model's; the source
+    folder's files are unchanged."""
+    transformers = pytest.importorskip("transformers")
+    from fx_sparsity.deploy import SparseLinear, load_sparse
+    from helpers import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    model.config.use_cache = True
+    model.save_pretrained(tmp_path / "src")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    code = cli.main(["--model", f"hf:{tmp_path / 'src'}", "--method", "sparsegpt", "--nm", "2:4", "--backend", "nm",
+                     "--no-graph", "--no-progress", "--save", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK, out[-2000:]
+    assert "saved to" in out and out.rstrip().splitlines()[-1].startswith("OK: 15 weights masked")
+    loaded = load_sparse(tmp_path / "out")
+    assert isinstance(loaded, transformers.LlamaForCausalLM)
+    assert sum(isinstance(m, SparseLinear) and m.layout == "nm" for m in loaded.modules()) == 15
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == files
+
+
+@pytest.mark.parametrize("make, argv, message", [
+    (lambda p: (p / "keep.txt").write_text("x"), ["--save", "{p}"], "--save .* exists and is not an empty folder"),
+    (lambda p: None, ["--model", "hf:{p}"], "no config.json in"),
+])
+def test_save_and_hf_errors_exit_2_before_the_run(make, argv, message, tmp_path, capsys):
+    make(tmp_path)
+    code = cli.main([a.replace("{p}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err

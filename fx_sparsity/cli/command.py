@@ -15,14 +15,20 @@ import copy
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from fx_sparsity.calibration.statistics import calibrate
 from fx_sparsity.cli.demo_models import load_model
+from fx_sparsity.deploy.checkpoint import load_sparse
+from fx_sparsity.deploy.resized import is_transformers_model
+from fx_sparsity.deploy.user_model import sparsify_model, to_model
 from fx_sparsity.lowering.backends import BACKENDS
 from fx_sparsity.lowering.recipe import lower
+from fx_sparsity.meta import get_lowering
 from fx_sparsity.preparation import prepare
+from fx_sparsity.recipes import check_output_dir, save_model
 from fx_sparsity.report.comparison import compare, compare_table
 from fx_sparsity.report.tables import graph_table, lowering_table, sparsity_table
 from fx_sparsity.sparsifier.base import BaseSparsifier
@@ -37,6 +43,7 @@ from passes.meta import get_capture
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE"]
 
 _DEFAULT_SHAPES = {"demo": (2, 3, 32, 32)}
+_HF_SHAPE = (2, 64)
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # BSR block size when --blocksize is not given and --block-shape is not square (MKL takes square blocks only).
 DEFAULT_BSR_BLOCKSIZE = 2
@@ -113,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "then check the result against the eager model.",
     )
     parser.add_argument("--model", default="demo",
-                        help="'demo' (built in, the default), 'torchvision:<name>' or 'path/file.py:ClassName'")
+                        help="'demo' (built in, the default), 'torchvision:<name>', 'hf:<folder>' (a transformers "
+                        "causal LM that save_pretrained wrote; its inputs are random token ids) or "
+                        "'path/file.py:ClassName'")
     parser.add_argument("--input-shape", type=_shape, default=None,
                         help="example input shape, e.g. 1,3,224,224 (default: 2,3,32,32 for demo, "
-                        "1,3,224,224 for torchvision; required for file models)")
+                        f"1,3,224,224 for torchvision, BATCH,TOKENS {_HF_SHAPE[0]},{_HF_SHAPE[1]} for hf; required "
+                        "for file models)")
     parser.add_argument("--method", choices=METHODS, default="weight-norm",
                         help="weight-norm (blocks, torch.ao.pruning's), magnitude (per layer), global (one "
                         "threshold), nm (N:M), wanda (|W| x input norm, calibrated), sparsegpt (optimal brain "
@@ -144,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"square, else {DEFAULT_BSR_BLOCKSIZE})")
     parser.add_argument("--export", metavar="PATH", default=None,
                         help="torch.export the lowered module and torch.export.save it to PATH (.pt2)")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="save the pruned model in its own class to the new (or empty) folder DIR: with a "
+                        "sparse --backend, its layers as sparse modules in a compressed checkpoint "
+                        "(fx_sparsity.deploy.load_sparse reads it); with fuse, dense weights holding zeros "
+                        "(save_pretrained for hf models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-graph", action="store_true", help="do not print the graph table")
     return parser
@@ -156,6 +171,8 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
         return _DEFAULT_SHAPES[args.model]
     if args.model.startswith("torchvision:"):
         return (1, 3, 224, 224)
+    if args.model.startswith("hf:"):
+        return _HF_SHAPE
     raise ValueError(f"--input-shape is required for --model {args.model}")
 
 
@@ -169,6 +186,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--blocksize applies to --backend bsr or auto, not {args.backend}")
     if args.export is not None:
         _check_export_path(args.export)
+    if args.save is not None:
+        try:
+            check_output_dir(args.save, "--save")
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
 
 
 def _temporary_path(path: str) -> str:
@@ -241,21 +263,58 @@ def _print_eval(
     args: argparse.Namespace, model: torch.nn.Module, forms: dict[str, torch.nn.Module], example: torch.Tensor
 ) -> None:
     """The per-layer error table of ``forms`` against the dense ``model`` on fresh random batches."""
-    batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
+    batches = [_random_inputs(model, example.shape) for _ in range(args.calibration_batches)]
     reports = {name: compare(model, form, batches) for name, form in forms.items()}
     print(f"\nrelative error of each layer's output against the dense model ({len(batches)} random batches of "
           f"shape {tuple(example.shape)}, not the calibration batches):")
     print(compare_table(reports))
 
 
+def _random_inputs(model: torch.nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """Random token ids below the vocabulary size for a transformers model, else a standard normal tensor."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) if is_transformers_model(model) else None
+    return torch.randint(0, vocab, shape) if vocab else torch.randn(shape)
+
+
+def _tensor(output: object) -> torch.Tensor:
+    """The tensor a check compares: a transformers output's logits, a tuple's first tensor."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output  # type: ignore[return-value]
+
+
+def _skeleton(model: torch.nn.Module) -> torch.nn.Module | None:
+    """What load_sparse builds a plain module's checkpoint into: a copy of the model (a transformers one is built
+    from its config.json)."""
+    return None if is_transformers_model(model) else copy.deepcopy(model)
+
+
+def _save_and_load(args: argparse.Namespace, gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule,
+                   example: torch.Tensor) -> torch.nn.Module:
+    """The pruned model in its own class saved to ``--save`` (sparse modules in the formats ``lowered`` chose per
+    layer, or, all fused, dense weights holding zeros), and loaded back from there."""
+    choices = [{"tensor_fqn": r.tensor_fqn, "backend": r.backend, **({"blocksize": r.blocksize} if r.blocksize else {})}
+               for r in get_lowering(lowered)]
+    sparse = any(c["backend"] != "fuse" for c in choices)
+    model = sparsify_model(gm, choices, example_inputs=(example,), progress_bar=False) if sparse else to_model(gm)
+    folder = save_model(model, Path(args.save), sparse=sparse)
+    pretrained = is_transformers_model(model) and not sparse
+    what = "save_pretrained's folder" if pretrained else "a compressed checkpoint (fx_sparsity.deploy.load_sparse)"
+    print(f"\npruned {type(model).__name__} saved to {folder}: {what}")
+    return type(model).from_pretrained(folder) if pretrained else load_sparse(folder, model=_skeleton(model))
+
+
 def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = load_model(args.model).eval()
-    example = torch.randn(_input_shape(args))
+    example = _random_inputs(model, _input_shape(args))
     sparsifier = _sparsifier(args)
     try:
         with torch.no_grad():
-            dense_out = model(example)
+            dense_out = _tensor(model(example))
     except Exception as e:  # the model's own error: almost always an input of the wrong shape
         first = (str(e).splitlines() or [""])[0]
         raise ValueError(
@@ -264,31 +323,34 @@ def _run(args: argparse.Namespace) -> int:
         ) from None
     with torch.no_grad():
         gm = prepare(model, sparsifier=sparsifier, example_inputs=(example,))
-        checks = {"prepared (all-ones masks) == dense": (gm(example), dense_out)}
+        checks = {"prepared (all-ones masks) == dense": (_tensor(gm(example)), dense_out)}
         if args.method in CALIBRATED:
-            batches = [torch.randn(example.shape) for _ in range(args.calibration_batches)]
+            batches = [_random_inputs(model, example.shape) for _ in range(args.calibration_batches)]
             calibrate(gm, batches, progress_bar=not args.no_progress)
         sparsifier.step()
         print(f"model: {args.model} ({type(model).__name__}), captured with {get_capture(gm).method}\n")
         print(sparsity_table(gm))
         if not args.no_graph:
             print("\n" + graph_table(gm))
-        reference = _masked_reference(model, gm, sparsifier)(example)
-        checks["prepared == masked eager"] = (gm(example), reference)
+        reference = _tensor(_masked_reference(model, gm, sparsifier)(example))
+        checks["prepared == masked eager"] = (_tensor(gm(example)), reference)
         lowered = lower(gm, _lower_backend(args), example_inputs=(example,), progress_bar=not args.no_progress)
         print("\n" + lowering_table(lowered))
-        checks[f"lowered ({args.backend}) == masked eager"] = (lowered(example), reference)
+        checks[f"lowered ({args.backend}) == masked eager"] = (_tensor(lowered(example)), reference)
         if args.export is not None:
             _save_exported(torch.export.export(lowered, (example,)), args.export)
             checks["exported, saved and loaded == masked eager"] = (
-                torch.export.load(args.export).module()(example), reference
+                _tensor(torch.export.load(args.export).module()(example)), reference
             )
             print(f"\nexported program written to {args.export}; load it where fx_sparsity is installed, "
                   "after `import fx_sparsity` (which registers the fx_sparsity:: operators it calls)")
         if args.eval:
             _print_eval(args, model, {"prepared": gm, f"lowered ({args.backend})": lowered}, example)
+        if args.save is not None:
+            loaded = _save_and_load(args, gm, lowered, example)
+            checks["saved and loaded == masked eager"] = (_tensor(loaded.eval()(example)), reference)
         sparsifier.squash_mask()
-        checks["squashed == masked eager"] = (gm(example), reference)
+        checks["squashed == masked eager"] = (_tensor(gm(example)), reference)
     failures = []
     worst = 0.0
     for name, (actual, expected) in checks.items():

@@ -70,16 +70,39 @@ def _load_from_file(path: str, class_name: str) -> nn.Module:
     return cls()
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build a model from ``"demo"``, ``"torchvision:<name>"`` or ``"path/file.py:ClassName"``.
+def _load_transformers(path: str) -> nn.Module:
+    """A transformers causal LM from a local folder (``save_pretrained``'s: config.json and weights), its cache
+    off (the CLI runs whole sequences; the folder is only read)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model hf:{path}: no config.json in {str(folder)!r}; give a folder that "
+                         "save_pretrained wrote (nothing is downloaded)")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"--model hf:{path} needs transformers: pip install transformers") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--model hf:{path}: transformers could not load it as a causal LM ({first})") from None
+    model.config.use_cache = False
+    return model
 
-    Models are randomly initialised; nothing is downloaded.
+
+def load_model(spec: str) -> nn.Module:
+    """Build a model from ``"demo"``, ``"torchvision:<name>"``, ``"hf:<folder>"`` or ``"path/file.py:ClassName"``.
+
+    Models are randomly initialised, except a transformers folder's, which holds its weights; nothing is
+    downloaded.
     """
     if spec == "demo":
         return DemoNet()
     if spec.startswith("torchvision:"):
         return _load_torchvision(spec.split(":", 1)[1])
+    if spec.startswith("hf:"):
+        return _load_transformers(spec.split(":", 1)[1])
     path, sep, class_name = spec.rpartition(":")
     if sep and path.endswith(".py") and class_name:
         return _load_from_file(path, class_name)
-    raise ValueError(f"--model must be 'demo', 'torchvision:<name>' or 'file.py:ClassName', got {spec!r}")
+    raise ValueError(f"--model must be 'demo', 'torchvision:<name>', 'hf:<folder>' or 'file.py:ClassName', got {spec!r}")
