@@ -219,3 +219,29 @@ def test_capture_leaves_the_models_cache_setting_and_returns_no_cache():
         warnings.simplefilter("ignore")
         with pytest.raises(fx_sparsity.CaptureError, match="KV cache.*leave use_cache out of example_inputs"):
             capture(model, example_inputs={**batch, "use_cache": True}, method="export")
+
+
+def test_layer_calls_recorded_from_dict_inputs_in_any_key_order():
+    """Llama captured from {input_ids, attention_mask}: the layer calls lower("auto") times on are recorded from a
+    dict in the other key order (attention_mask first), once per masked weight, and each Linear's recorded input
+    equals that of the user's model on the same batch (the graph's inputs bound by name, not by position)."""
+    from fx_sparsity.lowering.timing import record_op_calls
+
+    model = tiny_hf_model("llama")
+    sparsifier = WandaSparsifier(0.5)
+    gm = prepare(model, sparsifier=sparsifier, example_inputs=token_batch(2, 8))
+    batch = token_batch(3, 11, padding=4, seed=7)
+    calls = record_op_calls(gm, (), {"attention_mask": batch["attention_mask"], "input_ids": batch["input_ids"]})
+    assert set(calls) == {g["tensor_fqn"] for g in sparsifier.groups}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(f.rpartition(".")[0]).register_forward_pre_hook(
+        lambda m, args, f=f: seen.__setitem__(f, args[0])) for f in calls]
+    try:
+        _logits(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for fqn, node_calls in calls.items():
+        assert len(node_calls) == 1, fqn
+        _, args, _ = node_calls[0]
+        torch.testing.assert_close(args[0], seen[fqn], msg=fqn)
