@@ -1,24 +1,33 @@
 """Peak memory of pruning a model larger than a memory budget, block by block from a safetensors file.
 
-A byte-level GPT (``benchmarks/quality.py``'s ``TinyGPT``, ``--d`` wide, ``--layers``
-blocks; random weights: memory does not depend on them) is saved to a safetensors
-file. Then, each in a fresh process, the model is pruned with Wanda 50% by
-``prune_sequential``:
+``--model gpt`` (the default): a byte-level GPT (``benchmarks/quality.py``'s ``TinyGPT``,
+``--d`` wide, ``--layers`` blocks) is saved to a safetensors file. ``--model llama``: a
+transformers ``LlamaForCausalLM`` from a config (hidden ``--d``, ``--layers`` decoder
+layers, ``--d // 64`` heads and a quarter as many KV heads, MLP ``8/3 * d``, vocabulary
+``--vocab``) is saved with ``save_pretrained``. Random weights: memory does not depend on
+them. Then, each in a fresh process, the model is pruned (``--sparsifier``, Wanda 50% by
+default; SparseGPT adds one Hessian per layer) by ``prune_sequential``:
 
-* streamed: built on the meta device, ``prepare_on_meta``, weights read per block
-  from the file by ``SafetensorsWeights`` and the pruned checkpoint written to a
-  directory; run twice: with glibc malloc's defaults, and with
-  ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc otherwise raises its mmap threshold
-  after the first large free and serves later blocks from a heap that fragments);
-* in memory: built on the CPU with the file's weights, ``prepare``, ``prune_sequential``.
+* streamed: built on the meta device, ``prepare_on_meta`` (the Llama captured by
+  ``torch.export`` from a dict batch, on fake weights), weights read per block from the
+  file by ``SafetensorsWeights`` and the pruned checkpoint written to a directory; run
+  twice: with glibc malloc's defaults, and with ``MALLOC_MMAP_THRESHOLD_=1048576`` (glibc
+  otherwise raises its mmap threshold after the first large free and serves later blocks
+  from a heap that fragments);
+* in memory: built on the CPU with the file's weights (``from_pretrained`` for the
+  Llama), ``prepare``, ``prune_sequential``.
 
 Each process reads its peak resident memory (``ru_maxrss``) right after its imports
-(the baseline: torch alone) and at the end; the table gives the growth over the
+(the baseline: torch, fx_sparsity, transformers for the Llama) and at the end; the table gives the growth over the
 baseline against the weights' size and the budget. Memory is not timing: a busy
-machine does not change it.
+machine does not change it. The Llama's growth includes what ``torch.export`` itself
+holds while it captures (dynamo's and the fake tensors' bookkeeping), a cost that does not grow with
+the weights: compare with a tiny run to tell it apart.
 
     PYTHONPATH=. python benchmarks/sequential_memory.py              # 16 blocks of d=1024: 775 MiB of weights
     PYTHONPATH=. python benchmarks/sequential_memory.py --d 256 --layers 2 --budget-mib 64   # a quick check
+    PYTHONPATH=. python benchmarks/sequential_memory.py --model llama --sparsifier sparsegpt   # transformers Llama
+    PYTHONPATH=. python benchmarks/sequential_memory.py --model llama --d 128 --layers 2 --vocab 256 --context 16
 """
 
 from __future__ import annotations
@@ -40,57 +49,111 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _model(args: argparse.Namespace, device: str):
-    from benchmarks.quality import TinyGPT
+def _llama_config(args: argparse.Namespace):
+    import transformers
 
+    heads = max(args.d // 64, 1)
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.d, intermediate_size=(8 * args.d // 3 + 63) // 64 * 64,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
+        max_position_embeddings=max(args.context, 2),
+    )
+
+
+def _model(args: argparse.Namespace, device: str):
     with torch.device(device):
         torch.manual_seed(0)
+        if args.model == "llama":
+            import transformers
+
+            return transformers.LlamaForCausalLM(_llama_config(args)).eval()
+        from benchmarks.quality import TinyGPT
+
         return TinyGPT(args.d, args.layers, 4, args.context).eval()
 
 
-def _batches(args: argparse.Namespace) -> list[torch.Tensor]:
+def _batches(args: argparse.Namespace) -> list:
     generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 256, (1, args.context), generator=generator) for _ in range(args.batches)]
+    vocab = args.vocab if args.model == "llama" else 256
+    ids = [torch.randint(0, vocab, (1, args.context), generator=generator) for _ in range(args.batches)]
+    if args.model == "llama":  # what a tokenizer returns
+        return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
+    return ids
+
+
+def _sparsifier(args: argparse.Namespace):
+    from fx_sparsity import SparseGPTSparsifier, WandaSparsifier
+
+    return SparseGPTSparsifier(0.5) if args.sparsifier == "sparsegpt" else WandaSparsifier(0.5)
+
+
+def _source(args: argparse.Namespace) -> Path:
+    index = Path(args.dir) / "model.safetensors.index.json"  # save_pretrained shards large models
+    return index if index.exists() else Path(args.dir) / "model.safetensors"
+
+
+def _import_model_library(args: argparse.Namespace) -> None:
+    """Import what the run needs before the baseline is read, so that the growth is the run's own."""
+    import fx_sparsity  # noqa: F401
+
+    if args.model == "llama":
+        import transformers  # noqa: F401
 
 
 def write(args: argparse.Namespace) -> dict:
-    from safetensors.torch import save_file
-
     model = _model(args, "cpu")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(args.dir) / "model.safetensors"))
+    if args.model == "llama":
+        model.save_pretrained(args.dir)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(Path(args.dir) / "model.safetensors"))
     return {"weights_mib": sum(v.nbytes for v in state.values()) / 2**20, "tensors": len(state)}
 
 
+def _blocks(args: argparse.Namespace) -> list[str]:
+    return ["model.layers.*"] if args.model == "llama" else ["blocks.*"]
+
+
 def streamed(args: argparse.Namespace) -> dict:
-    from fx_sparsity import WandaSparsifier
     from fx_sparsity.calibration import SafetensorsWeights, prepare_on_meta, prune_sequential
 
+    _import_model_library(args)
     base = _rss_mib()
-    gm = prepare_on_meta(_model(args, "meta"), sparsifier=WandaSparsifier(0.5))
     batches = _batches(args)
-    weights = SafetensorsWeights(Path(args.dir) / "model.safetensors", Path(args.dir) / "pruned")
-    report = prune_sequential(gm, batches, blocks=["blocks.*"], weights=weights, progress_bar=False)
+    example = batches[0] if args.model == "llama" else None
+    gm = prepare_on_meta(_model(args, "meta"), sparsifier=_sparsifier(args), example_inputs=example)
+    weights = SafetensorsWeights(_source(args), Path(args.dir) / "pruned")
+    report = prune_sequential(gm, batches, blocks=_blocks(args), weights=weights, progress_bar=False)
     return {"base_mib": base, "peak_mib": _rss_mib(), "report_peak_mib": report.peak_bytes / 2**20}
 
 
 def in_memory(args: argparse.Namespace) -> dict:
-    from safetensors.torch import load_file
-
-    from fx_sparsity import WandaSparsifier, prepare
+    from fx_sparsity import prepare
     from fx_sparsity.calibration import prune_sequential
 
+    _import_model_library(args)
     base = _rss_mib()
-    model = _model(args, "cpu")
-    model.load_state_dict(load_file(str(Path(args.dir) / "model.safetensors")))
-    gm = prepare(model, sparsifier=WandaSparsifier(0.5))
-    report = prune_sequential(gm, _batches(args), blocks=["blocks.*"], progress_bar=False)
+    batches = _batches(args)
+    if args.model == "llama":
+        import transformers
+
+        model = transformers.LlamaForCausalLM.from_pretrained(args.dir).eval()
+    else:
+        from safetensors.torch import load_file
+
+        model = _model(args, "cpu")
+        model.load_state_dict(load_file(str(Path(args.dir) / "model.safetensors")))
+    example = batches[0] if args.model == "llama" else None
+    gm = prepare(model, sparsifier=_sparsifier(args), example_inputs=example)
+    report = prune_sequential(gm, batches, blocks=_blocks(args), progress_bar=False)
     return {"base_mib": base, "peak_mib": _rss_mib(), "report_peak_mib": report.peak_bytes / 2**20}
 
 
 def _child(args: argparse.Namespace, phase: str, env: dict[str, str] | None = None) -> dict:
     command = [sys.executable, __file__, "--phase", phase, "--dir", args.dir]
-    command += [f"--{k}={getattr(args, k)}" for k in ("d", "layers", "context", "batches")]
+    command += [f"--{k}={getattr(args, k)}" for k in ("d", "layers", "context", "batches", "model", "vocab", "sparsifier")]
     done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -101,6 +164,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batches", type=int, default=4, help="calibration batches of one --context window")
+    parser.add_argument("--model", choices=["gpt", "llama"], default="gpt", help="TinyGPT, or a transformers Llama")
+    parser.add_argument("--vocab", type=int, default=8192, help="the Llama's vocabulary (its embedding and head)")
+    parser.add_argument("--sparsifier", choices=["wanda", "sparsegpt"], default="wanda")
     parser.add_argument("--budget-mib", type=float, default=256.0, help="memory budget above the baseline (torch imported)")
     parser.add_argument("--phase", choices=["write", "streamed", "in_memory"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -116,9 +182,11 @@ def main() -> None:
             "streamed (MALLOC_MMAP_THRESHOLD_=1048576)": _child(args, "streamed", {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
             "in memory": _child(args, "in_memory"),
         }
-    print(f"{args.layers} blocks, d={args.d}: {written['weights_mib']:.0f} MiB of fp32 weights in {written['tensors']} "
-          f"tensors; Wanda 50%, {args.batches} x {args.context} calibration tokens; budget {args.budget_mib:.0f} MiB "
-          f"above the baseline (the process's peak after importing torch). {describe()}.\n")
+    what = "transformers LlamaForCausalLM" if args.model == "llama" else "TinyGPT"
+    print(f"{what}, {args.layers} blocks, d={args.d}: {written['weights_mib']:.0f} MiB of fp32 weights in "
+          f"{written['tensors']} tensors; {args.sparsifier} 50%, {args.batches} x {args.context} calibration tokens; "
+          f"budget {args.budget_mib:.0f} MiB "
+          f"above the baseline (the process's peak after its imports). {describe()}.\n")
     print("| run | baseline RSS (MiB) | peak RSS (MiB) | growth (MiB) | within budget | largest stage by report (MiB) |")
     print("|---|---|---|---|---|---|")
     for name, r in runs.items():

@@ -44,9 +44,14 @@ def prepare(
         sparsifier: the sparsifier to prepare (one not prepared yet);
             ``WeightNormSparsifier()`` when ``None``. Either way
             ``fx_sparsity.get_sparsifier(gm)`` returns it, ready for ``step()``.
-        example_inputs: a tensor or tuple, for the ``torch.export`` fallback.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs (what a
+            tokenizer returns), for the ``torch.export`` capture; the prepared module then takes
+            batches in the same form (a Hugging Face model's cache is turned off on capture's copy,
+            yours keeps its config: see :func:`passes.capture`).
         dynamic_shapes: for the ``torch.export`` capture; by default dim 0 of every
-            tensor input is dynamic where export allows (else a warning says why).
+            tensor input, and the sequence length of token inputs (dim 1 of 2-D integer
+            tensors such as ``input_ids``), are dynamic where export allows (else a
+            warning says why).
         capture_method: ``"auto"`` (symbolic tracing; with ``example_inputs``, ``torch.export``
             when tracing fails, or when it hides weights in opaque calls that the export graph
             exposes, with a warning naming them), ``"symbolic_trace"`` or ``"export"``.

@@ -31,6 +31,8 @@ __all__ = [
     "AOImplementedSparsifier",
     "MockSparseLinear",
     "masked_reference",
+    "tiny_hf_model",
+    "token_batch",
     "check_against_eager",
     "count_nodes",
     "snapshot",
@@ -309,6 +311,41 @@ def masked_reference(model: nn.Module, gm: fx.GraphModule, sparsifier: BaseSpars
             mask = gm.get_buffer(f"{group['tensor_fqn']}_mask")
             reference.get_parameter(group["tensor_fqn"]).mul_(mask)
     return reference
+
+
+def tiny_hf_model(kind: str, device: str = "cpu", seed: int = 0, **overrides: Any) -> nn.Module:
+    """A randomly initialised transformers causal LM from a tiny config (hidden 64, 2 layers, vocab 128, 4 heads,
+    2 KV heads where the architecture has them), in eval mode, with the config's defaults otherwise (``use_cache``
+    on); ``kind`` is ``"llama"``, ``"gpt2"`` or ``"qwen2"``. GPT-2's head is untied (a tied head masks the
+    embedding too). Built on ``device`` (``"meta"``: no weight memory), seeded (the global RNG is left as it was).
+    Skips the test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, **overrides)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        configs = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                   "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+        config_cls, cls = configs[kind]
+        config = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **overrides)
+    with torch.random.fork_rng(), torch.device(device):
+        torch.manual_seed(seed)
+        return cls(config).eval()
+
+
+def token_batch(batch: int, length: int, padding: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What a tokenizer returns with ``padding=True``: ``input_ids`` ``[batch, length]`` (vocabulary 128) and an
+    ``attention_mask`` whose first sequence ends in ``padding`` padded positions (zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length - padding:] = 0
+    ids[0, length - padding:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def check_against_eager(gm: fx.GraphModule, reference: nn.Module, *inputs: torch.Tensor) -> None:

@@ -1,11 +1,14 @@
 """Streaming a checkpoint through prune_sequential without losing data (fx_sparsity/calibration/streaming.py):
 bad checkpoints and output folders refused before the first block, the source never overwritten, a killed or
-failed run leaving nothing that loads as a finished checkpoint, the checkpoint's dtype kept.
+failed run leaving nothing that loads as a finished checkpoint, the checkpoint's dtype kept; a transformers Llama
+streamed from its save_pretrained checkpoint equal to in-memory pruning, one block resident at a time, its
+non-persistent rotary buffers computed (fx_sparsity/calibration/meta_device.py).
 
 The written files are read back with ``safetensors.torch.load_file``, an independent reader."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -500,3 +503,127 @@ def test_bad_argument_types_name_the_argument(call, match):
     the value (not a bare Path or AttributeError message)."""
     with pytest.raises(TypeError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- a transformers causal LM larger than memory
+
+
+def test_transformers_llama_streamed_equals_in_memory(tmp_path):
+    """A tiny Llama (grouped-query attention, use_cache=True) saved with save_pretrained and built again on the meta
+    device is prepared there from a dict example (an export capture on fake weights; its rotary inv_freq, which no
+    checkpoint holds, computed from the config) and pruned by SparseGPT block by block from the checkpoint, on padded
+    dict batches of two lengths: LlamaForCausalLM.from_pretrained loads the written folder (with the config saved
+    beside it), its weights equal those of in-memory pruning (to_model of prepare + prune_sequential on the same
+    batches) bit for bit, and so do its logits. While each stage ran, the prepared module's only real tensors were
+    that stage's own (the embedding; one decoder layer's weights and masks; the final norm and the head) besides the
+    computed rotary buffers; afterwards all are back on meta, and the user's meta model is unchanged."""
+    transformers = pytest.importorskip("transformers")
+    from fx_sparsity import SparseGPTSparsifier, to_model
+    from helpers import tiny_hf_model, token_batch
+
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "source")
+    meta_model = tiny_hf_model("llama", device="meta")
+    batches = [token_batch(2, 7, padding=2, seed=1), token_batch(3, 12, padding=5, seed=2)]
+    example = token_batch(2, 10)
+    gm = prepare_on_meta(meta_model, sparsifier=SparseGPTSparsifier(0.5, block_size=32), example_inputs=example)
+    rotary = {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
+    for fqn in rotary:
+        assert torch.equal(gm.get_buffer(fqn), model.get_buffer(fqn)), fqn
+    weights = SafetensorsWeights(tmp_path / "source" / "model.safetensors", tmp_path / "pruned")
+    resident: list[set[str]] = []
+    save = weights.save
+
+    def recording_save(tensors):  # called after each stage ran, its tensors still loaded
+        real = [(n, t) for n, t in [*gm.named_parameters(), *gm.named_buffers()] if not t.is_meta]
+        resident.append({n for n, _ in real} - rotary)
+        save(tensors)
+
+    weights.save = recording_save
+    report = prune_sequential(gm, batches, weights=weights, progress_bar=False)
+    assert report.blocks == ("(before model.layers.0)", "model.layers.0", "model.layers.1", "(after model.layers.1)")
+    masked = {n for n in model.state_dict() if n.endswith("_proj.weight") or n == "lm_head.weight"}
+    stages = [{"model.embed_tokens.weight"}]
+    stages += [{n for n in model.state_dict() if n.startswith(f"model.layers.{i}.")} for i in range(2)]
+    stages += [{"model.norm.weight", "lm_head.weight"}]
+    assert resident == [s | {f"{n}_mask" for n in s & masked} for s in stages]
+    assert all(t.is_meta for n, t in [*gm.named_parameters(), *gm.named_buffers()] if n not in rotary)
+    assert all(t.is_meta for t in [*meta_model.parameters(), *meta_model.buffers()])
+    meta_model.config.save_pretrained(tmp_path / "pruned")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+
+    reference = prepare(model, sparsifier=SparseGPTSparsifier(0.5, block_size=32), example_inputs=example)
+    prune_sequential(reference, batches, progress_bar=False)
+    expected = to_model(reference).state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == expected.keys()
+    for fqn, tensor in expected.items():
+        assert torch.equal(got[fqn], tensor), fqn
+    assert (got["model.layers.1.mlp.up_proj.weight"] == 0).float().mean() == 0.5
+    batch = token_batch(2, 9, padding=3, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, to_model(reference)(**batch).logits)
+
+
+class _Rotary(nn.Module):
+    """A non-persistent buffer computed at construction, as transformers' rotary embeddings: never in a checkpoint."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1 / 2 ** torch.arange(float(d)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.inv_freq
+
+
+class _RotaryStack(Stack):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rotary = _Rotary()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.rotary(x))
+
+
+class _InitialisedRotaryStack(_RotaryStack):
+    """With transformers' hook for what a checkpoint does not hold: ``_init_weights(module)``."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, _Rotary):
+            module.inv_freq.copy_(1 / 2 ** torch.arange(16.0))
+
+
+def test_non_persistent_buffers_are_computed_by_the_models_init_or_named(tmp_path):
+    """A meta model whose non-persistent buffer (a rotary table, not in the checkpoint) has no init to compute it:
+    compute_buffers names it, prepare_on_meta leaves it on meta and prune_sequential refuses before the first block,
+    naming it and saying checkpoints do not hold such buffers; with an _init_weights computing it (transformers'
+    hook), prepare_on_meta computes it on the CPU (equal to the eagerly built one; the user's model stays on meta),
+    and the streamed checkpoint equals in-memory pruning."""
+    from fx_sparsity.calibration.meta_device import compute_buffers
+
+    torch.manual_seed(0)
+    eager = _InitialisedRotaryStack().eval()
+    assert "rotary.inv_freq" not in eager.state_dict()
+    source = _save(_state(eager), tmp_path / "source")
+    with torch.device("meta"):
+        plain, initialised = _RotaryStack().eval(), _InitialisedRotaryStack().eval()
+    assert compute_buffers(copy.deepcopy(plain)) == ["rotary.inv_freq"]
+    gm = prepare_on_meta(plain, sparsifier=WandaSparsifier(0.5))
+    with pytest.raises(ValueError, match=r"\['rotary\.inv_freq'\] are on the meta device and not in the checkpoint.*"
+                                         r"non-persistent buffers.*not saved in checkpoints"):
+        prune_sequential(gm, _batches(), weights=SafetensorsWeights(source, tmp_path / "out"), progress_bar=False)
+    assert not (tmp_path / "out").exists()
+    sparsifier = WandaSparsifier(0.5)
+    gm = prepare_on_meta(initialised, sparsifier=sparsifier)
+    assert torch.equal(gm.get_buffer("rotary.inv_freq"), eager.rotary.inv_freq)
+    assert initialised.rotary.inv_freq.is_meta
+    prune_sequential(gm, _batches(), weights=SafetensorsWeights(source, tmp_path / "out"), progress_bar=False)
+    out = _read_checkpoint(tmp_path / "out")
+    reference_sparsifier = WandaSparsifier(0.5)
+    reference = prepare(eager, sparsifier=reference_sparsifier)
+    prune_sequential(reference, _batches(), progress_bar=False)
+    masked = {g["tensor_fqn"] for g in reference_sparsifier.groups}
+    assert masked == {g["tensor_fqn"] for g in sparsifier.groups} and len(masked) == 4
+    for fqn, tensor in eager.state_dict().items():
+        expected = reference.get_parameter(fqn) * reference.get_buffer(fqn + "_mask") if fqn in masked else tensor
+        assert torch.equal(out[fqn], expected), fqn

@@ -41,12 +41,11 @@ from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import (
     TokenMask,
-    as_model_inputs,
     batch_token_mask,
     check_batches,
-    check_inputs_fit,
     check_token_mask_source,
     eval_mode,
+    fit_inputs,
 )
 from passes.calibration import (
     Stage,
@@ -266,8 +265,7 @@ def prune_sequential(
     carried: list[dict] = []
     token_masks: list[torch.Tensor | None] = []
     for i, batch in enumerate(batches):
-        args, kwargs = as_model_inputs(batch, f"batch {i} of batches")
-        check_inputs_fit(gm, args, kwargs, f"batch {i} of batches")
+        args, kwargs = fit_inputs(gm, batch, f"batch {i} of batches")
         token_masks.append(batch_token_mask(batch, token_mask, f"batch {i} of batches"))
         try:
             carried.append(runner.inputs(args, kwargs))

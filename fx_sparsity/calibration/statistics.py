@@ -32,12 +32,11 @@ from fx_sparsity.sparsifier.base import INPUT_NORM_KEY, BaseSparsifier
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import (
     TokenMask,
-    as_model_inputs,
     batch_token_mask,
     check_batches,
-    check_inputs_fit,
     check_token_mask_source,
     eval_mode,
+    fit_inputs,
 )
 from passes import SparseTarget
 from passes.calibration import (
@@ -228,8 +227,7 @@ def _run(gm: fx.GraphModule, observers: dict[str, nn.Module], batches: Iterable[
         with torch.no_grad(), eval_mode(gm):
             for batch in progress(batches, progress_bar, "calibrate", total):
                 name = f"batch {seen} of batches"
-                args, kwargs = as_model_inputs(batch, name)
-                check_inputs_fit(gm, args, kwargs, name)
+                args, kwargs = fit_inputs(gm, batch, name)
                 apply_token_mask(observers, batch_token_mask(batch, token_mask, name))
                 gm(*args, **kwargs)
                 seen += 1

@@ -1,7 +1,8 @@
 """Models larger than memory: prepare on the meta device, stream each block's weights through pruning.
 
-* :func:`prepare_on_meta` prepares a model built on the meta device (no weight
-  memory): the prepared module's weights and masks are meta tensors.
+* :func:`fx_sparsity.calibration.meta_device.prepare_on_meta` prepares a model built
+  on the meta device (no weight memory): the prepared module's weights and masks are
+  meta tensors.
 * :class:`SafetensorsWeights` reads tensors one at a time from a safetensors
   checkpoint (a file, or a sharded checkpoint's ``*.index.json``) with plain
   file reads, so that only the tensors read are resident (a memory map would
@@ -25,7 +26,6 @@ format itself (headers checked, atomic writes) is :mod:`fx_sparsity.utils.safete
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import json
@@ -33,15 +33,12 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fx_sparsity.calibration.meta_device import meta_like
 from fx_sparsity.meta import get_sparsifier
-from fx_sparsity.preparation import prepare
-from fx_sparsity.sparsifier.base import BaseSparsifier
 from fx_sparsity.utils.safetensors_files import (
     DTYPES,
     TensorEntry,
@@ -56,7 +53,7 @@ from passes import get_sparse_target
 from passes.calibration import Stage, stage_tensors
 from passes.utils import fqns_read, set_tensor, split_fqn, tensor_aliases
 
-__all__ = ["SafetensorsWeights", "WeightStreamer", "prepare_on_meta", "write_safetensors"]
+__all__ = ["SafetensorsWeights", "WeightStreamer", "write_safetensors"]
 
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD = re.compile(r"pruned-\d{5}\.safetensors")
@@ -333,67 +330,6 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> 
     write_shard(Path(path), tensor_records(tensors))
 
 
-def prepare_on_meta(
-    model: nn.Module, config: Any = None, *, sparsifier: BaseSparsifier | None = None, **kwargs: Any
-) -> fx.GraphModule:
-    """``prepare`` for a model whose parameters are on the meta device (no weight memory).
-
-    Capture refuses meta tensors (it needs real weights for ``torch.export``),
-    so a copy of ``model`` (meta tensors cost nothing to copy) gets fake tensors
-    in their place (``torch._subclasses.FakeTensorMode``: shapes without data)
-    and is captured by symbolic tracing; the prepared module's tensors, masks
-    included, are then put on the meta device. Tensors already real in
-    ``model`` (a non-persistent buffer the user materialised) stay shared.
-    Give the result to ``prune_sequential(..., weights=SafetensorsWeights(...))``.
-
-    Args:
-        model: the module, built under ``torch.device("meta")`` (it is not modified).
-        config, sparsifier, kwargs: as for :func:`fx_sparsity.prepare`;
-            ``capture_method`` must be ``"symbolic_trace"`` (the default here), and ``mask_dtype``
-            defaults to ``torch.bool`` here: streamed masks are transient, one byte per weight.
-
-    Returns:
-        The prepared ``GraphModule``, its weights and masks on the meta device.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``model`` has no meta tensor, or another capture method is asked for.
-
-    Example::
-
-        >>> with torch.device("meta"):
-        ...     big = nn.Sequential(nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 8192))  # 512 MiB, none used
-        >>> gm = prepare_on_meta(big, sparsifier=fx_sparsity.WandaSparsifier(0.5))
-        >>> gm.get_parameter("0.weight").is_meta, gm.get_buffer("0.weight_mask").is_meta
-        (True, True)
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be an nn.Module built under torch.device('meta'), got {type(model).__name__} "
-            f"{str(model)[:60]!r}: build it with `with torch.device('meta'): model = MyModel(config)`"
-        )
-    method = kwargs.pop("capture_method", "symbolic_trace")
-    if method != "symbolic_trace":
-        raise ValueError(f"prepare_on_meta captures by symbolic tracing only, got capture_method={method!r}")
-    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise ValueError("model has no tensor on the meta device: use fx_sparsity.prepare")
-    clone = copy.deepcopy(model)
-    mode = FakeTensorMode()
-    for aliases in tensor_aliases(clone).values():
-        tensor = _get(clone, aliases[0])
-        if tensor.is_meta:
-            with mode:
-                fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            set_tensor(clone, aliases, nn.Parameter(fake, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fake)
-    kwargs.setdefault("mask_dtype", torch.bool)
-    gm = prepare(clone, config, sparsifier=sparsifier, capture_method="symbolic_trace", **kwargs)
-    for aliases in tensor_aliases(gm).values():
-        tensor = _get(gm, aliases[0])
-        if isinstance(tensor, torch._subclasses.fake_tensor.FakeTensor):
-            set_tensor(gm, aliases, _meta_like(tensor))
-    return gm
-
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -418,11 +354,6 @@ def _release_heap() -> None:
 def _get(module: nn.Module, fqn: str) -> torch.Tensor:
     owner, name = split_fqn(fqn)
     return getattr(module.get_submodule(owner), name)
-
-
-def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-    return nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
 
 
 class WeightStreamer:
@@ -473,8 +404,9 @@ class WeightStreamer:
         if missing:
             raise ValueError(
                 f"{sorted(set(missing))[:5]} are on the meta device and not in the checkpoint under any of their "
-                "names: materialise them on the model before preparing (non-persistent buffers such as "
-                "rotary inv_freq are not saved in checkpoints)"
+                "names: materialise them on the model before preparing (non-persistent buffers, such as rotary "
+                "inv_freq, are not saved in checkpoints; prepare_on_meta computes them with the model's own init "
+                "where it has one, transformers' _init_weights, and leaves the others to you)"
             )
         shapes = {}
         for fqn, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
@@ -545,7 +477,7 @@ class WeightStreamer:
         for fqn in self._loaded:
             tensor = _get(self.gm, fqn)
             if not tensor.is_meta:
-                set_tensor(self.gm, self._aliases.get(fqn, [fqn]), _meta_like(tensor))
+                set_tensor(self.gm, self._aliases.get(fqn, [fqn]), meta_like(tensor))
         self._loaded = []
         _release_heap()
 

@@ -51,7 +51,7 @@ from fx_sparsity.meta import (
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.structured.shrinking import shrink_with_dense
 from fx_sparsity.utils.progress import progress
-from fx_sparsity.utils.running import ModelInputs, as_model_inputs, check_inputs_fit, eval_mode
+from fx_sparsity.utils.running import ModelInputs, eval_mode, fit_inputs
 from passes import get_sparse_target
 from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
 from passes.masking import fuse_masks
@@ -242,9 +242,7 @@ def _model_inputs(gm: fx.GraphModule, example_inputs: Any) -> ModelInputs | None
     does not take would be dropped without a word by the interpreter that records the layers' calls."""
     if example_inputs is None:
         return None
-    args, kwargs = as_model_inputs(example_inputs, "example_inputs")
-    check_inputs_fit(gm, args, kwargs, "example_inputs")
-    return args, kwargs
+    return fit_inputs(gm, example_inputs, "example_inputs")
 
 
 def _lower_shrink(gm: fx.GraphModule, muls: dict[str, fx.Node], inputs: ModelInputs | None, repeats: int) -> fx.GraphModule:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from fx_sparsity.utils.running import eval_mode
+from fx_sparsity.utils.running import eval_mode, placeholder_values
 from passes import SparseTarget, get_sparse_target
 from passes.lowering import SparseFormat, conv_strides, sparse_layer_forward
 from passes.matching import op_arguments, weight_position
@@ -134,29 +134,11 @@ def record_op_calls(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) 
     ops = {n.name: t.tensor_fqn for n in gm.graph.nodes if (t := get_sparse_target(n)) is not None and t.role == "op"}
     recorder = _Recorder(gm, set(ops))
     with torch.no_grad(), eval_mode(gm):
-        recorder.run(*_placeholder_values(gm, args, kwargs))
+        recorder.run(*placeholder_values(gm, args, kwargs))
     calls: dict[str, list[OpCall]] = {}
     for name, node_calls in recorder.calls.items():
         calls.setdefault(ops[name], []).extend(node_calls)
     return calls
-
-
-def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
-    """The value of each placeholder for ``gm(*args, **kwargs)`` (``fx.Interpreter.run`` takes them positionally).
-
-    An export-captured module flattens its inputs with its own pytree spec; a traced
-    one names its placeholders after the forward's parameters.
-    """
-    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
-        return list(gm.graph._codegen.process_inputs(*args, **kwargs))
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    bound = dict(zip(names, args))
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise TypeError(f"example_inputs names {unknown}, which are not inputs of the model (inputs: {names})")
-    bound.update(kwargs)
-    defaults = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "placeholder" and n.args}
-    return [bound[name] if name in bound else defaults.get(name) for name in names]
 
 
 def _with_weight(op: Any, args: tuple, kwargs: dict, weight: Tensor) -> tuple[tuple, dict]:

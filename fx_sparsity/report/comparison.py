@@ -25,7 +25,7 @@ from tabulate import tabulate
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
-from fx_sparsity.utils.running import as_model_inputs, check_batches, check_inputs_fit, eval_mode
+from fx_sparsity.utils.running import check_batches, eval_mode, fit_inputs, placeholder_values
 from passes import get_sparse_target
 from passes.lowering import COMPONENT_NAMES, SPARSE_OPS
 from passes.utils import split_fqn
@@ -131,13 +131,10 @@ class _GraphRecorder(fx.Interpreter):
 
 
 def _run(model: nn.Module, batch: Any, layers: set[str], name: str) -> tuple[Any, dict[str, list[Tensor]]]:
-    args, kwargs = as_model_inputs(batch, name)
-    check_inputs_fit(model, args, kwargs, name)
+    args, kwargs = fit_inputs(model, batch, name)
     if isinstance(model, fx.GraphModule):
-        if kwargs:
-            raise TypeError("compare runs a GraphModule on positional inputs: give each batch as a tensor or tuple")
         recorder = _GraphRecorder(model, layers)
-        return recorder.run(*args), recorder.outputs
+        return recorder.run(*placeholder_values(model, args, kwargs)), recorder.outputs
     outputs: dict[str, list[Tensor]] = {}
     handles = [
         module.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o.detach()))
@@ -186,8 +183,9 @@ def compare(
     Args:
         reference: the dense model (or any module to compare against).
         candidate: the pruned model: prepared, squashed, lowered, or a plain module.
-        batches: an iterable of inputs (a tensor or a tuple of positional inputs per batch, e.g. a list
-            or a DataLoader), run under ``no_grad``.
+        batches: an iterable of inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs
+            per batch, as a tokenizer returns them; e.g. a list or a DataLoader), run under ``no_grad``. Each model
+            takes each batch in its own form: a module ``torch.export`` captured from a dict takes the same keys.
         layers: module FQNs to compare (a string for one); default: every Linear and Conv module of ``reference``.
 
     Returns:

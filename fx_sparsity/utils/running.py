@@ -1,11 +1,14 @@
 """Running a prepared module on the user's inputs without changing anything.
 
-``lower(example_inputs=...)`` and ``calibrate(batches)`` accept the same input
-forms (one tensor, a tuple/list of positional inputs, a dict of keyword inputs),
-checked here before anything runs, so that a wrong form gets a ``TypeError``
-naming the argument instead of a failure deep inside the model; :func:`check_inputs_fit`
-refuses inputs the module's forward does not take (a ``GraphModule`` run by an
-``fx.Interpreter`` would drop extra ones silently) and :func:`check_batches` an
+``lower(example_inputs=...)``, ``calibrate(batches)``, ``prune_sequential`` and ``compare``
+accept the same input forms (one tensor, a tuple/list of positional inputs, a dict of keyword
+inputs, as a tokenizer returns them), checked here before anything runs, so that a wrong form
+gets a ``TypeError`` naming the argument instead of a failure deep inside the model;
+:func:`check_inputs_fit` refuses inputs the module's forward does not take (a ``GraphModule``
+run by an ``fx.Interpreter`` would drop extra ones silently; a ``torch.export`` capture takes
+its inputs in the form it was captured from), :func:`fit_inputs` does both and passes keyword
+inputs positionally to a module exported from positional ones, :func:`placeholder_values` gives
+the graph's inputs for an interpreter, and :func:`check_batches` refuses an
 iterable that is no iterable of inputs (one tensor, ``None``). They run the
 module under :func:`eval_mode`: the prepared module shares its buffers with the
 user's model, so a forward pass in training mode would update the user's
@@ -21,7 +24,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from passes.capturing.inputs import check_cache_slots
 
 __all__ = [
     "ModelInputs",
@@ -32,6 +38,8 @@ __all__ = [
     "check_inputs_fit",
     "check_token_mask_source",
     "eval_mode",
+    "fit_inputs",
+    "placeholder_values",
 ]
 
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -94,13 +102,40 @@ def check_batches(batches: Any, name: str = "batches") -> None:
         )
 
 
+def _exported_form(module: nn.Module) -> tuple[int, list[str], list[str]] | None:
+    """``(positional count, keyword names, forward's parameter names)`` a ``torch.export`` capture takes its inputs
+    in (its input spec), or ``None`` for any other module."""
+    codegen = module.graph._codegen if isinstance(module, fx.GraphModule) else None
+    if not isinstance(codegen, fx.graph._PyTreeCodeGen) or codegen.pytree_info.in_spec is None:
+        return None
+    spec = codegen.pytree_info.in_spec
+    if spec.type is not tuple or spec.num_children != 2 or spec.child(1).type is not dict:
+        return None
+    return spec.child(0).num_children, list(spec.child(1).context), list(codegen.pytree_info.orig_args)
+
+
+def _exported_hint(form: tuple[int, list[str], list[str]] | None) -> str:
+    """What a ``torch.export`` capture takes, for an error message ("" for other modules)."""
+    if form is None:
+        return ""
+    count, keys, names = form
+    if keys:
+        return (f"; the module was captured by torch.export from the keyword inputs {keys}: give a dict with exactly "
+                "these keys, the form of the example_inputs it was captured with")
+    return (f"; the module was captured by torch.export from {count} positional input(s) ({', '.join(names[:count])}): "
+            "to give other inputs (an attention_mask), prepare with example_inputs as a dict holding them, as a "
+            "tokenizer returns it")
+
+
 def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> None:
     """Refuse inputs ``module``'s forward does not take (extra positional inputs, unknown keywords) or lacks
     (required inputs not given), naming them, before anything runs.
 
     A ``GraphModule`` run by an ``fx.Interpreter`` drops extra positional inputs without a word; this is
-    the check it does not make. The forward's signature is the one the capture gave it (a ``torch.export``
-    capture takes exactly the inputs it was exported with).
+    the check it does not make. The forward's signature is the one the capture gave it; a ``torch.export``
+    capture takes exactly the inputs it was exported with, in the same form (positional, or a dict with the
+    same keys). A tensor given positionally where the forward takes a cache (GPT-2's ``(input_ids, cache,
+    attention_mask)``) is refused pointing to the dict form.
 
     Raises:
         TypeError: the inputs do not fit, naming ``name``, the inputs and the forward's parameters.
@@ -113,6 +148,7 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
         ...
         TypeError: example_inputs holds 2 positional inputs, but Linear's forward takes 1 (input): example_inputs[1] (a tensor of shape (1,)) is not an input of the model; drop it
     """
+    form = _exported_form(module)
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):  # a forward without a signature: nothing to check against
@@ -130,6 +166,7 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
             f"({', '.join(positional) or 'none'}): {extra} {plural} of the model; drop "
             f"{'it' if len(args) - len(positional) == 1 else 'them'}"
         )
+    check_cache_slots(module, args, name)
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:
@@ -137,7 +174,74 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
         plain = signature.replace(
             parameters=[p.replace(annotation=empty) for p in parameters], return_annotation=empty
         )
-        raise TypeError(f"{name} does not fit {owner}{plain} ({e}); give the inputs the model takes") from None
+        raise TypeError(
+            f"{name} does not fit {owner}{plain} ({e}); give the inputs the model takes{_exported_hint(form)}"
+        ) from None
+    if form is not None and (len(args) != form[0] or set(kwargs) != set(form[1])):
+        # The names fit its forward's, but torch.export's module takes its inputs in one form only.
+        count, keys, names = form
+        given = f"{len(args)} positional input(s)" if args else f"the keys {sorted(kwargs)}"
+        if keys:
+            raise TypeError(f"{name} gives {given}{_exported_hint(form)}")
+        raise TypeError(
+            f"{name} gives {given}, but the module was captured by torch.export from {count} positional input(s) "
+            f"({', '.join(names[:count])}): give them as a tuple in that order"
+        )
+
+
+def fit_inputs(module: nn.Module, value: Any, name: str) -> ModelInputs:
+    """``(args, kwargs)`` for calling ``module`` on ``value`` (:func:`as_model_inputs`), checked with
+    :func:`check_inputs_fit`. For a module ``torch.export`` captured from positional inputs, a dict naming
+    exactly those inputs (``{"input_ids": ids}`` for ``(ids,)``) is passed positionally, as the names of its
+    forward promise (torch.export's module itself refuses keywords then).
+
+    Raises:
+        TypeError: ``value`` has no input form or does not fit ``module``, naming ``name`` and the fix.
+
+    Example::
+
+        >>> fit_inputs(nn.Linear(3, 2), {"input": torch.ones(1, 3)}, "batch 0")[1].keys()
+        dict_keys(['input'])
+    """
+    args, kwargs = as_model_inputs(value, name)
+    form = _exported_form(module)
+    if form is not None and kwargs and not args and not form[1]:
+        names = form[2][: form[0]]
+        if set(kwargs) == set(names):
+            args, kwargs = tuple(kwargs[n] for n in names), {}
+    check_inputs_fit(module, args, kwargs, name)
+    return args, kwargs
+
+
+def placeholder_values(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
+    """The value of each placeholder of ``gm``'s graph for ``gm(*args, **kwargs)``, in order, as
+    ``fx.Interpreter.run`` takes them (inputs checked by :func:`fit_inputs` first).
+
+    An export capture flattens its inputs with its own input spec (keyword inputs in the spec's order);
+    a traced module names its placeholders after the forward's parameters (their defaults filling the rest).
+
+    Raises:
+        TypeError: ``kwargs`` names an input the traced module does not take.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(nn.Linear(3, 2))
+        >>> [tuple(v.shape) for v in placeholder_values(gm, (), {"input": torch.ones(1, 3)})]
+        [(1, 3)]
+    """
+    form = _exported_form(gm)
+    if form is not None:
+        return tree_leaves((tuple(args), {k: kwargs[k] for k in form[1]}))
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        return list(gm.graph._codegen.process_inputs(*args, **kwargs))
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = dict(zip(names, args))
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise TypeError(f"example_inputs names {unknown}, which are not inputs of the model (inputs: {names})")
+    bound.update(kwargs)
+    defaults = {n.target: n.args[0] for n in gm.graph.nodes if n.op == "placeholder" and n.args}
+    return [bound[name] if name in bound else defaults.get(name) for name in names]
 
 
 def _describe(value: Any) -> str:

@@ -21,15 +21,18 @@ attributes for copies), and none of that may reach the user's model. The returne
 module shares only parameters and buffers with the model, so later passes may add
 buffers and rewrite the graph freely.
 
-An export capture keeps the batch dimension of its inputs dynamic where torch.export
-can, and warns when it cannot. How a module was captured is recorded as a
+The export capture itself is :mod:`passes.capturing.exporting`: keyword example inputs
+(a dict, as a tokenizer returns them) are exported as keywords, a Hugging Face model's
+cache is turned off on the copy, and the batch dimension and the sequence length of token
+inputs stay dynamic where torch.export can keep them so (a warning says why where it
+cannot). The example inputs are checked against the model's forward first
+(:mod:`passes.capturing.inputs`). How a module was captured is recorded as a
 :class:`passes.meta.CaptureRecord`. Captured modules pickle their graph as it is
 (:mod:`passes.capturing.pickling`).
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 import os
@@ -40,15 +43,15 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
-from torch.export import Dim
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.utils._pytree import tree_leaves, tree_map
 
-from passes.capturing.pickling import CapturedModule, as_exported_module
+from passes.capturing.exporting import copy_model, export_model
+from passes.capturing.inputs import example_args
+from passes.capturing.pickling import CapturedModule
 from passes.matching.unmatched import unmatched_weights
 from passes.matching.weights import find_weights
 from passes.meta import SPARSITY_META_KEY, CaptureRecord, set_capture
-from passes.utils import clone_sharing_tensors, user_stacklevel
+from passes.utils import user_stacklevel
 
 __all__ = ["capture", "CaptureError"]
 
@@ -108,106 +111,15 @@ def _failing_construct(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}{source}"
 
 
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-def _uncopyable_attribute(model: nn.Module) -> tuple[str, str, object] | None:
-    """``(module FQN, attribute, value)`` of the first module attribute ``copy.deepcopy`` refuses (tensors shared,
-    as capture copies them), or ``None`` when each copies on its own."""
-    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    for fqn, module in model.named_modules():
-        for name, value in vars(module).items():
-            if name in _MODULE_INTERNALS:
-                continue
-            try:
-                copy.deepcopy(value, dict(memo))
-            except Exception:
-                return fqn, name, value
-    return None
-
-
-def _clone(model: nn.Module) -> nn.Module:
-    try:
-        return clone_sharing_tensors(model)
-    except Exception as e:
-        found = _uncopyable_attribute(model)
-        where = ""
-        if found is not None:
-            fqn, name, value = found
-            owner = f"submodule {fqn!r} ({type(model.get_submodule(fqn)).__name__})" if fqn else "the model itself"
-            where = f"the attribute {name!r} of {owner}, a {type(value).__module__}.{type(value).__qualname__}, "
-        raise TypeError(
-            f"capture works on a copy of {type(model).__name__} (copy.deepcopy sharing its parameters and "
-            f"buffers), so that tracing never writes onto the model, but {where or 'the model '}cannot be "
-            f"copied ({type(e).__name__}: {e}). Make it deep-copyable (define __deepcopy__ on its class), or set "
-            "it outside the model (or after prepare, on the prepared module)."
-        ) from e
-
-
-def _batch_dims(example_args: tuple) -> Any:
-    """``dynamic_shapes`` marking dim 0 of every tensor input dynamic (pytree-shaped like the inputs)."""
-    return tree_map(
-        lambda v: {0: Dim.DYNAMIC} if isinstance(v, torch.Tensor) and v.dim() > 0 else None,
-        example_args,
-    )
-
-
-def _export_clone(model: nn.Module, example_args: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
-    # Fresh objects each time: export writes onto the module (and a failed export may have
-    # left things there), and it marks the dynamic dims on the input tensors themselves.
-    args = tree_map(lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v,
-                    example_args)
-    return as_exported_module(torch.export.export(_clone(model), args, dynamic_shapes=dynamic_shapes).module())
-
-
-def _export(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> fx.GraphModule:
-    """``torch.export`` of a clone of ``model``, its :class:`CaptureRecord` set; by default with a dynamic batch
-    dimension (a warning says why when it cannot be)."""
-    gm, warning = _export_quietly(model, example_args, dynamic_shapes)
-    if warning is not None:
-        warnings.warn(warning, stacklevel=user_stacklevel())
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> fx.GraphModule:
+    """:func:`~passes.capturing.exporting.export_model`, giving its warnings (dimensions it could not keep dynamic)."""
+    gm, messages = export_model(model, args, kwargs, dynamic_shapes)
+    for message in messages:
+        warnings.warn(message, stacklevel=user_stacklevel())
     return gm
 
 
-def _export_quietly(model: nn.Module, example_args: tuple, dynamic_shapes: Any) -> tuple[fx.GraphModule, str | None]:
-    """:func:`_export`, returning the warning it would give (a static batch dimension) instead of giving it."""
-    if dynamic_shapes is not None:
-        gm = _export_clone(model, example_args, dynamic_shapes)
-        set_capture(gm, CaptureRecord("export", None))
-        return gm, None
-    name = type(model).__name__
-    batches = {v.shape[0] for v in tree_leaves(example_args) if isinstance(v, torch.Tensor) and v.dim() > 0}
-    why = None
-    if batches & {0, 1}:
-        why = (
-            "an example input has batch size 0 or 1, which torch.export always specialises; "
-            "give example inputs with a batch of 2 or more"
-        )
-    elif batches:
-        try:
-            gm = _export_clone(model, example_args, _batch_dims(example_args))
-            set_capture(gm, CaptureRecord("export", True))
-            return gm, None
-        except Exception as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            # torch's constraint errors list the reasons as "- ..." lines, then advice on its own API.
-            detail = next((line[2:] for line in lines if line.startswith("- ")), lines[0] if lines else "")
-            detail = detail.split(" If you're using")[0]
-            why = f"torch.export could not keep dim 0 dynamic ({type(e).__name__}: {detail})"
-    gm = _export_clone(model, example_args)
-    warning = None
-    if why is not None:
-        warning = (
-            f"{name} was captured with torch.export for batch size {', '.join(map(str, sorted(batches)))} "
-            f"only: {why}. "
-            "The captured module refuses other batch sizes; pass dynamic_shapes=... (torch.export's "
-            "argument) to choose the dynamic dimensions yourself."
-        )
-    set_capture(gm, CaptureRecord("export", False))
-    return gm, warning
-
-
-def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, example_args: tuple, dynamic_shapes: Any
+def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: Any
                              ) -> fx.GraphModule:
     """``method="auto"`` with example inputs, after symbolic tracing succeeded: the ``torch.export`` capture instead
     when the trace keeps Linear/Conv weights in opaque calls (a ``torch.fx.wrap``'ed function, as torchvision's
@@ -217,7 +129,7 @@ def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, example_a
     if not any(u.opaque for u in dense):
         return traced
     try:
-        exported, warning = _export_quietly(model, example_args, dynamic_shapes)
+        exported, messages = export_model(model, args, kwargs, dynamic_shapes)
     except Exception:
         return traced  # the trace stands; prepare names the weights it leaves dense, with the remedies
     still = {u.tensor_fqn for u in unmatched_weights(model, exported, find_weights(exported))}
@@ -233,8 +145,8 @@ def _export_if_it_masks_more(model: nn.Module, traced: fx.GraphModule, example_a
         UserWarning,
         stacklevel=user_stacklevel(),
     )
-    if warning is not None:
-        warnings.warn(warning, stacklevel=user_stacklevel())
+    for message in messages:
+        warnings.warn(message, stacklevel=user_stacklevel())
     return exported
 
 
@@ -317,7 +229,7 @@ def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> tuple[type[nn.Mo
 
 def _check_args(
     model: Any, example_inputs: Any, concrete_args: Any, dynamic_shapes: Any, method: Any
-) -> tuple | None:
+) -> tuple[tuple, dict] | None:
     if method not in ("auto", "symbolic_trace", "export"):
         raise ValueError(f"method must be 'auto', 'symbolic_trace' or 'export', got {method!r}")
     if method == "export" and example_inputs is None:
@@ -332,14 +244,16 @@ def _check_args(
         )
     if example_inputs is None:
         return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of positional inputs, "
-        f"got {type(example_inputs).__name__}"
-    )
+    return example_args(model, example_inputs)
+
+
+def _export_remedies(e: BaseException) -> str:
+    """What to try when torch.export failed with ``e``."""
+    if "Cache" in str(e).split("\n")[0]:
+        return ("Remedies: the model returns its KV cache, which torch.export cannot output: leave use_cache out of "
+                "example_inputs (capture then turns the config's use_cache off on its copy of the model) or give "
+                "use_cache=False.")
+    return ""
 
 
 def capture(
@@ -355,18 +269,25 @@ def capture(
 
     Args:
         model: the module to capture. It is not modified.
-        example_inputs: a tensor or tuple of positional inputs, for the
-            ``torch.export`` capture (when symbolic tracing fails, or with
-            ``method="export"``).
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword
+            inputs (what a tokenizer returns: ``{"input_ids": ..., "attention_mask": ...}``),
+            for the ``torch.export`` capture (when symbolic tracing fails, or with
+            ``method="export"``). An export capture takes its inputs in the same form: a
+            module captured from a dict is called with the same keys. A Hugging Face model
+            is exported with its ``config.use_cache`` off (on the copy capture works on;
+            yours keeps its config) unless the dict sets ``use_cache``: the captured module
+            returns no KV cache.
         leaf_modules: a module type, or an iterable of module types and FQNs,
             that symbolic tracing keeps as ``call_module`` nodes instead of
             tracing through them.
         concrete_args: passed to the tracer, to fix arguments (flags, ``None``
             masks) that would otherwise reach Python control flow.
         dynamic_shapes: passed to ``torch.export.export`` for the export capture.
-            By default dim 0 (the batch) of every tensor input is dynamic where
-            export can keep it so; where it cannot (an example batch of 1, or a
-            model that fixes the batch size) the capture is static and a
+            By default dim 0 (the batch) of every tensor input is dynamic, and so is
+            the sequence length of token inputs (dim 1 of 2-D integer or bool tensors,
+            such as ``input_ids`` and ``attention_mask``, and every dimension of the same
+            size), where export can keep them so; where it cannot (an example of size 0
+            or 1, or a model that fixes the size) that dimension is static and a
             ``UserWarning`` says why.
         method: ``"auto"`` (symbolic tracing; torch.export when it fails and
             ``example_inputs`` are given, or when the trace keeps Linear/Conv weights in
@@ -385,7 +306,9 @@ def capture(
         TypeError: ``model`` is not a plain ``nn.Module`` (a ScriptModule, a
             DataParallel/DistributedDataParallel or torch.compile wrapper), cannot be
             copied (naming the module and attribute ``copy.deepcopy`` refuses, such as a
-            ``threading.Lock``), or an argument has the wrong type (a string as ``leaf_modules``, ...).
+            ``threading.Lock``), or an argument has the wrong type (a string as ``leaf_modules``, ...);
+            ``example_inputs`` do not fit the model's forward, or put a tensor in its cache
+            slot (GPT-2's ``(input_ids, cache, attention_mask)``: give a dict instead).
         ValueError: ``model`` has uninitialized lazy modules, tensors on the
             meta device, or is already prepared (mask buffers or nodes);
             ``leaf_modules`` names no module; ``dynamic_shapes`` without
@@ -401,21 +324,21 @@ def capture(
     """
     _check_model(model)
     leaf_modules = _check_leaf_modules(model, leaf_modules)
-    example_args = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
+    inputs = _check_args(model, example_inputs, concrete_args, dynamic_shapes, method)
     name = type(model).__name__
     if method == "export":
-        _clone(model)  # a model that cannot be copied is the user's to fix, not a failure of torch.export
+        copy_model(model)  # a model that cannot be copied is the user's to fix, not a failure of torch.export
         try:
-            gm = _export(model, example_args, dynamic_shapes)
+            gm = _export(model, *inputs, dynamic_shapes)
         except Exception as e:
             raise CaptureError(
                 f"torch.export of {name} failed{_failing_construct(e)}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0]}\n"
-                "Remedies: rewrite data-dependent control flow with torch.cond, or capture with "
-                "method='symbolic_trace' (leaf_modules=[...], concrete_args={...})."
+                + (_export_remedies(e) or "Remedies: rewrite data-dependent control flow with torch.cond, or capture "
+                   "with method='symbolic_trace' (leaf_modules=[...], concrete_args={...}).")
             ) from e
         return gm
-    clone = _clone(model)
+    clone = copy_model(model)
     try:
         tracer = _Tracer(leaf_modules)
         graph = tracer.trace(clone, concrete_args=concrete_args)
@@ -423,27 +346,27 @@ def capture(
     except Exception as trace_exc:
         where = _failing_construct(trace_exc)
         trace_msg = f"{type(trace_exc).__name__}: {trace_exc}"
-        if example_args is None or method == "symbolic_trace":
+        if inputs is None or method == "symbolic_trace":
             raise CaptureError(
                 f"symbolic tracing of {name} failed{where}: {trace_msg}\n"
-                "Remedies: pass example_inputs=(...) so the model is captured with torch.export "
-                "instead, or mark the module holding that code as a leaf (leaf_modules=[...]) "
-                "or fix the offending argument with concrete_args={...}."
+                "Remedies: pass example_inputs=(...) (or a dict of keyword inputs, as a tokenizer returns them) "
+                "so the model is captured with torch.export instead, or mark the module holding that code as a "
+                "leaf (leaf_modules=[...]) or fix the offending argument with concrete_args={...}."
             ) from trace_exc
         try:
-            gm = _export(model, example_args, dynamic_shapes)
+            gm = _export(model, *inputs, dynamic_shapes)
         except Exception as export_exc:
             raise CaptureError(
                 f"could not capture {name}.\n"
                 f"symbolic tracing failed{where}: {trace_msg}\n"
                 f"torch.export failed{_failing_construct(export_exc)}: "
                 f"{type(export_exc).__name__}: {str(export_exc).splitlines()[0]}\n"
-                "Remedies: mark the module holding the failing code as a leaf "
-                "(leaf_modules=[...]) or fix the offending argument with concrete_args={...}; "
-                "for torch.export, rewrite data-dependent control flow with torch.cond."
+                + (_export_remedies(export_exc) or "Remedies: mark the module holding the failing code as a leaf "
+                   "(leaf_modules=[...]) or fix the offending argument with concrete_args={...}; "
+                   "for torch.export, rewrite data-dependent control flow with torch.cond.")
             ) from export_exc
         return gm
     set_capture(gm, CaptureRecord("symbolic_trace"))
-    if method == "auto" and example_args is not None and not leaf_modules and concrete_args is None:
-        return _export_if_it_masks_more(model, gm, example_args, dynamic_shapes)
+    if method == "auto" and inputs is not None and not leaf_modules and concrete_args is None:
+        return _export_if_it_masks_more(model, gm, *inputs, dynamic_shapes)
     return gm
