@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,11 @@ def oneshot(
     batches = _batches(data, tokenizer, max_length)
     sparsifier = _sparsifier(method, level)
     config = _default_config(model) if config is None else config
-    gm = prepare(model, config, sparsifier=sparsifier, example_inputs=batches[0])
+    with warnings.catch_warnings():
+        # One text per batch is batch 1, which export specialises: the returned model (the user's class) runs
+        # any batch; only result.prepared keeps the capture's batch size.
+        warnings.filterwarnings("ignore", message=".*captured with torch.export for batch size", category=UserWarning)
+        gm = prepare(model, config, sparsifier=sparsifier, example_inputs=batches[0])
     report = None
     if sequential:
         report = prune_sequential(gm, batches, progress_bar=progress_bar)

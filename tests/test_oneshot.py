@@ -101,3 +101,34 @@ def test_parse_sparsity():
     assert [parse_sparsity(s) for s in ("50%", "2:4", 0.7, " 62.5 % ", (1, 4))] == [0.5, (2, 4), 0.7, 0.625, (1, 4)]
     with pytest.raises(TypeError):
         parse_sparsity(True)
+
+
+def _word_tokenizer():
+    """A transformers fast tokenizer over a 20-word vocabulary, built in memory (nothing downloaded)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = "the a cat dog sat on mat ran far and fast slow big small red blue".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_texts_with_a_tokenizer_equal_their_token_batches():
+    """Four texts of different lengths tokenized by oneshot (one batch each, dicts of input_ids/attention_mask,
+    the model's use_cache left on) prune exactly as the same dicts given as batches; the head stays dense."""
+    from helpers import tiny_hf_model
+
+    tokenizer = _word_tokenizer()
+    texts = ["the cat sat on the mat", "a big red dog ran far and fast", "the small blue cat", "a dog sat"]
+    model = tiny_hf_model("llama")
+    from_texts = fx_sparsity.oneshot(model, texts, tokenizer=tokenizer, progress_bar=False)
+    batches = [dict(tokenizer(t, return_tensors="pt")) for t in texts]
+    from_batches = fx_sparsity.oneshot(model, batches, progress_bar=False)
+    for (name, a), b in zip(from_texts.model.state_dict().items(), from_batches.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(from_texts.model.lm_head.weight, model.lm_head.weight)
+    assert (from_texts.model.model.layers[1].mlp.down_proj.weight == 0).float().mean() == 0.5
+    assert model.config.use_cache is True
+    with pytest.raises(ValueError, match=r"data\[1\] tokenizes to no tokens"):
+        fx_sparsity.oneshot(model, ["the cat", ""], tokenizer=tokenizer, progress_bar=False)
