@@ -1,0 +1,29 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of columns.
+
+* :mod:`.spec`: :class:`QuantSpec` (the grid; ``QuantSpec.parse("int4-g128-zp")``) and
+  :class:`QuantizedWeight` (int8-stored values, float32 scales, zero points);
+* :mod:`.rtn`: round-to-nearest, :func:`quantize_weight` and :func:`dequantize`, and the grid math
+  the others share.
+
+The math modules import nothing of fx_sparsity but each other, so the sparsifiers can use them.
+
+Example::
+
+    >>> from fx_sparsity.quantization import QuantSpec, dequantize, quantize_weight
+    >>> q = quantize_weight(torch.tensor([[0.5, -1.0, 0.0, 0.25]]), QuantSpec(8))
+    >>> q.values.tolist(), dequantize(q)[0, 2].item()
+    ([[64, -127, 0, 32]], 0.0)
+"""
+
+from fx_sparsity.quantization.rtn import dequantize, quantize_weight
+from fx_sparsity.quantization.spec import GROUP_SIZES, QuantizedWeight, QuantSpec, as_spec, check_fits
+
+__all__ = [
+    "QuantSpec",
+    "QuantizedWeight",
+    "GROUP_SIZES",
+    "as_spec",
+    "check_fits",
+    "quantize_weight",
+    "dequantize",
+]

@@ -1,0 +1,192 @@
+"""Quantization: the spec, and round-to-nearest against torch.ao's observers and torch's own quantizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.ao.quantization import PerChannelMinMaxObserver
+
+from fx_sparsity.quantization import QuantizedWeight, QuantSpec, check_fits, dequantize, quantize_weight
+
+SPECS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g128-zp"]
+
+
+# ---------------------------------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize(
+    "name, spec",
+    [
+        ("int8", QuantSpec(8)),
+        ("int4", QuantSpec(4, 128)),
+        ("int4-g64", QuantSpec(4, 64)),
+        ("int4-g128-zp", QuantSpec(4, 128, True)),
+        ("INT4-G32-ZP", QuantSpec(4, 32, True)),
+    ],
+)
+def test_spec_parses_short_names(name, spec):
+    """The short names give the specs; str() gives the canonical name back, which parses to the same spec."""
+    assert QuantSpec.parse(name) == spec
+    assert QuantSpec.parse(str(spec)) == spec
+
+
+def test_spec_grids():
+    """int8 is [-127, 127]; symmetric int4 [-7, 7]; int4 with zero points [0, 15]; int4's group defaults to 128."""
+    assert (QuantSpec(8).qmin, QuantSpec(8).qmax) == (-127, 127)
+    assert (QuantSpec(4).qmin, QuantSpec(4).qmax, QuantSpec(4).group_size) == (-7, 7, 128)
+    assert (QuantSpec(4, 32, True).qmin, QuantSpec(4, 32, True).qmax) == (0, 15)
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: QuantSpec(3), ValueError, "bits must be 8 or 4, got 3"),
+        (lambda: QuantSpec(True), TypeError, "bits"),
+        (lambda: QuantSpec(4, 48), ValueError, "group_size must be one of (32, 64, 128) for int4, got 48"),
+        (lambda: QuantSpec(4, "32"), TypeError, "group_size"),
+        (lambda: QuantSpec(8, 64), ValueError, "group_size must be None for int8"),
+        (lambda: QuantSpec(8, zero_point=True), ValueError, "zero_point must be False for int8"),
+        (lambda: QuantSpec(4, zero_point=1), TypeError, "zero_point must be True or False"),
+        (lambda: QuantSpec.parse("int8-zp"), ValueError, "'int8-zp': QuantSpec.zero_point must be False"),
+        (lambda: QuantSpec.parse("int4-g48"), ValueError, "'int4-g48': QuantSpec.group_size must be one of"),
+        (lambda: QuantSpec.parse("int2"), ValueError, "bits must be 8 or 4, got 2"),
+        (lambda: QuantSpec.parse("fp8"), ValueError, "not of the form int<bits>[-g<group>][-zp]"),
+        (lambda: QuantSpec.parse(8), TypeError, "must be a string like 'int8'"),
+    ],
+)
+def test_spec_refusals_name_field_value_and_allowed(make, error, words):
+    """Bad fields and names: the error names the field, the value and what is allowed."""
+    with pytest.raises(error) as info:
+        make()
+    assert words in str(info.value)
+
+
+def test_widths_the_groups_do_not_tile_are_refused_naming_the_layer():
+    """int4 groups must tile the columns (in * kernel): 224 columns refuse g64/g128 naming the layer and the sizes
+    that fit; a conv's 36 columns refuse g32; int8 takes any width."""
+    with pytest.raises(ValueError, match=r"int4-g64 cannot quantize fc\.weight: its 224 columns .* \(int4-g32\)"):
+        check_fits(QuantSpec(4, 64), (8, 224), "fc.weight")
+    with pytest.raises(ValueError, match="int4-g32 cannot quantize weight: its 36 columns"):
+        quantize_weight(torch.randn(8, 4, 3, 3), "int4-g32")
+    check_fits(QuantSpec(8), (8, 37), "fc.weight")
+    assert quantize_weight(torch.randn(8, 4, 2, 4), "int4-g32").scales.shape == (8, 1)
+
+
+# ------------------------------------------------------------------------------------------- round to nearest
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_rtn_scales_equal_torch_ao_observers():
+    """The scales and zero points of RTN are those of torch.ao.quantization's per-channel min/max observers on the
+    same grid (symmetric over [-127, 127] or [-7, 7], affine over [0, 15]), per row (int8) or per group (int4);
+    the values are those torch.quantize_per_channel gives for them."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.logspace(-2, 1, 16)[:, None]
+    for name in SPECS:
+        spec = QuantSpec.parse(name)
+        q = quantize_weight(w, spec)
+        groups = w.reshape(-1, spec.group_columns(256))
+        if spec.zero_point:
+            observer = PerChannelMinMaxObserver(0, torch.quint8, torch.per_channel_affine, quant_min=0, quant_max=15)
+        else:
+            observer = PerChannelMinMaxObserver(
+                0, torch.qint8, torch.per_channel_symmetric, quant_min=spec.qmin, quant_max=spec.qmax
+            )
+        observer(groups)
+        scale, zero = observer.calculate_qparams()
+        torch.testing.assert_close(q.scales.reshape(-1), scale.float(), rtol=1e-6, atol=0)
+        if spec.zero_point:
+            assert torch.equal(q.zeros.reshape(-1).long(), zero)
+        dtype = torch.quint8 if spec.zero_point else torch.qint8
+        zeros = q.zeros.reshape(-1).long() if spec.zero_point else torch.zeros(groups.shape[0], dtype=torch.long)
+        expected = torch.quantize_per_channel(groups, q.scales.reshape(-1).double(), zeros, 0, dtype).int_repr()
+        assert torch.equal(q.values.reshape(groups.shape).int(), expected.int()), name
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_rtn_round_trip_is_on_the_grid(name):
+    """Values are int8 in [qmin, qmax]; dequantize(quantize(w)) is within half a step of w; symmetric grids:
+    quantizing the dequantized weight again gives the same values and weights (it is on the grid), and a row or
+    group's largest magnitude is exact."""
+    torch.manual_seed(1)
+    spec = QuantSpec.parse(name)
+    w = torch.randn(12, 128)
+    q = quantize_weight(w, spec)
+    assert q.values.dtype == torch.int8 and q.values.shape == w.shape
+    assert spec.qmin <= q.values.min() and q.values.max() <= spec.qmax
+    deq = dequantize(q)
+    size = spec.group_columns(128)
+    step = q.scales.reshape(12, -1).repeat_interleave(size, 1)
+    assert ((deq - w).abs() <= step / 2 * (1 + 1e-6)).all()
+    if not spec.zero_point:  # (a zero-point grid's range moves with rounding: its scales need not repeat)
+        again = quantize_weight(deq, spec)
+        assert torch.equal(again.values, q.values) and torch.equal(dequantize(again), deq)
+        groups, deq_groups = w.reshape(12, -1, size), deq.reshape(12, -1, size)
+        top = groups.abs().argmax(-1, keepdim=True)
+        torch.testing.assert_close(deq_groups.gather(-1, top), groups.gather(-1, top), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_rtn_zeros_stay_zero_and_masks_set_the_scales(name):
+    """Zero weights and masked entries dequantize to exactly 0 (values 0, or the zero point); the scales are those
+    of the kept entries: a huge masked weight changes nothing."""
+    torch.manual_seed(2)
+    spec = QuantSpec.parse(name)
+    w = torch.randn(8, 128)
+    w[w.abs() < 0.3] = 0
+    keep = torch.rand(8, 128) > 0.5
+    deq = dequantize(quantize_weight(w, spec))
+    assert (deq[w == 0] == 0).all()
+    loud = torch.where(keep, w, torch.full_like(w, 1e6))
+    masked = quantize_weight(loud, spec, mask=keep.float())
+    plain = quantize_weight(w * keep, spec)
+    assert torch.equal(masked.values, plain.values) and torch.equal(masked.scales, plain.scales)
+    assert (dequantize(masked)[~keep] == 0).all()
+    if spec.zero_point:  # pruned entries hold the zero point
+        zeros = masked.zeros.reshape(8, -1).repeat_interleave(spec.group_columns(128), 1)
+        assert torch.equal(masked.values[~keep], zeros.to(torch.int8)[~keep])
+
+
+def test_rtn_edge_rows():
+    """All-zero rows get scale 1 and values 0; subnormal rows a finite scale (float32's smallest normal) with their
+    values within half a step; float32's largest weights a finite scale, within half a step too; non-finite
+    weights and bad masks are refused."""
+    w = torch.zeros(3, 32)
+    w[1] = torch.linspace(-1e-39, 1e-39, 32)
+    w[2] = torch.linspace(-1, 1, 32) * 3e38
+    for name in ("int8", "int4-g32", "int4-g32-zp"):
+        q = quantize_weight(w, name)
+        assert torch.isfinite(q.scales).all() and (q.scales > 0).all()
+        assert q.scales.reshape(3, -1)[0].eq(1).all() and (dequantize(q)[0] == 0).all()
+        assert q.scales.reshape(3, -1)[1].ge(torch.finfo(torch.float32).tiny).all()
+        deq = dequantize(q)
+        assert torch.isfinite(deq).all()
+        step = q.scales.reshape(3, -1).repeat_interleave(32 // q.scales.reshape(3, -1).shape[1], 1)
+        assert ((deq - w).abs() <= step / 2 * (1 + 1e-6)).all(), name  # every row within half a step: none clamped
+    bad = torch.randn(2, 32)
+    bad[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite entries"):
+        quantize_weight(bad, "int8")
+    with pytest.raises(ValueError, match=r"mask must be a tensor of the weight's shape \(2, 32\)"):
+        quantize_weight(torch.randn(2, 32), "int8", mask=torch.ones(2, 16))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        quantize_weight(torch.ones(2, 32, dtype=torch.long), "int8")
+
+
+def test_rtn_conv_and_bf16():
+    """A conv weight is quantized on its [out, in * kernel] view (values keep its shape); bf16 weights are rounded
+    from their values, dequantized to float32; QuantizedWeight refuses parts that do not fit."""
+    torch.manual_seed(3)
+    conv = torch.randn(6, 8, 2, 2)
+    q = quantize_weight(conv, "int4-g32-zp")
+    flat = quantize_weight(conv.reshape(6, 32), "int4-g32-zp")
+    assert q.values.shape == conv.shape and torch.equal(q.values.reshape(6, 32), flat.values)
+    assert torch.equal(dequantize(q).reshape(6, 32), dequantize(flat))
+    half = torch.randn(4, 64).bfloat16()
+    assert torch.equal(dequantize(quantize_weight(half, "int8")), dequantize(quantize_weight(half.float(), "int8")))
+    with pytest.raises(ValueError, match=r"scales must be float32 of shape \(4,\)"):
+        QuantizedWeight(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2), None, QuantSpec(8))
+    with pytest.raises(ValueError, match="zeros must be given for int4-g32-zp"):
+        QuantizedWeight(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2), None, QuantSpec(4, 32, True))
+    with pytest.raises(ValueError, match=r"values must lie in \[-7, 7\] for int4-g32"):
+        QuantizedWeight(torch.full((4, 64), 8, dtype=torch.int8), torch.ones(4, 2), None, QuantSpec(4, 32))
+    with pytest.raises(ValueError, match="scales must be finite and > 0"):
+        QuantizedWeight(torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4), None, QuantSpec(8))
+    with pytest.raises(TypeError, match="QuantizedWeight.values must be a tensor"):
+        QuantizedWeight([[0]], torch.ones(1), None, QuantSpec(8))
