@@ -1,12 +1,21 @@
-"""Quantization: the spec, and round-to-nearest against torch.ao's observers and torch's own quantizer."""
+"""Quantization: the spec, round-to-nearest against torch.ao's observers and torch's own quantizer, GPTQ against a
+direct per-column reference (and, when FX_SPARSITY_IST_REFERENCE points at IST-DASLab's code, against it)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+import sys
+
 import pytest
 import torch
+from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
 
-from fx_sparsity.quantization import QuantizedWeight, QuantSpec, check_fits, dequantize, quantize_weight
+from fx_sparsity.quantization import QuantizedWeight, QuantSpec, check_fits, dequantize, gptq_quantize, quantize_weight
+from helpers import correlated_inputs, grid_reference, to_grid_reference
+from passes.calibration import accumulate_hessian, input_rows
 
 SPECS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g128-zp"]
 
@@ -66,6 +75,8 @@ def test_widths_the_groups_do_not_tile_are_refused_naming_the_layer():
         check_fits(QuantSpec(4, 64), (8, 224), "fc.weight")
     with pytest.raises(ValueError, match="int4-g32 cannot quantize weight: its 36 columns"):
         quantize_weight(torch.randn(8, 4, 3, 3), "int4-g32")
+    with pytest.raises(ValueError, match="int4-g128 cannot quantize weight: its 64 columns"):
+        gptq_quantize(torch.randn(4, 64), torch.eye(64), "int4")
     check_fits(QuantSpec(8), (8, 37), "fc.weight")
     assert quantize_weight(torch.randn(8, 4, 2, 4), "int4-g32").scales.shape == (8, 1)
 
@@ -190,3 +201,165 @@ def test_rtn_conv_and_bf16():
         QuantizedWeight(torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4), None, QuantSpec(8))
     with pytest.raises(TypeError, match="QuantizedWeight.values must be a tensor"):
         QuantizedWeight([[0]], torch.ones(1), None, QuantSpec(8))
+
+
+# ------------------------------------------------------------------------------------------------------- GPTQ
+def gptq_reference(w, h, spec, keep=None, dampening=0.01):
+    """GPTQ written from the algorithm, one column at a time with explicit inverses (float64, slow, obvious).
+
+    Column j is fixed after columns < j: rounded to the grid (masked entries to 0), and its error moved onto the
+    columns not yet fixed with the OBS update, which uses the inverse of the damped Hessian restricted to them,
+    ``inv(H[j:, j:])``. A row's scale (int8) is computed before the first column, a group's (int4) when its first
+    column is reached, on the current weights with the masked entries as zero. Returns the weights and the
+    scales ``[rows, groups]``.
+    """
+    w, h = w.double().clone(), h.double().clone()
+    keep = torch.ones(w.shape, dtype=torch.bool) if keep is None else keep.bool()
+    w[~keep] = 0
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += dampening * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    w[:, dead] = 0
+    size = spec.group_columns(w.shape[1])
+    scales = []
+    for j in range(w.shape[1]):
+        if j % size == 0:
+            scale, zero = grid_reference(torch.where(keep[:, j : j + size], w[:, j : j + size], 0.0), spec)
+            scales.append(scale)
+        target = torch.where(keep[:, j], to_grid_reference(w[:, j], scale, zero, spec), 0.0)
+        hinv = torch.linalg.inv(h[j:, j:])
+        err = (w[:, j] - target) / hinv[0, 0]
+        w[:, j:] -= err[:, None] * hinv[0][None, :]
+        w[:, j] = target
+    return w, torch.stack(scales, 1)
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gptq_equals_direct_reference(name, masked):
+    """gptq_quantize on a 10x128 layer with correlated inputs (and a Wanda-like mask): the weights and scales of the
+    direct per-column reference, the values in the grid's range, masked entries exactly zero."""
+    torch.manual_seed(4)
+    spec = QuantSpec.parse(name)
+    x = correlated_inputs(400, 128, seed=4)
+    w = torch.randn(10, 128)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    keep = torch.rand(10, 128) > 0.5 if masked else None
+    q = gptq_quantize(w, h, spec, mask=keep, block_size=64 if spec.group_size != 128 else 128)
+    reference, scales = gptq_reference(w, h, spec, keep)
+    torch.testing.assert_close(dequantize(q), reference.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.scales.reshape(scales.shape), scales, rtol=1e-4, atol=0)
+    assert spec.qmin <= q.values.min() and q.values.max() <= spec.qmax
+    if masked:
+        assert (dequantize(q)[~keep] == 0).all()
+
+
+def test_gptq_lowers_output_error_and_block_size_changes_nothing():
+    """On correlated inputs GPTQ's output error ||X (W_q - W)^T|| is well below RTN's, for every grid; the block
+    size (lazy updates) changes the result only by float rounding."""
+    torch.manual_seed(5)
+    x = correlated_inputs(512, 128, seed=5)
+    w = torch.randn(16, 128)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    for name in SPECS:
+        def error(v):
+            return (x @ (v - w).T).square().sum().item()
+        q = gptq_quantize(w, h, name)
+        assert error(dequantize(q)) < 0.8 * error(dequantize(quantize_weight(w, name))), name
+        size = QuantSpec.parse(name).group_size or 16
+        other = gptq_quantize(w, h, name, block_size=size)
+        torch.testing.assert_close(dequantize(other), dequantize(q), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_dead_inputs_grouped_conv_and_bad_arguments():
+    """Inputs that never fire zero their weights (no NaN); a grouped conv's [groups, c, c] Hessian quantizes each
+    group's rows with its own; bad Hessians, block sizes, dampening and masks are refused naming them."""
+    torch.manual_seed(6)
+    x = correlated_inputs(200, 64, seed=6)
+    x[:, [5, 9]] = 0
+    w = torch.randn(6, 64)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    q = gptq_quantize(w, h, "int4-g32")
+    assert torch.isfinite(dequantize(q)).all() and (dequantize(q)[:, [5, 9]] == 0).all()
+    conv = torch.randn(8, 4, 2, 4)
+    hs = torch.stack([accumulate_hessian(None, input_rows(correlated_inputs(100, 32, s), (1, 32)))[0] for s in (1, 2)])
+    grouped = gptq_quantize(conv, hs, "int4-g32")
+    for g in range(2):
+        alone = gptq_quantize(conv[4 * g : 4 * g + 4], hs[g], "int4-g32")
+        assert torch.equal(grouped.values[4 * g : 4 * g + 4], alone.values)
+        assert torch.equal(grouped.scales[4 * g : 4 * g + 4], alone.scales)
+    with pytest.raises(ValueError, match="does not fit weight"):
+        gptq_quantize(w, torch.eye(32), "int8")
+    bad = h.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        gptq_quantize(w, bad, "int8")
+    with pytest.raises(ValueError, match="block_size=48 must be a multiple of the group size 32 of int4-g32"):
+        gptq_quantize(w, h, "int4-g32", block_size=48)
+    with pytest.raises(ValueError, match="dampening must be a finite number >= 0"):
+        gptq_quantize(w, h, "int8", dampening=float("inf"))
+    with pytest.raises(ValueError, match="mask must be a tensor of the weight's shape"):
+        gptq_quantize(w, h, "int8", mask=torch.ones(6, 32))
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(w, -torch.eye(64), "int8", dampening=0)
+
+
+# -------------------------------------------------------------------- the reference implementation (optional)
+REFERENCE = os.environ.get("FX_SPARSITY_IST_REFERENCE")
+
+
+def _load_reference(folder: str, name: str):
+    """IST-DASLab's ``<folder>/<name>.py`` (it imports its own ``quant`` module), loaded under a unique name."""
+    sys.modules.pop("quant", None)
+    sys.path.insert(0, str(pathlib.Path(REFERENCE) / folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"ist_{folder}", pathlib.Path(REFERENCE) / folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("quant", None)
+    return module
+
+
+class _OurGrid:
+    """A quantizer object for IST-DASLab's loops whose grid is fx_sparsity's (the loops call find_params and read
+    scale, zero and maxq)."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        self.spec, self.maxq, self._ready = spec, torch.tensor(spec.qmax - spec.qmin), False
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def find_params(self, x: torch.Tensor, weight: bool = True) -> None:
+        scale, zero = grid_reference(x.flatten(1), self.spec)
+        self.scale = scale[:, None]
+        self.zero = (torch.full_like(scale, self.spec.qmax) if zero is None else zero)[:, None]
+        self._ready = self.spec.group_size is None  # a row's scale once, a group's at every group
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="FX_SPARSITY_IST_REFERENCE names no checkout of IST-DASLab's gptq and "
+                    "sparsegpt (folders gptq/ and sparsegpt/ holding their gptq.py, sparsegpt.py and quant.py)")
+def test_against_ist_daslab_reference(monkeypatch):
+    """IST-DASLab's fasterquant (gptq), run on CPU with our grid: the same weights (to float rounding of their
+    float32 Cholesky). Their groups are given blocksize = groupsize, so that their group scales see the updated
+    weights, as ours do."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    gptq = _load_reference("gptq", "gptq")
+    x = correlated_inputs(1024, 256, seed=7)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(7))
+    h = (x.T.double() @ x.double()).float()
+
+    def layer():
+        linear = nn.Linear(256, 48, bias=False)
+        linear.weight.data = w.clone()
+        return linear
+
+    for name in SPECS:
+        spec = QuantSpec.parse(name)
+        ref = gptq.GPTQ(layer())
+        ref.H, ref.quantizer = h.clone(), _OurGrid(spec)
+        ref.fasterquant(blocksize=spec.group_size or 128, percdamp=0.01, groupsize=spec.group_size or -1)
+        torch.testing.assert_close(dequantize(gptq_quantize(w, h.double(), spec)), ref.layer.weight.data,
+                                   rtol=0, atol=1e-5)

@@ -3,7 +3,8 @@
 * :mod:`.spec`: :class:`QuantSpec` (the grid; ``QuantSpec.parse("int4-g128-zp")``) and
   :class:`QuantizedWeight` (int8-stored values, float32 scales, zero points);
 * :mod:`.rtn`: round-to-nearest, :func:`quantize_weight` and :func:`dequantize`, and the grid math
-  the others share.
+  the others share;
+* :mod:`.gptq`: :func:`gptq_quantize`, GPTQ's error compensation from input Hessians, masks kept.
 
 The math modules import nothing of fx_sparsity but each other, so the sparsifiers can use them.
 
@@ -15,6 +16,7 @@ Example::
     ([[64, -127, 0, 32]], 0.0)
 """
 
+from fx_sparsity.quantization.gptq import gptq_quantize
 from fx_sparsity.quantization.rtn import dequantize, quantize_weight
 from fx_sparsity.quantization.spec import GROUP_SIZES, QuantizedWeight, QuantSpec, as_spec, check_fits
 
@@ -26,4 +28,5 @@ __all__ = [
     "check_fits",
     "quantize_weight",
     "dequantize",
+    "gptq_quantize",
 ]
