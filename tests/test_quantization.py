@@ -363,3 +363,30 @@ def test_against_ist_daslab_reference(monkeypatch):
         ref.fasterquant(blocksize=spec.group_size or 128, percdamp=0.01, groupsize=spec.group_size or -1)
         torch.testing.assert_close(dequantize(gptq_quantize(w, h.double(), spec)), ref.layer.weight.data,
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="FX_SPARSITY_IST_REFERENCE names no checkout of IST-DASLab's sparsegpt")
+def test_joint_mode_against_ist_daslab_reference(monkeypatch):
+    """IST-DASLab's fasterprune with an int8 quantizer of our grid, on CPU, unstructured 50% and 2:4: the same
+    weights (to float rounding), so the same masks (an entry they zero is one we prune, or one we keep that
+    rounds to 0)."""
+    from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_quantize
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    sparsegpt = _load_reference("sparsegpt", "sparsegpt")
+    x = correlated_inputs(1024, 256, seed=7)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(7))
+    h = (x.T.double() @ x.double()).float()
+    for nm in (None, (2, 4)):
+        linear = nn.Linear(256, 48, bias=False)
+        linear.weight.data = w.clone()
+        ref = sparsegpt.SparseGPT(linear)
+        ref.H, ref.quantizer = h.clone(), _OurGrid(QuantSpec(8))
+        if nm is None:  # their threshold prunes int(numel * s) + 1 of a block: ask for round(0.5 * numel)
+            ref.fasterprune((0.5 * 48 * 128 - 0.5) / (48 * 128), blocksize=128, percdamp=0.01)
+        else:
+            ref.fasterprune(0, prunen=2, prunem=4, blocksize=128, percdamp=0.01)
+        q, keep = sparsegpt_quantize(w, h.double(), "int8", 0.5, nm=nm)
+        theirs = ref.layer.weight.data
+        torch.testing.assert_close(dequantize(q), theirs, rtol=0, atol=1e-5)
+        assert not (theirs[~keep] != 0).any() and (dequantize(q)[keep & (theirs == 0)] == 0).all()

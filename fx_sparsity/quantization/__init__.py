@@ -6,6 +6,10 @@
   the others share;
 * :mod:`.gptq`: :func:`gptq_quantize`, GPTQ's error compensation from input Hessians, masks kept.
 
+Pruning and quantizing in one pass is SparseGPT's joint mode: ``SparseGPTSparsifier(quantization="int8")``
+(its math: :func:`fx_sparsity.sparsifier.sparsegpt.obs.sparsegpt_quantize`); the grid values and scales
+it writes are kept per weight on the prepared module: :func:`get_quantization` (a :class:`QuantRecord` each).
+
 The math modules import nothing of fx_sparsity but each other, so the sparsifiers can use them.
 
 Example::
@@ -16,6 +20,7 @@ Example::
     ([[64, -127, 0, 32]], 0.0)
 """
 
+from fx_sparsity.meta import QuantRecord, get_quantization
 from fx_sparsity.quantization.gptq import gptq_quantize
 from fx_sparsity.quantization.rtn import dequantize, quantize_weight
 from fx_sparsity.quantization.spec import GROUP_SIZES, QuantizedWeight, QuantSpec, as_spec, check_fits
@@ -29,4 +34,6 @@ __all__ = [
     "quantize_weight",
     "dequantize",
     "gptq_quantize",
+    "QuantRecord",
+    "get_quantization",
 ]
