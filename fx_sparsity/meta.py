@@ -11,7 +11,8 @@ key                            record                                           
 ``"fx_sparsity.shrink"``       :class:`ShrinkRecord`: the shrink report and the         ``shrink``
                                pruner's example inputs
 ``"fx_sparsity.quantization"`` ``tuple[QuantRecord, ...]``: the grid values and         ``SparseGPTSparsifier``
-                               scales of each quantized weight                          (``quantization=...``)
+                               scales of each quantized weight                          (``quantization=...``),
+                                                                                        ``quantization.quantize``
 =============================  =======================================================  ==========================
 
 Copies of a module (``clone_sharing_tensors``, ``copy.deepcopy``) copy ``gm.meta``: the
@@ -137,7 +138,8 @@ class QuantRecord:
         quantized: the :class:`~fx_sparsity.quantization.QuantizedWeight` (values, scales, zero points,
             spec), in the weight's ``[out, in, *kernel]`` view (a weight stored ``[in, out]``, transformers'
             ``Conv1D``, transposed).
-        method: ``"sparsegpt"`` (pruned and quantized in one pass by ``SparseGPTSparsifier(quantization=...)``).
+        method: ``"rtn"``, ``"gptq"`` (:func:`fx_sparsity.quantization.quantize`) or ``"sparsegpt"``
+            (pruned and quantized in one pass by ``SparseGPTSparsifier(quantization=...)``).
     """
 
     tensor_fqn: str
@@ -260,8 +262,9 @@ def shrink_report(gm: fx.GraphModule) -> ShrinkReport:
 def get_quantization(gm: Any) -> dict[str, QuantRecord]:
     """The :class:`QuantRecord` of each quantized weight of ``gm``, by tensor FQN (empty when none is).
 
-    A record is written when a weight is quantized and dropped when the weight is replaced by another
-    step that does not quantize it (``SparseGPTSparsifier`` without ``quantization``); stepping a sparsifier
+    A record is written when a weight is quantized (``SparseGPTSparsifier(quantization=...)``'s step,
+    :func:`fx_sparsity.quantization.quantize`) and dropped when the weight is replaced by another step
+    that does not quantize it (``SparseGPTSparsifier`` without ``quantization``); stepping a sparsifier
     that only changes masks keeps it (the weight is unchanged: lowering reads the values where the mask keeps).
 
     Example::

@@ -1,11 +1,15 @@
 """Quantization: the spec, round-to-nearest against torch.ao's observers and torch's own quantizer, GPTQ against a
-direct per-column reference (and, when FX_SPARSITY_IST_REFERENCE points at IST-DASLab's code, against it)."""
+direct per-column reference (and, when FX_SPARSITY_IST_REFERENCE points at IST-DASLab's code, against it), then
+the flow on prepared modules: masks kept, weights dequantized, the user's model unchanged, calibrated through
+calibrate, prune_sequential and two gloo processes."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -13,10 +17,23 @@ import torch
 from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
 
-from fx_sparsity.quantization import QuantizedWeight, QuantSpec, check_fits, dequantize, gptq_quantize, quantize_weight
-from helpers import correlated_inputs, grid_reference, to_grid_reference
+import fx_sparsity
+from fx_sparsity import MagnitudeSparsifier, NMSparsifier, WandaSparsifier, prepare
+from fx_sparsity.calibration import calibrate
+from fx_sparsity.quantization import (
+    QuantizedWeight,
+    QuantSpec,
+    check_fits,
+    dequantize,
+    get_quantization,
+    gptq_quantize,
+    quantize,
+    quantize_weight,
+)
+from helpers import correlated_inputs, grid_reference, snapshot, to_grid_reference
 from passes.calibration import accumulate_hessian, input_rows
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g128-zp"]
 
 
@@ -390,3 +407,230 @@ def test_joint_mode_against_ist_daslab_reference(monkeypatch):
         theirs = ref.layer.weight.data
         torch.testing.assert_close(dequantize(q), theirs, rtol=0, atol=1e-5)
         assert not (theirs[~keep] != 0).any() and (dequantize(q)[keep & (theirs == 0)] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ the flow on a prepared module
+def mlp() -> nn.Module:
+    """Linear(64 -> 32) -> ReLU -> Linear(32 -> 32): widths every int4 group size of 32 tiles."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32))
+
+
+def mlp_batches(count: int = 4) -> list[torch.Tensor]:
+    return [correlated_inputs(16, 64, seed=10 + i) for i in range(count)]
+
+
+def prepared_reference(model: nn.Module, gm) -> nn.Module:
+    """An eager copy of ``model`` holding the prepared module's weights times their masks."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in fx_sparsity.get_sparsifier(gm).groups:
+            fqn = group["tensor_fqn"]
+            reference.get_parameter(fqn).copy_(gm.get_parameter(fqn) * gm.get_buffer(f"{fqn}_mask"))
+    return reference
+
+
+def layer_inputs(model: nn.Module, batches, names) -> dict[str, torch.Tensor]:
+    """Each named module's inputs on all the batches, recorded with forward pre-hooks on an eager model."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach()))
+        for n in names
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32-zp"])
+def test_quantize_rtn_keeps_magnitude_masks(name):
+    """RTN on a magnitude-pruned MLP: the masks are unchanged, each prepared weight is exactly dequantize of
+    quantize_weight(weight * mask, spec, mask), a new tensor, zero where masked; the records say so; the prepared
+    module computes with those weights; the user's model and the prepared module's old tensors are unchanged."""
+    model = mlp()
+    before = snapshot(model)
+    gm = prepare(model, sparsifier=MagnitudeSparsifier(0.5))
+    fx_sparsity.get_sparsifier(gm).step()
+    masks = {f: gm.get_buffer(f"{f}_mask").clone() for f in ("0.weight", "2.weight")}
+    old = {f: (gm.get_parameter(f), gm.get_parameter(f).detach().clone()) for f in masks}
+    records = quantize(gm, name, method="rtn")
+    assert sorted(records) == sorted(masks) == sorted(get_quantization(gm))
+    for fqn, mask in masks.items():
+        assert torch.equal(gm.get_buffer(f"{fqn}_mask"), mask)
+        expected = quantize_weight(old[fqn][1] * mask, name, mask)
+        got = records[fqn].quantized
+        assert records[fqn].method == "rtn" and torch.equal(got.values, expected.values)
+        assert torch.equal(got.scales, expected.scales)
+        weight = gm.get_parameter(fqn)
+        assert torch.equal(weight, dequantize(got)) and weight is not old[fqn][0]
+        assert (weight[mask == 0] == 0).all() and torch.equal(old[fqn][0], old[fqn][1])
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(gm(x), prepared_reference(model, gm)(x))
+    assert not torch.allclose(gm(x), masked_reference_output(model, masks, x))  # quantized: not the float weights
+    assert_unchanged(model, before)
+
+
+def masked_reference_output(model: nn.Module, masks, x: torch.Tensor) -> torch.Tensor:
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for fqn, mask in masks.items():
+            reference.get_parameter(fqn).mul_(mask)
+        return reference(x)
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    after = snapshot(model)
+    assert after["ids"] == before["ids"] and after["modules"] == before["modules"] and after["attrs"] == before["attrs"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32"])
+def test_quantize_gptq_keeps_wanda_masks_and_equals_the_math(name):
+    """GPTQ on a Wanda-pruned MLP, calibrated through calibrate: each weight is gptq_quantize of weight * mask with
+    the Hessian of its inputs in the masked module (recorded eagerly) and its mask, so the masks stay exactly and
+    the weights are zero where masked; the prepared module computes with them; its output error is below RTN's."""
+    model = mlp()
+    before = snapshot(model)
+    batches = mlp_batches()
+    gm = prepare(model, sparsifier=WandaSparsifier(0.5))
+    calibrate(gm, batches, progress_bar=False)
+    fx_sparsity.get_sparsifier(gm).step()
+    masks = {f: gm.get_buffer(f"{f}_mask").clone() for f in ("0.weight", "2.weight")}
+    masked = prepared_reference(model, gm)
+    inputs = layer_inputs(masked, batches, ["0", "2"])
+    rtn = copy.deepcopy(gm)
+    quantize(rtn, name, method="rtn")
+    records = quantize(gm, name, batches=batches, block_size=32, progress_bar=False)
+    for fqn, mask in masks.items():
+        x = inputs[fqn.split(".")[0]]
+        h = accumulate_hessian(None, input_rows(x, mask.shape))[0]
+        expected = gptq_quantize(masked.get_parameter(fqn), h, name, mask, block_size=32)
+        torch.testing.assert_close(dequantize(records[fqn].quantized), dequantize(expected), rtol=1e-5, atol=1e-6)
+        assert records[fqn].method == "gptq" and torch.equal(gm.get_buffer(f"{fqn}_mask"), mask)
+        assert torch.equal(gm.get_parameter(fqn), dequantize(records[fqn].quantized))
+        assert (gm.get_parameter(fqn)[mask == 0] == 0).all()
+    x = torch.cat(batches)
+    torch.testing.assert_close(gm(x), prepared_reference(model, gm)(x))
+    target = masked(x)
+    assert (gm(x) - target).square().sum() < (rtn(x) - target).square().sum()
+    assert_unchanged(model, before)
+
+
+def test_quantize_sequential_calibrates_each_block_on_the_quantized_ones():
+    """sequential=True (prune_sequential): the first layer is quantized from the masked module's inputs, the second
+    from the outputs of the quantized first layer (recorded eagerly), so the second differs from calibrate's."""
+    model = mlp()
+    batches = mlp_batches()
+    gm = prepare(model, sparsifier=NMSparsifier())
+    fx_sparsity.get_sparsifier(gm).step()
+    plain = copy.deepcopy(gm)
+    quantize(plain, "int4-g32", batches=batches, block_size=32, progress_bar=False)
+    records = quantize(gm, "int4-g32", batches=batches, sequential=True, block_size=32, progress_bar=False)
+    assert torch.equal(records["0.weight"].quantized.values, get_quantization(plain)["0.weight"].quantized.values)
+    first = prepared_reference(model, gm)  # layer 0 quantized; layer 2 is replaced below
+    first.get_parameter("2.weight").data = prepared_reference(model, plain).get_parameter("2.weight").data
+    x = layer_inputs(first, batches, ["2"])["2"]
+    mask = gm.get_buffer("2.weight_mask")
+    h = accumulate_hessian(None, input_rows(x, mask.shape))[0]
+    masked = model.get_parameter("2.weight") * mask
+    expected = gptq_quantize(masked, h, "int4-g32", mask, block_size=32)
+    torch.testing.assert_close(dequantize(records["2.weight"].quantized), dequantize(expected), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(records["2.weight"].quantized.values, get_quantization(plain)["2.weight"].quantized.values)
+    assert (nm_groups := mask.view(32, -1, 4).sum(-1)).eq(2).all(), nm_groups
+
+
+def test_quantize_refusals_leave_the_module_alone():
+    """Bad arguments are refused naming them before anything changes: an unprepared module, an unknown method or
+    spec, batches missing for GPTQ or given to RTN, sequential without GPTQ, an unknown weight (with close names),
+    a width the int4 groups do not tile, a bad block size; a failing calibration (a batch of the wrong width)
+    leaves weights, masks and records as they were."""
+    model = mlp()
+    gm = prepare(model, sparsifier=MagnitudeSparsifier(0.5))
+    weights = {f: gm.get_parameter(f) for f in ("0.weight", "2.weight")}
+    with pytest.raises(ValueError, match="was not prepared by fx_sparsity"):
+        quantize(copy.deepcopy(model), "int8", method="rtn")
+    with pytest.raises(ValueError, match=r"method must be one of \('gptq', 'rtn'\), got 'awq'"):
+        quantize(gm, "int8", method="awq")
+    with pytest.raises(ValueError, match="spec: quantization spec 'int3'"):
+        quantize(gm, "int3", method="rtn")
+    with pytest.raises(ValueError, match="method='gptq' needs calibration batches"):
+        quantize(gm, "int8")
+    with pytest.raises(ValueError, match="method='rtn' rounds each weight on its own and takes no batches"):
+        quantize(gm, "int8", method="rtn", batches=mlp_batches())
+    with pytest.raises(ValueError, match="sequential and blocks are GPTQ's"):
+        quantize(gm, "int8", method="rtn", sequential=True)
+    with pytest.raises(ValueError, match=r"tensor_fqns names '0\.wieght', which the sparsifier does not mask; did "
+                       r"you mean \['0\.weight'"):
+        quantize(gm, "int8", method="rtn", tensor_fqns=["0.wieght"])
+    with pytest.raises(ValueError, match=r"int4-g64 cannot quantize 2\.weight: its 32 columns"):
+        quantize(gm, "int4-g64", method="rtn")
+    with pytest.raises(ValueError, match="block_size=16 must be a multiple of the group size 32"):
+        quantize(gm, "int4-g32", batches=mlp_batches(), block_size=16)
+    with pytest.raises(TypeError, match="batch 1 of batches"):
+        quantize(gm, "int8", batches=[torch.randn(4, 64), "text"], progress_bar=False)
+    assert all(gm.get_parameter(f) is w for f, w in weights.items()) and not get_quantization(gm)
+    quantize(gm, "int4-g64", method="rtn", tensor_fqns=["0.weight"])
+    assert list(get_quantization(gm)) == ["0.weight"] and gm.get_parameter("2.weight") is weights["2.weight"]
+
+
+def wanda_then_gptq(share: slice) -> dict[str, torch.Tensor]:
+    """Wanda 50% on the MLP calibrated on ``mlp_batches(5)[share]``, then GPTQ int4-g32 on the same share: the
+    prepared module's state (masks and dequantized weights)."""
+    gm = prepare(mlp(), sparsifier=WandaSparsifier(0.5))
+    batches = mlp_batches(5)[share]
+    calibrate(gm, batches, progress_bar=False)
+    fx_sparsity.get_sparsifier(gm).step()
+    quantize(gm, "int4-g32", batches=batches, block_size=32, progress_bar=False)
+    return {k: v.clone() for k, v in gm.state_dict().items()}
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """One of the gloo processes of test_two_processes_quantize_as_one (this file is its script)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(wanda_then_gptq(slice(rank, None, world)), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_quantize_as_one(tmp_path):
+    """Under torch.distributed (two gloo processes, each with every other batch) the Hessians are all-reduced: both
+    processes get the same masks and weights, those of one process on all the batches (weights to float summation
+    order). Slower than the others: most of its time is two interpreters starting and importing torch."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), "2", str(tmp_path / "init"), str(outs[r])],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(2)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    ranks = [torch.load(out) for out in outs]
+    single = wanda_then_gptq(slice(None))
+    for key, value in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        if key.endswith("_mask"):
+            assert torch.equal(ranks[0][key], value), key
+        else:
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
