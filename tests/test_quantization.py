@@ -543,6 +543,54 @@ def test_quantize_sequential_calibrates_each_block_on_the_quantized_ones():
     assert (nm_groups := mask.view(32, -1, 4).sum(-1)).eq(2).all(), nm_groups
 
 
+class ConvThenStoredInOut(nn.Module):
+    """A grouped Conv2d, pooled, then a weight stored [in, out] (transformers' Conv1D) applied by addmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.weight = nn.Parameter(torch.randn(8, 16))
+        self.bias = nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, self.conv(x).mean(dim=(2, 3)), self.weight)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_conv_and_weights_stored_in_out(method):
+    """A grouped conv (per-group Hessians) and a weight stored [in, out]: records are in the [out, in, *kernel]
+    view, the prepared weights the dequantized values in their stored layout (the [in, out] one transposed), masks
+    kept, zero where masked; the prepared module computes with them."""
+    torch.manual_seed(0)
+    model = ConvThenStoredInOut()
+    batches = [torch.randn(4, 4, 6, 6) for _ in range(3)]
+    gm = prepare(model, sparsifier=MagnitudeSparsifier(0.5))
+    fx_sparsity.get_sparsifier(gm).step()
+    masks = {f: gm.get_buffer(f"{f}_mask").clone() for f in ("conv.weight", "weight")}
+    records = quantize(gm, "int8", method=method, batches=None if method == "rtn" else batches, progress_bar=False)
+    assert records["conv.weight"].quantized.shape == (8, 2, 3, 3) and records["weight"].quantized.shape == (16, 8)
+    assert torch.equal(gm.get_parameter("conv.weight"), dequantize(records["conv.weight"].quantized))
+    assert torch.equal(gm.get_parameter("weight"), dequantize(records["weight"].quantized).t())
+    for fqn, mask in masks.items():
+        assert torch.equal(gm.get_buffer(f"{fqn}_mask"), mask) and (gm.get_parameter(fqn)[mask == 0] == 0).all()
+    x = torch.cat(batches)
+    torch.testing.assert_close(gm(x), prepared_reference(model, gm)(x))
+
+
+def test_quantize_bf16_weights_hold_the_dequantized_values_rounded():
+    """A bf16 model: the grid is computed from the bf16 values, the prepared weights stay bf16 and hold the
+    dequantized float32 values rounded to bf16."""
+    model = mlp().to(torch.bfloat16)
+    gm = prepare(model, sparsifier=MagnitudeSparsifier(0.5))
+    fx_sparsity.get_sparsifier(gm).step()
+    records = quantize(gm, "int4-g32", method="rtn")
+    weight = gm.get_parameter("0.weight")
+    mask = gm.get_buffer("0.weight_mask")
+    expected = quantize_weight(model.get_parameter("0.weight") * mask, "int4-g32", mask)
+    assert weight.dtype == torch.bfloat16 and torch.equal(records["0.weight"].quantized.values, expected.values)
+    assert torch.equal(weight, dequantize(records["0.weight"].quantized).bfloat16())
+
+
 def test_quantize_refusals_leave_the_module_alone():
     """Bad arguments are refused naming them before anything changes: an unprepared module, an unknown method or
     spec, batches missing for GPTQ or given to RTN, sequential without GPTQ, an unknown weight (with close names),

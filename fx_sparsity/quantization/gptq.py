@@ -17,8 +17,11 @@ With a ``mask`` (a Wanda, magnitude or any other sparsity mask), the masked entr
 exactly zero and kept there: they start at zero (the weight is taken as ``weight * mask``), the OBS
 updates of earlier columns move them, and when their column is reached they are set back to zero,
 that error compensated on the later columns like a quantization error (SparseGPT's rule for pruned
-weights, with the mask given instead of chosen). The mask is the same after; the kept entries end on
-the grid; the scales are those of the kept entries (masked ones count as zero).
+weights, with the mask given instead of chosen; IST-DASLab/sparsegpt's ``fasterprune`` with a given
+mask does the same). Holding them at zero throughout instead (the updates never reaching them) would
+drop the compensation the updates put there: its output error on calibration data is higher. The mask
+is the same after; the kept entries end on the grid; the scales are those of the kept entries (masked
+ones count as zero).
 
 Differences from the reference, on purpose: a group's scales are computed on the weights updated by
 *every* earlier column, which needs ``block_size`` to be a multiple of the group size (the reference
