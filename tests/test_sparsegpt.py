@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -450,7 +451,8 @@ def test_sparsifier_joint_mode_writes_dequantized_weights_and_records():
 def test_sparsifier_joint_mode_per_weight_specs_and_refusals():
     """A config entry sets one weight's grid (int4 groups of 32 on a 64-column layer, the other weight pruned only);
     int4 on columns its groups do not tile, a block size that is not a multiple of the group, and a bad name are
-    refused when set, naming the weight; a state dict saved before the argument existed loads as pruning only."""
+    refused when set, naming the weight; a QuantSpec is kept as its name (state dicts load with weights_only=True);
+    a state dict saved before the argument existed loads as pruning only."""
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     sparsifier = SparseGPTSparsifier(0.5)
     gm = prepare(model, {"0": {"quantization": "int4-g32"}, "2": {}}, sparsifier=sparsifier)
@@ -467,6 +469,12 @@ def test_sparsifier_joint_mode_per_weight_specs_and_refusals():
         prepare(model, {"0": {"quantization": "int3"}}, sparsifier=SparseGPTSparsifier())
     with pytest.raises(TypeError, match="quantization must be a QuantSpec or a name"):
         SparseGPTSparsifier(quantization=8)
+    spec = SparseGPTSparsifier(quantization=QuantSpec(4, 32, True))
+    prepare(model, sparsifier=spec)
+    saved = io.BytesIO()
+    torch.save(spec.state_dict(), saved)
+    saved.seek(0)
+    assert [g["quantization"] for g in torch.load(saved, weights_only=True)["groups"]] == ["int4-g32-zp"] * 2
     state = sparsifier.state_dict()
     for group in state["groups"]:
         group.pop("quantization")

@@ -68,7 +68,8 @@ class SparseGPTSparsifier(BaseSparsifier):
             (infinity would swamp the Hessian; ``step()`` would then fail advising more dampening).
         quantization: ``None`` (prune only), or the grid to quantize every weight to while pruning it: a
             :class:`~fx_sparsity.quantization.QuantSpec` or its name (``"int8"``, ``"int4"``, ``"int4-g64"``,
-            ``"int4-g128-zp"``); names are kept as given (state dicts stay plain data).
+            ``"int4-g128-zp"``); kept as its canonical name, so that state dicts stay plain data (which
+            ``torch.load(weights_only=True)`` reads): give config entries names too.
 
     Example::
 
@@ -99,6 +100,8 @@ class SparseGPTSparsifier(BaseSparsifier):
         dampening: float = 0.01,
         quantization: QuantSpec | str | None = None,
     ) -> None:
+        if quantization is not None:
+            quantization = str(as_spec(quantization, "quantization"))
         defaults = {
             "sparsity_level": sparsity_level,
             "nm": nm,
