@@ -17,8 +17,16 @@ calibrated on the outputs of the already pruned blocks before it, as the
 reference implementations do; with OWL, the levels come from the dense model). Calibration: ``--calib`` training windows.
 The table gives held-out perplexity (per byte) and the dense model's.
 
+A second table, quantized and sparse (weight-only, ``fx_sparsity.quantization``): SparseGPT 50% alone
+beside SparseGPT 50% + int8 pruned and quantized in one pass (``SparseGPTSparsifier(quantization="int8")``),
+with the ratio of their perplexity losses over the dense model (the target: the joint loss within 10% of
+SparseGPT's alone); and SparseGPT 2:4 alone, GPTQ int4 alone (dense masks) and SparseGPT 2:4 + int4 in one
+pass, plus Wanda 2:4 followed by GPTQ int4 on its masks (``fx_sparsity.quantization.quantize``). int4 groups
+are ``--group`` columns (128 by default; a tiny model needs 32).
+
     PYTHONPATH=. python benchmarks/quality.py     # trains once (40 min on a busy 2-core CPU), then prunes and evaluates
     PYTHONPATH=. python benchmarks/quality.py --steps 2000   # a better-trained model (new cache entry)
+    PYTHONPATH=. python benchmarks/quality.py --tables quantized   # only the quantized and sparse table
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import fx_sparsity
 from fx_sparsity import MagnitudeSparsifier, WandaSparsifier, prepare
 from fx_sparsity.calibration import calibrate, prune_sequential
 from fx_sparsity.levels import set_owl_levels
+from fx_sparsity.quantization import quantize
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 
 # ---------------------------------------------------------------- data
@@ -193,6 +202,50 @@ def prune(model: TinyGPT, method: str, pattern: str, owl: bool, sequential: bool
     return gm
 
 
+def quantized(model: TinyGPT, run: str, group: int, calib: list[torch.Tensor]):
+    """The prepared model of one row of the quantized table: ``"sparsegpt 50%"``, ``"sparsegpt 50% + int8"``,
+    ``"sparsegpt 2:4"``, ``"gptq int4"``, ``"sparsegpt 2:4 + int4"`` or ``"wanda 2:4, gptq int4"``."""
+    int4 = f"int4-g{group}"
+    if run.startswith("sparsegpt"):
+        nm = (2, 4) if "2:4" in run else None
+        spec = "int8" if run.endswith("int8") else int4 if run.endswith("int4") else None
+        sparsifier = SparseGPTSparsifier(0.5, nm=nm, quantization=spec)
+        gm = prepare(model, CONFIG, sparsifier=sparsifier)
+        calibrate(gm, calib, progress_bar=False)
+        sparsifier.step()
+        return gm
+    if run == "gptq int4":  # masks of ones: quantization alone
+        gm = prepare(model, CONFIG, sparsifier=MagnitudeSparsifier(0.0))
+    else:
+        sparsifier = WandaSparsifier(0.5, nm=(2, 4))
+        gm = prepare(model, CONFIG, sparsifier=sparsifier)
+        calibrate(gm, calib, progress_bar=False)
+        sparsifier.step()
+    quantize(gm, int4, batches=calib, progress_bar=False)
+    return gm
+
+
+def quantized_table(model: TinyGPT, held: torch.Tensor, context: int, group: int, calib, dense: float) -> str:
+    """The quantized and sparse table: perplexity of each run and, beside a quantized run, the ratio of its loss
+    over the dense model to that of the same pruning without quantization."""
+    runs = ["sparsegpt 50%", "sparsegpt 50% + int8", "sparsegpt 2:4", "gptq int4", "sparsegpt 2:4 + int4",
+            "wanda 2:4, gptq int4"]
+    ppl = {}
+    for run in runs:
+        start = time.perf_counter()
+        ppl[run] = perplexity(quantized(model, run, group, calib), held, context)
+        print(f"  {run:32s} ppl {ppl[run]:8.3f}  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    alone = {"sparsegpt 50% + int8": "sparsegpt 50%", "sparsegpt 2:4 + int4": "sparsegpt 2:4"}
+    rows = []
+    for run in runs:
+        ratio = ""
+        if run in alone and ppl[alone[run]] != dense:
+            ratio = f"{(ppl[run] - dense) / (ppl[alone[run]] - dense):.3f}"
+        rows.append([run.replace("int4", f"int4 (groups of {group})"), f"{ppl[run]:.3f}", ratio])
+    return tabulate(rows, headers=["run", "perplexity", "loss / loss of the pruning alone"], tablefmt="github",
+                    disable_numparse=True)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick the trained checkpoint (model size, training run, corpus) and its evaluation."""
     parser.add_argument("--d", type=int, default=128)
@@ -210,6 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--calib", type=int, default=64, help="calibration windows of --context bytes")
+    parser.add_argument("--tables", choices=["all", "pruning", "quantized"], default="all")
+    parser.add_argument("--group", type=int, default=128, choices=[32, 64, 128], help="int4 group size")
     args = parser.parse_args()
 
     train_stream, held = corpus(args.corpus_bytes)
@@ -218,6 +273,20 @@ def main() -> None:
     held = held[: args.eval_bytes + 1]
     calib = list(windows(train_stream, args.context - 1, args.calib, torch.Generator().manual_seed(1)).split(8))
     dense = perplexity(model, held, args.context)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Held-out perplexity per byte of a {params / 1e6:.2f}M-parameter byte-level GPT ({args.layers} blocks, "
+          f"d={args.d}, context {args.context}, {args.steps} steps x {args.batch} windows) trained on the stdlib's "
+          f".py files; {held.numel() - 1} held-out bytes from files never trained on; calibration "
+          f"{args.calib} x {args.context - 1} training bytes. Dense: {dense:.3f}. Machine: {describe()}.\n")
+    if args.tables in ("all", "pruning"):
+        print(pruning_table(model, held, args.context, calib))
+    if args.tables in ("all", "quantized"):
+        print("\nQuantized and sparse (weight-only):\n")
+        print(quantized_table(model, held, args.context, args.group, calib, dense))
+
+
+def pruning_table(model: TinyGPT, held: torch.Tensor, context: int, calib: list[torch.Tensor]) -> str:
+    """The pruning table: perplexity of each method and pattern."""
     runs = [("magnitude", False, False), ("magnitude", True, False), ("wanda", False, False), ("wanda", True, False),
             ("wanda", False, True), ("wanda", True, True), ("sparsegpt", False, False), ("sparsegpt", True, False),
             ("sparsegpt", False, True), ("sparsegpt", True, True)]
@@ -230,16 +299,11 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             gm = prune(model, method, pattern, owl, sequential, calib)
-            ppl = perplexity(gm, held, args.context)
+            ppl = perplexity(gm, held, context)
             print(f"  {row[0]:32s} {pattern:4s} ppl {ppl:8.3f}  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
             row.append(f"{ppl:.3f}")
         rows.append(row)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"Held-out perplexity per byte of a {params / 1e6:.2f}M-parameter byte-level GPT ({args.layers} blocks, "
-          f"d={args.d}, context {args.context}, {args.steps} steps x {args.batch} windows) trained on the stdlib's "
-          f".py files; {held.numel() - 1} held-out bytes from files never trained on; calibration "
-          f"{args.calib} x {args.context - 1} training bytes. Dense: {dense:.3f}. Machine: {describe()}.\n")
-    print(tabulate(rows, headers=["method", "50% unstructured", "4:8", "2:4"], tablefmt="github", disable_numparse=True))
+    return tabulate(rows, headers=["method", "50% unstructured", "4:8", "2:4"], tablefmt="github", disable_numparse=True)
 
 
 if __name__ == "__main__":

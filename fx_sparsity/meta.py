@@ -10,6 +10,9 @@ key                            record                                           
 ``"fx_sparsity.lowering"``     ``tuple[LayerLowering, ...]``: how each weight lowered   ``lower``
 ``"fx_sparsity.shrink"``       :class:`ShrinkRecord`: the shrink report and the         ``shrink``
                                pruner's example inputs
+``"fx_sparsity.quantization"`` ``tuple[QuantRecord, ...]``: the grid values and         ``SparseGPTSparsifier``
+                               scales of each quantized weight                          (``quantization=...``),
+                                                                                        ``quantization.quantize``
 =============================  =======================================================  ==========================
 
 Copies of a module (``clone_sharing_tensors``, ``copy.deepcopy``) copy ``gm.meta``: the
@@ -34,6 +37,7 @@ from passes import clone_sharing_tensors
 
 if TYPE_CHECKING:
     from fx_sparsity.lowering.recipe import LayerLowering
+    from fx_sparsity.quantization.spec import QuantizedWeight
     from fx_sparsity.sparsifier.base import BaseSparsifier
     from passes.matching import UnmatchedWeight
     from passes.shrink import ShrinkReport
@@ -59,6 +63,10 @@ __all__ = [
     "get_shrink",
     "set_shrink",
     "shrink_report",
+    "QUANT_KEY",
+    "QuantRecord",
+    "get_quantization",
+    "set_quantization",
 ]
 
 SPARSIFIER_KEY = "fx_sparsity.sparsifier"
@@ -66,6 +74,7 @@ UNMATCHED_KEY = "fx_sparsity.unmatched"
 SOURCE_MODEL_KEY = "fx_sparsity.source_model"
 LOWERING_KEY = "fx_sparsity.lowering"
 SHRINK_KEY = "fx_sparsity.shrink"
+QUANT_KEY = "fx_sparsity.quantization"
 # fx_sparsity 0.1.0 kept the shrink report and the pruner's example inputs under two keys.
 _LEGACY_SHRINK_REPORT_KEY = "fx_sparsity.shrink_report"
 _LEGACY_SHRINK_INPUTS_KEY = "fx_sparsity.shrink_inputs"
@@ -113,6 +122,29 @@ class ShrinkRecord:
 
     report: ShrinkReport
     example_inputs: Any
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """How one weight of a prepared module was quantized: what lowering reads to store its grid values.
+
+    The prepared module's weight is ``dequantize(record.quantized)`` (in the weight's dtype: exactly for
+    float32 weights; bf16 and fp16 weights hold it rounded to their precision), in the stored layout;
+    the module computes ``weight * mask``, and the values are 0 (or the zero point) wherever the mask
+    was 0 when they were computed, so ``values`` taken where the mask keeps are the weight's.
+
+    Attributes:
+        tensor_fqn: the weight's FQN in the prepared module.
+        quantized: the :class:`~fx_sparsity.quantization.QuantizedWeight` (values, scales, zero points,
+            spec), in the weight's ``[out, in, *kernel]`` view (a weight stored ``[in, out]``, transformers'
+            ``Conv1D``, transposed).
+        method: ``"rtn"``, ``"gptq"`` (:func:`fx_sparsity.quantization.quantize`) or ``"sparsegpt"``
+            (pruned and quantized in one pass by ``SparseGPTSparsifier(quantization=...)``).
+    """
+
+    tensor_fqn: str
+    quantized: QuantizedWeight
+    method: str
 
 
 # --------------------------------------------------------------------------------------------- the sparsifier
@@ -224,3 +256,34 @@ def shrink_report(gm: fx.GraphModule) -> ShrinkReport:
     if record is None:
         raise ValueError(f"{type(gm).__name__} was not returned by fx_sparsity.shrink")
     return record.report
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+def get_quantization(gm: Any) -> dict[str, QuantRecord]:
+    """The :class:`QuantRecord` of each quantized weight of ``gm``, by tensor FQN (empty when none is).
+
+    A record is written when a weight is quantized (``SparseGPTSparsifier(quantization=...)``'s step,
+    :func:`fx_sparsity.quantization.quantize`) and dropped when the weight is replaced by another step
+    that does not quantize it (``SparseGPTSparsifier`` without ``quantization``); stepping a sparsifier
+    that only changes masks keeps it (the weight is unchanged: lowering reads the values where the mask keeps).
+
+    Example::
+
+        >>> sparsifier = fx_sparsity.SparseGPTSparsifier(0.5, quantization="int4-g32")
+        >>> gm = fx_sparsity.prepare(nn.Sequential(nn.Linear(64, 8)), sparsifier=sparsifier)
+        >>> _ = fx_sparsity.calibrate(gm, [torch.randn(16, 64)], progress_bar=False)
+        >>> sparsifier.step()
+        >>> record = get_quantization(gm)["0.weight"]
+        >>> str(record.quantized.spec), tuple(record.quantized.scales.shape), record.method
+        ('int4-g32', (8, 2), 'sparsegpt')
+    """
+    return {r.tensor_fqn: r for r in _meta(gm).get(QUANT_KEY, ())}
+
+
+def set_quantization(gm: fx.GraphModule, records: Sequence[QuantRecord]) -> None:
+    """Make ``records`` (one per weight) the quantization records of ``gm``; none removes the key."""
+    records = tuple(records)
+    if records:
+        gm.meta[QUANT_KEY] = records
+    else:
+        gm.meta.pop(QUANT_KEY, None)

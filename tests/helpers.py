@@ -37,6 +37,9 @@ __all__ = [
     "count_nodes",
     "snapshot",
     "shrunk_copy",
+    "grid_reference",
+    "to_grid_reference",
+    "correlated_inputs",
 ]
 
 
@@ -386,3 +389,39 @@ def shrunk_copy(gm: fx.GraphModule, groups: Any, removed: Any, example_inputs: A
     plan = plan_shrink(gm, groups, removed, example_inputs)
     small = remove_channels(copy.deepcopy(gm), plan)
     return small, compare_shrunk(gm, small, plan)
+
+
+def grid_reference(values: torch.Tensor, spec: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The documented scale rule of fx_sparsity.quantization, written out plainly: the scale (and zero point) of
+    each row of ``values`` (``[..., k]``, pruned entries already zero). Symmetric: ``max|v| / qmax``; zero point:
+    ``(max(v, 0) - min(v, 0)) / 15`` and ``round(-min / scale)``; an all-zero row gets scale 1 (zero point 0);
+    scales are at least float32's smallest normal number."""
+    v = values.double()
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.zero_point:
+        low, high = v.min(-1).values.clamp(max=0), v.max(-1).values.clamp(min=0)
+        scale = ((high - low) / spec.qmax).clamp(min=tiny)
+        scale[high == low] = 1.0
+        scale = scale.float()
+        return scale, torch.round((0.0 - low).float() / scale).clamp(0, spec.qmax)
+    amax = v.abs().max(-1).values
+    scale = (amax / spec.qmax).clamp(min=tiny)
+    scale[amax == 0] = 1.0
+    return scale.float(), None
+
+
+def to_grid_reference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: Any) -> torch.Tensor:
+    """IST-DASLab's ``quantize(x, scale, zero, maxq) = scale * (clamp(round(x / scale) + zero, 0, maxq) - zero)`` on
+    fx_sparsity's grids (a symmetric grid is zero = qmax, maxq = 2 qmax), in ``x``'s dtype."""
+    zero = torch.full_like(scale, spec.qmax) if zero is None else zero
+    maxq = spec.qmax if spec.zero_point else 2 * spec.qmax
+    scale, zero = scale.to(x.dtype), zero.to(x.dtype)
+    return scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels of very different scales (what makes OBS updates matter)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.logspace(-1, 1, d)[torch.randperm(d, generator=g)]
+    return (torch.randn(n, d, generator=g) @ mix) * scale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -12,21 +13,36 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import prepare
 from fx_sparsity.calibration import calibrate
+from fx_sparsity.quantization import QuantSpec, dequantize, get_quantization
 from fx_sparsity.sparsifier import SparseGPTSparsifier
 from fx_sparsity.sparsifier.magnitude import magnitude_keep
 from fx_sparsity.sparsifier.nm import nm_keep
 from fx_sparsity.sparsifier.sparsegpt import sparsegpt_prune
-from helpers import ConvNet1d3d, MixedNet, ThreeLinear, TiedEmbeddingNet, snapshot
+from fx_sparsity.sparsifier.sparsegpt.obs import sparsegpt_quantize
+from helpers import (
+    ConvNet1d3d,
+    MixedNet,
+    ThreeLinear,
+    TiedEmbeddingNet,
+    correlated_inputs,
+    grid_reference,
+    snapshot,
+    to_grid_reference,
+)
 from passes.calibration import accumulate_hessian, input_rows
 
 
-def sparsegpt_reference(w, h, level, nm, block_size, dampening):
+def sparsegpt_reference(w, h, level, nm, block_size, dampening, spec=None):
     """The published algorithm, one column at a time, with explicit inverses (float64, slow, obvious).
 
     Column j is fixed after columns < j; its OBS saliency and update use the inverse of the damped
     Hessian restricted to the columns not yet fixed, ``inv(H[j:, j:])``. Unstructured masks are chosen
     when a block starts (the round(level * numel) smallest saliencies ``w^2 / inv(H[b:, b:])[0, 0]`` of
-    the block's columns b); N:M masks when a group of m columns starts.
+    the block's columns b); N:M masks when a group of m columns starts. With a quantization ``spec``
+    (the joint mode), column j's target is its kept entries on the grid (pruned ones 0) instead of its
+    kept entries as they are: a row's scale (int8) from the weight before the first column, a group's
+    (int4) when its first column is reached, from the current weights with the entries already chosen
+    for pruning as zero.
     """
     w, h = w.double().clone(), h.double().clone()
     dead = h.diagonal() == 0
@@ -35,6 +51,9 @@ def sparsegpt_reference(w, h, level, nm, block_size, dampening):
     w[:, dead] = 0
     rows, cols = w.shape
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    if spec is not None:
+        size = spec.group_columns(cols)
+        scale, zero = grid_reference(w, spec)
 
     def saliency(b):
         return w[:, b] ** 2 / torch.linalg.inv(h[b:, b:])[0, 0]
@@ -55,19 +74,17 @@ def sparsegpt_reference(w, h, level, nm, block_size, dampening):
             for r in range(rows):
                 for c in scores[r].argsort(stable=True)[:drop]:
                     pruned[r, j + c] = True
+        target = w[:, j]
+        if spec is not None:
+            if spec.group_size is not None and j % size == 0:
+                scale, zero = grid_reference(torch.where(pruned[:, j : j + size], 0.0, w[:, j : j + size]), spec)
+            target = to_grid_reference(w[:, j], scale, zero, spec)
+        target = torch.where(pruned[:, j], 0.0, target)
         hinv = torch.linalg.inv(h[j:, j:])
-        err = torch.where(pruned[:, j], w[:, j], 0.0) / hinv[0, 0]
+        err = (w[:, j] - target) / hinv[0, 0]
         w[:, j:] -= err[:, None] * hinv[0][None, :]
-        w[pruned[:, j], j] = 0
+        w[:, j] = target
     return w, ~pruned
-
-
-def correlated_inputs(n, d, seed=0):
-    """Inputs with correlated channels of very different scales (what makes OBS updates matter)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
-    scale = torch.logspace(-1, 1, d)[torch.randperm(d, generator=g)]
-    return (torch.randn(n, d, generator=g) @ mix) * scale
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4), (1, 4), (4, 8)])
@@ -351,3 +368,117 @@ def test_sparsegpt_prune_refuses_non_finite_dampening_called_directly():
     for bad in (float("inf"), float("nan"), -0.1):
         with pytest.raises(ValueError, match="dampening must be a finite number >= 0"):
             sparsegpt_prune(w, h, sparsity_level=0.5, dampening=bad)
+
+
+# ------------------------------------------------------------------------------- pruned and quantized in one pass
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int4-g32-zp"])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_joint_math_equals_direct_reference(name, nm):
+    """sparsegpt_quantize on a 12x64 layer with correlated inputs: the mask and weights of the per-column reference
+    in its joint mode; the values in the grid's range, pruned entries exactly 0 (their values 0, or the zero point
+    of their group), N:M counts kept."""
+    spec = QuantSpec.parse(name)
+    x = correlated_inputs(300, 64, seed=3)
+    w = torch.randn(12, 64)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+    q, keep = sparsegpt_quantize(w, h, spec, 0.5, nm=nm, block_size=32)
+    ref_w, ref_keep = sparsegpt_reference(w, h, 0.5, nm, 32, 0.01, spec)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(dequantize(q), ref_w.float(), rtol=1e-4, atol=1e-4)
+    assert (dequantize(q)[~keep] == 0).all()
+    assert spec.qmin <= q.values.min() and q.values.max() <= spec.qmax
+    if spec.zero_point:
+        zeros = q.zeros.repeat_interleave(32, 1)
+        assert torch.equal(q.values[~keep], zeros[~keep])
+    else:
+        assert (q.values[~keep] == 0).all()
+    if nm is not None:
+        assert (keep.view(12, -1, 4).sum(-1) == 2).all()
+    else:
+        assert keep.float().mean().item() == 0.5
+
+
+def test_joint_mode_beats_pruning_then_rounding():
+    """The joint pass compensates the quantization error too: on correlated inputs its output error
+    ||X (W_new - W)^T|| is below SparseGPT's pruning followed by round-to-nearest of the kept weights (same
+    level), for int8 and int4."""
+    x = correlated_inputs(512, 128, seed=4)
+    w = torch.randn(16, 128)
+    h = accumulate_hessian(None, input_rows(x, w.shape))[0]
+
+    def error(v):
+        return (x @ (v - w).T).square().sum().item()
+
+    from fx_sparsity.quantization import quantize_weight
+
+    for name in ("int8", "int4-g32"):
+        q, keep = sparsegpt_quantize(w, h, name, 0.5)
+        pruned, pruned_keep = sparsegpt_prune(w, h, 0.5)
+        rounded = dequantize(quantize_weight(pruned, name, mask=pruned_keep))
+        assert error(dequantize(q)) < error(rounded), name
+
+
+def test_sparsifier_joint_mode_writes_dequantized_weights_and_records():
+    """ThreeLinear with quantization="int8": per layer, calibrate + step give sparsegpt_quantize of the dense
+    inputs' Hessian; the prepared weight is exactly dequantize(record) (zero where masked), a new tensor, the mask
+    its keep, the record's method "sparsegpt"; the prepared module computes with those weights; the user's model
+    is unchanged; a weight set back to quantization=None and stepped again loses its record."""
+    model = ThreeLinear()
+    before = snapshot(model)
+    batches = [torch.randn(16, 24) for _ in range(3)]
+    sparsifier = SparseGPTSparsifier(0.5, block_size=8, quantization="int8")
+    gm = prepare(model, sparsifier=sparsifier)
+    hessians = calibrate(gm, batches, progress_bar=False)
+    sparsifier.step()
+    records = get_quantization(gm)
+    assert sorted(records) == ["a.weight", "b.weight", "c.weight"]
+    for fqn, record in records.items():
+        q, keep = sparsegpt_quantize(model.get_parameter(fqn), hessians[fqn], "int8", 0.5, None, 8, 0.01)
+        assert record.method == "sparsegpt" and record.quantized.spec == QuantSpec(8)
+        assert torch.equal(record.quantized.values, q.values) and torch.equal(record.quantized.scales, q.scales)
+        weight = gm.get_parameter(fqn)
+        assert torch.equal(weight, dequantize(record.quantized)) and weight is not model.get_parameter(fqn)
+        assert torch.equal(gm.get_buffer(f"{fqn}_mask").bool(), keep) and (weight[~keep] == 0).all()
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(gm(x), updated_reference(model, gm, sparsifier)(x))
+    assert_snapshot_equal(snapshot(model), before)
+    sparsifier.update_group("b.weight", quantization=None)
+    calibrate(gm, batches, progress_bar=False)
+    sparsifier.step()
+    assert sorted(get_quantization(gm)) == ["a.weight", "c.weight"]
+
+
+def test_sparsifier_joint_mode_per_weight_specs_and_refusals():
+    """A config entry sets one weight's grid (int4 groups of 32 on a 64-column layer, the other weight pruned only);
+    int4 on columns its groups do not tile, a block size that is not a multiple of the group, and a bad name are
+    refused when set, naming the weight; a QuantSpec is kept as its name (state dicts load with weights_only=True);
+    a state dict saved before the argument existed loads as pruning only."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparsifier = SparseGPTSparsifier(0.5)
+    gm = prepare(model, {"0": {"quantization": "int4-g32"}, "2": {}}, sparsifier=sparsifier)
+    calibrate(gm, [torch.randn(16, 64)], progress_bar=False)
+    sparsifier.step()
+    record = get_quantization(gm)["0.weight"]
+    assert list(get_quantization(gm)) == ["0.weight"] and record.quantized.scales.shape == (32, 2)
+    assert torch.equal(gm.get_parameter("0.weight"), dequantize(record.quantized))
+    with pytest.raises(ValueError, match=r"int4-g32 cannot quantize a\.weight: its 24 columns"):
+        prepare(ThreeLinear(), sparsifier=SparseGPTSparsifier(quantization="int4-g32"))
+    with pytest.raises(ValueError, match="block_size=48 must be a multiple of the group size 32 of int4-g32"):
+        SparseGPTSparsifier(block_size=48, quantization="int4-g32")
+    with pytest.raises(ValueError, match=r"quantization of 0\.weight: quantization spec 'int3'"):
+        prepare(model, {"0": {"quantization": "int3"}}, sparsifier=SparseGPTSparsifier())
+    with pytest.raises(TypeError, match="quantization must be a QuantSpec or a name"):
+        SparseGPTSparsifier(quantization=8)
+    spec = SparseGPTSparsifier(quantization=QuantSpec(4, 32, True))
+    prepare(model, sparsifier=spec)
+    saved = io.BytesIO()
+    torch.save(spec.state_dict(), saved)
+    saved.seek(0)
+    assert [g["quantization"] for g in torch.load(saved, weights_only=True)["groups"]] == ["int4-g32-zp"] * 2
+    state = sparsifier.state_dict()
+    for group in state["groups"]:
+        group.pop("quantization")
+    fresh = SparseGPTSparsifier(0.5, quantization="int8")
+    prepare(model, sparsifier=fresh)
+    fresh.load_state_dict(state)
+    assert all(g["quantization"] is None for g in fresh.groups)

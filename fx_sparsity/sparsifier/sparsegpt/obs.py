@@ -30,14 +30,20 @@ group, each with the Hessian of the input channels it reads.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from fx_sparsity.quantization.gptq import (
+    check_dampening,
+    check_quant_block_size,
+    inverse_hessian_factor,
+    rows_hessians,
+)
+from fx_sparsity.quantization.rtn import from_grid, grid_params, round_to_grid, weight_matrix
+from fx_sparsity.quantization.spec import QuantizedWeight, QuantSpec, SpecLike, as_spec, check_fits
 from fx_sparsity.sparsifier.mask_utils import smallest_k_mask, validate_level
 from fx_sparsity.sparsifier.nm.masks import validate_nm
 
-__all__ = ["sparsegpt_prune", "validate_block_size"]
+__all__ = ["sparsegpt_prune", "sparsegpt_quantize", "validate_block_size"]
 
 
 def validate_block_size(block_size: object, nm: tuple[int, int] | None = None) -> int:
@@ -89,63 +95,130 @@ def sparsegpt_prune(
         >>> keep.float().mean().item(), bool((w[~keep] == 0).all())
         (0.5, True)
     """
+    level, nm, dampening = _check(sparsity_level, nm, block_size, dampening)
+    h = rows_hessians(weight, hessian)
+    out = weight.shape[0]
+    matrix = weight.detach().reshape(out, -1)
+    per_group = out // h.shape[0]
+    new, keep = torch.empty_like(matrix), torch.empty(matrix.shape, dtype=torch.bool, device=matrix.device)
+    with torch.no_grad():
+        for g in range(h.shape[0]):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            w, pruned, _ = _prune_rows(matrix[rows], h[g], level, nm, block_size, dampening, None)
+            new[rows], keep[rows] = w.to(matrix.dtype), ~pruned
+    return new.reshape(weight.shape), keep.reshape(weight.shape)
+
+
+def sparsegpt_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: SpecLike,
+    sparsity_level: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Prune and quantize ``weight`` in one pass over its columns (the SparseGPT paper's joint mode).
+
+    :func:`sparsegpt_prune`'s column loop, where each column, once its pruned entries are chosen, is
+    also rounded to ``spec``'s grid: the pruned entries to exactly 0, the kept ones to the nearest grid
+    point, and the OBS update of the later columns covers both errors (IST-DASLab/sparsegpt's
+    ``fasterprune`` with a ``quantizer``). Scales: int8's (one per output channel) are computed before
+    the first column, on the weight as it enters (``weight * mask``, as the reference computes them on
+    the dense weight); an int4 group's when its first column is reached, on the weights updated so far,
+    the entries already chosen for pruning counting as zero (for unstructured masks every pruned entry
+    of the group, since a block's mask is chosen when the block starts; for N:M those of the group's
+    first ``m`` columns).
+
+    Args:
+        weight, hessian, sparsity_level, nm, block_size, dampening: as :func:`sparsegpt_prune`;
+            ``block_size`` must also be a multiple of the int4 group size.
+        spec: a :class:`~fx_sparsity.quantization.QuantSpec` or its name (``"int8"``, ``"int4-g128"``, ...).
+
+    Returns:
+        ``(quantized, keep)``: the :class:`~fx_sparsity.quantization.QuantizedWeight` (values 0, or the
+        zero point, where pruned; :func:`~fx_sparsity.quantization.dequantize` gives the updated weight,
+        exactly zero where pruned) and the boolean mask (``True`` = kept).
+
+    Raises:
+        TypeError / ValueError: as :func:`sparsegpt_prune`, and a bad spec, non-finite weights, or
+            columns the int4 groups do not tile.
+
+    Example::
+
+        >>> from fx_sparsity.quantization import dequantize
+        >>> x = torch.randn(256, 64)
+        >>> q, keep = sparsegpt_quantize(torch.randn(8, 64), x.T.double() @ x.double(), "int4-g32", 0.5)
+        >>> keep.float().mean().item(), bool((dequantize(q)[~keep] == 0).all()), q.values.dtype
+        (0.5, True, torch.int8)
+    """
+    spec = as_spec(spec)
+    level, nm, dampening = _check(sparsity_level, nm, block_size, dampening)
+    check_quant_block_size(block_size, spec)
+    matrix = weight_matrix(weight, "weight")
+    check_fits(spec, tuple(weight.shape), "weight")
+    h = rows_hessians(weight, hessian)
+    out, columns = matrix.shape
+    per_group = out // h.shape[0]
+    size = spec.group_columns(columns)
+    values = torch.empty(matrix.shape, dtype=torch.int8, device=matrix.device)
+    keep = torch.empty(matrix.shape, dtype=torch.bool, device=matrix.device)
+    scales = torch.empty(out, columns // size, dtype=torch.float32, device=matrix.device)
+    zeros = torch.empty_like(scales) if spec.zero_point else None
+    with torch.no_grad():
+        for g in range(h.shape[0]):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            _, pruned, (q, s, z) = _prune_rows(matrix[rows], h[g], level, nm, block_size, dampening, spec)
+            values[rows], keep[rows], scales[rows] = q.to(torch.int8), ~pruned, s
+            if zeros is not None:
+                zeros[rows] = z
+    quantized = QuantizedWeight(
+        values.reshape(weight.shape),
+        scales if spec.group_size is not None else scales[:, 0],
+        None if zeros is None else zeros.to(torch.int8),
+        spec,
+    )
+    return quantized, keep.reshape(weight.shape)
+
+
+def _check(
+    sparsity_level: float, nm: tuple[int, int] | None, block_size: int, dampening: float
+) -> tuple[float, tuple[int, int] | None, float]:
     level = validate_level(sparsity_level)
     if nm is not None:
         nm = validate_nm(*nm)
     validate_block_size(block_size, nm)
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not 0 <= dampening < math.inf:
-        raise ValueError(f"dampening must be a finite number >= 0 (a fraction of the mean of diag H), got {dampening!r}")
-    out = weight.shape[0]
-    matrix = weight.detach().reshape(out, -1)
-    columns = matrix.shape[1]
-    h = hessian.detach().double()
-    if h.dim() == 2:
-        h = h.unsqueeze(0)
-    groups = h.shape[0]
-    if h.dim() != 3 or h.shape[1:] != (columns, columns) or out % groups:
-        raise ValueError(
-            f"hessian of shape {tuple(hessian.shape)} does not fit weight {tuple(weight.shape)}: expected "
-            f"[{columns}, {columns}] or [groups, {columns}, {columns}] with groups dividing {out}"
-        )
-    if not torch.isfinite(h).all():
-        raise ValueError("hessian has non-finite entries: the calibration inputs held inf or NaN")
-    per_group = out // groups
-    new, keep = torch.empty_like(matrix), torch.empty(matrix.shape, dtype=torch.bool, device=matrix.device)
-    with torch.no_grad():
-        for g in range(groups):
-            rows = slice(g * per_group, (g + 1) * per_group)
-            new[rows], keep[rows] = _prune_rows(matrix[rows], h[g], level, nm, block_size, float(dampening))
-    return new.reshape(weight.shape), keep.reshape(weight.shape)
-
-
-def _inverse_hessian_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead columns and the upper Cholesky factor of the damped ``H^-1`` (float64)."""
-    h = h.clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(dampening * h.diagonal().mean())
-    lower, info = torch.linalg.cholesky_ex(h)
-    if info.item() == 0:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info.item() != 0:
-        raise ValueError(
-            f"the damped input Hessian is not positive definite (dampening={dampening}): the inputs are "
-            "degenerate or too large for float64; raise dampening (e.g. 0.1)"
-        )
-    return dead, upper
+    return level, nm, check_dampening(dampening)
 
 
 def _prune_rows(
-    w: torch.Tensor, h: torch.Tensor, level: float, nm: tuple[int, int] | None, block_size: int, dampening: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fasterprune`` on one ``[rows, columns]`` matrix with its ``[columns, columns]`` Hessian."""
-    dtype = w.dtype
+    w: torch.Tensor,
+    h: torch.Tensor,
+    level: float,
+    nm: tuple[int, int] | None,
+    block_size: int,
+    dampening: float,
+    spec: QuantSpec | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """``fasterprune`` on one ``[rows, columns]`` matrix with its ``[columns, columns]`` Hessian: the float32
+    weights, the pruned entries and, with a ``spec``, the grid values, scales and zero points."""
     w = w.float().clone()
-    dead, hinv = _inverse_hessian_factor(h, dampening)
+    dead, hinv = inverse_hessian_factor(h, dampening)
     hinv = hinv.to(w.dtype)
     w[:, dead] = 0
     pruned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    columns = w.shape[1]
+    rows, columns = w.shape
+    grid = None
+    if spec is not None:
+        size = spec.group_columns(columns)
+        q = torch.empty_like(w)
+        scales = torch.empty(rows, columns // size, dtype=torch.float32, device=w.device)
+        zeros = torch.empty_like(scales) if spec.zero_point else None
+        grid = (q, scales, zeros)
+        if spec.group_size is None:  # one scale per row, from the weight as it enters
+            scales[:, 0], z = grid_params(w, spec)
+            if zeros is not None:
+                zeros[:, 0] = z
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         w1 = w[:, i1:i2].clone()
@@ -164,11 +237,43 @@ def _prune_rows(
                 if drop > 0:
                     mask1[:, i : i + m].scatter_(1, torch.topk(score, drop, dim=1, largest=False).indices, True)
             col = w1[:, i]
-            err = torch.where(mask1[:, i], col, torch.zeros_like(col)) / d[i]
-            # The OBS update of the block's later columns; this column becomes exactly 0 where pruned.
+            if spec is None:
+                target = torch.where(mask1[:, i], torch.zeros_like(col), col)
+            else:
+                target = _quantized_column(w1, mask1, i, i1 + i, spec, grid)
+            err = (col - target) / d[i]
+            # The OBS update of the block's later columns; this column becomes exactly its target.
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[mask1[:, i], i] = 0
+            if spec is None:
+                w1[mask1[:, i], i] = 0
+            else:
+                w1[:, i] = target
             err1[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w.to(dtype), ~pruned
+    return w, pruned, grid
+
+
+def _quantized_column(
+    w1: torch.Tensor,
+    mask1: torch.Tensor,
+    i: int,
+    column: int,
+    spec: QuantSpec,
+    grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+) -> torch.Tensor:
+    """Column ``i`` of the block ``w1`` (``column`` of the weight) on the grid, 0 where pruned; records its values
+    (and, at a group's first column, the group's scales from the updated weights, pruned entries as zero)."""
+    q, scales, zeros = grid
+    size = spec.group_columns(q.shape[1])
+    group = column // size
+    if spec.group_size is not None and column % size == 0:
+        current = torch.where(mask1[:, i : i + size], 0.0, w1[:, i : i + size])
+        scales[:, group], z = grid_params(current, spec)
+        if zeros is not None:
+            zeros[:, group] = z
+    scale, zero = scales[:, group], None if zeros is None else zeros[:, group]
+    qc = round_to_grid(w1[:, i], scale, zero, spec)
+    qc = torch.where(mask1[:, i], 0.0 if zero is None else zero, qc)
+    q[:, column] = qc
+    return from_grid(qc, scale, zero)
