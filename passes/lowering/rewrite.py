@@ -141,7 +141,8 @@ class SparseFormat:
             raise ValueError(f"blocksize applies to 'bsr' only, got blocksize={self.blocksize!r} for {self.layout!r}")
         if self.nm is not None:
             if self.layout not in _NM_LAYOUTS:
-                raise ValueError(f"nm applies to 'nm' only, got nm={self.nm!r} for {self.layout!r}")
+                raise ValueError(f"nm applies to {', '.join(map(repr, _NM_LAYOUTS))} only, got nm={self.nm!r} for "
+                                 f"{self.layout!r}")
             pattern = self.nm
             if not (
                 isinstance(pattern, Sequence) and len(pattern) == 2
