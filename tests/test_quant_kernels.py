@@ -33,6 +33,7 @@ from passes.lowering import (
     quantized_to_dense,
     to_quantized_components,
     unpack_int4,
+    unsupported_reason,
 )
 from passes.lowering.quantized import QuantizedComponents, quant_bits
 from passes.masking import insert_masks
@@ -354,3 +355,18 @@ def test_lower_refusals_name_the_layer():
         SparseFormat("bitmask-int8").components(w1)
     assert [n.format_node() for n in gm.graph.nodes] == before
     assert hasattr(gm.fc1, "weight_mask") and not hasattr(gm.fc1, "weight_scales")
+
+
+def test_unsupported_reason_for_quantized_layouts(monkeypatch):
+    """A quantized layout runs on CPU with the C++ kernels built; elsewhere (another device, no kernels) the
+    reason says why; nm= applies to the nm layouts only."""
+    weight = torch.randn(8, 64)
+    if native.native_ops() is not None:
+        assert unsupported_reason("bitmask-int8", weight, None) is None
+    assert "CPU only" in unsupported_reason("csr-int4", weight.to("meta"), None)
+    assert "float32, bfloat16 or float16" in unsupported_reason("dense-int8", weight.double(), None)
+    monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
+    assert "not available" in unsupported_reason("nm-int4", weight, None)
+    assert SparseFormat("nm-int4", nm=(2, 4)).nm == (2, 4)
+    with pytest.raises(ValueError, match="nm applies to 'nm', 'nm-int8', 'nm-int4' only"):
+        SparseFormat("csr-int8", nm=(2, 4))
