@@ -18,11 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.export import Dim
 
 from passes.capturing import capture
 from passes.lowering import (
+    QUANT_GROUP_SIZES,
     QUANT_LAYOUTS,
     QUANT_OPS,
     SparseFormat,
@@ -98,8 +101,8 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, zero_poi
     return q.reshape(rows, cols).to(torch.int8), scales, None
 
 
-def sparse_weight(layout: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """A weight for ``layout``: 40% density (2:4 for nm), row 0 empty, row 1 full (bitmask/csr/dense)."""
+def sparse_weight(layout: str, rows: int, cols: int, seed: int = 0, density: float = 0.4) -> torch.Tensor:
+    """A weight for ``layout``: ``density`` (2:4 for nm), row 0 empty, row 1 full (bitmask/csr/dense)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     family = layout.split("-")[0]
@@ -107,7 +110,7 @@ def sparse_weight(layout: str, rows: int, cols: int, seed: int = 0) -> torch.Ten
         order = torch.rand(rows, cols // 4, 4, generator=g).argsort(-1)[..., :2]
         w = w * torch.zeros(rows, cols // 4, 4).scatter_(-1, order, 1.0).reshape(rows, cols)
     elif family != "dense":
-        w = w * (torch.rand(rows, cols, generator=g) < 0.4)
+        w = w * (torch.rand(rows, cols, generator=g) < density)
     w[0] = 0
     if family != "nm" and rows > 1:  # every entry large enough not to round to 0
         w[1] = torch.sign(torch.randn(cols, generator=g)) * (0.5 + torch.rand(cols, generator=g))
@@ -158,6 +161,38 @@ def test_kernels_match_dequantized_linear(path, layout, dtype):
                 assert_within_bound(y, x, q, bias)
                 ref = F.linear(x.float(), weight, bias).to(dtype)
                 assert_within_bound(ref, x, q, bias)  # the pure-torch reference meets the same bound
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layout=st.sampled_from(QUANT_LAYOUTS),
+    rows=st.integers(1, 40),
+    width=st.integers(1, 75),
+    group_size=st.sampled_from(QUANT_GROUP_SIZES),
+    density=st.floats(0.0, 1.0),
+    batch=st.integers(0, 20),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_random_shapes(layout, rows, width, group_size, density, batch, dtype, seed):
+    """Property: on random shapes (int8: any multiple of 4 columns; int4: 1-4 groups of 32/64/128), densities
+    (rows starting mid-byte in the int4 streams), batches and activation dtypes (float16 too), every ISA path
+    meets the float32 accumulation bound."""
+    bits = quant_bits(layout)
+    cols = 4 * width if bits == 8 else group_size * (1 + width % 4)
+    w = sparse_weight(layout, rows, cols, seed, density)
+    q = QuantizedComponents(*quantize(w, bits, group_size, zero_points=layout == "dense-int4" and seed % 2 == 1))
+    parts = to_quantized_components(layout, q)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    bias = torch.randn(rows)
+    ops = native.native_ops()
+    try:
+        for isa in ISAS:
+            ops.isa(isa)
+            assert_within_bound(QUANT_OPS[layout](x, *parts, bias), x, q, bias)
+    finally:
+        if ISAS:
+            ops.isa("auto")
 
 
 def test_packing_round_trip_and_nibble_order():
