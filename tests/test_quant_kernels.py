@@ -351,6 +351,22 @@ def test_lower_to_quantized_layouts_matches_dequantized_model(tmp_path):
     torch.testing.assert_close(torch.compile(gm, fullgraph=True)(x), gm(x))
 
 
+def test_aot_inductor_package(tmp_path):
+    """AOTInductor compiles a program lowered to nm-int4 (fc1) and csr-int8 (fc2), dynamic batch, into a package
+    that loads and computes exactly what the lowered module does. One package for both operators: an AOTInductor
+    compile is a C++ build of the whole program, about 10-15 s on 2 cores."""
+    _, gm = masked_graph()
+    q = {}
+    for name, bits in (("fc1", 4), ("fc2", 8)):
+        owner = gm.get_submodule(name)
+        q[f"{name}.weight"] = QuantizedComponents(*quantize(owner.weight.detach() * owner.weight_mask, bits, 32))
+    lower_sparse(gm, {"fc1.weight": SparseFormat("nm-int4"), "fc2.weight": SparseFormat("csr-int8")}, q)
+    ep = torch.export.export(gm, (torch.randn(4, 64),), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
+    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "q.pt2"))
+    other = torch.randn(3, 64)
+    assert torch.equal(torch._inductor.aoti_load_package(package)(other), gm(other))
+
+
 def test_lower_int4_and_dense_int4_with_zero_points():
     """fc1 -> csr-int4 (symmetric, groups of 32), then in a second graph fc1 -> dense-int4 with zero points;
     fc2 (48 inputs: no int4 group divides it) -> dense-int8: outputs equal the dequantized model's."""
