@@ -93,7 +93,8 @@ SPARSE_OPS = {
 # The float layouts (what lower's backends and autotune choose among); the quantized ones need their
 # values from the quantization step and are lowered only when it gives them.
 LAYOUTS: tuple[Layout, ...] = tuple(SPARSE_OPS)
-SPARSE_OPS.update({layout: op._opoverload for layout, op in QUANT_OPS.items()})
+SPARSE_OPS.update({layout: getattr(torch.ops.fx_sparsity, f"{layout.replace('-', '_')}_linear").default
+                   for layout in QUANT_OPS})
 _MKL_DTYPES = (torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 # Buffer name suffixes, per layout: <tensor_name>_<suffix> on the weight's owner.
