@@ -18,11 +18,22 @@ widened to fp32, fp32 FMAs, as on CPUs that lack them). Rounds are interleaved i
 load on a shared machine hits every variant alike; the speedups are ratios of
 medians (dense time / variant time). ``limit`` is dense bytes / format bytes,
 the speedup a purely memory-bound kernel would reach; ``of limit`` the measured
-speedup as a fraction of it. Outputs are checked against dense before timing.
+speedup as a fraction of it. Outputs are checked against dense before timing
+(a quantized variant against its own dequantized weight).
+
+``--quantized`` adds the quantized formats of the same weights (round to nearest: int8 per output row,
+symmetric int4 in groups of 128): ``bitmask-int8``, ``csr-int8``, ``dense-int8``, ``bitmask-int4``,
+``csr-int4``, ``dense-int4`` (and ``nm-int8``/``nm-int4`` on 2:4 rows), and torch's anchors beside them:
+``torch fp32`` and ``torch bf16`` (``F.linear`` in that dtype), ``torch int8 wo``
+(``torch._weight_int8pack_mm``, int8 weight-only, bf16 activations) and ``torch int4 wo``
+(``torch.ops.aten._weight_int4pack_mm_for_cpu`` after ``_convert_weight_to_int4pack_for_cpu``, groups of
+128, bf16 activations). An anchor whose activation dtype is not the row's converts ``x`` inside the timed
+call (a ``[batch, in]`` cast, small beside the weight it reads).
 
     python benchmarks/sparse_kernels.py             # both regimes, about 20 minutes on 2 cores (estimate)
     python benchmarks/sparse_kernels.py --quick     # fp32, 50/70/90% and 2:4, batch 1/16, streaming
     python benchmarks/sparse_kernels.py --auto ...  # also fx_sparsity.lower(gm, "auto")'s per-layer picks
+    python benchmarks/sparse_kernels.py --quantized --regime warm --dtypes bfloat16 --sparsities 50%,2:4
 """
 
 from __future__ import annotations
@@ -44,14 +55,18 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity.lowering.timing import last_level_cache_bytes
 from passes.lowering import (
+    QUANT_OPS,
+    QuantizedComponents,
     bitmask_linear,
     csr_linear,
     native_isa,
     native_ops,
     nm_linear,
+    quantized_to_dense,
     to_bitmask_components,
     to_narrow_csr_components,
     to_nm_components,
+    to_quantized_components,
 )
 from passes.lowering.operators import _sparse_mm_linear
 
@@ -59,6 +74,7 @@ LLAMA_BLOCK = ((4096, 4096), (11008, 4096), (4096, 11008))
 WARM_SHAPE = (2048, 2048)
 SPARSITIES = ("50%", "60%", "70%", "80%", "90%", "2:4")
 BATCHES = (1, 4, 16, 64)
+INT4_GROUP = 128
 
 
 def sparse_weight(shape: tuple[int, int], sparsity: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -77,10 +93,62 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_variants(weights: list[torch.Tensor], sparsity: str) -> dict[str, tuple[list[tuple], Callable, int]]:
-    """name -> (per-layer args, fn(x, *args), total bytes) for every variant that can run these weights."""
+def round_to_nearest(weight: torch.Tensor, bits: int) -> QuantizedComponents:
+    """Symmetric round to nearest: int8 per output row, int4 per group of INT4_GROUP columns (scale max|w| / qmax,
+    an all-zero row or group scale 1)."""
+    rows, cols = weight.shape
+    qmax, groups = (127, 1) if bits == 8 else (7, cols // INT4_GROUP)
+    w = weight.float().reshape(rows, groups, -1)
+    scales = w.abs().amax(-1) / qmax
+    scales[scales == 0] = 1
+    values = torch.clamp(torch.round(w / scales[..., None]), -qmax, qmax).reshape(rows, cols).to(torch.int8)
+    return QuantizedComponents(values, scales[:, 0].contiguous() if bits == 8 else scales)
+
+
+def _as(dtype: torch.dtype, fn: Callable) -> Callable:
+    """``fn`` on ``x`` converted to ``dtype`` (an anchor of another activation dtype), its output converted back."""
+    return lambda x, *a: fn(x.to(dtype), *a).to(x.dtype)
+
+
+def add_quantized(variants: dict, weights: list[torch.Tensor], sparsity: str) -> None:
+    """Our quantized formats of ``weights`` and torch's anchors (see the module docstring); each entry's fourth
+    element is the weight it stands for, per layer (its outputs are checked against that)."""
+    dtype = weights[0].dtype
+    for dense_dtype, name in ((torch.float32, "torch fp32"), (torch.bfloat16, "torch bf16")):
+        if dense_dtype != dtype:  # the row's own dtype is "dense"
+            cast = [w.to(dense_dtype) for w in weights]
+            variants[name] = ([(w,) for w in cast], _as(dense_dtype, F.linear), nbytes(*cast), cast)
+    quantized = {bits: [round_to_nearest(w, bits) for w in weights] for bits in (8, 4)}
+    layouts = ["bitmask", "csr", "dense"] + (["nm"] if sparsity == "2:4" else [])
+    for family in layouts:
+        for bits in (8, 4):
+            layout = f"{family}-int{bits}"
+            parts = [to_quantized_components(layout, q) for q in quantized[bits]]
+            refs = [quantized_to_dense(layout, p, w.shape[1]) for p, w in zip(parts, weights)]
+            op = QUANT_OPS[layout]
+            variants[layout] = (parts, lambda x, *c, op=op: op(x, *c, None), sum(nbytes(*p) for p in parts), refs)
+    q8 = quantized[8]
+    int8_args = [(q.values, q.scales.bfloat16()) for q in q8]
+    variants["torch int8 wo"] = (int8_args, _as(torch.bfloat16, torch._weight_int8pack_mm),
+                                 sum(nbytes(*a) for a in int8_args), [q.values * q.scales[:, None] for q in q8])
+    int4_args, int4_refs = [], []
+    for q in quantized[4]:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.values + 8).to(torch.int32), 2)
+        scale_and_zero = torch.stack([q.scales.T, torch.zeros_like(q.scales.T)], -1).bfloat16().contiguous()
+        int4_args.append((packed, INT4_GROUP, scale_and_zero))
+        int4_refs.append(q.values * scale_and_zero[..., 0].float().T.repeat_interleave(INT4_GROUP, 1))
+    variants["torch int4 wo"] = (int4_args, _as(torch.bfloat16, torch.ops.aten._weight_int4pack_mm_for_cpu),
+                                 sum(nbytes(p, sz) for p, _, sz in int4_args), int4_refs)
+
+
+def build_variants(weights: list[torch.Tensor], sparsity: str,
+                   quantized: bool = False) -> dict[str, tuple[list[tuple], Callable, int]]:
+    """name -> (per-layer args, fn(x, *args), total bytes[, weights it stands for]) for every variant that can run
+    these weights (with ``quantized``, also the quantized formats and torch's anchors)."""
     dtype = weights[0].dtype
     variants = {"dense": ([(w,) for w in weights], lambda x, w: F.linear(x, w), nbytes(*weights))}
+    if quantized:
+        add_quantized(variants, weights, sparsity)
     if dtype == torch.float32:
         mkl = [w.to_sparse_csr() for w in weights]
         size = sum(nbytes(m.crow_indices(), m.col_indices(), m.values()) for m in mkl)
@@ -96,7 +164,7 @@ def build_variants(weights: list[torch.Tensor], sparsity: str) -> dict[str, tupl
     if dtype == torch.bfloat16 and isa.endswith("-bf16"):  # the same formats on the fp32-FMA kernels
         fma_isa = isa.removesuffix("-bf16")
         for name in [n for n in ("bitmask", "nm") if n in variants]:
-            args, fn, size = variants[name]
+            args, fn, size, *_ = variants[name]
             variants[f"{name} (fma)"] = (args, lambda x, *c, fn=fn: _on_isa(fma_isa, fn, x, *c), size)
     return variants
 
@@ -147,11 +215,13 @@ def add_auto(variants, weights, xs) -> None:
 def check(variants, weights, xs) -> None:
     for i in range(min(3, len(weights))):
         x = xs[i]
-        ref = F.linear(x.float(), weights[i].float())
         tol = 1e-3 if x.dtype == torch.float32 else 3e-2
-        for name, (args, fn, _) in variants.items():
+        for name, (args, fn, _, *refs) in variants.items():
+            ref = F.linear(x.float(), (refs[0][i] if refs else weights[i]).float())
+            bf16 = name.startswith("torch") and name != "torch fp32"  # bf16 activations and output
+            t = 3e-2 if bf16 else tol
             out = fn(x, *args[i]).float()
-            torch.testing.assert_close(out, ref, rtol=tol, atol=tol * math.sqrt(x.shape[-1]), msg=name)
+            torch.testing.assert_close(out, ref, rtol=t, atol=t * math.sqrt(x.shape[-1]), msg=name)
 
 
 def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
@@ -160,13 +230,13 @@ def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
     samples = {name: [] for name in variants}
     names = list(variants)
     for name in names:  # warm up: first calls allocate and page in
-        args, fn, _ = variants[name]
+        args, fn, *_ = variants[name]
         for x, a in zip(xs, args):
             fn(x, *a)
     for _ in range(rounds):
         random.shuffle(names)
         for name in names:
-            args, fn, _ = variants[name]
+            args, fn, *_ = variants[name]
             start = time.perf_counter()
             for _ in range(calls):
                 for x, a in zip(xs, args):
@@ -175,25 +245,25 @@ def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for, auto=False) -> list[list]:
+def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for, auto=False, quantized=False,
+             block=LLAMA_BLOCK, warm_shape=WARM_SHAPE, calls=20) -> list[list]:
     gen = torch.Generator().manual_seed(0)
     if regime == "streaming":
-        shapes = list(LLAMA_BLOCK)
+        shapes = list(block)
         weights = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
-        variants = build_variants(weights, sparsity)
+        variants = build_variants(weights, sparsity, quantized)
         n_blocks = blocks_for(min(v[2] for v in variants.values()))
         for _ in range(n_blocks - 1):
             more = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
-            extra = build_variants(more, sparsity)
-            for name, (args, fn, size) in extra.items():
-                old_args, _, old_size = variants[name]
-                variants[name] = (old_args + args, fn, old_size + size)
+            extra = build_variants(more, sparsity, quantized)
+            for name, (args, fn, size, *refs) in extra.items():
+                old_args, _, old_size, *old_refs = variants[name]
+                variants[name] = (old_args + args, fn, old_size + size, *(r + o for r, o in zip(old_refs, refs)))
             weights += more
         calls = 1
     else:
-        weights = [sparse_weight(WARM_SHAPE, sparsity, dtype, gen)]
-        variants = build_variants(weights, sparsity)
-        calls = 20
+        weights = [sparse_weight(warm_shape, sparsity, dtype, gen)]
+        variants = build_variants(weights, sparsity, quantized)
     rows = []
     for batch in batches:
         by_in = {cols: torch.randn(batch, cols, generator=gen).to(dtype) for cols in {w.shape[1] for w in weights}}
@@ -227,6 +297,10 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true",
                         help="also time lower(gm, 'auto')'s per-layer picks (each layer timed by auto first)")
     parser.add_argument("--quick", action="store_true", help="fp32, 50/70/90%% and 2:4, batch 1/16, streaming")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also the int8/int4 formats and torch's dense, int8 and int4 weight-only anchors")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a check that everything runs: 256x256 warm layers and a 256/512-wide block, 1 round")
     args = parser.parse_args()
     if args.quick:
         args.regime, args.dtypes, args.sparsities, args.batches = "streaming", "float32", "50%,70%,90%,2:4", "1,16"
@@ -236,7 +310,7 @@ def main() -> None:
     print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}")
 
     def blocks_for(smallest_block_bytes: int) -> int:
-        return max(1, math.ceil(2 * l3 / smallest_block_bytes))
+        return 1 if args.tiny else max(1, math.ceil(2 * l3 / smallest_block_bytes))
 
     header = ["dtype", "sparsity", "batch", "variant", "ms/layer", "dense ms", "speedup", "limit", "of limit"]
     regimes = ["streaming", "warm"] if args.regime == "both" else [args.regime]
@@ -245,10 +319,14 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             for sparsity in args.sparsities.split(","):
-                rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")], args.rounds,
-                                 blocks_for, auto=args.auto)
+                sizes = {"block": ((256, 256), (512, 256), (256, 512)), "warm_shape": (256, 256), "calls": 1} \
+                    if args.tiny else {}
+                rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")],
+                                 1 if args.tiny else args.rounds, blocks_for, auto=args.auto,
+                                 quantized=args.quantized, **sizes)
                 print(f"  done {regime} {dtype_name} {sparsity}", flush=True)
-        what = ("Llama-2-7B block shapes, weights > 2x L3" if regime == "streaming"
+        what = ("tiny sizes: a check that everything runs, not a measurement" if args.tiny
+                else "Llama-2-7B block shapes, weights > 2x L3" if regime == "streaming"
                 else f"one {WARM_SHAPE[0]}x{WARM_SHAPE[1]} layer, warm")
         print(f"\n### {regime}: {what}\n")
         print(tabulate(rows, header, tablefmt="github"))

@@ -25,7 +25,7 @@ from fx_sparsity.deploy import (
 )
 from helpers import LinearNet, MixedNet, PointwiseConvNet, TiedEmbeddingNet, snapshot, tiny_causal_lm
 from passes import get_capture
-from passes.lowering import COMPONENT_NAMES, LAYOUTS, SPARSE_OPS
+from passes.lowering import COMPONENT_NAMES, LAYOUTS, SPARSE_OPS, dequantize
 
 CPU_LAYOUTS = [layout for layout in LAYOUTS if layout != "semi_structured"]
 SPARSE_CLASSES = (SparseLinear, SparseConv1d, SparseConv2d, SparseConv3d)
@@ -372,3 +372,80 @@ def test_bad_inputs_are_refused_before_anything():
     sparsifier.step()
     with pytest.raises(ValueError, match="does not compute what the lowered module does"):
         sparsify_model(gm, "csr", example_inputs=(torch.randn(2, 8),))
+
+
+# ------------------------------------------------------------------------------------------- quantized layouts
+def _round_to_nearest(weight: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
+    """A reference rounding: scale = max|w| / qmax per row (int8) or group of 32 (int4), an all-zero one 1."""
+    rows, cols = weight.shape
+    qmax, groups = (127, 1) if layout.endswith("int8") else (7, cols // 32)
+    scales = weight.reshape(rows, groups, -1).abs().amax(-1) / qmax
+    scales[scales == 0] = 1
+    values = torch.clamp(torch.round(weight.reshape(rows, groups, -1) / scales[..., None]), -qmax, qmax)
+    return {"values": values.reshape(rows, cols).to(torch.int8), "scales": scales.squeeze(1) if groups == 1 else scales}
+
+
+QUANT_CASES = ["bitmask-int8", "nm-int4", "csr-int4", "dense-int8", "dense-int4"]
+
+
+@pytest.mark.parametrize("layout", QUANT_CASES)
+def test_quantized_sparse_linear_and_conv(layout):
+    """SparseLinear and SparseConv2d hold the quantized layouts: forward equals F.linear / conv on the dequantized
+    weight (fp32 and bf16 inputs), dense_weight() is that weight, the buffers are the layout's components."""
+    family = layout.split("-")[0]
+    weight = sparse_weight(32, 64, "nm" if family == "nm" else "csr")
+    q = _round_to_nearest(weight, layout)
+    dequantized = dequantize(q["values"], q["scales"])
+    linear = nn.Linear(64, 32)
+    layer = SparseLinear.from_quantized(linear, layout, q)
+    assert [n for n, _ in layer.named_buffers()] == [f"weight_{p}" for p in COMPONENT_NAMES[layout]]
+    assert torch.equal(layer.dense_weight(), dequantized)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, dequantized, linear.bias), rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    torch.testing.assert_close(layer(xb), F.linear(xb.float(), dequantized, linear.bias).bfloat16())
+    conv = nn.Conv2d(64, 32, 1, stride=2)
+    sparse_conv = SparseConv2d.from_quantized(conv, layout, q)
+    image = torch.randn(2, 64, 6, 6)
+    torch.testing.assert_close(sparse_conv(image), F.conv2d(image, dequantized[..., None, None], conv.bias, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_state_dict_and_refusals():
+    """A quantized SparseLinear's state dict loads into one packed from another weight (other nonzero count) and
+    computes the same; bad components, float layouts and values of another shape are refused."""
+    linear = nn.Linear(64, 32)
+    source = SparseLinear.from_quantized(linear, "bitmask-int4", _round_to_nearest(sparse_weight(32, 64, "csr"), "int4"))
+    target = SparseLinear.from_quantized(nn.Linear(64, 32), "bitmask-int4",
+                                         _round_to_nearest(torch.randn(32, 64), "int4"))
+    assert target.weight_values.shape != source.weight_values.shape
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(target(x), source(x))
+    assert source.weight_dtype == torch.float32 and source.nonzeros() == int(source.dense_weight().count_nonzero())
+    assert "format=bitmask-int4" in repr(source) and f"bytes={source.stored_bytes():,} (dense 8,192)" in repr(source)
+    with pytest.raises(ValueError, match="component values of a bitmask-int4 weight must be torch.uint8"):
+        SparseLinear(64, 32, "bitmask-int4", [source.weight_bitmask, source.weight_values.to(torch.int8),
+                                              source.weight_row_offsets, source.weight_scales])
+    with pytest.raises(ValueError, match=r"component scales of a bitmask-int4 weight .* group_size in"):
+        SparseLinear(64, 32, "bitmask-int4", [*source.components[:3], torch.ones(32, 3)])
+    with pytest.raises(ValueError, match="layout must be a quantized one"):
+        SparseLinear.from_quantized(linear, "csr", _round_to_nearest(torch.randn(32, 64), "int8"))
+    with pytest.raises(ValueError, match="the quantized values have shape"):
+        SparseLinear.from_quantized(linear, "dense-int8", _round_to_nearest(torch.randn(16, 64), "int8"))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="fx_sparsity/deploy/checkpoint.py (not the qkernels branch's "
+                   "scope) checks a saved layer's format against passes.lowering.LAYOUTS, the float layouts only")
+def test_quantized_checkpoint_round_trip(tmp_path):
+    """save_sparse/load_sparse round-trip a model holding a quantized SparseLinear."""
+    from fx_sparsity.deploy import load_sparse, save_sparse
+
+    model = nn.Sequential(SparseLinear.from_quantized(nn.Linear(64, 32), "bitmask-int4",
+                                                      _round_to_nearest(sparse_weight(32, 64, "csr"), "int4")))
+    x = torch.randn(3, 64)
+    folder = save_sparse(model, tmp_path / "q")
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(64, 32))
+    loaded = load_sparse(folder, skeleton)
+    assert torch.equal(loaded(x), model(x))

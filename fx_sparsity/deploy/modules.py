@@ -2,8 +2,9 @@
 
 :class:`SparseLinear` and :class:`SparseConv1d` / :class:`SparseConv2d` / :class:`SparseConv3d` hold one
 layer's weight in one of the formats :func:`fx_sparsity.lower` knows (``passes.lowering.LAYOUTS``: bitmask, nm,
-csr, bsr, semi_structured), as the buffers a lowered graph registers (``weight_<component>``, names from
-``passes.lowering.COMPONENT_NAMES``), and the layer's bias. ``forward`` calls the same
+csr, bsr, semi_structured; and the quantized ``passes.lowering.QUANT_LAYOUTS``: bitmask, nm, csr and dense with
+int8 or int4 values, see :mod:`passes.lowering.quantized`), as the buffers a lowered graph registers
+(``weight_<component>``, names from ``passes.lowering.COMPONENT_NAMES``), and the layer's bias. ``forward`` calls the same
 ``torch.ops.fx_sparsity.*_linear`` operator, with the same strided slice and channel moves for a conv
 (:func:`passes.lowering.sparse_layer_forward`), so a model holding these modules computes what the lowered
 graph computes, eagerly, under ``torch.compile`` and through ``torch.export``. ``"fuse"`` needs no module of
@@ -37,11 +38,14 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_
 from passes.lowering import (
     COMPONENT_NAMES,
     LAYOUTS,
+    QUANT_GROUP_SIZES,
+    QUANT_LAYOUTS,
     SparseFormat,
     bitmask_to_dense,
     csr_to_dense,
     mask_bytes_per_row,
     nm_to_dense,
+    quantized_to_dense,
     sparse_layer_forward,
 )
 
@@ -71,17 +75,21 @@ def check_components(layout: str, out_features: int, in_features: int, component
     """Raise ``ValueError`` unless ``components`` are the buffers of a ``[out_features, in_features]`` weight in
     ``layout`` (their count, ranks, dtypes and the shapes that follow from the weight's shape; sizes that depend
     on the number of nonzeros are checked against each other). Reads no data: works on the meta device."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    if layout not in LAYOUTS and layout not in QUANT_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, (*LAYOUTS, *QUANT_LAYOUTS)))}, got {layout!r}")
     names = COMPONENT_NAMES[layout]
     if not isinstance(components, Sequence) or len(components) != len(names):
         got = len(components) if isinstance(components, Sequence) else type(components).__name__
         raise ValueError(f"a {layout} weight has {len(names)} components ({', '.join(names)}), got {got}")
     parts = dict(zip(names, components))
+    quantized = layout in QUANT_LAYOUTS
     for name, tensor in parts.items():
         if not isinstance(tensor, Tensor) or tensor.layout != torch.strided:
             raise ValueError(f"component {name} must be a strided tensor, got {type(tensor).__name__}")
         allowed = _INDEX_DTYPES.get(name)
+        if quantized and allowed is None:
+            allowed = {"values": (torch.int8 if layout.endswith("int8") else torch.uint8,), "scales": (torch.float32,),
+                       "zeros": (torch.int8,)}[name]
         if allowed is not None and tensor.dtype not in allowed:
             raise ValueError(f"component {name} of a {layout} weight must be {' or '.join(map(str, allowed))}, "
                              f"got {tensor.dtype}")
@@ -93,7 +101,9 @@ def check_components(layout: str, out_features: int, in_features: int, component
             raise ValueError(f"component {name} of a {layout} weight of shape ({out_features}, {in_features}) must "
                              f"have shape {shape}, got {_shape(parts[name])}")
 
-    if layout == "csr":
+    if quantized:
+        _check_quantized_shapes(layout, out_features, in_features, parts, expect)
+    elif layout == "csr":
         expect("crow_indices", (out_features + 1,))
         nnz = parts["values"].shape[0] if parts["values"].dim() == 1 else -1
         expect("values", (nnz,))
@@ -125,6 +135,40 @@ def check_components(layout: str, out_features: int, in_features: int, component
         if packed.dim() != 2 or packed.shape[0] != out_features:
             raise ValueError(f"component packed of a semi_structured weight must be [{out_features}, ...], "
                              f"got {_shape(packed)}")
+
+
+def _check_quantized_shapes(layout: str, out_features: int, in_features: int, parts: dict, expect) -> None:
+    """The shapes of a quantized layout's components (int4: two codes per byte of ``values``)."""
+    family, int4 = layout.split("-")[0], layout.endswith("int4")
+    scales, values = parts["scales"], parts["values"]
+    if int4:
+        groups = scales.shape[1] if scales.dim() == 2 else 0
+        if scales.dim() != 2 or scales.shape[0] != out_features or not groups or in_features % groups or \
+                in_features // groups not in QUANT_GROUP_SIZES:
+            raise ValueError(f"component scales of a {layout} weight of shape ({out_features}, {in_features}) must be "
+                             f"[{out_features}, {in_features} // group_size] with group_size in {QUANT_GROUP_SIZES}, "
+                             f"got {_shape(scales)}")
+    else:
+        expect("scales", (out_features,))
+    if "zeros" in parts:
+        expect("zeros", _shape(scales))
+    if family in ("bitmask", "nm"):
+        expect("bitmask", (out_features, mask_bytes_per_row(in_features)))
+    if family == "bitmask":
+        expect("row_offsets", (out_features + 1,))
+        if values.dim() != 1:
+            raise ValueError(f"component values of a {layout} weight must be 1-D, got {_shape(values)}")
+    elif family == "nm":
+        width = (in_features + 1) // 2 if int4 else in_features
+        if values.dim() != 2 or values.shape[0] != out_features or not 0 < values.shape[1] <= width:
+            raise ValueError(f"component values of an {layout} weight of shape ({out_features}, {in_features}) must "
+                             f"be [{out_features}, kept per row{' / 2' if int4 else ''}], got {_shape(values)}")
+    elif family == "csr":
+        expect("crow_indices", (out_features + 1,))
+        nnz = parts["col_indices"].shape[0] if parts["col_indices"].dim() == 1 else -1
+        expect("values", ((nnz + 1) // 2 if int4 else nnz,))
+    else:
+        expect("values", (out_features, (in_features + 1) // 2 if int4 else in_features))
 
 
 class _SparseLayer(nn.Module):
@@ -174,9 +218,15 @@ class _SparseLayer(nn.Module):
         return (self._out, self._in)
 
     @property
+    def quantized(self) -> bool:
+        """Whether the weight is held quantized (int8 or int4 values, ``passes.lowering.QUANT_LAYOUTS``)."""
+        return self.layout in QUANT_LAYOUTS
+
+    @property
     def weight_dtype(self) -> torch.dtype:
-        """The dtype of the packed values (the weight's dtype)."""
-        return self._values().dtype
+        """The dtype of the packed values (the weight's dtype); float32 for a quantized weight (the dtype it is
+        dequantized to; its values are int8 codes, or int4 codes two per uint8)."""
+        return torch.float32 if self.quantized else self._values().dtype
 
     def _values(self) -> Tensor:
         return self._buffers["weight_packed" if self.layout == "semi_structured" else "weight_values"]
@@ -199,6 +249,8 @@ class _SparseLayer(nn.Module):
 
     def nonzeros(self) -> int:
         """Nonzero weights stored (padding zeros of nm and bsr not counted); reads the values."""
+        if self.quantized:
+            return int(torch.count_nonzero(self.dense_weight()))
         return int(torch.count_nonzero(self._values()))
 
     @property
@@ -207,9 +259,12 @@ class _SparseLayer(nn.Module):
         return 1.0 - self.nonzeros() / (self._out * self._in)
 
     def dense_weight(self) -> Tensor:
-        """The dense weight, rebuilt from the components (exactly the weight that was packed)."""
+        """The dense weight, rebuilt from the components (exactly the weight that was packed; a quantized one
+        dequantized to float32: ``scale * (value - zero)``)."""
         parts = dict(zip(COMPONENT_NAMES[self.layout], self.components))
-        if self.layout == "csr":
+        if self.quantized:
+            dense = quantized_to_dense(self.layout, self.components, self._in)
+        elif self.layout == "csr":
             dense = csr_to_dense(parts["crow_indices"], parts["col_indices"], parts["values"], self._in)
         elif self.layout == "bitmask":
             dense = bitmask_to_dense(parts["bitmask"], parts["values"], parts["row_offsets"], self._in)
@@ -306,8 +361,41 @@ class SparseLinear(_SparseLayer):
         components = SparseFormat(layout, blocksize, nm).components(linear.weight.detach())
         return cls(linear.in_features, linear.out_features, layout, components, linear.bias)
 
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, layout: str, quantized: object, *,
+                       nm: tuple[int, int] | None = None) -> SparseLinear:
+        """Pack the quantized weight of ``linear`` (its ``values``/``scales``/``zeros``: a ``QuantizedWeight``,
+        :class:`passes.lowering.QuantizedComponents` or a mapping) as quantized ``layout``; the bias is shared
+        with ``linear``. ``linear.weight`` gives only the shape the values must have.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+            ValueError: ``layout`` is not quantized, or the quantized weight cannot be held
+                (:func:`passes.lowering.check_quantized`) or is of another shape.
+
+        Example::
+
+            >>> linear = nn.Linear(64, 16)
+            >>> scales = linear.weight.detach().abs().amax(1) / 127
+            >>> values = torch.round(linear.weight.detach() / scales[:, None]).to(torch.int8)
+            >>> layer = SparseLinear.from_quantized(linear, "dense-int8", {"values": values, "scales": scales})
+            >>> x = torch.randn(2, 64)
+            >>> torch.testing.assert_close(layer(x), F.linear(x, dequantize(values, scales), linear.bias))
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        components = _quantized_components(layout, linear.weight.detach(), quantized, nm)
+        return cls(linear.in_features, linear.out_features, layout, components, linear.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         return sparse_layer_forward(self.layout, x, self.components, self.bias, None)
+
+
+def _quantized_components(layout: str, weight: Tensor, quantized: object, nm: tuple[int, int] | None):
+    if layout not in QUANT_LAYOUTS:
+        raise ValueError(f"layout must be a quantized one ({', '.join(QUANT_LAYOUTS)}), got {layout!r}; "
+                         "from_dense packs the float layouts")
+    return SparseFormat(layout, nm=nm).components(weight, quantized)
 
 
 class _SparseConvNd(_SparseLayer):
@@ -353,6 +441,25 @@ class _SparseConvNd(_SparseLayer):
             raise ValueError(f"{cls.__name__} holds 1x1 convs only: {reason}")
         weight = conv.weight.detach().reshape(conv.out_channels, conv.in_channels)
         components = SparseFormat(layout, blocksize, nm).components(weight)
+        return cls(conv.in_channels, conv.out_channels, layout, components, conv.bias, conv.stride)
+
+    @classmethod
+    def from_quantized(cls, conv: nn.Module, layout: str, quantized: object, *,
+                       nm: tuple[int, int] | None = None) -> _SparseConvNd:
+        """Pack the quantized ``[out_channels, in_channels]`` weight of a 1x1 ``conv`` as quantized ``layout``
+        (see :meth:`SparseLinear.from_quantized`); the bias is shared with ``conv``.
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.Conv{1,2,3}d`` of this module's dimensions.
+            ValueError: ``conv`` is not 1x1, is padded or grouped, or the quantized weight cannot be held.
+        """
+        if not isinstance(conv, cls._dense_class):
+            raise TypeError(f"conv must be an {cls._dense_class.__name__}, got {type(conv).__name__}")
+        reason = _conv_blocker(conv)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__} holds 1x1 convs only: {reason}")
+        weight = conv.weight.detach().reshape(conv.out_channels, conv.in_channels)
+        components = _quantized_components(layout, weight, quantized, nm)
         return cls(conv.in_channels, conv.out_channels, layout, components, conv.bias, conv.stride)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """Lowering, graph side: masked weights rewritten into packed sparse formats (:mod:`.rewrite`), the packing
-(:mod:`.formats`), the ``fx_sparsity::*`` operators that run them (:mod:`.operators`), and their C++ kernels
+(:mod:`.formats`; int8/int4 values in :mod:`.quantized`), the ``fx_sparsity::*`` operators that run them (:mod:`.operators`), and their C++ kernels
 (``csrc/``, built on first use by :mod:`.native`)."""
 
 from passes.lowering.formats import (
@@ -17,6 +17,7 @@ from passes.lowering.formats import (
 from passes.lowering.native import NO_NATIVE_ENV, native_isa, native_ops
 from passes.lowering.operators import (
     NATIVE_DTYPES,
+    QUANT_OPS,
     SEMI_STRUCTURED_MIN_SHAPE,
     bitmask_linear,
     bsr_linear,
@@ -27,6 +28,17 @@ from passes.lowering.operators import (
     to_bsr_components,
     to_csr_components,
     to_semi_structured_components,
+)
+from passes.lowering.quantized import (
+    QUANT_GROUP_SIZES,
+    QUANT_LAYOUTS,
+    QuantizedComponents,
+    check_quantized,
+    dequantize,
+    pack_int4,
+    quantized_to_dense,
+    to_quantized_components,
+    unpack_int4,
 )
 from passes.lowering.rewrite import (
     COMPONENT_NAMES,
@@ -56,6 +68,7 @@ __all__ = [
     "native_isa",
     "native_ops",
     "NATIVE_DTYPES",
+    "QUANT_OPS",
     "SEMI_STRUCTURED_MIN_SHAPE",
     "bitmask_linear",
     "bsr_linear",
@@ -66,6 +79,15 @@ __all__ = [
     "to_bsr_components",
     "to_csr_components",
     "to_semi_structured_components",
+    "QUANT_GROUP_SIZES",
+    "QUANT_LAYOUTS",
+    "QuantizedComponents",
+    "check_quantized",
+    "dequantize",
+    "pack_int4",
+    "quantized_to_dense",
+    "to_quantized_components",
+    "unpack_int4",
     "COMPONENT_NAMES",
     "LAYOUTS",
     "SPARSE_OPS",

@@ -14,6 +14,16 @@ implementation and never a sparse-layout tensor.
 * ``fx_sparsity::bsr_linear(x, crow_indices, col_indices, values, bias)``
   (``values`` is ``[nnz_blocks, block_rows, block_cols]``)
 * ``fx_sparsity::semi_structured_linear(x, packed, meta, bias)`` (2:4, CUTLASS layout)
+* quantized weights (:mod:`passes.lowering.quantized`), one operator per layout of
+  :data:`~passes.lowering.quantized.QUANT_LAYOUTS`:
+  ``fx_sparsity::bitmask_int8_linear(x, mask, values, row_offsets, scales, bias)`` (and ``bitmask_int4``),
+  ``nm_int8_linear(x, mask, values, scales, bias)`` (``nm_int4``),
+  ``csr_int8_linear(x, crow_indices, col_indices, values, scales, bias)`` (``csr_int4``),
+  ``dense_int8_linear(x, values, scales, bias)`` and ``dense_int4_linear(x, values, scales, zeros, bias)``.
+  Their C++ kernels take float32, bfloat16 or float16 activations, decode the int8/int4 codes with
+  the sparse decode (no dense weight), accumulate in float32 (a group's partial sum times its
+  scale) and return the activation dtype; the reference dequantizes to float32 and calls
+  ``F.linear`` in float32 (float64 for float64 inputs).
 
 All compute ``F.linear(x, W, bias)`` for ``x`` of shape ``[..., in_features]``
 and return a contiguous ``[..., out_features]`` tensor. The formats are packed
@@ -56,6 +66,7 @@ from passes.lowering.formats import (
     to_narrow_csr_components,
 )
 from passes.lowering.native import native_ops
+from passes.lowering.quantized import QUANT_COMPONENT_NAMES, QUANT_LAYOUTS, quantized_to_dense
 
 __all__ = [
     "bitmask_linear",
@@ -63,6 +74,7 @@ __all__ = [
     "csr_linear",
     "bsr_linear",
     "semi_structured_linear",
+    "QUANT_OPS",
     "sparse_linear_grad_input",
     "to_csr_components",
     "to_bsr_components",
@@ -230,6 +242,8 @@ def sparse_linear_grad_input(grad: Tensor, layout: str, components: list[Tensor]
         out = torch.sparse.mm(_sparse_weight(*components, in_features).t(), grad2.t()).t()
     elif layout == "bsr":  # MKL has no BSC product on CPU
         out = grad2 @ _sparse_weight(*components, in_features).to_dense()
+    elif layout in QUANT_COMPONENT_NAMES:
+        out = grad2 @ quantized_to_dense(layout, components, in_features).to(grad.dtype)
     else:
         out = grad2 @ sparse_semi_structured_to_dense_cutlass(*components)
     return out.to(grad.dtype).contiguous().view(*grad.shape[:-1], in_features)
@@ -271,6 +285,64 @@ _register_autograd(nm_linear, "nm")
 _register_autograd(csr_linear, "csr")
 _register_autograd(bsr_linear, "bsr")
 _register_autograd(semi_structured_linear, "semi_structured")
+
+# ---- quantized weights: one operator per layout, "bitmask-int8" -> fx_sparsity::bitmask_int8_linear ----
+
+_QUANT_ARGS = {
+    "bitmask": "Tensor mask, Tensor values, Tensor row_offsets, Tensor scales",
+    "nm": "Tensor mask, Tensor values, Tensor scales",
+    "csr": "Tensor crow_indices, Tensor col_indices, Tensor values, Tensor scales",
+    "dense-int8": "Tensor values, Tensor scales",
+    "dense-int4": "Tensor values, Tensor scales, Tensor zeros",
+}
+
+
+def _dequantized_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on the dequantized float32 weight, computed in float32 (float64 for float64 ``x``) as the
+    kernels accumulate, returned in ``x``'s dtype."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return out.to(x.dtype).contiguous()
+
+
+def _native_quant(native: object, layout: str, x: Tensor, components: list[Tensor], bias: Tensor | None) -> Tensor:
+    family = layout.split("-")[0]
+    if family == "bitmask":
+        return native.quant_bitmask_linear(x, *components, bias)
+    if family == "nm":
+        return native.quant_nm_linear(x, *components, bias)
+    if family == "csr":
+        return native.quant_csr_linear(x, *components, bias)
+    values, scales, *zeros = components
+    return native.quant_dense_linear(x, values, scales, zeros[0] if zeros else None, bias)
+
+
+def _define_quant_op(layout: str):
+    family = layout.split("-")[0]
+    schema = f"(Tensor x, {_QUANT_ARGS.get(layout, _QUANT_ARGS.get(family))}, Tensor? bias) -> Tensor"
+
+    def quant_linear(x: Tensor, *args: Tensor | None) -> Tensor:
+        *components, bias = args
+        native = native_ops() if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES else None
+        if native is not None:
+            return _native_quant(native, layout, x, components, bias)
+        return _dequantized_linear(x, quantized_to_dense(layout, components, x.shape[-1]), bias)
+
+    quant_linear.__name__ = f"{layout.replace('-', '_')}_linear"
+    quant_linear.__doc__ = (f"``F.linear(x, W, bias)`` with ``W`` given by its {layout} components "
+                            "(see :func:`passes.lowering.quantized.to_quantized_components`).")
+    op = torch.library.custom_op(f"fx_sparsity::{quant_linear.__name__}", quant_linear, mutates_args=(), schema=schema)
+
+    @op.register_fake
+    def _(x, *args):
+        return _linear_fake(x, args[-2].shape[0])  # the last component (scales or zeros) is [out_features, ...]
+
+    _register_autograd(op, layout)
+    return op
+
+
+# Quantized layout -> its operator (torch.ops.fx_sparsity.<layout>_linear).
+QUANT_OPS = {layout: _define_quant_op(layout) for layout in QUANT_LAYOUTS}
 
 
 def _check_2d(weight: Tensor) -> None:

@@ -10,6 +10,12 @@ the components as buffers on the module that owns the weight:
 * ``csr``/``bsr``: ``<tensor_name>_crow_indices``, ``<tensor_name>_col_indices``
   (csr: int16 when they fit, else int32) and ``<tensor_name>_values``;
 * ``semi_structured``: ``<tensor_name>_packed`` and ``<tensor_name>_meta``.
+* the quantized layouts (:data:`QUANT_LAYOUTS`, e.g. ``bitmask-int8``, ``nm-int4``, ``dense-int8``):
+  the components of :data:`passes.lowering.quantized.QUANT_COMPONENT_NAMES` (the sparse ones plus
+  ``<tensor_name>_scales``; ``dense-int4`` also ``<tensor_name>_zeros``). Their values are not
+  computed here: the caller passes each weight's quantized values, scales and zeros
+  (``quantized={"fc.weight": QuantizedWeight}``), and the pass checks they are the weight's shape
+  and keep every entry the mask prunes at exactly 0.
 
 Every op reading the masked weight becomes a call to the matching
 ``torch.ops.fx_sparsity.*_linear`` operator. A 1x1 conv (no padding, one
@@ -39,9 +45,19 @@ from passes.lowering.formats import detect_nm, to_bitmask_components, to_nm_comp
 from passes.lowering.native import NO_NATIVE_ENV, native_ops
 from passes.lowering.operators import (
     NATIVE_DTYPES,
+    QUANT_OPS,
     to_bsr_components,
     to_csr_components,
     to_semi_structured_components,
+)
+from passes.lowering.quantized import (
+    QUANT_COMPONENT_NAMES,
+    QUANT_LAYOUTS,
+    as_quantized,
+    check_quantized,
+    dequantize,
+    quant_bits,
+    to_quantized_components,
 )
 from passes.masking.lstm import LSTM_KIND
 from passes.matching.weights import op_arguments
@@ -50,6 +66,7 @@ from passes.utils import ReadIndex, erase_unused_get_attrs, split_fqn, tensor_al
 
 __all__ = [
     "LAYOUTS",
+    "QUANT_LAYOUTS",
     "SparseFormat",
     "unsupported_reason",
     "lower_sparse",
@@ -61,7 +78,10 @@ __all__ = [
     "COMPONENT_NAMES",
 ]
 
-Layout = Literal["csr", "bsr", "semi_structured", "bitmask", "nm"]
+Layout = Literal[
+    "csr", "bsr", "semi_structured", "bitmask", "nm",
+    "bitmask-int8", "bitmask-int4", "nm-int8", "nm-int4", "csr-int8", "csr-int4", "dense-int8", "dense-int4",
+]
 
 SPARSE_OPS = {
     "csr": torch.ops.fx_sparsity.csr_linear.default,
@@ -70,7 +90,11 @@ SPARSE_OPS = {
     "bitmask": torch.ops.fx_sparsity.bitmask_linear.default,
     "nm": torch.ops.fx_sparsity.nm_linear.default,
 }
+# The float layouts (what lower's backends and autotune choose among); the quantized ones need their
+# values from the quantization step and are lowered only when it gives them.
 LAYOUTS: tuple[Layout, ...] = tuple(SPARSE_OPS)
+SPARSE_OPS.update({layout: getattr(torch.ops.fx_sparsity, f"{layout.replace('-', '_')}_linear").default
+                   for layout in QUANT_OPS})
 _MKL_DTYPES = (torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 # Buffer name suffixes, per layout: <tensor_name>_<suffix> on the weight's owner.
@@ -81,13 +105,17 @@ COMPONENT_NAMES = {
     # not "mask": <tensor_name>_mask is the prepared module's mask buffer
     "bitmask": ("bitmask", "values", "row_offsets"),
     "nm": ("bitmask", "values"),
+    **QUANT_COMPONENT_NAMES,
 }
+_NM_LAYOUTS = ("nm", "nm-int8", "nm-int4")
 
 
 @dataclass(frozen=True)
 class SparseFormat:
-    """How to store one weight: ``layout``; for ``"bsr"`` the ``blocksize`` (rows, cols); for ``"nm"``
-    the pattern ``nm=(n, m)`` (``None``: :func:`passes.lowering.formats.detect_nm` finds it in the weight).
+    """How to store one weight: ``layout``; for ``"bsr"`` the ``blocksize`` (rows, cols); for ``"nm"`` (and
+    ``"nm-int8"``/``"nm-int4"``) the pattern ``nm=(n, m)`` (``None``: :func:`passes.lowering.formats.detect_nm`
+    finds it in the weight). A quantized layout (:data:`QUANT_LAYOUTS`) packs the weight's quantized values,
+    which :meth:`components` must be given.
 
     Example::
 
@@ -113,8 +141,9 @@ class SparseFormat:
         elif self.blocksize is not None:
             raise ValueError(f"blocksize applies to 'bsr' only, got blocksize={self.blocksize!r} for {self.layout!r}")
         if self.nm is not None:
-            if self.layout != "nm":
-                raise ValueError(f"nm applies to 'nm' only, got nm={self.nm!r} for {self.layout!r}")
+            if self.layout not in _NM_LAYOUTS:
+                raise ValueError(f"nm applies to {', '.join(map(repr, _NM_LAYOUTS))} only, got nm={self.nm!r} for "
+                                 f"{self.layout!r}")
             pattern = self.nm
             if not (
                 isinstance(pattern, Sequence) and len(pattern) == 2
@@ -124,8 +153,32 @@ class SparseFormat:
                 raise ValueError(f"nm must be a pair of ints (n, m) with 1 <= n < m, e.g. (2, 4), got {pattern!r}")
             object.__setattr__(self, "nm", tuple(pattern))
 
-    def components(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """The strided tensors the operator of this layout takes for a dense 2-D ``weight``."""
+    @property
+    def quantized(self) -> bool:
+        """Whether the layout holds quantized values (:data:`QUANT_LAYOUTS`)."""
+        return self.layout in QUANT_COMPONENT_NAMES
+
+    def components(self, weight: Tensor, quantized: object | None = None) -> tuple[Tensor, ...]:
+        """The strided tensors the operator of this layout takes for a dense 2-D ``weight``.
+
+        A quantized layout packs ``quantized`` instead (values/scales/zeros of ``weight``, see
+        :func:`passes.lowering.quantized.to_quantized_components`); ``weight`` gives only the shape it must have.
+
+        Raises:
+            ValueError: the weight (or its quantized values) does not fit the layout, or a quantized layout
+                was given no ``quantized``.
+        """
+        if self.quantized:
+            if quantized is None:
+                raise ValueError(
+                    f"{self.layout} packs quantized values: give the weight's values, scales and zeros (a "
+                    "QuantizedWeight from fx_sparsity.quantization), or choose a float layout"
+                )
+            q = as_quantized(quantized)
+            if isinstance(q.values, Tensor) and tuple(q.values.shape) != tuple(weight.shape):
+                raise ValueError(f"the quantized values have shape {tuple(q.values.shape)}, the weight "
+                                 f"{tuple(weight.shape)}: they are of another weight")
+            return to_quantized_components(self.layout, q, self.nm)
         if self.layout == "csr":
             return to_csr_components(weight)
         if self.layout == "bsr":
@@ -150,6 +203,17 @@ def unsupported_reason(layout: str, weight: Tensor, blocksize: tuple[int, int] |
     when it is compressed (:class:`passes.SparseFormat`).
     """
     cpu = weight.device.type == "cpu"
+    if layout in QUANT_COMPONENT_NAMES:
+        if not cpu:
+            return f"{layout} kernels run on CPU only, the weight is on {weight.device}"
+        if weight.dtype not in NATIVE_DTYPES:
+            return f"{layout} kernels take float32, bfloat16 or float16 activations, the weight is {weight.dtype}"
+        if native_ops() is None:
+            return (
+                f"the C++ {layout} kernel is not available (see the warning above, or {NO_NATIVE_ENV} is set); "
+                "its pure-torch fallback would only dequantize to dense"
+            )
+        return None
     if layout in ("bitmask", "nm"):
         if not cpu:
             return f"{layout} kernels run on CPU only, the weight is on {weight.device}"
@@ -303,20 +367,53 @@ def _check_names(gm: fx.GraphModule, tensor_fqn: str, layout: Layout) -> None:
             )
 
 
-def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.GraphModule:
+def _quantized_for(fqn: str, fmt: SparseFormat, quantized: Mapping[str, object] | None, mask: Tensor) -> object:
+    """The checked quantized weight of ``fqn`` for a quantized ``fmt`` (else ``None``)."""
+    if not fmt.quantized:
+        return None
+    if quantized is None or fqn not in quantized:
+        raise ValueError(
+            "no quantized values given for it: pass quantized={" + repr(fqn) + ": <its QuantizedWeight>} "
+            "(values, scales, zeros from fx_sparsity.quantization), or lower it to a float layout"
+        )
+    q = as_quantized(quantized[fqn], f"quantized[{fqn!r}]")
+    for name in ("values", "scales"):
+        if not isinstance(getattr(q, name), Tensor):
+            raise TypeError(f"quantized[{fqn!r}].{name} must be a tensor, got {type(getattr(q, name)).__name__}")
+    if tuple(q.values.shape) != tuple(mask.shape):
+        raise ValueError(f"its quantized values have shape {tuple(q.values.shape)}, the weight {tuple(mask.shape)}")
+    check_quantized(q, quant_bits(fmt.layout), sparse=not fmt.layout.startswith("dense"))
+    kept = dequantize(q.values.detach().cpu(), q.scales.detach().cpu(), None if q.zeros is None else q.zeros.cpu())
+    pruned = (mask.cpu() == 0) & (kept != 0)
+    if bool(pruned.any()):
+        row, col = (int(i) for i in pruned.nonzero()[0])
+        raise ValueError(
+            f"its quantized values keep {int(pruned.sum())} entries the mask prunes (the first at row {row}, "
+            f"column {col}): quantize the masked weight, keeping pruned entries at 0"
+        )
+    return q
+
+
+def lower_sparse(
+    gm: fx.GraphModule, formats: Mapping[str, SparseFormat], quantized: Mapping[str, object] | None = None
+) -> fx.GraphModule:
     """Run the masked weights named in ``formats`` through sparse-kernel operators.
 
     Args:
         gm: a module with mask nodes from :func:`passes.masking.insert.insert_masks` (mutated in place).
         formats: canonical tensor FQN (``"fc.weight"``) -> :class:`SparseFormat`.
+        quantized: tensor FQN -> the weight's quantized values, scales and zeros (a ``QuantizedWeight``,
+            :class:`passes.lowering.quantized.QuantizedComponents` or a mapping), for the weights given a
+            quantized layout; entries for other weights are ignored.
 
     Returns:
         ``gm``, recompiled.
 
     Raises:
         ValueError: an FQN is not a masked weight, an op cannot run as a sparse
-            linear (:func:`lowering_blocker`), or the weight does not fit the
-            layout; ``gm`` is unchanged then.
+            linear (:func:`lowering_blocker`), the weight does not fit the
+            layout, or a quantized layout has no quantized weight, one of another shape or one that keeps
+            an entry the mask prunes (each naming the layer); ``gm`` is unchanged then.
 
     Example::
 
@@ -341,9 +438,10 @@ def lower_sparse(gm: fx.GraphModule, formats: Mapping[str, SparseFormat]) -> fx.
         weight, mask = getattr(owner, target.tensor_name), getattr(owner, target.mask_name)
         fused = (weight * mask).detach().reshape(weight.shape[0], -1)
         try:
-            components = fmt.components(fused)
-        except ValueError as e:
-            raise ValueError(f"cannot lower {fqn} to {fmt.layout}: {e}") from None
+            q = _quantized_for(fqn, fmt, quantized, mask.detach().reshape(fused.shape))
+            components = fmt.components(fused, q)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"cannot lower {fqn} to {fmt.layout}: {e}") from None
         plans.append((target, fmt, components))
 
     graph = gm.graph

@@ -57,8 +57,29 @@ struct Csr {
   ValueType vtype;
 };
 
+// Quantized weights (quant_body.h): the values are a stream of int8 (value k at values[k]) or
+// int4 (value k in byte k / 2, the low nibble first, unsigned) codes u, in the value layout of
+// Bitmask (offsets and row_stride counted in codes, nibbles for int4; mask null: dense rows) or
+// Csr. Weight (r, j) is scales[r * groups + g] * (u - zero_rg), g = j / group_size, zero_rg =
+// zeros[r * groups + g] when zeros is set, else the constant zero (0 for int8, 8 for int4).
+// group_size is a multiple of 16 when groups > 1 (a group is a whole number of vectors).
+// total: the number of codes in the stream; vector reads stay 32 codes inside it.
+enum class QuantType : int { int8 = 0, int4 = 1 };
+
+struct Quant {
+  QuantType type;
+  const float* scales;
+  int64_t groups;
+  int64_t group_size;
+  const int8_t* zeros;
+  int zero;
+  int64_t total;
+};
+
 using BitmaskRowsFn = void (*)(const Dense&, const Bitmask&, int64_t, int64_t);
 using CsrRowsFn = void (*)(const Dense&, const Csr&, int64_t, int64_t);
+using QuantBitmaskRowsFn = void (*)(const Dense&, const Bitmask&, const Quant&, int64_t, int64_t);
+using QuantCsrRowsFn = void (*)(const Dense&, const Csr&, const Quant&, int64_t, int64_t);
 
 // Bitmask and N:M kernels for bf16 values with bf16 inputs (Dense::xh), AVX512-BF16.
 struct Bf16Kernels {
@@ -72,6 +93,8 @@ struct KernelTable {
   BitmaskRowsFn bitmask_rows;    // batch > 1
   CsrRowsFn csr_rows;
   const Bf16Kernels* bf16;       // bf16 bitmask/N:M instead of the two above, or null
+  QuantBitmaskRowsFn quant_bitmask_rows;  // quantized bitmask, N:M and dense (mask null)
+  QuantCsrRowsFn quant_csr_rows;
 };
 
 namespace avx512 { extern const KernelTable table; }

@@ -40,6 +40,7 @@ struct V {
   static void store(float* p, R a) { _mm256_storeu_ps(p, a); }
   static R bcast(float v) { return _mm256_set1_ps(v); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -53,6 +54,19 @@ struct V {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   static R vals(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  // 8 int8 codes: sign-extended to int32, then converted (exact).
+  static R vals(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // The 8 unsigned int4 codes k..k+7 of a nibble stream (low nibble first): one 32-bit word
+  // broadcast and shifted right by 0, 4, ..., 28 per lane. Reads the 8 bytes from byte k / 2.
+  static R nib(const uint8_t* base, int64_t k) {
+    uint64_t w;
+    std::memcpy(&w, base + (k >> 1), 8);
+    const __m256i word = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w >> ((k & 1) * 4))));
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(15)));
+  }
   static R expand(R v, uint32_t m) {
     const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(expand_table.idx[m]));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
@@ -68,8 +82,9 @@ struct V {
 };
 
 #include "kernel_body.h"
+#include "quant_body.h"
 
-const KernelTable table{"avx2", bitmask_rows, bitmask_rows, csr_rows, nullptr};
+const KernelTable table{"avx2", bitmask_rows, bitmask_rows, csr_rows, nullptr, quant_bitmask_rows, quant_csr_rows};
 
 }  // namespace fxs::avx2
 

@@ -42,6 +42,7 @@ struct V {
   static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
   static R bcast(float v) { return _mm512_set1_ps(v); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(R a) { return _mm512_reduce_add_ps(a); }
   static R vals(const float* p) { return _mm512_loadu_ps(p); }
@@ -50,6 +51,23 @@ struct V {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   static R vals(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // 16 int8 codes: sign-extended to int32, then converted (exact).
+  static R vals(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // The 16 unsigned int4 codes k..k+15 of a nibble stream (low nibble first): the 64 bits from
+  // nibble k, each 32-bit half broadcast to 8 lanes and shifted right by 0, 4, ..., 28. Reads 9
+  // bytes from byte k / 2 when k is odd, else 8.
+  static R nib(const uint8_t* base, int64_t k) {
+    uint64_t w;
+    std::memcpy(&w, base + (k >> 1), 8);
+    if (k & 1) w = (w >> 4) | (static_cast<uint64_t>(base[(k >> 1) + 8]) << 60);
+    const __m256i lo = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w)));
+    const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w >> 32)));
+    const __m512i word = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), _mm512_set1_epi32(15)));
+  }
   // The empty asm keeps v in a register: folded into vexpandps' memory form the load is
   // microcoded on AMD Zen 4 (about 4x slower for the whole kernel).
   static R expand(R v, uint32_t m) {
@@ -71,8 +89,9 @@ struct V {
 };
 
 #include "kernel_body.h"
+#include "quant_body.h"
 
-const KernelTable table{"avx512", bitmask_rows, bitmask_rows, csr_rows, nullptr};
+const KernelTable table{"avx512", bitmask_rows, bitmask_rows, csr_rows, nullptr, quant_bitmask_rows, quant_csr_rows};
 
 }  // namespace fxs::avx512
 
@@ -90,9 +109,11 @@ struct V : avx512::V {
 };
 
 #include "kernel_body.h"
+#include "quant_body.h"
 
 // Batch > 1 decodes once per batch tile of 8, where vexpandps is the cheaper decode again.
-const KernelTable table{"avx512-lut", bitmask_rows, avx512::bitmask_rows, csr_rows, nullptr};
+const KernelTable table{"avx512-lut", bitmask_rows, avx512::bitmask_rows, csr_rows, nullptr, quant_bitmask_rows,
+                        quant_csr_rows};
 
 }  // namespace fxs::avx512_lut
 

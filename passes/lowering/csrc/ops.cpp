@@ -55,7 +55,8 @@ bool slow_expand() {
 // An AVX-512 table with the bf16 dot-product kernels for bf16 weights and inputs: avx512-bf16
 // (Intel) and avx512-lut-bf16 (AMD) differ in their fp32/fp16 bitmask decode only.
 constexpr KernelTable with_bf16(const KernelTable& base, const char* name, const Bf16Kernels* bf16) {
-  return KernelTable{name, base.bitmask_rows_1, base.bitmask_rows, base.csr_rows, bf16};
+  return KernelTable{name, base.bitmask_rows_1, base.bitmask_rows, base.csr_rows, bf16, base.quant_bitmask_rows,
+                     base.quant_csr_rows};
 }
 #endif
 
@@ -249,6 +250,122 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& crow, const at::Ten
   return call.result(x.scalar_type());
 }
 
+// ---- quantized weights (quant_body.h): int8 codes (values int8) or int4 codes (values uint8, two per byte) ----
+
+void check_x_float(const at::Tensor& x, const char* op) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", t);
+}
+
+// The Quant of a call; values' dtype says int8 or int4, scales [rows] or [rows, groups] the groups.
+Quant quant_of(const at::Tensor& values, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+               int64_t rows, int64_t in, const char* op) {
+  TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == at::kChar || values.scalar_type() == at::kByte), op,
+              ": values must be contiguous int8 (int8 codes) or uint8 (int4 codes, two per byte), got ",
+              values.scalar_type());
+  const bool int4 = values.scalar_type() == at::kByte;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() >= 1 && scales.dim() <= 2 &&
+                  scales.size(0) == rows && (scales.dim() == 1 || scales.size(1) >= 1), op,
+              ": scales must be a contiguous float32 [", rows, "] or [", rows, ", groups] tensor, got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const int64_t groups = scales.dim() == 1 ? 1 : scales.size(1);
+  TORCH_CHECK(in % groups == 0 && (groups == 1 || (in / groups) % 16 == 0), op, ": ", groups,
+              " scale groups per row must split the ", in, " input features into groups of a multiple of 16");
+  const int8_t* zp = nullptr;
+  if (zeros.has_value()) {
+    TORCH_CHECK(int4, op, ": zero points are for int4 codes only");
+    TORCH_CHECK(zeros->scalar_type() == at::kChar && zeros->is_contiguous() && zeros->numel() == rows * groups, op,
+                ": zeros must be a contiguous int8 tensor of scales' shape ", scales.sizes(), ", got ",
+                zeros->scalar_type(), " ", zeros->sizes());
+    zp = zeros->data_ptr<int8_t>();
+  }
+  return Quant{int4 ? QuantType::int4 : QuantType::int8, scales.data_ptr<float>(), groups, in / groups, zp,
+               int4 ? 8 : 0, values.numel() * (int4 ? 2 : 1)};
+}
+
+at::Tensor run_quant_bitmask(const at::Tensor& x, const Bitmask& w, const Quant& q, int64_t rows,
+                             const std::optional<at::Tensor>& bias, const char* op) {
+  Call call(x, rows, bias, XLayout::rows, op);
+  const auto fn = active()->quant_bitmask_rows;
+  if (call.d.batch > 0) for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, q, r0, r1); });
+  return call.result(x.scalar_type());
+}
+
+at::Tensor quant_bitmask_linear(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                                const at::Tensor& offsets, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& bias) {
+  const char* op = "fx_sparsity_native::quant_bitmask_linear";
+  check_x_float(x, op);
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous() &&
+                  offsets.size(0) >= 1, op, ": row_offsets must be a contiguous 1-D int64 tensor");
+  const int64_t rows = offsets.size(0) - 1;
+  const Quant q = quant_of(values, scales, std::nullopt, rows, x.size(-1), op);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[rows] <= q.total, op, ": row_offsets must start at 0 and end at most at ", q.total,
+              " (the number of codes), got ", off[0], "..", off[rows]);
+  check_mask(mask, rows, x.size(-1), op);
+  const Bitmask w{mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), ValueType::f32, off, 0,
+                  safe_rows(rows, q.total, [off](int64_t r) { return off[r]; })};
+  return run_quant_bitmask(x, w, q, rows, bias, op);
+}
+
+at::Tensor quant_nm_linear(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+  const char* op = "fx_sparsity_native::quant_nm_linear";
+  check_x_float(x, op);
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D");
+  const int64_t rows = values.size(0);
+  const Quant q = quant_of(values, scales, std::nullopt, rows, x.size(-1), op);
+  const int64_t stride = rows ? q.total / rows : 0;
+  check_mask(mask, rows, x.size(-1), op);
+  const Bitmask w{mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), ValueType::f32, nullptr, stride,
+                  safe_rows(rows, q.total, [stride](int64_t r) { return r * stride; })};
+  return run_quant_bitmask(x, w, q, rows, bias, op);
+}
+
+at::Tensor quant_dense_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias) {
+  const char* op = "fx_sparsity_native::quant_dense_linear";
+  check_x_float(x, op);
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D");
+  const int64_t rows = values.size(0), in = x.size(-1);
+  const Quant q = quant_of(values, scales, zeros, rows, in, op);
+  const int64_t stride = rows ? q.total / rows : 0;
+  TORCH_CHECK(stride == (q.type == QuantType::int4 ? round_up(in, 2) : in), op, ": values must have shape [", rows,
+              ", ", q.type == QuantType::int4 ? round_up(in, 2) / 2 : in, "] for ", in, " input features, got ",
+              values.sizes());
+  const Bitmask w{nullptr, 0, values.data_ptr(), ValueType::f32, nullptr, stride,
+                  safe_rows(rows, q.total, [stride](int64_t r) { return r * stride; })};
+  return run_quant_bitmask(x, w, q, rows, bias, op);
+}
+
+at::Tensor quant_csr_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                            const at::Tensor& values, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& bias) {
+  const char* op = "fx_sparsity_native::quant_csr_linear";
+  check_x_float(x, op);
+  TORCH_CHECK(crow.scalar_type() == at::kInt && crow.dim() == 1 && crow.is_contiguous() && crow.size(0) >= 1, op,
+              ": crow_indices must be a contiguous 1-D int32 tensor");
+  TORCH_CHECK((col.scalar_type() == at::kShort || col.scalar_type() == at::kInt) && col.dim() == 1 &&
+                  col.is_contiguous(), op, ": col_indices must be a contiguous 1-D int16 or int32 tensor");
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D");
+  const int64_t rows = crow.size(0) - 1;
+  const Quant q = quant_of(values, scales, std::nullopt, rows, x.size(-1), op);
+  TORCH_CHECK(q.total == (q.type == QuantType::int4 ? round_up(col.numel(), 2) : col.numel()), op,
+              ": values must hold one code per column index (int4: two per byte), got ", values.numel(),
+              " values for ", col.numel(), " indices");
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  TORCH_CHECK(cr[0] == 0 && cr[rows] <= col.numel(), op, ": crow_indices must start at 0 and end at most at ",
+              col.numel(), ", got ", cr[0], "..", cr[rows]);
+  Call call(x, rows, bias, XLayout::transposed, op);
+  const Csr w{cr, col.data_ptr(), col.scalar_type() == at::kShort, values.data_ptr(), ValueType::f32};
+  const auto fn = active()->quant_csr_rows;
+  for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, q, r0, r1); });
+  return call.result(x.scalar_type());
+}
+
 }  // namespace
 }  // namespace fxs
 
@@ -258,6 +375,14 @@ TORCH_LIBRARY(fx_sparsity_native, m) {
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor");
   // The kernels in use; want = 'avx512-bf16' | 'avx512-lut-bf16' | 'avx512' | 'avx512-lut' | 'avx2' | 'generic'
   // forces one (tests, benchmarks), 'auto' re-picks by cpuid.
+  // Quantized weights: values int8 (int8 codes) or uint8 (int4 codes, two per byte, low nibble first),
+  // scales float32 [rows] or [rows, groups]; see Quant in kernels.h.
+  m.def("quant_bitmask_linear(Tensor x, Tensor mask, Tensor values, Tensor row_offsets, Tensor scales, Tensor? bias) "
+        "-> Tensor");
+  m.def("quant_nm_linear(Tensor x, Tensor mask, Tensor values, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("quant_csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor scales, "
+        "Tensor? bias) -> Tensor");
+  m.def("quant_dense_linear(Tensor x, Tensor values, Tensor scales, Tensor? zeros, Tensor? bias) -> Tensor");
   m.def("isa(str want='') -> str", &fxs::isa);
 }
 
@@ -265,4 +390,8 @@ TORCH_LIBRARY_IMPL(fx_sparsity_native, CPU, m) {
   m.impl("bitmask_linear", &fxs::bitmask_linear);
   m.impl("nm_linear", &fxs::nm_linear);
   m.impl("csr_linear", &fxs::csr_linear);
+  m.impl("quant_bitmask_linear", &fxs::quant_bitmask_linear);
+  m.impl("quant_nm_linear", &fxs::quant_nm_linear);
+  m.impl("quant_csr_linear", &fxs::quant_csr_linear);
+  m.impl("quant_dense_linear", &fxs::quant_dense_linear);
 }
