@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from fx_sparsity.lowering.backends import LayerRequest
 from fx_sparsity.lowering.timing import LayerTimer
-from passes.lowering import LAYOUTS, SparseFormat, unsupported_reason
+from passes.lowering import LAYOUTS, QUANT_LAYOUTS, SparseFormat, unsupported_reason
 
 __all__ = ["AUTO_MIN_SPEEDUP", "LayerChoice", "choose_backend", "resolve_layer"]
 
@@ -48,12 +48,16 @@ def _format(layout: str, blocksize: tuple[int, int] | None) -> SparseFormat:
 
 
 def resolve_layer(
-    layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, blocker: str | None, timed: bool
+    layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, blocker: str | None, timed: bool,
+    quantized: object | None = None, record_bits: int | None = None,
 ) -> LayerChoice:
     """The format a layer gets (``None``: fuse), the note, and its times before/after when ``timed``.
 
     ``blocker`` is why the layer's ops cannot run as a sparse linear at all
-    (:func:`passes.lowering.lowering_blockers`), ``None`` when they can.
+    (:func:`passes.lowering.lowering_blockers`), ``None`` when they can. ``quantized`` is the layer's
+    quantized weight for a quantized layout; ``record_bits`` the bits of the weight's quantization record,
+    with which ``auto`` also times the quantized layouts of those bits (without a record it stays with the
+    float formats: quantizing changes the numbers, so it is never chosen for the user).
 
     Raises:
         ValueError: an explicitly requested backend cannot run this layer here.
@@ -73,20 +77,21 @@ def resolve_layer(
         if not timed:
             return fmt, "", None, None
         try:
-            variants[wanted] = layer.sparse_fn(fmt, fmt.components(fused.reshape(fused.shape[0], -1)))
+            variants[wanted] = layer.sparse_fn(fmt, fmt.components(fused.reshape(fused.shape[0], -1), quantized))
         except ValueError as e:
             raise ValueError(f"cannot lower {fqn} to {wanted}: {e}") from None
         times = layer.time(variants)
         return fmt, "", times["masked"], times[wanted]
     formats = {}
-    for layout in LAYOUTS:
+    quant = [q for q in QUANT_LAYOUTS if record_bits is not None and q.endswith(f"int{record_bits}")]
+    for layout in (*LAYOUTS, *quant):
         if unsupported_reason(layout, fused, blocksize) is not None:
             continue
         if layout == "bsr" and blocksize[0] * blocksize[1] == 1:
             continue  # 1x1 blocks are CSR with extra overhead
         fmt = _format(layout, blocksize)
         try:
-            components = fmt.components(fused.reshape(fused.shape[0], -1))
+            components = fmt.components(fused.reshape(fused.shape[0], -1), quantized if layout in quant else None)
         except ValueError:  # not 2:4, say
             continue
         formats[layout] = fmt

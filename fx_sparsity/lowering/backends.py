@@ -9,6 +9,15 @@ config in the sparsity config's forms, whose entries hold ``"backend"`` and, for
 
 Layers no entry selects are fused. Selection follows the sparsity config's
 precedence (exact tensor FQN, then module FQN, then the first pattern).
+
+The quantized layouts (``"bitmask-int8"``, ``"nm-int4"``, ``"dense-int8"``, ...; see
+:mod:`passes.lowering.quantized`) pack a weight's int8/int4 values: those of its quantization
+record (``SparseGPTSparsifier(quantization=...)``, :func:`fx_sparsity.quantization.quantize`), or,
+without one, round-to-nearest on the masked weight, on the grid an entry's ``"quantization"`` names
+(``{"*": {"backend": "nm-int4", "quantization": "int4-g64"}}``; default ``"int8"`` / ``"int4"``, groups of
+128)::
+
+    {"*.mlp.*": "bitmask-int8", "*": {"backend": "nm-int4", "quantization": "int4-g32"}}
 """
 
 from __future__ import annotations
@@ -20,12 +29,12 @@ from typing import Any, Union
 from torch import fx
 
 from fx_sparsity.config import parse_config
-from passes.lowering import LAYOUTS
+from passes.lowering import LAYOUTS, QUANT_LAYOUTS
 from passes.matching import WeightMatch, find_masked_weights, select_weights
 
 __all__ = ["BACKENDS", "MODEL_BACKENDS", "BackendConfig", "LayerRequest", "parse_backends"]
 
-BACKENDS = ("fuse", *LAYOUTS, "auto")
+BACKENDS = ("fuse", *LAYOUTS, *QUANT_LAYOUTS, "auto")
 # Backends that rewrite the whole model at once (coupled layers change together): never per layer.
 MODEL_BACKENDS = ("shrink",)
 BackendConfig = Union[str, Sequence[Mapping[str, Any]], Mapping[str, Union[str, Mapping[str, Any]]]]
@@ -57,11 +66,14 @@ def _blocksize(value: object, where: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class LayerRequest:
-    """What one layer asks for: a backend of :data:`BACKENDS` and, for bsr/auto, a block size (``None``: the
-    sparsifier's square ``sparse_block_shape`` when it has one)."""
+    """What one layer asks for: a backend of :data:`BACKENDS`; for bsr/auto, a block size (``None``: the
+    sparsifier's square ``sparse_block_shape`` when it has one); for a quantized layout, the grid of its
+    round-to-nearest values when the weight has no quantization record (``None``: int8, or int4 in groups of
+    128)."""
 
     backend: str = "fuse"
     blocksize: tuple[int, int] | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check_backend(self.backend, "LayerRequest.backend")
@@ -71,12 +83,28 @@ class LayerRequest:
                 f"blocksize applies to the 'bsr' and 'auto' backends only, got blocksize={self.blocksize} "
                 f"with backend {self.backend!r}: remove it or use backend 'bsr'"
             )
+        _check_quantization(self.quantization, self.backend, "LayerRequest.quantization")
+
+
+def _check_quantization(value: object, backend: str, where: str) -> None:
+    if value is None:
+        return
+    if backend not in QUANT_LAYOUTS:
+        raise ValueError(f"{where} applies to the quantized backends ({', '.join(QUANT_LAYOUTS)}), not {backend!r}: "
+                         "remove it or choose one of those")
+    from fx_sparsity.quantization.spec import as_spec
+
+    spec = as_spec(value)  # raises naming the field and the allowed values
+    bits = 8 if backend.endswith("int8") else 4
+    if spec.bits != bits:
+        raise ValueError(f"{where} is {value!r} ({spec.bits}-bit) but backend {backend!r} holds {bits}-bit values")
 
 
 def _request(overrides: Mapping[str, Any], fqn: str) -> LayerRequest:
-    extra = set(overrides) - {"backend", "blocksize"}
+    extra = set(overrides) - {"backend", "blocksize", "quantization"}
     if extra:
-        raise ValueError(f"backend entry for {fqn} sets {sorted(extra)}; only 'backend' and 'blocksize' apply")
+        raise ValueError(f"backend entry for {fqn} sets {sorted(extra)}; only 'backend', 'blocksize' and "
+                         "'quantization' apply")
     backend = _check_backend(overrides.get("backend", "fuse"), f"backend for {fqn}")
     size = _blocksize(overrides.get("blocksize"), f"blocksize for {fqn}")
     if size is not None and backend not in _TAKES_BLOCKSIZE:
@@ -84,7 +112,9 @@ def _request(overrides: Mapping[str, Any], fqn: str) -> LayerRequest:
             f"blocksize for {fqn} applies to the 'bsr' and 'auto' backends only, got backend {backend!r}: "
             "remove it or use backend 'bsr'"
         )
-    return LayerRequest(backend, size)
+    quantization = overrides.get("quantization")
+    _check_quantization(quantization, backend, f"quantization for {fqn}")
+    return LayerRequest(backend, size, quantization)
 
 
 def parse_backends(

@@ -41,19 +41,23 @@ from fx_sparsity.lowering.autotune import resolve_layer
 from fx_sparsity.lowering.backends import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest, parse_backends
 from fx_sparsity.lowering.timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
 from fx_sparsity.meta import (
+    QuantRecord,
     ShrinkRecord,
     clone_without_sparsifier,
     find_sparsifier,
+    get_quantization,
     get_sparsifier,
     set_lowering,
     set_shrink,
 )
+from fx_sparsity.quantization.rtn import quantize_weight
+from fx_sparsity.quantization.spec import as_spec
 from fx_sparsity.structured.pruner import ChannelPruner
 from fx_sparsity.structured.shrinking import shrink_with_dense
 from fx_sparsity.utils.progress import progress
 from fx_sparsity.utils.running import ModelInputs, eval_mode, fit_inputs
 from passes import get_sparse_target
-from passes.lowering import COMPONENT_NAMES, lower_sparse, lowering_blockers
+from passes.lowering import COMPONENT_NAMES, QUANT_LAYOUTS, lower_sparse, lowering_blockers
 from passes.masking import fuse_masks
 from passes.matching import find_masked_weights
 from passes.meta import mask_nodes
@@ -220,21 +224,52 @@ def lower(
     calls = record_op_calls(gm, *inputs) if timed else {}
     cold = timed and _weights_exceed_cache(gm)
 
-    formats, choices = {}, []
+    formats, choices, quantized = {}, [], {}
+    records = get_quantization(gm)
     blockers, blocksizes = lowering_blockers(gm, muls), _default_blocksizes(gm)
     targets = [get_sparse_target(mul) for mul in muls.values()]
     for target in progress(targets, progress_bar and timed, "lower: timing layers", len(targets)):
         request = requests[target.tensor_fqn]
         layer = LayerTimer(gm, target, calls.get(target.tensor_fqn, []), repeats, cold)
         blocksize = request.blocksize or blocksizes.get(target.tensor_fqn)
-        fmt, note, before, after = resolve_layer(layer, request, blocksize, blockers[target.tensor_fqn], timed)
+        record = records.get(target.tensor_fqn)
+        q = _quantized_weight(target.tensor_fqn, request, layer, record)
+        fmt, note, before, after = resolve_layer(layer, request, blocksize, blockers[target.tensor_fqn], timed, q,
+                                                 record.quantized.spec.bits if record is not None else None)
         if fmt is not None:
             formats[target.tensor_fqn] = fmt
+            if fmt.quantized:
+                quantized[target.tensor_fqn] = q
         choices.append((layer, request, fmt, note, before, after))
 
-    lowered = fuse_masks(lower_sparse(clone_without_sparsifier(gm), formats))
+    lowered = fuse_masks(lower_sparse(clone_without_sparsifier(gm), formats, quantized))
     set_lowering(lowered, [_record(*choice, lowered) for choice in choices])
     return lowered
+
+
+def _quantized_weight(fqn: str, request: LayerRequest, layer: LayerTimer, record: QuantRecord | None) -> Any:
+    """The quantized weight a layer's quantized layout packs: its quantization record's (checked against the
+    layout's bits and the request's grid), else round-to-nearest of the masked weight on the request's grid.
+    With ``auto``, the record's (``None`` without one). Raises ``ValueError`` naming the layer."""
+    wanted = request.backend
+    if wanted not in QUANT_LAYOUTS:
+        return record.quantized if record is not None and wanted == "auto" else None
+    bits = 8 if wanted.endswith("int8") else 4
+    if record is not None:
+        spec = record.quantized.spec
+        if spec.bits != bits or (request.quantization is not None and as_spec(request.quantization) != spec):
+            raise ValueError(
+                f"cannot lower {fqn} to {wanted}: its weight was quantized to {spec} ({record.method}), which "
+                f"{wanted}{' with quantization=' + repr(request.quantization) if request.quantization else ''} "
+                "does not hold; lower it to a layout of those bits, or quantize it again"
+            )
+        return record.quantized
+    spec = as_spec(request.quantization or f"int{bits}")
+    weight = layer.fused()
+    try:
+        return quantize_weight(weight.reshape(weight.shape[0], -1), spec)
+    except ValueError as e:
+        raise ValueError(f"cannot lower {fqn} to {wanted}: {e}") from None
 
 
 def _model_inputs(gm: fx.GraphModule, example_inputs: Any) -> ModelInputs | None:
