@@ -435,8 +435,6 @@ def test_quantized_state_dict_and_refusals():
         SparseLinear.from_quantized(linear, "dense-int8", _round_to_nearest(torch.randn(16, 64), "int8"))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="fx_sparsity/deploy/checkpoint.py (not the qkernels branch's "
-                   "scope) checks a saved layer's format against passes.lowering.LAYOUTS, the float layouts only")
 def test_quantized_checkpoint_round_trip(tmp_path):
     """save_sparse/load_sparse round-trip a model holding a quantized SparseLinear."""
     from fx_sparsity.deploy import load_sparse, save_sparse

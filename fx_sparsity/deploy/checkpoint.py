@@ -63,7 +63,7 @@ from fx_sparsity.deploy.modules import SPARSE_MODULES, SparseLinear, check_compo
 from fx_sparsity.deploy.resized import is_transformers_model
 from fx_sparsity.utils.safetensors_files import fsync_dir, write_atomic
 from passes import clone_sharing_tensors
-from passes.lowering import COMPONENT_NAMES, LAYOUTS
+from passes.lowering import COMPONENT_NAMES, LAYOUTS, QUANT_LAYOUTS
 from passes.utils import get_tensor, set_tensor, split_fqn
 
 __all__ = ["save_sparse", "load_sparse", "METADATA_NAME", "CHECKPOINT_FORMAT", "FORMAT_VERSION"]
@@ -298,9 +298,9 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
             module = layer.get("module") if isinstance(layer, dict) else layer
             raise ValueError(f"{where}: layer {fqn} is a {module!r}, which this fx_sparsity does not know "
                              f"(known: {', '.join(_SPARSE_CLASSES)})")
-        if layer.get("layout") not in LAYOUTS:
+        if layer.get("layout") not in (*LAYOUTS, *QUANT_LAYOUTS):
             raise ValueError(f"{where}: layer {fqn} has the format {layer.get('layout')!r}, which this fx_sparsity "
-                             f"does not know (known: {', '.join(LAYOUTS)}); load it with the version that wrote it")
+                             f"does not know (known: {', '.join((*LAYOUTS, *QUANT_LAYOUTS))}); load it with the version that wrote it")
     for name, entry in metadata["tensors"].items():
         if not (isinstance(entry, dict) and entry.get("dtype") in _DTYPES and isinstance(entry.get("shape"), list)
                 and entry.get("file") in metadata["files"]):
