@@ -25,7 +25,6 @@ a cached step, and the one-token forward).
 
     python benchmarks/decode.py                 # fp32 and bf16, about 8 minutes on 2 cores
     python benchmarks/decode.py --rounds 3 --new-tokens 16 --dtypes bfloat16   # quicker
-    python benchmarks/decode.py --quantized --dtypes bfloat16                 # with the int8/int4 sparse layers
     python benchmarks/decode.py --hidden 128 --intermediate 256 --layers 1 --rounds 1 --forward-rounds 1 \
         --prompt 4 --new-tokens 2 --vocab 256                                   # does it run (seconds)
 """
@@ -44,7 +43,7 @@ from tabulate import tabulate
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import fx_sparsity
-from fx_sparsity.deploy import SparseLinear, densify_model
+from fx_sparsity.deploy import SparseLinear
 from passes import native_isa
 
 
@@ -57,16 +56,10 @@ def build(dtype: torch.dtype, args: argparse.Namespace) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def pruned_variants(model, sparsifier, ids: torch.Tensor, backend: str = "auto"):
-    """(lowered graph, the model's class with sparse modules, masked eager reference, backends picked); a
-    quantized ``backend`` (round to nearest) is checked against the model holding its dequantized weights."""
+def pruned_variants(model, sparsifier, ids: torch.Tensor):
+    """(lowered graph, the model's class with sparse modules, masked eager reference, backends picked)."""
     gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=sparsifier, example_inputs=(ids,))
     sparsifier.step()
-    if backend != "auto":
-        lowered = fx_sparsity.lower(gm, backend)
-        sparse = fx_sparsity.sparsify_model(gm, backend, progress_bar=False)
-        reference = densify_model(sparse)  # the dequantized weights, dense, in the model's class
-        return lowered, sparse, reference, {backend: sum(isinstance(m, SparseLinear) for m in sparse.modules())}
     reference = fx_sparsity.to_model(gm)  # the masked weights, dense, in the model's class
     lowered = fx_sparsity.lower(gm, "auto", example_inputs=(ids,), progress_bar=False)
     # The formats auto chose for the lowered graph, per layer, so that both variants run the same kernels.
@@ -138,8 +131,6 @@ def main() -> None:
     parser.add_argument("--forward-rounds", type=int, default=15, help="one-token forwards per variant")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--quantized", action="store_true",
-                        help="also 50%% + int8 (bitmask-int8), 2:4 + int8 and 2:4 + int4 (groups of 128), round to nearest")
     args = parser.parse_args()
     print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}")
     decode_rows, forward_rows = [], []
@@ -154,14 +145,11 @@ def main() -> None:
         dense_gm = fx_sparsity.prepare(model, ["model.layers.*"], sparsifier=fx_sparsity.MagnitudeSparsifier(0.0),
                                        example_inputs=(ids,))
         graphs["dense"] = fx_sparsity.lower(dense_gm, "fuse")
-        variants = [("50% unstructured, auto", fx_sparsity.MagnitudeSparsifier(0.5), "auto"),
-                    ("2:4, auto", fx_sparsity.NMSparsifier(2, 4), "auto")]
-        if args.quantized:
-            variants += [("50% + int8", fx_sparsity.MagnitudeSparsifier(0.5), "bitmask-int8"),
-                         ("2:4 + int8", fx_sparsity.NMSparsifier(2, 4), "nm-int8"),
-                         ("2:4 + int4", fx_sparsity.NMSparsifier(2, 4), "nm-int4")]
-        for name, sparsifier, backend in variants:
-            lowered, sparse, reference, picks[name] = pruned_variants(model, sparsifier, ids, backend)
+        for name, sparsifier in (
+            ("50% unstructured, auto", fx_sparsity.MagnitudeSparsifier(0.5)),
+            ("2:4, auto", fx_sparsity.NMSparsifier(2, 4)),
+        ):
+            lowered, sparse, reference, picks[name] = pruned_variants(model, sparsifier, ids)
             with torch.no_grad():
                 torch.testing.assert_close(lowered(ids).logits, reference(ids).logits, rtol=tol, atol=tol)
                 check(sparse, reference, prompt, tol)
