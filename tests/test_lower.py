@@ -164,11 +164,12 @@ def test_per_layer_config_forms_and_precedence():
     "backend, error, match",
     [
         ("dense", ValueError,
-         r"backend must be one of 'fuse', 'csr', 'bsr', 'semi_structured', 'bitmask', 'nm', 'auto', got 'dense'"),
+         r"backend must be one of 'fuse', 'csr', 'bsr', 'semi_structured', 'bitmask', 'nm', 'bitmask-int8', .*"
+         r"'dense-int4', 'auto', got 'dense'"),
         ({"fc1": "sparse"}, ValueError, r"backend for fc1.weight must be one of .* got 'sparse'"),
         ({"fc3": "csr"}, ValueError, r"'fc3' selects no Linear or Conv weight: 'fc3' names nothing in the model; closest FQNs: fc2, fc1"),
         ({"fc1": {"backend": "bsr", "blocksize": (0, 4)}}, ValueError, r"blocksize for fc1.weight must be .* got \(0, 4\)"),
-        ({"fc1": {"backend": "csr", "level": 2}}, ValueError, r"sets \['level'\]; only 'backend' and 'blocksize'"),
+        ({"fc1": {"backend": "csr", "level": 2}}, ValueError, r"sets \['level'\]; only 'backend', 'blocksize' and 'quantization' apply"),
         ({"fc1": {"backend": "bsr", "blocksize": (4, 8)}}, ValueError, r"square blocks only, got blocksize \(4, 8\)"),
         ({"fc1": {"backend": "bsr", "blocksize": 5}}, ValueError, r"cannot lower fc1.weight to bsr: blocksize \(5, 5\) does not divide the weight shape \(96, 64\)"),
         ("bsr", ValueError, r"square blocks only, got blocksize \(1, 4\)"),
