@@ -1,4 +1,5 @@
-"""Recipes over the stages. ``oneshot``: one call from a model and calibration data to the pruned model in its own class, with its report.
+"""Recipes over the stages. ``oneshot``: one call from a model and calibration data to the pruned model in its
+own class, with its report.
 
 The recipe, over the public pieces (in the spirit of llm-compressor's ``oneshot``):
 

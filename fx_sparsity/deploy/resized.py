@@ -155,6 +155,10 @@ def _build(cls: type, config: Any, source: nn.Module, state: dict[str, torch.Ten
     return model.train(source.training)
 
 
+def _listed(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k} {list(s)}" for k, s in list(shapes.items())[:3])
+
+
 def resized_transformers_model(small: nn.Module, source: nn.Module, example_inputs: Any) -> nn.Module:
     """``type(source)`` built from ``source.config`` with the sizes ``small`` ended with, holding its tensors.
 
@@ -199,8 +203,8 @@ def resized_transformers_model(small: nn.Module, source: nn.Module, example_inpu
     uneven = _per_layer_sizes(shrunk)
     why = (f"its layers ended with different sizes ({'; '.join(uneven[:3])}), and {type(source.config).__name__} "
            "holds one size for every layer" if uneven else
-           f"no config of {cls.__name__} holds the shrunk sizes ({', '.join(f'{k} {list(s)}' for k, s in list(changed.items())[:3])}) "
-           "and computes what the shrunk module does")
+           f"no config of {cls.__name__} holds the shrunk sizes ({_listed(changed)}) and computes what the shrunk "
+           "module does")
     raise ValueError(
         f"to_model cannot rebuild the shrunk {cls.__name__} as its own class: {why}. Use the shrunk GraphModule "
         "(it runs, exports with torch.export and saves), or prune with one level for every layer and only "

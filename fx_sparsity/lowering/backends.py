@@ -131,8 +131,11 @@ def parse_backends(
     Example::
 
         >>> gm = fx_sparsity.prepare(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
-        >>> parse_backends(gm, {"1": {"backend": "bsr", "blocksize": 4}})
-        {'0.weight': LayerRequest(backend='fuse', blocksize=None), '1.weight': LayerRequest(backend='bsr', blocksize=(4, 4))}
+        >>> requests = parse_backends(gm, {"1": {"backend": "bsr", "blocksize": 4}})
+        >>> requests["0.weight"]
+        LayerRequest(backend='fuse', blocksize=None, quantization=None)
+        >>> requests["1.weight"]
+        LayerRequest(backend='bsr', blocksize=(4, 4), quantization=None)
     """
     matches = find_masked_weights(gm) if matches is None else matches
     if isinstance(backend, str):
