@@ -325,3 +325,17 @@ def test_save_and_hf_errors_exit_2_before_the_run(make, argv, message, tmp_path,
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+def test_transformers_config_alone_runs_randomly_initialised(tmp_path, capsys):
+    """--model hf:config.json (no weights): a randomly initialised GPT-2 from the config runs the whole flow (Conv1D
+    weights fused), exit 0; --export says to import transformers.modeling_outputs where it is loaded."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_causal_lm
+
+    tiny_causal_lm("gpt2").config.to_json_file(tmp_path / "config.json")
+    code = cli.main(["--model", f"hf:{tmp_path / 'config.json'}", "--method", "magnitude", "--no-graph",
+                     "--no-progress", "--input-shape", "2,16", "--export", str(tmp_path / "m.pt2")])
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK, out[-2000:]
+    assert "import transformers.modeling_outputs" in out and "GPT2LMHeadModel" in out

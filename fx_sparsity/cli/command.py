@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="demo",
                         help="'demo' (built in, the default), 'torchvision:<name>', 'hf:<folder>' (a transformers "
-                        "causal LM that save_pretrained wrote; its inputs are random token ids) or "
+                        "causal LM that save_pretrained wrote, or a config.json or a folder with one and no weights: "
+                        "random init; its inputs are random token ids) or "
                         "'path/file.py:ClassName'")
     parser.add_argument("--input-shape", type=_shape, default=None,
                         help="example input shape, e.g. 1,3,224,224 (default: 2,3,32,32 for demo, "
@@ -344,8 +345,10 @@ def _run(args: argparse.Namespace) -> int:
             checks["exported, saved and loaded == masked eager"] = (
                 _tensor(torch.export.load(args.export).module()(example)), reference
             )
+            extra = (" and `import transformers.modeling_outputs` (the output types of a transformers model)"
+                     if is_transformers_model(model) else "")
             print(f"\nexported program written to {args.export}; load it where fx_sparsity is installed, "
-                  "after `import fx_sparsity` (which registers the fx_sparsity:: operators it calls)")
+                  f"after `import fx_sparsity` (which registers the fx_sparsity:: operators it calls){extra}")
         if args.eval:
             _print_eval(args, model, {"prepared": gm, f"lowered ({args.backend})": lowered}, example)
         if args.save is not None:

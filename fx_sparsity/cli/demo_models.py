@@ -71,18 +71,25 @@ def _load_from_file(path: str, class_name: str) -> nn.Module:
 
 
 def _load_transformers(path: str) -> nn.Module:
-    """A transformers causal LM from a local folder (``save_pretrained``'s: config.json and weights), its cache
-    off (the CLI runs whole sequences; the folder is only read)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"--model hf:{path}: no config.json in {str(folder)!r}; give a folder that "
-                         "save_pretrained wrote (nothing is downloaded)")
+    """A transformers causal LM from a local folder (``save_pretrained``'s: config.json and weights), or randomly
+    initialised from a config (a ``.json`` file, or a folder holding config.json and no weights); its cache off
+    (the CLI runs whole sequences; the files are only read)."""
+    target = Path(path)
+    config_file = target if target.is_file() else target / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--model hf:{path}: no config.json in {str(target)!r}; give a folder that "
+                         "save_pretrained wrote, or a config.json (nothing is downloaded)")
     try:
         import transformers
     except ImportError:
         raise ValueError(f"--model hf:{path} needs transformers: pip install transformers") from None
+    weights = target.is_dir() and any(f.suffix in (".safetensors", ".bin") for f in target.iterdir())
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        if not weights:
+            config = transformers.AutoConfig.from_pretrained(config_file, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(target, local_files_only=True)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--model hf:{path}: transformers could not load it as a causal LM ({first})") from None
