@@ -48,7 +48,7 @@ from fx_sparsity.sparsifier.sparsegpt import SparseGPTSparsifier
 from fx_sparsity.sparsifier.wanda import WandaSparsifier
 from fx_sparsity.utils.safetensors_files import fsync_dir
 
-__all__ = ["oneshot", "OneshotResult", "METHODS", "parse_sparsity", "check_output_dir", "save_model"]
+__all__ = ["oneshot", "OneshotResult", "METHODS", "parse_sparsity", "default_config", "check_output_dir", "save_model"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -119,8 +119,9 @@ def _sparsifier(method: str, sparsity: float | tuple[int, int]) -> BaseSparsifie
     return NMSparsifier(*nm) if nm else MagnitudeSparsifier(sparsity)
 
 
-def _default_config(model: nn.Module) -> SparsityConfig:
-    """Every Linear-like weight but a transformers model's output embedding (and what is tied to it)."""
+def default_config(model: nn.Module) -> SparsityConfig:
+    """Every Linear-like weight but a transformers model's output embedding (and what is tied to it), as the
+    SparseGPT and Wanda recipes prune LLMs; ``None`` (every Linear and Conv) for other models."""
     if not is_transformers_model(model) or model.get_output_embeddings() is None:
         return None
     head = model.get_output_embeddings().weight
@@ -264,7 +265,7 @@ def oneshot(
     folder = check_output_dir(output_dir)
     batches = _batches(data, tokenizer, max_length)
     sparsifier = _sparsifier(method, level)
-    config = _default_config(model) if config is None else config
+    config = default_config(model) if config is None else config
     with warnings.catch_warnings():
         # One text per batch is batch 1, which export specialises: the returned model (the user's class) runs
         # any batch; only result.prepared keeps the capture's batch size.

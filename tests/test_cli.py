@@ -308,10 +308,10 @@ def test_transformers_folder_pruned_and_saved_sparse(tmp_path, capsys):
                      "--no-graph", "--no-progress", "--save", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == cli.EXIT_OK, out[-2000:]
-    assert "saved to" in out and out.rstrip().splitlines()[-1].startswith("OK: 15 weights masked")
+    assert "saved to" in out and out.rstrip().splitlines()[-1].startswith("OK: 14 weights masked")  # head dense
     loaded = load_sparse(tmp_path / "out")
     assert isinstance(loaded, transformers.LlamaForCausalLM)
-    assert sum(isinstance(m, SparseLinear) and m.layout == "nm" for m in loaded.modules()) == 15
+    assert sum(isinstance(m, SparseLinear) and m.layout == "nm" for m in loaded.modules()) == 14
     assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == files
 
 
@@ -329,7 +329,8 @@ def test_save_and_hf_errors_exit_2_before_the_run(make, argv, message, tmp_path,
 
 def test_transformers_config_alone_runs_randomly_initialised(tmp_path, capsys):
     """--model hf:config.json (no weights): a randomly initialised GPT-2 from the config runs the whole flow (Conv1D
-    weights fused), exit 0; --export says to import transformers.modeling_outputs where it is loaded."""
+    weights fused; the head, tied to the embedding, left dense), exit 0; --export says to import
+    transformers.modeling_outputs where it is loaded."""
     pytest.importorskip("transformers")
     from helpers import tiny_causal_lm
 

@@ -28,7 +28,7 @@ from fx_sparsity.lowering.backends import BACKENDS
 from fx_sparsity.lowering.recipe import lower
 from fx_sparsity.meta import get_lowering
 from fx_sparsity.preparation import prepare
-from fx_sparsity.recipes import check_output_dir, save_model
+from fx_sparsity.recipes import check_output_dir, default_config, save_model
 from fx_sparsity.report.comparison import compare, compare_table
 from fx_sparsity.report.tables import graph_table, lowering_table, sparsity_table
 from fx_sparsity.sparsifier.base import BaseSparsifier
@@ -325,7 +325,8 @@ def _run(args: argparse.Namespace) -> int:
             f"({type(e).__name__}: {first}); check --input-shape"
         ) from None
     with torch.no_grad():
-        gm = prepare(model, sparsifier=sparsifier, example_inputs=(example,))
+        # A transformers model keeps its head (the output embedding, often tied to the input one) dense.
+        gm = prepare(model, default_config(model), sparsifier=sparsifier, example_inputs=(example,))
         checks = {"prepared (all-ones masks) == dense": (_tensor(gm(example)), dense_out)}
         if args.method in CALIBRATED:
             batches = [_random_inputs(model, example.shape) for _ in range(args.calibration_batches)]
