@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -425,3 +426,22 @@ def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
     mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
     scale = torch.logspace(-1, 1, d)[torch.randperm(d, generator=g)]
     return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+def native_isas(candidates: Sequence[str]) -> list[str]:
+    """Those of ``candidates`` (ISA names of the C++ kernels' ``isa`` operator) this CPU runs; none without the
+    kernels. The active ISA is reset to ``"auto"``."""
+    from passes.lowering import native
+
+    ops = native.native_ops()
+    if ops is None:
+        return []
+    found = []
+    for isa in candidates:
+        try:
+            ops.isa(isa)
+            found.append(isa)
+        except RuntimeError:  # this CPU lacks it
+            pass
+    ops.isa("auto")
+    return found

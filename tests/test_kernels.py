@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import native_isas
 from passes.lowering import (
     bitmask_linear,
     bitmask_to_dense,
@@ -38,23 +39,7 @@ from passes.lowering import (
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPS = {"bitmask": bitmask_linear, "nm": nm_linear, "csr": csr_linear}
 
-
-def _native_isas() -> list[str]:
-    ops = native.native_ops()
-    if ops is None:
-        return []
-    found = []
-    for isa in ("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic"):
-        try:
-            ops.isa(isa)
-            found.append(isa)
-        except RuntimeError:  # this CPU lacks it
-            pass
-    ops.isa("auto")
-    return found
-
-
-ISAS = _native_isas()
+ISAS = native_isas(("avx512-bf16", "avx512-lut-bf16", "avx512", "avx512-lut", "avx2", "generic"))
 PATHS = [*ISAS, "reference"]
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.export import Dim
 
+from helpers import native_isas
 from passes.capturing import capture
 from passes.lowering import (
     QUANT_GROUP_SIZES,
@@ -44,23 +45,7 @@ from passes.matching import find_weights
 
 EPS32 = 2.0**-24
 
-
-def _native_isas() -> list[str]:
-    ops = native.native_ops()
-    if ops is None:
-        return []
-    found = []
-    for isa in ("avx512", "avx512-lut", "avx2", "generic"):
-        try:
-            ops.isa(isa)
-            found.append(isa)
-        except RuntimeError:  # this CPU lacks it
-            pass
-    ops.isa("auto")
-    return found
-
-
-ISAS = _native_isas()
+ISAS = native_isas(("avx512", "avx512-lut", "avx2", "generic"))
 PATHS = [*ISAS, "reference"]
 
 
