@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fx_sparsity.calibration.meta_device import compute_buffers
 from fx_sparsity.utils.running import as_model_inputs, eval_mode
 
 __all__ = ["is_transformers_model", "resized_transformers_model", "SIZE_FIELDS"]
@@ -132,22 +133,19 @@ def _per_layer_sizes(shrunk: dict[str, tuple[int, ...]]) -> list[str]:
 def _build(cls: type, config: Any, source: nn.Module, state: dict[str, torch.Tensor],
            buffers: dict[str, torch.Tensor]) -> nn.Module:
     """``cls(config)`` holding ``state``: built on the meta device, the tensors assigned, non-persistent buffers
-    (rotary ``inv_freq``) taken from the shrunk module or, missing there, from a CPU build of that submodule."""
+    (rotary ``inv_freq``) taken from the shrunk module or, missing there, computed by the model's own init
+    (:func:`fx_sparsity.calibration.meta_device.compute_buffers`)."""
     with torch.device("meta"):
         model = cls(config)
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     for fqn, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
+        if buffer.is_meta and fqn in buffers:
             owner, _, name = fqn.rpartition(".")
             module = model.get_submodule(owner)
-            if fqn in buffers:
-                value = buffers[fqn]
-            else:  # not in the shrunk module: the class's own init computes it
-                with torch.device("cpu"):
-                    value = cls(config).get_buffer(fqn)
-            module.register_buffer(name, value.clone(), persistent=name not in module._non_persistent_buffers_set)
+            module.register_buffer(name, buffers[fqn].clone(), persistent=name not in module._non_persistent_buffers_set)
+    compute_buffers(model)  # those the shrunk module lacks: the class's own init computes them from the config
     left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the shrunk module holds no tensor for {', '.join(left[:3])}")
