@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -445,3 +445,18 @@ def native_isas(candidates: Sequence[str]) -> list[str]:
             pass
     ops.isa("auto")
     return found
+
+
+def forced_kernel_path(path: str, monkeypatch: Any) -> Iterator[str]:
+    """The body of the kernel tests' ``path`` fixtures: run on one ISA of the C++ kernels (forced with the ``isa``
+    operator, reset to ``"auto"`` after) or, for ``"reference"``, on the pure-torch path (``FX_SPARSITY_NO_NATIVE``)."""
+    from passes.lowering import native
+
+    if path == "reference":
+        monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
+        yield path
+        return
+    ops = native.native_ops()
+    ops.isa(path)
+    yield path
+    ops.isa("auto")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import native_isas
+from helpers import forced_kernel_path, native_isas
 from passes.lowering import (
     bitmask_linear,
     bitmask_to_dense,
@@ -46,14 +46,7 @@ PATHS = [*ISAS, "reference"]
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """Runs the test on one kernel path: an ISA of the C++ kernels, or the pure-torch reference."""
-    if request.param == "reference":
-        monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
-        yield request.param
-        return
-    ops = native.native_ops()
-    ops.isa(request.param)
-    yield request.param
-    ops.isa("auto")
+    yield from forced_kernel_path(request.param, monkeypatch)
 
 
 def random_weight(rows, cols, density, dtype, seed=0, nm=None):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.export import Dim
 
-from helpers import native_isas
+from helpers import forced_kernel_path, native_isas
 from passes.capturing import capture
 from passes.lowering import (
     QUANT_GROUP_SIZES,
@@ -52,14 +52,7 @@ PATHS = [*ISAS, "reference"]
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """One kernel path: an ISA of the C++ kernels (forced with the isa operator), or the pure-torch reference."""
-    if request.param == "reference":
-        monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
-        yield request.param
-        return
-    ops = native.native_ops()
-    ops.isa(request.param)
-    yield request.param
-    ops.isa("auto")
+    yield from forced_kernel_path(request.param, monkeypatch)
 
 
 # ---- the reference rounding and the weights ----
