@@ -116,6 +116,26 @@ def test_kernels_match_linear(path, layout, dtype, with_bias):
         assert_matches(OPS[layout](x, *components(layout, weight, nm), bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_rows_near_the_end_of_values_agree_bit_for_bit(isa, dtype, batch):
+    """The last rows of a bitmask weight (within one vector of the end of its values, decoded without reading
+    past it) and the same row earlier (decoded by whole-vector reads, on AVX2 by byte shuffles for bf16) sum
+    in the same order: their outputs are bit for bit equal."""
+    row = random_weight(1, 96, 0.2, dtype, seed=1)
+    weight = torch.cat([row, random_weight(9, 96, 0.6, dtype, seed=2), row])
+    x = torch.randn(batch, 96).to(dtype)
+    ops = native.native_ops()
+    ops.isa(isa)
+    try:
+        out = bitmask_linear(x, *to_bitmask_components(weight), None)
+    finally:
+        ops.isa("auto")
+    assert torch.equal(out[:, 0], out[:, -1])
+    assert_matches(out, x, weight, None)
+
+
 @pytest.mark.parametrize("layout", ["bitmask", "nm", "csr"])
 def test_non_contiguous_inputs(path, layout):
     """A transposed or strided x gives the same result as its contiguous copy."""

@@ -141,6 +141,27 @@ def test_kernels_match_dequantized_linear(path, layout, dtype):
                 assert_within_bound(ref, x, q, bias)  # the pure-torch reference meets the same bound
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["bitmask-int8", "bitmask-int4"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_rows_near_the_end_of_values_agree_bit_for_bit(isa, layout, batch):
+    """The last rows of a quantized bitmask weight (within one vector of the end of the code stream, decoded
+    without reading past it) and the same row earlier (whole-vector reads, on AVX2 byte shuffles for int8) sum in
+    the same order: their outputs are bit for bit equal."""
+    w = sparse_weight(layout, 11, 128, seed=3, density=0.6)
+    w[-1] = w[0] = w[1] * (torch.rand(128, generator=torch.Generator().manual_seed(4)) < 0.2)
+    q = QuantizedComponents(*quantize(w, quant_bits(layout), 32))
+    x = torch.randn(batch, 128)
+    ops = native.native_ops()
+    ops.isa(isa)
+    try:
+        y = QUANT_OPS[layout](x, *to_quantized_components(layout, q), None)
+    finally:
+        ops.isa("auto")
+    assert torch.equal(y[:, 0], y[:, -1])
+    assert_within_bound(y, x, q, None)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     layout=st.sampled_from(QUANT_LAYOUTS),
