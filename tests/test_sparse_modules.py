@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fx_sparsity
@@ -161,6 +162,41 @@ def test_state_dict_round_trip_and_repr():
     assert text.startswith("SparseLinear(in_features=64, out_features=32, bias=True, format=csr, dtype=float32")
     assert f"sparsity={source.sparsity:.1%}" in text and f"bytes={source.stored_bytes():,} (dense 8,192)" in text
     assert source.sparsity == float((linear.weight == 0).float().mean())
+
+
+@pytest.mark.parametrize("layout", ["bitmask", "nm", "csr", "bitmask-int8", "dense-int4"])
+def test_eager_calls_skip_the_dispatcher_only_where_nothing_else_could_happen(layout, monkeypatch):
+    """In eager inference on CPU a sparse module calls the C++ kernel directly (eager_native_linear: no Python
+    dispatch layers), with the operator's result bit for bit; wherever the operator must run (a gradient to
+    record, a dispatch mode, a fake tensor, torch.compile) it does."""
+    from passes.lowering import native, operators, rewrite
+
+    if native.native_ops() is None:
+        pytest.skip("the C++ kernels are not built")
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(sparse_weight(48, 64, "nm" if layout == "nm" else "csr"))
+    if "int" in layout:
+        sparse = SparseLinear.from_quantized(linear, layout, _round_to_nearest(linear.weight.detach(), layout))
+    else:
+        sparse = SparseLinear.from_dense(linear, layout)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = SPARSE_OPS[layout](x, *sparse.components, sparse.bias)
+        assert torch.equal(operators.eager_native_linear(layout, x, sparse.components, sparse.bias), expected)
+
+    def must_not_run(*args):
+        raise AssertionError("the operator was called")
+
+    monkeypatch.setitem(rewrite.SPARSE_OPS, layout, must_not_run)
+    with torch.no_grad():
+        assert torch.equal(sparse(x), expected)
+    with pytest.raises(AssertionError, match="operator was called"):
+        sparse(x.requires_grad_())  # the bias has a gradient to record
+    with torch.no_grad(), pytest.raises(AssertionError, match="operator was called"), CountOps():
+        sparse(x)
+    with torch.no_grad(), pytest.raises(AssertionError, match="operator was called"), FakeTensorMode() as mode:
+        sparse(mode.from_tensor(x))
 
 
 def test_inference_only_weight_has_no_gradient():

@@ -46,6 +46,7 @@ from passes.lowering.native import NO_NATIVE_ENV, native_ops
 from passes.lowering.operators import (
     NATIVE_DTYPES,
     QUANT_OPS,
+    eager_native_linear,
     to_bsr_components,
     to_csr_components,
     to_semi_structured_components,
@@ -321,17 +322,21 @@ def _stride_slice(strides: tuple[int, ...]) -> tuple:
 def sparse_layer_forward(
     layout: Layout, x: Tensor, components: Sequence[Tensor], bias: Tensor | None, conv_strides: tuple[int, ...] | None
 ) -> Tensor:
-    """Eager equivalent of the nodes the pass emits for one op (used to time layers).
+    """Eager equivalent of the nodes the pass emits for one op (used to time layers, and the forward of the
+    deployment modules): the C++ kernel called directly where :func:`eager_native_linear` allows it.
 
     ``conv_strides`` is ``None`` for a linear, else the strides of a 1x1 conv.
     """
     op = SPARSE_OPS[layout]
     if conv_strides is None:
-        return op(x, *components, bias)
+        out = eager_native_linear(layout, x, components, bias)
+        return op(x, *components, bias) if out is None else out
     channel_dim = -(len(conv_strides) + 1)
     if any(s != 1 for s in conv_strides):
         x = x[_stride_slice(conv_strides)]
-    y = op(torch.movedim(x, channel_dim, -1), *components, bias)
+    x_last = torch.movedim(x, channel_dim, -1)
+    y = eager_native_linear(layout, x_last, components, bias)
+    y = op(x_last, *components, bias) if y is None else y
     return torch.movedim(y, -1, channel_dim).contiguous()
 
 
