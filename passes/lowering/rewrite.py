@@ -327,17 +327,15 @@ def sparse_layer_forward(
 
     ``conv_strides`` is ``None`` for a linear, else the strides of a 1x1 conv.
     """
-    op = SPARSE_OPS[layout]
-    if conv_strides is None:
-        out = eager_native_linear(layout, x, components, bias)
-        return op(x, *components, bias) if out is None else out
-    channel_dim = -(len(conv_strides) + 1)
-    if any(s != 1 for s in conv_strides):
-        x = x[_stride_slice(conv_strides)]
-    x_last = torch.movedim(x, channel_dim, -1)
-    y = eager_native_linear(layout, x_last, components, bias)
-    y = op(x_last, *components, bias) if y is None else y
-    return torch.movedim(y, -1, channel_dim).contiguous()
+    if conv_strides is not None:
+        channel_dim = -(len(conv_strides) + 1)
+        if any(s != 1 for s in conv_strides):
+            x = x[_stride_slice(conv_strides)]
+        x = torch.movedim(x, channel_dim, -1)
+    y = eager_native_linear(layout, x, components, bias)
+    if y is None:
+        y = SPARSE_OPS[layout](x, *components, bias)
+    return y if conv_strides is None else torch.movedim(y, -1, channel_dim).contiguous()
 
 
 def _emit(graph: fx.Graph, op: fx.Node, layout: Layout, components: list[fx.Node]) -> fx.Node:
