@@ -447,6 +447,27 @@ def test_quantized_sparse_linear_and_conv(layout):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_densify_gives_a_quantized_layer_the_dtype_it_computes_in():
+    """densify_model dequantizes a quantized layer and casts its weight to the layer's dtype: its bias's, else that
+    of the model's other parameters (a bias-free bf16 Linear beside a bf16 norm), float32 where they disagree.
+    A model-wide cast (.bfloat16()) keeps the quantized scales float32, as the kernels read them."""
+    weight = sparse_weight(32, 64, "csr")
+    q = _round_to_nearest(weight, "bitmask-int8")
+    dequantized = dequantize(q["values"], q["scales"])
+    model = nn.Sequential(SparseLinear.from_quantized(nn.Linear(64, 32, bias=False), "bitmask-int8", q),
+                          nn.LayerNorm(32)).bfloat16()
+    assert model[0].weight_scales.dtype == torch.float32 and torch.equal(model[0].weight_scales, q["scales"])
+    with_bias = nn.Sequential(SparseLinear.from_quantized(nn.Linear(64, 32).bfloat16(), "bitmask-int8", q))
+    mixed = nn.Sequential(SparseLinear.from_quantized(nn.Linear(64, 32, bias=False), "bitmask-int8", q),
+                          nn.LayerNorm(32).bfloat16(), nn.Linear(32, 32))
+    for source, dtype in ((model, torch.bfloat16), (with_bias, torch.bfloat16), (mixed, torch.float32)):
+        dense = densify_model(source)
+        assert isinstance(dense[0], nn.Linear) and dense[0].weight.dtype == dtype
+        assert torch.equal(dense[0].weight, dequantized.to(dtype))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)  # the cast layer still runs its kernel on the exact weight
+    torch.testing.assert_close(model[0](x), F.linear(x.float(), dequantized).bfloat16())
+
+
 def test_quantized_state_dict_and_refusals():
     """A quantized SparseLinear's state dict loads into one packed from another weight (other nonzero count) and
     computes the same; bad components, float layouts and values of another shape are refused."""

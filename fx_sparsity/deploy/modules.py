@@ -196,6 +196,18 @@ class _SparseLayer(nn.Module):
         else:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        # A quantized weight's scales are float32 by its format (what the kernels read): a model-wide cast
+        # (model.to(torch.bfloat16), .half()) moves them to the new device but keeps their dtype, as it keeps
+        # the integer codes'.
+        if not self.quantized:
+            return super()._apply(fn, recurse)
+        scales = self._buffers["weight_scales"]
+        result = super()._apply(fn, recurse)
+        if self._buffers["weight_scales"].dtype != scales.dtype:
+            self._buffers["weight_scales"] = scales.to(device=self._buffers["weight_scales"].device)
+        return result
+
     # -- the packed weight
     @property
     def components(self) -> tuple[Tensor, ...]:

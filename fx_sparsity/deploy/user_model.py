@@ -522,10 +522,20 @@ def sparsify_model(
     return pruned
 
 
+def _float_dtype_outside_sparse_layers(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s parameters outside its sparse layers (embeddings, norms) where they all
+    share one, else float32: the dtype a quantized layer's dense weight takes when it has no bias to tell."""
+    inside = {id(t) for m in model.modules() if isinstance(m, _SPARSE_CLASSES) for t in m.parameters()}
+    dtypes = {p.dtype for p in model.parameters() if id(p) not in inside and p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def densify_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose sparse layers are plain ``nn.Linear`` / ``nn.Conv`` layers again (weights rebuilt
     from the packed buffers, exactly), for tools that cannot run ours (``save_pretrained`` of a dense checkpoint,
-    say). Layers sharing packed buffers share one dense weight; other tensors are the model's own.
+    say). Layers sharing packed buffers share one dense weight; other tensors are the model's own. A quantized
+    layer's weight is dequantized (``scale * (value - zero)``, in float32) and cast to the dtype the layer
+    computes in: its bias's, else that of the model's other parameters (float32 where they differ).
 
     Raises:
         TypeError: ``model`` is not a module.
@@ -539,6 +549,7 @@ def densify_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     copy_ = clone_sharing_tensors(model)
+    quantized_dtype = _float_dtype_outside_sparse_layers(copy_)
     weights: dict[int, nn.Parameter] = {}
     swaps: dict[int, nn.Module] = {}
     for module in copy_.modules():
@@ -546,7 +557,10 @@ def densify_model(model: nn.Module) -> nn.Module:
             continue
         key = id(module.components[0])
         if key not in weights:
-            weights[key] = nn.Parameter(module.dense_weight(), requires_grad=False)
+            dense_weight = module.dense_weight()
+            if module.quantized:  # dequantized in float32: back to the dtype the layer computes in
+                dense_weight = dense_weight.to(module.bias.dtype if module.bias is not None else quantized_dtype)
+            weights[key] = nn.Parameter(dense_weight, requires_grad=False)
         dense_class = next(d for d, s in SPARSE_MODULES.items() if s is type(module))
         with torch.device("meta"):
             if dense_class is nn.Linear:
