@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>  // std::integer_sequence, for the bodies' unrolled loops
 
 namespace fxs {
 
