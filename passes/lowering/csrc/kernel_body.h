@@ -29,22 +29,47 @@ inline R vals_tail(const T* p, int64_t n) {
   return V::vals(tmp);
 }
 
+// f(std::integral_constant<int, 0>{}), ..., f(std::integral_constant<int, N - 1>{}), in that order: a loop
+// over accumulator chains whose index is a compile-time constant, so the chains stay in registers. Defined
+// here, inside each ISA's target region, so that f inlines into it.
+template <class F, int... A>
+inline void unrolled_impl(const F& f, std::integer_sequence<int, A...>) {
+  (f(std::integral_constant<int, A>{}), ...);
+}
+template <int N, class F>
+inline void unrolled(const F& f) {
+  unrolled_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// The NA partial sums of a group's chains, added pairwise: ((c0 + c1) + (c2 + c3)) for NA = 4.
+template <int NA>
+inline R chain_sum(const R* part) {
+  if constexpr (NA == 1) return part[0];
+  else if constexpr (NA == 2) return V::add(part[0], part[1]);
+  else return V::add(V::add(part[0], part[1]), V::add(part[2], part[3]));
+}
+
 // ---- bitmask and N:M: RB rows x BT batch columns, each weight vector decoded once ----
 
-template <class T, int RB, int BT, bool SAFE>
+// NA: accumulator chains per row and batch column, chunk c into chain c % NA (batch 1: one row at a time on
+// 4 chains, streaming one row's mask and values at a time; see quant_block).
+template <class T, int RB, int BT, bool SAFE, int NA = 1>
 inline void bitmask_block(const Dense& d, const Bitmask& w, int64_t r, int64_t b0) {
   const T* values = static_cast<const T*>(w.values);
   const int64_t chunks = (d.in_features + V::L - 1) / V::L;
   const uint8_t* mrow[RB];
   const T* p[RB];
-  R acc[RB][BT];
+  R acc[RB][BT][NA];
   for (int i = 0; i < RB; ++i) {
     mrow[i] = w.mask + (r + i) * w.mask_stride;
     p[i] = values + (w.offsets ? w.offsets[r + i] : (r + i) * w.row_stride);
-    for (int j = 0; j < BT; ++j) acc[i][j] = V::zero();
+    for (int j = 0; j < BT; ++j)
+      for (int a = 0; a < NA; ++a) acc[i][j][a] = V::zero();
   }
   const float* xb = d.x + b0 * d.x_stride;
-  for (int64_t c = 0; c < chunks; ++c) {
+  int64_t c = 0;
+  auto step = [&](auto chain) {  // chunk c into chain `chain`
+    constexpr int a = decltype(chain)::value;
     R xv[BT];
     for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
     for (int i = 0; i < RB; ++i) {
@@ -52,12 +77,19 @@ inline void bitmask_block(const Dense& d, const Bitmask& w, int64_t r, int64_t b
       const int n = __builtin_popcount(m);
       const R v = V::expand(SAFE ? vals_tail(p[i], n) : V::vals(p[i]), m);
       p[i] += n;
-      for (int j = 0; j < BT; ++j) acc[i][j] = V::fma(v, xv[j], acc[i][j]);
+      for (int j = 0; j < BT; ++j) acc[i][j][a] = V::fma(v, xv[j], acc[i][j][a]);
     }
-  }
+  };
+  while (c + NA <= chunks) unrolled<NA>([&](auto a) { step(a); ++c; });
+  unrolled<NA>([&](auto a) {
+    if (c < chunks) {
+      step(a);
+      ++c;
+    }
+  });
   for (int i = 0; i < RB; ++i) {
     const float b = d.bias ? d.bias[r + i] : 0.f;
-    for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r + i] = V::hsum(acc[i][j]) + b;
+    for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r + i] = V::hsum(chain_sum<NA>(acc[i][j])) + b;
   }
 }
 
@@ -79,10 +111,9 @@ template <class T>
 void bitmask_rows_t(const Dense& d, const Bitmask& w, int64_t r0, int64_t r1) {
   const int64_t safe_end = r0 > w.safe_rows ? r0 : min64(r1, w.safe_rows);
   int64_t r = r0;
-  if (d.batch == 1) {  // four rows share each x vector and give four independent FMA chains
-    for (; r + 4 <= safe_end; r += 4) bitmask_block<T, 4, 1, false>(d, w, r, 0);
-    for (; r < safe_end; ++r) bitmask_block<T, 1, 1, false>(d, w, r, 0);
-    for (; r < r1; ++r) bitmask_block<T, 1, 1, true>(d, w, r, 0);
+  if (d.batch == 1) {  // one row at a time on 4 chains
+    for (; r < safe_end; ++r) bitmask_block<T, 1, 1, false, 4>(d, w, r, 0);
+    for (; r < r1; ++r) bitmask_block<T, 1, 1, true, 4>(d, w, r, 0);
     return;
   }
   for (; r + 2 <= safe_end; r += 2)

@@ -211,13 +211,8 @@ template <class D, bool QUANT>
 int64_t shuffle_rows(const Dense& d, const Bitmask& w, const Quant& q, int64_t r0, int64_t r1) {
   const int64_t safe_end = r0 > w.safe_rows ? r0 : min64(r1, w.safe_rows);
   int64_t r = r0;
-  if (d.batch == 1 && QUANT) {  // one row at a time on 4 chains, as quant_block
+  if (d.batch == 1) {  // one row at a time on 4 chains, as bitmask_block and quant_block
     for (; r < safe_end; ++r) shuffle_block<D, QUANT, 1, 1, 4>(d, w, q, r, 0);
-    return r;
-  }
-  if (d.batch == 1) {  // four rows share each x vector and give four independent FMA chains
-    for (; r + 4 <= safe_end; r += 4) shuffle_block<D, QUANT, 4, 1>(d, w, q, r, 0);
-    for (; r < safe_end; ++r) shuffle_block<D, QUANT, 1, 1>(d, w, q, r, 0);
     return r;
   }
   for (; r < safe_end; ++r)

@@ -43,26 +43,6 @@ inline int zero_of(const Quant& q, int64_t r, int64_t g) { return q.zeros ? q.ze
 
 // ---- bitmask, N:M (mask set) and dense (mask null): RB rows x BT batch columns ----
 
-// f(std::integral_constant<int, 0>{}), ..., f(std::integral_constant<int, N - 1>{}), in that order: a loop
-// over accumulator chains whose index is a compile-time constant, so the chains stay in registers. Defined
-// here, inside each ISA's target region, so that f inlines into it.
-template <class F, int... A>
-inline void unrolled_impl(const F& f, std::integer_sequence<int, A...>) {
-  (f(std::integral_constant<int, A>{}), ...);
-}
-template <int N, class F>
-inline void unrolled(const F& f) {
-  unrolled_impl(f, std::make_integer_sequence<int, N>{});
-}
-
-// The NA partial sums of a group's chains, added pairwise: ((c0 + c1) + (c2 + c3)) for NA = 4.
-template <int NA>
-inline R chain_sum(const R* part) {
-  if constexpr (NA == 1) return part[0];
-  else if constexpr (NA == 2) return V::add(part[0], part[1]);
-  else return V::add(V::add(part[0], part[1]), V::add(part[2], part[3]));
-}
-
 // NA: accumulator chains per row and batch column; chunk k of a group (k counted from the group's first
 // chunk) adds into chain k % NA. Batch 1 runs one row at a time on 4 chains (each call streams one row's
 // mask and codes: on a Zen 3, reading from memory, 1.4x the throughput of 4 rows on one chain each, which
