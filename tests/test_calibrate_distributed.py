@@ -1,8 +1,10 @@
-"""calibrate under torch.distributed: N processes with 1/N of the batches each get one process's statistics.
+"""calibrate and quantize under torch.distributed: N processes with 1/N of the batches each get one process's
+statistics.
 
-The test starts two gloo processes on this machine (this file is their script: ``python
-test_calibrate_distributed.py RANK WORLD INIT_FILE OUT``), each calibrating every other batch, and compares
-their statistics, masks and weights with one process calibrating on all the batches.
+The test starts two gloo processes on this machine once (this file is their script: ``python
+test_calibrate_distributed.py RANK WORLD INIT_FILE OUT``; most of their time is two interpreters starting and
+importing torch), each calibrating every other batch in every scenario below, and compares their statistics,
+masks and weights with one process calibrating on all the batches.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 import fx_sparsity
 from fx_sparsity import SparseGPTSparsifier, WandaSparsifier, prepare
 from fx_sparsity.calibration import calibrate, prune_sequential
+from fx_sparsity.quantization import quantize
+from helpers import correlated_inputs
 from passes.calibration import InputNormObserver, all_reduce_observers
 
 WORLD = 2
@@ -109,6 +113,18 @@ def sequential_and_step(share: slice) -> dict[str, Any]:
     return {"statistics": statistics, "state": {k: v.clone() for k, v in gm.state_dict().items()}}
 
 
+def wanda_then_gptq(share: slice) -> dict[str, torch.Tensor]:
+    """Wanda 50% on Linear(64 -> 32) -> ReLU -> Linear(32 -> 32) calibrated on five correlated batches' ``share``,
+    then GPTQ int4-g32 on the same share: the prepared module's state (masks and dequantized weights)."""
+    torch.manual_seed(0)
+    gm = prepare(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32)), sparsifier=WandaSparsifier(0.5))
+    batches = [correlated_inputs(16, 64, seed=10 + i) for i in range(5)][share]
+    calibrate(gm, batches, progress_bar=False)
+    fx_sparsity.get_sparsifier(gm).step()
+    quantize(gm, "int4-g32", batches=batches, block_size=32, progress_bar=False)
+    return {k: v.clone() for k, v in gm.state_dict().items()}
+
+
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One process: every scenario on batches[rank::world], then a failing batch on the last rank."""
     import torch.distributed as dist
@@ -117,6 +133,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         results: dict[str, Any] = {name: calibrate_and_step(name, slice(rank, None, world)) for name in SCENARIOS}
         results["sequential"] = sequential_and_step(slice(rank, None, world))
+        results["gptq"] = wanda_then_gptq(slice(rank, None, world))
         build, make, batches, _ = SCENARIOS["wanda"]
         gm = prepare(build(), sparsifier=make())
         bad = batches()[:2] + (["not a batch"] if rank == world - 1 else [])
@@ -204,6 +221,19 @@ def test_sequential_two_processes_match_one(ranks):
                 torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6)
     masks = [v for k, v in single["state"].items() if k.endswith("_mask")]
     assert masks and all(0 < m.float().mean() < 1 for m in masks)
+
+
+def test_two_processes_quantize_as_one(ranks):
+    """GPTQ under a process group all-reduces its Hessians: both processes get the same masks and weights, those of
+    one process on all the batches (weights to float summation order)."""
+    single = wanda_then_gptq(slice(None))
+    assert single.keys() == ranks[0]["gptq"].keys() == ranks[1]["gptq"].keys()
+    for key, value in single.items():
+        assert torch.equal(ranks[0]["gptq"][key], ranks[1]["gptq"][key]), key
+        if key.endswith("_mask"):
+            assert torch.equal(ranks[0]["gptq"][key], value), key
+        else:
+            torch.testing.assert_close(ranks[0]["gptq"][key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_distributed_false_keeps_each_process_own_statistics(ranks):

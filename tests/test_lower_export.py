@@ -1,5 +1,6 @@
 """The pre-export contract: lowered modules pass torch.export (dynamic batch), run_decompositions,
-save/load, torch.compile(fullgraph=True) and, fused, torch.jit.trace, with outputs of the prepared module."""
+save/load, torch.compile(fullgraph=True) and, fused, torch.jit.trace, with outputs of the prepared module.
+(AOTInductor packages of the float and quantized operators: tests/test_quant_kernels.py, one build for all.)"""
 
 from __future__ import annotations
 
@@ -90,19 +91,6 @@ def test_bfloat16_fused_export():
     gm, lowered, x, other = lowered_model("linear", "fuse", dtype=torch.bfloat16)
     ep = torch.export.export(lowered, (x,), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
     assert torch.equal(ep.module()(other), gm(other))
-
-
-def test_aot_inductor_package(tmp_path):
-    """AOTInductor compiles the lowered program (dynamic batch; fc1 on fx_sparsity::csr_linear, fc2 on
-    ::bitmask_linear) into a package that loads and matches. One package for both operators: an AOTInductor
-    compile is a C++ build of the whole program, about 10 s on 2 cores."""
-    gm, _, x, other = lowered_model("linear", "fuse")
-    lowered = lower(gm, {"fc1": "csr", "fc2": "bitmask"})
-    assert sparse_op_count(lowered.graph, "csr") == sparse_op_count(lowered.graph, "bitmask") == 1
-    ep = torch.export.export(lowered, (x,), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
-    package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "lowered.pt2"))
-    runner = torch._inductor.aoti_load_package(package)
-    torch.testing.assert_close(runner(other), gm(other))
 
 
 @pytest.mark.parametrize("backend", ["bitmask", "nm", "csr"])

@@ -351,18 +351,37 @@ def test_lower_to_quantized_layouts_matches_dequantized_model(tmp_path):
 
 
 def test_aot_inductor_package(tmp_path):
-    """AOTInductor compiles a program lowered to nm-int4 (fc1) and csr-int8 (fc2), dynamic batch, into a package
-    that loads and computes exactly what the lowered module does. One package for both operators: an AOTInductor
-    compile is a C++ build of the whole program, about 10-15 s on 2 cores."""
-    _, gm = masked_graph()
-    q = {}
-    for name, bits in (("fc1", 4), ("fc2", 8)):
-        owner = gm.get_submodule(name)
-        q[f"{name}.weight"] = QuantizedComponents(*quantize(owner.weight.detach() * owner.weight_mask, bits, 32))
-    lower_sparse(gm, {"fc1.weight": SparseFormat("nm-int4"), "fc2.weight": SparseFormat("csr-int8")}, q)
-    ep = torch.export.export(gm, (torch.randn(4, 64),), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
+    """AOTInductor compiles a program lowered to the float operators fx_sparsity::csr_linear and ::bitmask_linear
+    and the quantized nm-int4 and csr-int8, dynamic batch, into a package that loads and computes exactly what
+    the lowered module does (and that module what the masked one did, to the quantization). One package for all
+    four operators: an AOTInductor compile is a C++ build of the whole program, about 10-15 s on 2 cores."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(3) for m in (nn.Linear(64, 64), nn.ReLU())), nn.Linear(64, 32))
+    gm = capture(model, method="symbolic_trace")
+    gm = insert_masks(gm, find_weights(gm))
+    layouts = {"0.weight": "csr", "2.weight": "bitmask", "4.weight": "nm-int4", "6.weight": "csr-int8"}
+    q, weights = {}, []  # weights: what each layer computes with (masked; dequantized where quantized)
+    for fqn, layout in layouts.items():
+        owner = gm.get_submodule(fqn.removesuffix(".weight"))
+        w = owner.weight.detach()
+        scores = w.abs().reshape(w.shape[0], -1, 4)  # 2:4 by magnitude: every layout holds it
+        keep = torch.zeros_like(scores).scatter_(-1, scores.topk(2, -1).indices, 1.0).reshape(w.shape)
+        owner.weight_mask.copy_(keep.to(owner.weight_mask.dtype))
+        weights.append(w * keep)
+        if layout in QUANT_LAYOUTS:
+            q[fqn] = QuantizedComponents(*quantize(w * keep, 4 if layout.endswith("int4") else 8, 32))
+            weights[-1] = dequantize(q[fqn].values, q[fqn].scales)
+    x, other = torch.randn(4, 64), torch.randn(3, 64)
+    lower_sparse(gm, {fqn: SparseFormat(layout) for fqn, layout in layouts.items()}, q)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {f"fx_sparsity.{op}_linear.default" for op in ("csr", "bitmask", "nm_int4", "csr_int8")} <= targets
+    expected = other
+    for i, w in enumerate(weights):
+        expected = F.linear(expected, w, model[2 * i].bias)
+        expected = torch.relu(expected) if i < 3 else expected
+    torch.testing.assert_close(gm(other), expected, rtol=1e-5, atol=1e-5)
+    ep = torch.export.export(gm, (x,), dynamic_shapes=({0: Dim("batch", min=2, max=1024)},))
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "q.pt2"))
-    other = torch.randn(3, 64)
     assert torch.equal(torch._inductor.aoti_load_package(package)(other), gm(other))
 
 

@@ -1,7 +1,7 @@
 """Quantization: the spec, round-to-nearest against torch.ao's observers and torch's own quantizer, GPTQ against a
 direct per-column reference (and, when FX_SPARSITY_IST_REFERENCE points at IST-DASLab's code, against it), then
 the flow on prepared modules: masks kept, weights dequantized, the user's model unchanged, calibrated through
-calibrate, prune_sequential and two gloo processes."""
+calibrate and prune_sequential (under two gloo processes: tests/test_calibrate_distributed.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import copy
 import importlib.util
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -33,7 +32,6 @@ from fx_sparsity.quantization import (
 from helpers import correlated_inputs, grid_reference, snapshot, to_grid_reference
 from passes.calibration import accumulate_hessian, input_rows
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-zp", "int4-g128-zp"]
 
 
@@ -623,62 +621,3 @@ def test_quantize_refusals_leave_the_module_alone():
     assert all(gm.get_parameter(f) is w for f, w in weights.items()) and not get_quantization(gm)
     quantize(gm, "int4-g64", method="rtn", tensor_fqns=["0.weight"])
     assert list(get_quantization(gm)) == ["0.weight"] and gm.get_parameter("2.weight") is weights["2.weight"]
-
-
-def wanda_then_gptq(share: slice) -> dict[str, torch.Tensor]:
-    """Wanda 50% on the MLP calibrated on ``mlp_batches(5)[share]``, then GPTQ int4-g32 on the same share: the
-    prepared module's state (masks and dequantized weights)."""
-    gm = prepare(mlp(), sparsifier=WandaSparsifier(0.5))
-    batches = mlp_batches(5)[share]
-    calibrate(gm, batches, progress_bar=False)
-    fx_sparsity.get_sparsifier(gm).step()
-    quantize(gm, "int4-g32", batches=batches, block_size=32, progress_bar=False)
-    return {k: v.clone() for k, v in gm.state_dict().items()}
-
-
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """One of the gloo processes of test_two_processes_quantize_as_one (this file is its script)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(wanda_then_gptq(slice(rank, None, world)), out)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_quantize_as_one(tmp_path):
-    """Under torch.distributed (two gloo processes, each with every other batch) the Hessians are all-reduced: both
-    processes get the same masks and weights, those of one process on all the batches (weights to float summation
-    order). Slower than the others: most of its time is two interpreters starting and importing torch."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), "2", str(tmp_path / "init"), str(outs[r])],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    ranks = [torch.load(out) for out in outs]
-    single = wanda_then_gptq(slice(None))
-    for key, value in single.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
-        if key.endswith("_mask"):
-            assert torch.equal(ranks[0][key], value), key
-        else:
-            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
-
-
-if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
