@@ -34,6 +34,11 @@ call (a ``[batch, in]`` cast, small beside the weight it reads).
     python benchmarks/sparse_kernels.py --quick     # fp32, 50/70/90% and 2:4, batch 1/16, streaming
     python benchmarks/sparse_kernels.py --auto ...  # also fx_sparsity.lower(gm, "auto")'s per-layer picks
     python benchmarks/sparse_kernels.py --quantized --regime warm --dtypes bfloat16 --sparsities 50%,2:4
+    python benchmarks/sparse_kernels.py --quick --auto --cotenants 1   # under load: one busy process beside
+
+``--cotenants N`` starts N processes that each keep one core busy (a bare Python loop) before the first
+variant is built and stops them at the end (they also exit by themselves once the benchmark is gone): the kernels, torch's and ``auto``'s own layer timing all run
+beside them, as on a shared machine where another job holds a core.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ import argparse
 import math
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +231,16 @@ def check(variants, weights, xs) -> None:
             torch.testing.assert_close(out, ref, rtol=t, atol=t * math.sqrt(x.shape[-1]), msg=name)
 
 
+# A co-tenant: a bare interpreter (no imports) keeping one core busy, that exits once its parent is gone
+# (a benchmark killed before its cleanup leaves no spinning process behind).
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1_000_000):\n        pass\n"
+
+
+def start_cotenants(n: int) -> list[subprocess.Popen]:
+    """``n`` busy processes, one core each; terminate them after."""
+    return [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
+
+
 def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
     """Median seconds per layer call of each variant; each round runs the variants in a new random order.
     ``xs[i]`` is layer i's input."""
@@ -299,6 +316,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fp32, 50/70/90%% and 2:4, batch 1/16, streaming")
     parser.add_argument("--quantized", action="store_true",
                         help="also the int8/int4 formats and torch's dense, int8 and int4 weight-only anchors")
+    parser.add_argument("--cotenants", type=int, default=0,
+                        help="busy processes beside the benchmark, one core each (timing under load)")
     parser.add_argument("--tiny", action="store_true",
                         help="a check that everything runs: 256x256 warm layers and a 256/512-wide block, 1 round")
     args = parser.parse_args()
@@ -307,7 +326,19 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     l3 = last_level_cache_bytes()
-    print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"{describe()}, kernels {native_isa()}, load average at start {Path('/proc/loadavg').read_text().split()[:3]}"
+          + (f", {args.cotenants} busy co-tenant process(es)" if args.cotenants else ""))
+    cotenants = start_cotenants(args.cotenants)
+    try:
+        run_regimes(args, l3)
+    finally:
+        for p in cotenants:
+            p.terminate()
+    print(f"\nload average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
+
+
+def run_regimes(args: argparse.Namespace, l3: int) -> None:
+    """Every regime, dtype and sparsity cell of ``args``; prints each regime's table."""
 
     def blocks_for(smallest_block_bytes: int) -> int:
         return 1 if args.tiny else max(1, math.ceil(2 * l3 / smallest_block_bytes))
@@ -330,7 +361,6 @@ def main() -> None:
                 else f"one {WARM_SHAPE[0]}x{WARM_SHAPE[1]} layer, warm")
         print(f"\n### {regime}: {what}\n")
         print(tabulate(rows, header, tablefmt="github"))
-    print(f"\nload average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def lower(
             inputs, which ``gm``'s forward must take (no more, no fewer); required by
             ``"auto"``, and with it each layer's time before and after is measured
             (the module runs once, in eval mode).
-        repeats: timed rounds per layer (the median is used).
+        repeats: timed rounds per layer (``auto`` compares each variant's fastest round; the report's times are
+            medians).
         progress_bar: show a progress bar on stderr while layers are timed.
 
     Returns:

@@ -18,8 +18,9 @@ Two regimes, chosen by the caller from the model's weight bytes:
   savings of layers of a few MB.)
 
 Variants of one layer are timed in interleaved rounds, each in a new random
-order, and each variant's median is kept, so that a burst of load on a shared
-machine slows every variant alike instead of deciding the comparison.
+order, so that a burst of load on a shared machine slows every variant alike
+instead of deciding the comparison. Reports give each variant's median round;
+``auto`` compares the fastest rounds (see :func:`fx_sparsity.lowering.autotune.resolve_layer`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from passes import SparseTarget, get_sparse_target
 from passes.lowering import SparseFormat, conv_strides, sparse_layer_forward
 from passes.matching import op_arguments, weight_position
 
-__all__ = ["OpCall", "record_op_calls", "last_level_cache_bytes", "time_variants", "LayerTimer"]
+__all__ = ["OpCall", "record_op_calls", "last_level_cache_bytes", "time_samples", "time_variants", "LayerTimer"]
 
 OpCall = tuple[Any, tuple, dict]  # (op target, args, kwargs) as the op was called
 
@@ -95,7 +96,15 @@ def _sync(device: torch.device) -> None:
 def time_variants(
     variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, *, calls: int | None = None
 ) -> dict[str, float]:
-    """Median seconds per call of each variant, timed in ``repeats`` interleaved rounds of random order.
+    """Median seconds per call of each variant, timed in ``repeats`` interleaved rounds of random order
+    (:func:`time_samples`)."""
+    return {name: statistics.median(s) for name, s in time_samples(variants, repeats, device, calls=calls).items()}
+
+
+def time_samples(
+    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, *, calls: int | None = None
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each of ``repeats`` interleaved rounds, each round in a new random order.
 
     Args:
         variants: name -> a call to time.
@@ -125,7 +134,7 @@ def time_variants(
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
 
 
 def record_op_calls(gm: fx.GraphModule, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, list[OpCall]]:
@@ -218,9 +227,13 @@ class LayerTimer:
 
     def time(self, variants: Mapping[str, Callable[[], None] | None]) -> dict[str, float | None]:
         """Median seconds of each variant (``None`` for a layer that was never called)."""
+        return {k: None if s is None else statistics.median(s) for k, s in self.samples(variants).items()}
+
+    def samples(self, variants: Mapping[str, Callable[[], None] | None]) -> dict[str, list[float] | None]:
+        """Seconds of each variant in each round (``None`` for a layer that was never called)."""
         runnable = {k: v for k, v in variants.items() if v is not None}
         if not runnable:
             return dict.fromkeys(variants)
         with torch.no_grad():
-            times = time_variants(runnable, self.repeats, self.weight.device, calls=self.copies if self.cold else None)
-        return {k: times.get(k) for k in variants}
+            samples = time_samples(runnable, self.repeats, self.weight.device, calls=self.copies if self.cold else None)
+        return {k: samples.get(k) for k in variants}
