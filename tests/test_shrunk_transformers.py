@@ -26,6 +26,29 @@ def _shrunk(name: str, config=None, dynamic: bool = True):
     return model, shrink(gm), ids
 
 
+def test_dict_example_inputs_prune_and_shrink_as_a_tokenizer_batch():
+    """ChannelPruner.prepare takes example_inputs as a dict of keyword inputs (what a tokenizer returns): the
+    shrunk Llama takes dict batches of another size and length, computes exactly what the channel-masked module
+    does, and comes back as its class with the config halved; the user's model is unchanged."""
+    model = tiny_causal_lm("llama")
+    before = snapshot(model)
+    ids = torch.randint(0, 128, (2, 16))
+    pruner = ChannelPruner(0.5)
+    gm = pruner.prepare(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    pruner.step()
+    small = shrink(gm)
+    batch = {"input_ids": torch.randint(0, 128, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        expected = gm(**batch).logits
+        assert torch.equal(small(**batch).logits, expected)
+        back = to_model(small)
+        assert (back.config.num_attention_heads, back.config.num_key_value_heads) == (2, 1)
+        torch.testing.assert_close(back(**batch).logits, expected)
+    after = snapshot(model)
+    assert after["ids"] == before["ids"] and after["modules"] == before["modules"] and after["attrs"] == before["attrs"]
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_heads_and_mlp_come_back_with_the_config_updated(name, tmp_path):
     """Llama and Qwen2 (4 heads of 16, 2 KV heads, MLP 128) halved: the class again, its config saying 2 heads of 16,

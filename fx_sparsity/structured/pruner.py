@@ -48,6 +48,7 @@ from fx_sparsity.structured.importance import (
     grouped_columns,
     taylor_importance,
 )
+from fx_sparsity.utils.running import fit_inputs, placeholder_values
 from passes.capturing import CaptureError
 from passes.dependency import ChannelGroup, find_channel_groups
 from passes.masking import LSTM_KIND, find_lstm_weights
@@ -148,7 +149,8 @@ class ChannelPruner(BaseSparsifier):
         self.channel_groups: tuple[ChannelGroup, ...] = ()
         self.frozen: dict[int, str] = {}
         self.unfollowed: dict[str, str] = {}
-        self.example_inputs: Any = None
+        self.example_inputs: Any = None  # as the user gave them (a tensor, a tuple, or a dict of keyword inputs)
+        self.graph_inputs: Any = None  # the same, as the captured graph's placeholder values (what passes run)
         # Summed gradients from accumulate_gradients (criterion "taylor"), dropped by the next step().
         self.gradients: dict[str, torch.Tensor] = {}
 
@@ -158,7 +160,8 @@ class ChannelPruner(BaseSparsifier):
         """Find the channel groups of ``model``, then mask the producers (and consumers) of those to prune.
 
         The arguments are :func:`fx_sparsity.prepare`'s; ``example_inputs`` are required (shapes are
-        followed through the graph). The model is captured once: the groups are found on the capture
+        followed through the graph): a tensor, a tuple of positional inputs or a dict of keyword inputs
+        (what a tokenizer returns). The model is captured once: the groups are found on the capture
         (:meth:`prepare_captured`), which is then masked in place.
         """
         if example_inputs is None:
@@ -185,7 +188,8 @@ class ChannelPruner(BaseSparsifier):
         self, model: nn.Module, gm: fx.GraphModule, rules: Any, example_inputs: Any, mask_dtype: torch.dtype | None = None
     ) -> fx.GraphModule:
         """The dependency analysis of the captured ``gm``, the plan of what to prune, then the masks."""
-        groups = find_channel_groups(gm, example_inputs)
+        graph_inputs = _graph_inputs(gm, example_inputs)
+        groups = find_channel_groups(gm, graph_inputs)
         matches = self.find_weights(gm)
         maskable = {alias for match in matches for alias in match.aliases}
         plan = self._plan(model, groups, rules, matches)
@@ -215,7 +219,7 @@ class ChannelPruner(BaseSparsifier):
             raise ValueError(
                 f"no channel group of {type(model).__name__} can shrink ({'; '.join(reasons) or 'it has no Linear/Conv'})"
             )
-        self.channel_groups, self.example_inputs = groups, example_inputs
+        self.channel_groups, self.example_inputs, self.graph_inputs = groups, example_inputs, graph_inputs
         return mask_captured(self, model, gm, parse_config(entries), matches, mask_dtype=mask_dtype)
 
     def find_weights(self, gm: fx.GraphModule) -> list[WeightMatch]:
@@ -460,3 +464,12 @@ def _zero(group: dict[str, Any], member: Any, channels: torch.Tensor, get_mask: 
             blocks[c // per_group, :, c % per_group] = 0
         return
     mask.index_fill_(member.dim, member.indices(channels), 0)
+
+
+def _graph_inputs(gm: fx.GraphModule, example_inputs: Any) -> Any:
+    """``example_inputs`` in the form the dependency analysis and shrinking run ``gm``'s graph on: a dict of
+    keyword inputs (what a tokenizer returns) as the graph's placeholder values, mapped by name and checked
+    against ``gm``'s forward; a tensor or a tuple as it is (the passes check those)."""
+    if not isinstance(example_inputs, dict):
+        return example_inputs
+    return tuple(placeholder_values(gm, *fit_inputs(gm, example_inputs, "example_inputs")))

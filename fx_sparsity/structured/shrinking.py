@@ -59,7 +59,7 @@ def shrink_with_dense(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModul
         )
     removed = pruner.removed_channels()
     dense = fuse_masks(clone_without_sparsifier(gm))
-    plan = plan_shrink(dense, pruner.channel_groups, removed, pruner.example_inputs)
+    plan = plan_shrink(dense, pruner.channel_groups, removed, pruner.graph_inputs)
     small = remove_channels(copy.deepcopy(dense), plan)
     return dense, small, compare_shrunk(dense, small, plan)
 
