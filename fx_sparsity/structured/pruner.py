@@ -154,6 +154,12 @@ class ChannelPruner(BaseSparsifier):
         # Summed gradients from accumulate_gradients (criterion "taylor"), dropped by the next step().
         self.gradients: dict[str, torch.Tensor] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A pruner pickled before graph_inputs existed (0.1.0) was prepared from a tensor or a tuple: the graph's
+        # form already.
+        state.setdefault("graph_inputs", state.get("example_inputs"))
+        self.__dict__.update(state)
+
     def prepare(  # type: ignore[override]
         self, model: nn.Module, config: SparsityConfig = None, *, example_inputs: Any = None, **kwargs: Any
     ) -> fx.GraphModule:
