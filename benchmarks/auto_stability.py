@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, start_cotenants
 from tabulate import tabulate
 from torch import nn
 
@@ -43,8 +41,6 @@ CASES = {
     "bf16-50%": (torch.bfloat16, lambda: fx_sparsity.MagnitudeSparsifier(0.5)),
     "bf16-90%": (torch.bfloat16, lambda: fx_sparsity.MagnitudeSparsifier(0.9)),
 }
-# A co-tenant: a bare interpreter keeping one core busy, exiting once its parent is gone.
-_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1_000_000):\n        pass\n"
 
 
 class RecordingTimer(LayerTimer):
@@ -97,7 +93,7 @@ def main() -> None:
     history = collections.defaultdict(list)  # (layer, rule) -> [(loaded, pick)]
     for trial in range(args.trials):
         loaded = trial % 2 == 1
-        spinners = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(args.cotenants if loaded else 0)]
+        spinners = start_cotenants(args.cotenants if loaded else 0)
         try:
             for key, rules in picks(layer_inputs, args.repeats).items():
                 for rule, pick in rules.items():

@@ -1,4 +1,5 @@
-"""What a benchmark ran on, in one line: CPU model, cores and threads, ISA, last-level cache, torch and Python.
+"""What a benchmark ran on, in one line: CPU model, cores and threads, ISA, last-level cache, torch and Python;
+and the load a benchmark can put beside itself.
 
 Every script in this folder prints :func:`describe` with its results, so that numbers in
 BENCHMARKS.md always name the machine that produced them.
@@ -8,13 +9,24 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from fx_sparsity.lowering.timing import last_level_cache_bytes
 
-__all__ = ["cpu_name", "describe"]
+__all__ = ["cpu_name", "describe", "start_cotenants"]
+
+# A co-tenant: a bare interpreter (no imports) keeping one core busy, that exits once its parent is gone
+# (a benchmark killed before its cleanup leaves no spinning process behind).
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1_000_000):\n        pass\n"
+
+
+def start_cotenants(n: int) -> list[subprocess.Popen]:
+    """``n`` busy processes, one core each; terminate them after."""
+    return [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
 
 
 def cpu_name() -> str:

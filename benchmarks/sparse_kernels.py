@@ -47,15 +47,13 @@ import argparse
 import math
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import describe
+from machine import describe, start_cotenants
 from tabulate import tabulate
 from torch import nn
 
@@ -229,16 +227,6 @@ def check(variants, weights, xs) -> None:
             t = 3e-2 if bf16 else tol
             out = fn(x, *args[i]).float()
             torch.testing.assert_close(out, ref, rtol=t, atol=t * math.sqrt(x.shape[-1]), msg=name)
-
-
-# A co-tenant: a bare interpreter (no imports) keeping one core busy, that exits once its parent is gone
-# (a benchmark killed before its cleanup leaves no spinning process behind).
-_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(1_000_000):\n        pass\n"
-
-
-def start_cotenants(n: int) -> list[subprocess.Popen]:
-    """``n`` busy processes, one core each; terminate them after."""
-    return [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
 
 
 def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
