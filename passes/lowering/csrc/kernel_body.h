@@ -41,6 +41,17 @@ inline void unrolled(const F& f) {
   unrolled_impl(f, std::make_integer_sequence<int, N>{});
 }
 
+// step(chain) for the chunks c .. end - 1 in order, chunk k of them (counted from c) into chain k % NA; step reads
+// and advances c. Every body that splits a row over chains goes through here, so that they sum in the same order
+// (tail rows agree bit for bit with whole-vector rows).
+template <int NA, class F>
+inline void on_chains(int64_t& c, int64_t end, const F& step) {
+  while (c + NA <= end) unrolled<NA>(step);
+  unrolled<NA>([&](auto a) {
+    if (c < end) step(a);
+  });
+}
+
 // The NA partial sums of a group's chains, added pairwise: ((c0 + c1) + (c2 + c3)) for NA = 4.
 template <int NA>
 inline R chain_sum(const R* part) {
@@ -68,7 +79,7 @@ inline void bitmask_block(const Dense& d, const Bitmask& w, int64_t r, int64_t b
   }
   const float* xb = d.x + b0 * d.x_stride;
   int64_t c = 0;
-  auto step = [&](auto chain) {  // chunk c into chain `chain`
+  auto step = [&](auto chain) {  // chunk c into chain `chain`, then the next chunk
     constexpr int a = decltype(chain)::value;
     R xv[BT];
     for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
@@ -79,14 +90,9 @@ inline void bitmask_block(const Dense& d, const Bitmask& w, int64_t r, int64_t b
       p[i] += n;
       for (int j = 0; j < BT; ++j) acc[i][j][a] = V::fma(v, xv[j], acc[i][j][a]);
     }
+    ++c;
   };
-  while (c + NA <= chunks) unrolled<NA>([&](auto a) { step(a); ++c; });
-  unrolled<NA>([&](auto a) {
-    if (c < chunks) {
-      step(a);
-      ++c;
-    }
-  });
+  on_chains<NA>(c, chunks, step);
   for (int i = 0; i < RB; ++i) {
     const float b = d.bias ? d.bias[r + i] : 0.f;
     for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r + i] = V::hsum(chain_sum<NA>(acc[i][j])) + b;

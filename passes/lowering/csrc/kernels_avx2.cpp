@@ -158,7 +158,7 @@ inline void shuffle_block(const Dense& d, const Bitmask& w, const Quant& q, int6
   const float* xb = d.x + b0 * d.x_stride;
   for (int64_t g = 0, c = 0; g < groups; ++g) {
     const int64_t group_end = min64(chunks, c + group_chunks);
-    auto step = [&](auto chain) {  // chunk c into chain `chain`
+    auto step = [&](auto chain) {  // chunk c into chain `chain`, then the next chunk
       constexpr int a = decltype(chain)::value;
       R xv[BT];
       for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
@@ -168,14 +168,9 @@ inline void shuffle_block(const Dense& d, const Bitmask& w, const Quant& q, int6
         p[i] += __builtin_popcount(m);
         for (int j = 0; j < BT; ++j) part[i][j][a] = V::fma(v, xv[j], part[i][j][a]);
       }
+      ++c;
     };
-    while (c + NA <= group_end) unrolled<NA>([&](auto a) { step(a); ++c; });
-    unrolled<NA>([&](auto a) {
-      if (c < group_end) {
-        step(a);
-        ++c;
-      }
-    });
+    on_chains<NA>(c, group_end, step);
     if (QUANT) {
       const R unit = V::bcast(D::unit);
       for (int i = 0; i < RB; ++i) {

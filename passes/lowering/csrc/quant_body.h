@@ -72,7 +72,7 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
       zero[i] = zero_of(q, r + i, g);
       zv[i] = V::bcast(static_cast<float>(zero[i]));
     }
-    auto step = [&](auto chain) {  // chunk c into chain `chain`
+    auto step = [&](auto chain) {  // chunk c into chain `chain`, then the next chunk
       constexpr int a = decltype(chain)::value;
       R xv[BT];
       for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
@@ -91,14 +91,9 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
         p[i] += n;
         for (int j = 0; j < BT; ++j) part[i][j][a] = V::fma(v, xv[j], part[i][j][a]);
       }
+      ++c;
     };
-    while (c + NA <= group_end) unrolled<NA>([&](auto a) { step(a); ++c; });
-    unrolled<NA>([&](auto a) {  // the group's last chunks: chains 0, 1, ... again
-      if (c < group_end) {
-        step(a);
-        ++c;
-      }
-    });
+    on_chains<NA>(c, group_end, step);
     for (int i = 0; i < RB; ++i) {
       const R s = V::bcast(q.scales[(r + i) * q.groups + g]);
       for (int j = 0; j < BT; ++j) {
