@@ -137,23 +137,19 @@ struct Int8Shuffle {
   }
 };
 
-// RB rows x BT batch columns on NA chains, as bitmask_block / quant_block (the same summation order);
+// One row x BT batch columns on NA chains, as bitmask_block / quant_block (the same summation order);
 // QUANT: per-group partial sums times the group's scale (q unused otherwise).
-template <class D, bool QUANT, int RB, int BT, int NA = 1>
+template <class D, bool QUANT, int BT, int NA = 1>
 inline void shuffle_block(const Dense& d, const Bitmask& w, const Quant& q, int64_t r, int64_t b0) {
   const int64_t chunks = (d.in_features + V::L - 1) / V::L;
   const int64_t groups = QUANT ? q.groups : 1;
   const int64_t group_chunks = groups == 1 ? chunks : q.group_size / V::L;
-  const uint8_t* mrow[RB];
-  int64_t p[RB];
-  R acc[RB][BT], part[RB][BT][NA];
-  for (int i = 0; i < RB; ++i) {
-    mrow[i] = w.mask + (r + i) * w.mask_stride;
-    p[i] = w.offsets ? w.offsets[r + i] : (r + i) * w.row_stride;
-    for (int j = 0; j < BT; ++j) {
-      acc[i][j] = V::zero();
-      for (int a = 0; a < NA; ++a) part[i][j][a] = V::zero();
-    }
+  const uint8_t* mrow = w.mask + r * w.mask_stride;
+  int64_t p = w.offsets ? w.offsets[r] : r * w.row_stride;
+  R acc[BT], part[BT][NA];
+  for (int j = 0; j < BT; ++j) {
+    acc[j] = V::zero();
+    for (int a = 0; a < NA; ++a) part[j][a] = V::zero();
   }
   const float* xb = d.x + b0 * d.x_stride;
   for (int64_t g = 0, c = 0; g < groups; ++g) {
@@ -162,42 +158,35 @@ inline void shuffle_block(const Dense& d, const Bitmask& w, const Quant& q, int6
       constexpr int a = decltype(chain)::value;
       R xv[BT];
       for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
-      for (int i = 0; i < RB; ++i) {
-        const uint32_t m = mrow[i][c];
-        const R v = D::decode(w.values, p[i], m);
-        p[i] += __builtin_popcount(m);
-        for (int j = 0; j < BT; ++j) part[i][j][a] = V::fma(v, xv[j], part[i][j][a]);
-      }
+      const uint32_t m = mrow[c];
+      const R v = D::decode(w.values, p, m);
+      p += __builtin_popcount(m);
+      for (int j = 0; j < BT; ++j) part[j][a] = V::fma(v, xv[j], part[j][a]);
       ++c;
     };
     on_chains<NA>(c, group_end, step);
     if (QUANT) {
       const R unit = V::bcast(D::unit);
-      for (int i = 0; i < RB; ++i) {
-        const R s = V::bcast(q.scales[(r + i) * groups + g]);
-        for (int j = 0; j < BT; ++j) {
-          acc[i][j] = V::fma(_mm256_mul_ps(chain_sum<NA>(part[i][j]), unit), s, acc[i][j]);
-          for (int a = 0; a < NA; ++a) part[i][j][a] = V::zero();
-        }
+      const R s = V::bcast(q.scales[r * groups + g]);
+      for (int j = 0; j < BT; ++j) {
+        acc[j] = V::fma(_mm256_mul_ps(chain_sum<NA>(part[j]), unit), s, acc[j]);
+        for (int a = 0; a < NA; ++a) part[j][a] = V::zero();
       }
     }
   }
-  for (int i = 0; i < RB; ++i) {
-    const float b = d.bias ? d.bias[r + i] : 0.f;
-    for (int j = 0; j < BT; ++j)
-      d.out[(b0 + j) * d.out_features + r + i] = V::hsum(QUANT ? acc[i][j] : chain_sum<NA>(part[i][j])) + b;
-  }
+  const float b = d.bias ? d.bias[r] : 0.f;
+  for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r] = V::hsum(QUANT ? acc[j] : chain_sum<NA>(part[j])) + b;
 }
 
 template <class D, bool QUANT>
 inline void shuffle_tile(const Dense& d, const Bitmask& w, const Quant& q, int64_t r, int64_t b0, int64_t nb) {
   switch (nb) {
-    case 1: return shuffle_block<D, QUANT, 1, 1>(d, w, q, r, b0);
-    case 2: return shuffle_block<D, QUANT, 1, 2>(d, w, q, r, b0);
-    case 3: return shuffle_block<D, QUANT, 1, 3>(d, w, q, r, b0);
-    case 4: return shuffle_block<D, QUANT, 1, 4>(d, w, q, r, b0);
-    case 5: return shuffle_block<D, QUANT, 1, 5>(d, w, q, r, b0);
-    default: return shuffle_block<D, QUANT, 1, 6>(d, w, q, r, b0);
+    case 1: return shuffle_block<D, QUANT, 1>(d, w, q, r, b0);
+    case 2: return shuffle_block<D, QUANT, 2>(d, w, q, r, b0);
+    case 3: return shuffle_block<D, QUANT, 3>(d, w, q, r, b0);
+    case 4: return shuffle_block<D, QUANT, 4>(d, w, q, r, b0);
+    case 5: return shuffle_block<D, QUANT, 5>(d, w, q, r, b0);
+    default: return shuffle_block<D, QUANT, 6>(d, w, q, r, b0);
   }
 }
 
@@ -207,7 +196,7 @@ int64_t shuffle_rows(const Dense& d, const Bitmask& w, const Quant& q, int64_t r
   const int64_t safe_end = r0 > w.safe_rows ? r0 : min64(r1, w.safe_rows);
   int64_t r = r0;
   if (d.batch == 1) {  // one row at a time on 4 chains, as bitmask_block and quant_block
-    for (; r < safe_end; ++r) shuffle_block<D, QUANT, 1, 1, 4>(d, w, q, r, 0);
+    for (; r < safe_end; ++r) shuffle_block<D, QUANT, 1, 4>(d, w, q, r, 0);
     return r;
   }
   for (; r < safe_end; ++r)

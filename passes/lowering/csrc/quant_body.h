@@ -41,71 +41,57 @@ struct Int4Codes {
 
 inline int zero_of(const Quant& q, int64_t r, int64_t g) { return q.zeros ? q.zeros[r * q.groups + g] : q.zero; }
 
-// ---- bitmask, N:M (mask set) and dense (mask null): RB rows x BT batch columns ----
+// ---- bitmask, N:M (mask set) and dense (mask null): one row x BT batch columns ----
 
-// NA: accumulator chains per row and batch column; chunk k of a group (k counted from the group's first
-// chunk) adds into chain k % NA. Batch 1 runs one row at a time on 4 chains (each call streams one row's
-// mask and codes: on a Zen 3, reading from memory, 1.4x the throughput of 4 rows on one chain each, which
-// stream 8 arrays at once), batch > 1 one chain per batch column.
-template <class C, bool MASKED, int RB, int BT, bool SAFE, int NA = 1>
+// NA: accumulator chains per batch column; chunk k of a group (k counted from the group's first chunk) adds
+// into chain k % NA. Batch 1 runs on 4 chains (each call streams one row's mask and codes: on a Zen 3,
+// reading from memory, 1.4x the throughput of 4 rows on one chain each, which stream 8 arrays at once),
+// batch > 1 one chain per batch column.
+template <class C, bool MASKED, int BT, bool SAFE, int NA = 1>
 inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_t r, int64_t b0) {
   static_assert(NA == 1 || NA == 2 || NA == 4, "1, 2 or 4 chains");
   const int64_t chunks = (d.in_features + V::L - 1) / V::L;
   const int64_t group_chunks = q.groups == 1 ? chunks : q.group_size / V::L;
-  const uint8_t* mrow[RB];
-  int64_t p[RB];
-  R acc[RB][BT], part[RB][BT][NA];
-  for (int i = 0; i < RB; ++i) {
-    mrow[i] = MASKED ? w.mask + (r + i) * w.mask_stride : nullptr;
-    p[i] = w.offsets ? w.offsets[r + i] : (r + i) * w.row_stride;
-    for (int j = 0; j < BT; ++j) {
-      acc[i][j] = V::zero();
-      for (int a = 0; a < NA; ++a) part[i][j][a] = V::zero();
-    }
+  const uint8_t* mrow = MASKED ? w.mask + r * w.mask_stride : nullptr;
+  int64_t p = w.offsets ? w.offsets[r] : r * w.row_stride;
+  R acc[BT], part[BT][NA];
+  for (int j = 0; j < BT; ++j) {
+    acc[j] = V::zero();
+    for (int a = 0; a < NA; ++a) part[j][a] = V::zero();
   }
   const float* xb = d.x + b0 * d.x_stride;
   for (int64_t g = 0, c = 0; g < q.groups; ++g) {
     const int64_t group_end = min64(chunks, c + group_chunks);
-    int zero[RB];
-    R zv[RB];
-    for (int i = 0; i < RB; ++i) {
-      zero[i] = zero_of(q, r + i, g);
-      zv[i] = V::bcast(static_cast<float>(zero[i]));
-    }
+    const int zero = zero_of(q, r, g);
+    const R zv = V::bcast(static_cast<float>(zero));
     auto step = [&](auto chain) {  // chunk c into chain `chain`, then the next chunk
       constexpr int a = decltype(chain)::value;
       R xv[BT];
       for (int j = 0; j < BT; ++j) xv[j] = V::load(xb + j * d.x_stride + c * V::L);
-      for (int i = 0; i < RB; ++i) {
-        uint32_t m = 0;
-        int64_t n = V::L;
-        if (MASKED) {
-          m = V::bits(mrow[i], c);
-          n = __builtin_popcount(m);
-        } else if (SAFE) {
-          n = min64(V::L, d.in_features - c * V::L);
-        }
-        R v = SAFE ? C::tail(w.values, p[i], n, zero[i]) : C::load(w.values, p[i]);
-        if (C::has_zero) v = V::sub(v, zv[i]);
-        if (MASKED) v = V::expand(v, m);
-        p[i] += n;
-        for (int j = 0; j < BT; ++j) part[i][j][a] = V::fma(v, xv[j], part[i][j][a]);
+      uint32_t m = 0;
+      int64_t n = V::L;
+      if (MASKED) {
+        m = V::bits(mrow, c);
+        n = __builtin_popcount(m);
+      } else if (SAFE) {
+        n = min64(V::L, d.in_features - c * V::L);
       }
+      R v = SAFE ? C::tail(w.values, p, n, zero) : C::load(w.values, p);
+      if (C::has_zero) v = V::sub(v, zv);
+      if (MASKED) v = V::expand(v, m);
+      p += n;
+      for (int j = 0; j < BT; ++j) part[j][a] = V::fma(v, xv[j], part[j][a]);
       ++c;
     };
     on_chains<NA>(c, group_end, step);
-    for (int i = 0; i < RB; ++i) {
-      const R s = V::bcast(q.scales[(r + i) * q.groups + g]);
-      for (int j = 0; j < BT; ++j) {
-        acc[i][j] = V::fma(chain_sum<NA>(part[i][j]), s, acc[i][j]);
-        for (int a = 0; a < NA; ++a) part[i][j][a] = V::zero();
-      }
+    const R s = V::bcast(q.scales[r * q.groups + g]);
+    for (int j = 0; j < BT; ++j) {
+      acc[j] = V::fma(chain_sum<NA>(part[j]), s, acc[j]);
+      for (int a = 0; a < NA; ++a) part[j][a] = V::zero();
     }
   }
-  for (int i = 0; i < RB; ++i) {
-    const float b = d.bias ? d.bias[r + i] : 0.f;
-    for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r + i] = V::hsum(acc[i][j]) + b;
-  }
+  const float b = d.bias ? d.bias[r] : 0.f;
+  for (int j = 0; j < BT; ++j) d.out[(b0 + j) * d.out_features + r] = V::hsum(acc[j]) + b;
 }
 
 // Batch > 1: one row at a time against up to 6 batch rows (12 accumulators), each chunk of
@@ -113,12 +99,12 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
 template <class C, bool MASKED, bool SAFE>
 inline void quant_tile(const Dense& d, const Bitmask& w, const Quant& q, int64_t r, int64_t b0, int64_t nb) {
   switch (nb) {
-    case 1: return quant_block<C, MASKED, 1, 1, SAFE>(d, w, q, r, b0);
-    case 2: return quant_block<C, MASKED, 1, 2, SAFE>(d, w, q, r, b0);
-    case 3: return quant_block<C, MASKED, 1, 3, SAFE>(d, w, q, r, b0);
-    case 4: return quant_block<C, MASKED, 1, 4, SAFE>(d, w, q, r, b0);
-    case 5: return quant_block<C, MASKED, 1, 5, SAFE>(d, w, q, r, b0);
-    default: return quant_block<C, MASKED, 1, 6, SAFE>(d, w, q, r, b0);
+    case 1: return quant_block<C, MASKED, 1, SAFE>(d, w, q, r, b0);
+    case 2: return quant_block<C, MASKED, 2, SAFE>(d, w, q, r, b0);
+    case 3: return quant_block<C, MASKED, 3, SAFE>(d, w, q, r, b0);
+    case 4: return quant_block<C, MASKED, 4, SAFE>(d, w, q, r, b0);
+    case 5: return quant_block<C, MASKED, 5, SAFE>(d, w, q, r, b0);
+    default: return quant_block<C, MASKED, 6, SAFE>(d, w, q, r, b0);
   }
 }
 
@@ -127,8 +113,8 @@ void quant_rows_t(const Dense& d, const Bitmask& w, const Quant& q, int64_t r0, 
   const int64_t safe_end = r0 > w.safe_rows ? r0 : min64(r1, w.safe_rows);
   int64_t r = r0;
   if (d.batch == 1) {  // one row at a time, on 4 chains (see quant_block)
-    for (; r < safe_end; ++r) quant_block<C, MASKED, 1, 1, false, 4>(d, w, q, r, 0);
-    for (; r < r1; ++r) quant_block<C, MASKED, 1, 1, true, 4>(d, w, q, r, 0);
+    for (; r < safe_end; ++r) quant_block<C, MASKED, 1, false, 4>(d, w, q, r, 0);
+    for (; r < r1; ++r) quant_block<C, MASKED, 1, true, 4>(d, w, q, r, 0);
     return;
   }
   for (; r < r1; ++r) {
