@@ -36,6 +36,9 @@ call (a ``[batch, in]`` cast, small beside the weight it reads).
     python benchmarks/sparse_kernels.py --quantized --regime warm --dtypes bfloat16 --sparsities 50%,2:4
     python benchmarks/sparse_kernels.py --quick --auto --cotenants 1   # under load: one busy process beside
 
+``--isas A,B`` adds each of our formats run on the kernels of those ISAs (``"bitmask [avx512-lut]"``), in the same
+rounds: how the instruction set chosen by cpuid compares with the others this CPU has.
+
 ``--cotenants N`` starts N processes that each keep one core busy (a bare Python loop) before the first
 variant is built and stops them at the end (they also exit by themselves once the benchmark is gone): the kernels, torch's and ``auto``'s own layer timing all run
 beside them, as on a shared machine where another job holds a core.
@@ -146,10 +149,11 @@ def add_quantized(variants: dict, weights: list[torch.Tensor], sparsity: str) ->
                                  sum(nbytes(p, sz) for p, _, sz in int4_args), int4_refs)
 
 
-def build_variants(weights: list[torch.Tensor], sparsity: str,
-                   quantized: bool = False) -> dict[str, tuple[list[tuple], Callable, int]]:
+def build_variants(weights: list[torch.Tensor], sparsity: str, quantized: bool = False,
+                   isas: tuple[str, ...] = ()) -> dict[str, tuple[list[tuple], Callable, int]]:
     """name -> (per-layer args, fn(x, *args), total bytes[, weights it stands for]) for every variant that can run
-    these weights (with ``quantized``, also the quantized formats and torch's anchors)."""
+    these weights (with ``quantized``, also the quantized formats and torch's anchors; with ``isas``, each of our
+    formats also as ``"name [isa]"`` on the kernels of each of those ISAs)."""
     dtype = weights[0].dtype
     variants = {"dense": ([(w,) for w in weights], lambda x, w: F.linear(x, w), nbytes(*weights))}
     if quantized:
@@ -171,6 +175,11 @@ def build_variants(weights: list[torch.Tensor], sparsity: str,
         for name in [n for n in ("bitmask", "nm") if n in variants]:
             args, fn, size, *_ = variants[name]
             variants[f"{name} (fma)"] = (args, lambda x, *c, fn=fn: _on_isa(fma_isa, fn, x, *c), size)
+    ours = [n for n in variants if not n.startswith(("dense", "torch", "mkl")) and "(fma)" not in n]
+    for name in ours:
+        for isa in isas:
+            args, fn, size, *refs = variants[name]
+            variants[f"{name} [{isa}]"] = (args, lambda x, *c, fn=fn, isa=isa: _on_isa(isa, fn, x, *c), size, *refs)
     return variants
 
 
@@ -251,16 +260,16 @@ def time_round_robin(variants, xs, rounds: int, calls: int) -> dict[str, float]:
 
 
 def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for, auto=False, quantized=False,
-             block=LLAMA_BLOCK, warm_shape=WARM_SHAPE, calls=20) -> list[list]:
+             block=LLAMA_BLOCK, warm_shape=WARM_SHAPE, calls=20, isas=()) -> list[list]:
     gen = torch.Generator().manual_seed(0)
     if regime == "streaming":
         shapes = list(block)
         weights = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
-        variants = build_variants(weights, sparsity, quantized)
+        variants = build_variants(weights, sparsity, quantized, isas)
         n_blocks = blocks_for(min(v[2] for v in variants.values()))
         for _ in range(n_blocks - 1):
             more = [sparse_weight(s, sparsity, dtype, gen) for s in shapes]
-            extra = build_variants(more, sparsity, quantized)
+            extra = build_variants(more, sparsity, quantized, isas)
             for name, (args, fn, size, *refs) in extra.items():
                 old_args, _, old_size, *old_refs = variants[name]
                 variants[name] = (old_args + args, fn, old_size + size, *(r + o for r, o in zip(old_refs, refs)))
@@ -268,7 +277,7 @@ def run_cell(regime, dtype, sparsity, batches, rounds, blocks_for, auto=False, q
         calls = 1
     else:
         weights = [sparse_weight(warm_shape, sparsity, dtype, gen)]
-        variants = build_variants(weights, sparsity, quantized)
+        variants = build_variants(weights, sparsity, quantized, isas)
     rows = []
     for batch in batches:
         by_in = {cols: torch.randn(batch, cols, generator=gen).to(dtype) for cols in {w.shape[1] for w in weights}}
@@ -306,6 +315,9 @@ def main() -> None:
                         help="also the int8/int4 formats and torch's dense, int8 and int4 weight-only anchors")
     parser.add_argument("--cotenants", type=int, default=0,
                         help="busy processes beside the benchmark, one core each (timing under load)")
+    parser.add_argument("--isas", default="",
+                        help="also each of our formats on the kernels of these ISAs (comma-separated names of "
+                             "native_isa(), those this CPU has; the same-CPU comparison behind the automatic choice)")
     parser.add_argument("--tiny", action="store_true",
                         help="a check that everything runs: 256x256 warm layers and a 256/512-wide block, 1 round")
     args = parser.parse_args()
@@ -342,7 +354,8 @@ def run_regimes(args: argparse.Namespace, l3: int) -> None:
                     if args.tiny else {}
                 rows += run_cell(regime, dtype, sparsity, [int(b) for b in args.batches.split(",")],
                                  1 if args.tiny else args.rounds, blocks_for, auto=args.auto,
-                                 quantized=args.quantized, **sizes)
+                                 quantized=args.quantized, isas=tuple(filter(None, args.isas.split(","))),
+                                 **sizes)
                 print(f"  done {regime} {dtype_name} {sparsity}", flush=True)
         what = ("tiny sizes: a check that everything runs, not a measurement" if args.tiny
                 else "Llama-2-7B block shapes, weights > 2x L3" if regime == "streaming"

@@ -100,9 +100,10 @@ def native_ops() -> object | None:
 def native_isa() -> str | None:
     """The instruction set the C++ kernels run with, or ``None`` without them.
 
-    ``"avx512"`` (``"avx512-lut"`` on AMD, whose batch-1 fp32/fp16 bitmask decode uses a lookup
-    table), with ``-bf16`` appended where the CPU has AVX512-BF16 and AVX512-VBMI2 (bf16 bitmask
-    and N:M weights then use ``vdpbf16ps`` dot products on bf16 inputs), ``"avx2"``, ``"generic"``.
+    ``"avx512"``, with ``-bf16`` appended where the CPU has AVX512-BF16 and AVX512-VBMI2 (bf16 bitmask
+    and N:M weights then use ``vdpbf16ps`` dot products on bf16 inputs), ``"avx2"``, ``"generic"``. The
+    ``-lut`` variants (batch-1 fp32/fp16 and quantized bitmask decode through a permutation table instead of
+    ``vexpandps``) are never chosen by cpuid; the ``isa`` operator forces them, to compare on a new CPU.
 
     Example::
 

@@ -8,10 +8,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <cpuid.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -39,21 +35,9 @@ bool supports(const std::string& isa) {
   return isa == "generic";
 }
 
-// AMD's Zen 4 runs vexpandps (even its register form) at a fraction of Intel's rate: measured
-// on an EPYC Zen 4, the AVX-512 batch-1 bitmask kernel ran about 1.7x slower than the AVX2 one,
-// which expands through a permutation table; avx512_lut does the same with 16 lanes for batch 1.
-bool slow_expand() {
 #if defined(__x86_64__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  return __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u;  // "Auth"enticAMD
-#else
-  return false;
-#endif
-}
-
-#if defined(__x86_64__)
-// An AVX-512 table with the bf16 dot-product kernels for bf16 weights and inputs: avx512-bf16
-// (Intel) and avx512-lut-bf16 (AMD) differ in their fp32/fp16 bitmask decode only.
+// An AVX-512 table with the bf16 dot-product kernels for bf16 weights and inputs: avx512-bf16 and
+// avx512-lut-bf16 differ in their fp32/fp16 and quantized bitmask decode only.
 constexpr KernelTable with_bf16(const KernelTable& base, const char* name, const Bf16Kernels* bf16) {
   return KernelTable{name, base.bitmask_rows_1, base.bitmask_rows, base.csr_rows, bf16, base.quant_bitmask_rows,
                      base.quant_csr_rows};
@@ -65,9 +49,13 @@ const KernelTable* table_for(const std::string& isa) {
   static const KernelTable avx512_bf16 = with_bf16(avx512::table, "avx512-bf16", &avx512bf16::kernels);
   static const KernelTable avx512_lut_bf16 =
       with_bf16(avx512_lut::table, "avx512-lut-bf16", &avx512bf16::kernels);
+  // auto: vexpandps on AMD too. The permutation-table decode (-lut) was AMD Zen 4's choice while the batch-1
+  // kernels ran 4 rows per block (vexpandps then 1.7x slower); since they run one row on 4 chains, vexpandps
+  // is the faster of the two there as well (Zen 4, streaming batch 1: fp32 bitmask 1.3x, int8 1.4x; BENCHMARKS.md,
+  // sparse_kernels.py --isas). The -lut tables stay forceable, to measure on each new CPU.
   if (isa == "auto") {
-    if (supports("avx512-bf16")) return slow_expand() ? &avx512_lut_bf16 : &avx512_bf16;
-    if (supports("avx512")) return slow_expand() ? &avx512_lut::table : &avx512::table;
+    if (supports("avx512-bf16")) return &avx512_bf16;
+    if (supports("avx512")) return &avx512::table;
     return supports("avx2") ? &avx2::table : &generic::table;
   }
   if (isa == "avx512-bf16") return &avx512_bf16;
