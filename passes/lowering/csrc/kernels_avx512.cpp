@@ -29,6 +29,28 @@ static const ExpandTable expand_table;
 
 }  // namespace fxs::avx512_lut
 
+namespace fxs::avx512 {
+
+// For V::nib: the 32-bit word (of bytes k/2..+3, +4..+7, +4..+7, +8..+11) and the shift of each of the 16
+// nibbles k..k+15, for even and odd k. Even: nibbles 0-7 in word 0, 8-15 in word 1. Odd (the window
+// starts at bit 4): nibbles 1-7 of the bytes in word 0, 8-15 in word 1, 16 (byte 8's low nibble) in word 3.
+struct NibbleTable {
+  alignas(64) int32_t idx[2][16];
+  alignas(64) int32_t shift[2][16];
+  NibbleTable() {
+    for (int i = 0; i < 16; ++i) {
+      idx[0][i] = i / 8;
+      shift[0][i] = 4 * (i % 8);
+      const int j = i + 1;  // nibble j of the bytes from k / 2
+      idx[1][i] = j < 8 ? 0 : (j < 16 ? 1 : 3);
+      shift[1][i] = j < 16 ? 4 * (j % 8) : 0;
+    }
+  }
+};
+static const NibbleTable nibble_table;
+
+}  // namespace fxs::avx512
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 
@@ -55,18 +77,21 @@ struct V {
   static R vals(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  // The 16 unsigned int4 codes k..k+15 of a nibble stream (low nibble first): the 64 bits from
-  // nibble k, each 32-bit half broadcast to 8 lanes and shifted right by 0, 4, ..., 28. Reads 9
-  // bytes from byte k / 2 when k is odd, else 8.
+  // The 16 unsigned int4 codes k..k+15 of a nibble stream (low nibble first), all in vector registers:
+  // bytes k/2.. k/2+7 and k/2+4.. k/2+11 as four 32-bit words, each lane given the word holding its
+  // nibble (vpermd) and shifted to it (vpsrlvd), by the index and shift rows of k's parity (NibbleTable).
+  // Reads 12 bytes from byte k / 2. Replaces a decode that built the 64 bits in a general register
+  // (branching on k's parity) and broadcast its halves: on Zen 4, streaming 11008x4096 layers at batch 1,
+  // dense-int4 1.15x, nm-int4 1.07x, bitmask-int4 1.9x (whose rows start at either parity).
   static R nib(const uint8_t* base, int64_t k) {
-    uint64_t w;
-    std::memcpy(&w, base + (k >> 1), 8);
-    if (k & 1) w = (w >> 4) | (static_cast<uint64_t>(base[(k >> 1) + 8]) << 60);
-    const __m256i lo = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w)));
-    const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w >> 32)));
-    const __m512i word = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), _mm512_set1_epi32(15)));
+    const uint8_t* p = base + (k >> 1);
+    const __m128i words = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 4)));
+    const int odd = static_cast<int>(k & 1);
+    const __m512i idx = _mm512_load_si512(nibble_table.idx[odd]);
+    const __m512i shifts = _mm512_load_si512(nibble_table.shift[odd]);
+    const __m512i lanes = _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(words));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), _mm512_set1_epi32(15)));
   }
   // The empty asm keeps v in a register: folded into vexpandps' memory form the load is
   // microcoded on AMD Zen 4 (about 4x slower for the whole kernel).
