@@ -51,8 +51,8 @@ const KernelTable* table_for(const std::string& isa) {
       with_bf16(avx512_lut::table, "avx512-lut-bf16", &avx512bf16::kernels);
   // auto: vexpandps on AMD too. The permutation-table decode (-lut) was AMD Zen 4's choice while the batch-1
   // kernels ran 4 rows per block (vexpandps then 1.7x slower); since they run one row on 4 chains, vexpandps
-  // is the faster of the two there as well (Zen 4, streaming batch 1: fp32 bitmask 1.3x, int8 1.4x; BENCHMARKS.md,
-  // sparse_kernels.py --isas). The -lut tables stay forceable, to measure on each new CPU.
+  // is the faster of the two there as well (Zen 4, streaming batch 1: fp32 bitmask 50% 1.26x, bitmask-int8 1.34x;
+  // BENCHMARKS.md, sparse_kernels.py --isas). The -lut tables stay forceable, to measure on each new CPU.
   if (isa == "auto") {
     if (supports("avx512-bf16")) return &avx512_bf16;
     if (supports("avx512")) return &avx512::table;
