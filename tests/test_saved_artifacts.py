@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import native_isas
 
 import fx_sparsity
-from helpers import native_isas
 from passes.lowering import native
 from passes.meta import get_capture, masked_targets
 
