@@ -161,6 +161,34 @@ def test_gpt2_tuple_with_the_mask_in_the_cache_slot_is_refused():
         torch.testing.assert_close(gm(ids, None, mask).logits, model(ids, None, mask).logits)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_dict_key_the_model_does_not_take_is_refused_before_anything_changes(kind):
+    """Llama's and Qwen2's forward end with **kwargs typed Unpack[TransformersKwargs]: a key outside them and the
+    named inputs (a BERT tokenizer's token_type_ids, a typo) binds, reaches the attention layers and is dropped there.
+    prepare (both capture methods), compare on the user's model and calibrate on the prepared one refuse it with a
+    TypeError naming the key and the fix, before anything runs; the user's model is unchanged. A key the typed
+    **kwargs take (output_attentions) is accepted."""
+    model = tiny_hf_model(kind)
+    before = snapshot(model)
+    batch = token_batch(2, 8, padding=2)
+    extra = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
+    refused = rf"example_inputs has the key 'token_type_ids', which {type(model).__name__}.forward does not take .*drop it"
+    for method in ("auto", "export"):
+        with pytest.raises(TypeError, match=refused):
+            prepare(model, sparsifier=WandaSparsifier(0.5), example_inputs=extra, capture_method=method)
+    with pytest.raises(TypeError, match=r"has the keys 'atention_mask', 'token_type_ids', which .*drop them"):
+        prepare(model, example_inputs={**extra, "atention_mask": batch["attention_mask"]})
+    gm = prepare(model, sparsifier=WandaSparsifier(0.5), example_inputs={**batch, "output_attentions": False})
+    with pytest.raises(TypeError, match=r"batch 0 of batches has the key 'token_type_ids'"):
+        compare(model, gm, [extra])
+    with pytest.raises(TypeError, match=r"'token_type_ids'"):
+        calibrate(gm, [{**extra, "output_attentions": False}], progress_bar=False)
+    after = snapshot(model)
+    assert {k: v for k, v in after.items() if k != "state"} == {k: v for k, v in before.items() if k != "state"}
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+    assert model.config.use_cache is True
+
+
 def test_batches_in_another_form_than_the_capture_are_refused_with_the_fix():
     """A module captured from a dict refuses tuple batches, and one captured from (input_ids,) refuses dict batches
     carrying an attention_mask, in calibrate, compare, prune_sequential and lower: a TypeError naming the form the

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from passes.capturing.inputs import check_cache_slots
+from passes.capturing.inputs import check_cache_slots, check_keywords
 
 __all__ = [
     "ModelInputs",
@@ -134,7 +134,8 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     A ``GraphModule`` run by an ``fx.Interpreter`` drops extra positional inputs without a word; this is
     the check it does not make. The forward's signature is the one the capture gave it; a ``torch.export``
     capture takes exactly the inputs it was exported with, in the same form (positional, or a dict with the
-    same keys). A tensor given positionally where the forward takes a cache (GPT-2's ``(input_ids, cache,
+    same keys); a key that typed ``**kwargs`` do not take (transformers' ``Unpack[TransformersKwargs]``) is
+    refused too. A tensor given positionally where the forward takes a cache (GPT-2's ``(input_ids, cache,
     attention_mask)``) is refused pointing to the dict form.
 
     Raises:
@@ -167,6 +168,7 @@ def check_inputs_fit(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
             f"{'it' if len(args) - len(positional) == 1 else 'them'}"
         )
     check_cache_slots(module, args, name)
+    check_keywords(module, kwargs, name)
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:

@@ -4,6 +4,8 @@
   keyword inputs, as a tokenizer returns them) into ``(args, kwargs)`` checked against the model's forward:
   inputs it does not take are refused, and so is a tensor given positionally where the forward takes its
   cache (GPT-2's ``forward(input_ids, cache, attention_mask, ...)``): the dict form names each input.
+  :func:`check_keywords` refuses a keyword input that a forward with ``**kwargs`` does not take, where
+  the ``**kwargs`` are typed (transformers' ``**kwargs: Unpack[TransformersKwargs]``).
 * :func:`sequence_lengths` finds the sequence lengths of the token inputs (2-D integer or bool tensors:
   ``input_ids``, ``attention_mask``, ``position_ids``, labels), and :func:`dynamic_dims` builds the
   ``dynamic_shapes`` torch.export takes: dim 0 (the batch) of every tensor input and, optionally, every
@@ -16,6 +18,7 @@ Nothing here runs the model or changes it.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,8 +27,8 @@ from torch import nn
 from torch.export import Dim
 from torch.utils._pytree import tree_leaves, tree_map
 
-__all__ = ["cache_parameters", "check_cache_slots", "dynamic_dims", "example_args", "is_token_input",
-           "sequence_lengths"]
+__all__ = ["cache_parameters", "check_cache_slots", "check_keywords", "dynamic_dims", "example_args",
+           "is_token_input", "sequence_lengths"]
 
 # Names transformers (and older versions of it) give the forward argument that takes a model's KV cache.
 _CACHE_NAMES = frozenset({"cache", "past_key_values", "past_key_value", "past", "layer_past", "mems"})
@@ -92,6 +95,66 @@ def check_cache_slots(module: nn.Module, args: tuple[Any, ...], name: str) -> No
             )
 
 
+def _typed_keywords(module: nn.Module, signature: inspect.Signature) -> frozenset[str] | None:
+    """The keys a forward's ``**kwargs: Unpack[SomeTypedDict]`` takes (transformers' models type theirs so),
+    or ``None`` where the forward has no ``**kwargs`` or they are untyped (any key fits)."""
+    for p in signature.parameters.values():
+        if p.kind is not p.VAR_KEYWORD:
+            continue
+        annotation = p.annotation
+        if isinstance(annotation, str):  # postponed (``from __future__ import annotations``): evaluate this one only
+            try:
+                annotation = eval(annotation, getattr(module.forward, "__globals__", {}))  # noqa: S307
+            except Exception:  # a name the module does not hold at run time: nothing to check against
+                return None
+        if typing.get_origin(annotation) is not typing.Unpack:
+            return None
+        (typed,) = typing.get_args(annotation)
+        if not typing.is_typeddict(typed):
+            return None
+        return frozenset(typed.__required_keys__ | typed.__optional_keys__)
+    return None
+
+
+def check_keywords(module: nn.Module, kwargs: Mapping[str, Any], name: str) -> None:
+    """Refuse keyword inputs that ``module.forward`` does not take although its ``**kwargs`` would bind them.
+
+    transformers' causal LMs end their forward with ``**kwargs: Unpack[TransformersKwargs]``, which takes only
+    the keys of that TypedDict (``output_attentions``, ``cu_seq_lens_q``, ...); any other key binds, reaches the
+    attention layers and is dropped there without a word (a BERT tokenizer's ``token_type_ids`` given to a
+    Llama, say). Untyped ``**kwargs`` take any key: nothing to check against.
+
+    Raises:
+        TypeError: naming the keys, the forward's inputs and the fix.
+
+    Example::
+
+        >>> from typing import TypedDict, Unpack
+        >>> class Options(TypedDict, total=False):
+        ...     output_attentions: bool
+        >>> class Decoder(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None, **kwargs: Unpack[Options]): ...
+        >>> check_keywords(Decoder(), {"input_ids": None, "output_attentions": False}, "example_inputs")
+        >>> check_keywords(Decoder(), {"input_ids": None, "token_type_ids": None}, "example_inputs")
+        Traceback (most recent call last):
+        ...
+        TypeError: example_inputs has the key 'token_type_ids', which Decoder.forward does not take (its inputs: input_ids, attention_mask; its **kwargs take only output_attentions): drop it, e.g. {k: v for k, v in inputs.items() if k not in {'token_type_ids'}}
+    """
+    signature = _signature(module)
+    typed = None if signature is None else _typed_keywords(module, signature)
+    if typed is None:
+        return
+    named = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(named) - typed)
+    if unknown:
+        keys = ", ".join(repr(k) for k in unknown)
+        raise TypeError(
+            f"{name} has the key{'s' if len(unknown) > 1 else ''} {keys}, which {type(module).__name__}.forward does "
+            f"not take (its inputs: {', '.join(named)}; its **kwargs take only {', '.join(sorted(typed))}): drop "
+            f"{'them' if len(unknown) > 1 else 'it'}, e.g. {{k: v for k, v in inputs.items() if k not in {{{keys}}}}}"
+        )
+
+
 def example_args(module: nn.Module, example_inputs: Any, name: str = "example_inputs") -> tuple[tuple, dict]:
     """``(args, kwargs)`` for calling ``module`` on ``example_inputs``, checked against its forward.
 
@@ -100,7 +163,8 @@ def example_args(module: nn.Module, example_inputs: Any, name: str = "example_in
 
     Raises:
         TypeError: ``example_inputs`` has none of these forms, does not fit the forward's parameters
-            (naming them), or puts a tensor in the forward's cache slot (see :func:`check_cache_slots`).
+            (naming them), has a key typed ``**kwargs`` do not take (see :func:`check_keywords`), or puts a
+            tensor in the forward's cache slot (see :func:`check_cache_slots`).
 
     Example::
 
@@ -119,6 +183,7 @@ def example_args(module: nn.Module, example_inputs: Any, name: str = "example_in
             f"returns, e.g. {{'input_ids': ids, 'attention_mask': mask}}), got {type(example_inputs).__name__}"
         )
     check_cache_slots(module, args, name)
+    check_keywords(module, kwargs, name)
     signature = _signature(module)
     if signature is not None:
         try:
