@@ -104,8 +104,8 @@ def _typed_keywords(module: nn.Module, signature: inspect.Signature) -> frozense
         annotation = p.annotation
         if isinstance(annotation, str):  # postponed (``from __future__ import annotations``): evaluate this one only
             try:
-                annotation = eval(annotation, getattr(module.forward, "__globals__", {}))  # noqa: S307
-            except Exception:  # a name the module does not hold at run time: nothing to check against
+                annotation = eval(annotation, getattr(module.forward, "__globals__", {}))
+            except Exception:  # noqa: BLE001  # a name the module does not hold at run time: nothing to check against
                 return None
         if typing.get_origin(annotation) is not typing.Unpack:
             return None
