@@ -116,9 +116,12 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Ten
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(dampening * h.diagonal().mean())
+    # Two [columns, columns] buffers beside the caller's Hessian, each result written over the one it no longer needs:
+    # a 2752-wide float64 Hessian is 58 MiB, and a block streamed from disk holds a few of them.
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() == 0:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        inverse = torch.cholesky_inverse(lower, out=h)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True, out=(lower, info))
     if info.item() != 0:
         raise ValueError(
             f"the damped input Hessian is not positive definite (dampening={dampening}): the inputs are "

@@ -198,8 +198,11 @@ def input_rows(
     return patches.reshape(patches.shape[0], groups, columns, -1).permute(1, 0, 3, 2).reshape(groups, -1, columns)
 
 
-def accumulate_hessian(hessian: Tensor | None, rows: Tensor) -> Tensor:
+def accumulate_hessian(hessian: Tensor | None, rows: Tensor, *, inplace: bool = False) -> Tensor:
     """``hessian + rows^T rows`` per group (float64); ``hessian=None`` starts from zero.
+
+    ``inplace=True`` adds into ``hessian`` (the same sums, bit for bit) instead of allocating a third
+    ``[groups, columns, columns]`` tensor beside it and the update: an observer owns its sum.
 
     Example::
 
@@ -208,7 +211,9 @@ def accumulate_hessian(hessian: Tensor | None, rows: Tensor) -> Tensor:
     """
     rows = rows.double()
     update = rows.transpose(1, 2) @ rows
-    return update if hessian is None else hessian + update
+    if hessian is None:
+        return update
+    return hessian.add_(update) if inplace else hessian + update
 
 
 class InputHessianObserver(InputObserver):
@@ -256,7 +261,7 @@ class InputHessianObserver(InputObserver):
     def forward(self, x: Tensor) -> Tensor:
         kwargs = self.conv if len(self.weight_shape) > 2 else {}
         rows = input_rows(self.observed(x), self.weight_shape, **kwargs)
-        self.sum_outer = accumulate_hessian(self.sum_outer, rows)
+        self.sum_outer = accumulate_hessian(self.sum_outer, rows, inplace=True)
         self.rows += rows.shape[1]
         return x
 

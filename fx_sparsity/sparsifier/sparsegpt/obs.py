@@ -100,6 +100,10 @@ def sparsegpt_prune(
     out = weight.shape[0]
     matrix = weight.detach().reshape(out, -1)
     per_group = out // h.shape[0]
+    if h.shape[0] == 1:  # a Linear's: _prune_rows' own copy is the result (no third copy of the weight beside it)
+        with torch.no_grad():
+            w, pruned, _ = _prune_rows(matrix, h[0], level, nm, block_size, dampening, None)
+        return w.to(matrix.dtype).reshape(weight.shape), (~pruned).reshape(weight.shape)
     new, keep = torch.empty_like(matrix), torch.empty(matrix.shape, dtype=torch.bool, device=matrix.device)
     with torch.no_grad():
         for g in range(h.shape[0]):
