@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -422,6 +423,7 @@ def sparsify_model(
     model: nn.Module | None = None,
     repeats: int = 7,
     progress_bar: bool = True,
+    decisions: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """A copy of the user's model, of its own class, whose pruned layers are sparse modules.
 
@@ -458,7 +460,8 @@ def sparsify_model(
             ``"bsr"``, ``"semi_structured"``, ``"auto"``, or a per-layer config); not ``"shrink"``.
         example_inputs: inputs of the model (tensor, tuple or dict of keyword inputs); required by ``"auto"``.
         model: the model that was prepared; by default the one ``prepare`` kept a reference to.
-        repeats, progress_bar: as for :func:`fx_sparsity.lower`.
+        repeats, progress_bar, decisions: as for :func:`fx_sparsity.lower` (``decisions``: a file keeping
+            ``auto``'s picks per layer kind and machine).
 
     Returns:
         A new module of ``type(model)``, in ``model``'s training mode.
@@ -500,7 +503,8 @@ def sparsify_model(
         for fqn, r in requests.items()
         if fqn in owners and r.backend != "fuse"
     ]
-    lowered = lower(gm, config or "fuse", example_inputs=example_inputs, repeats=repeats, progress_bar=progress_bar)
+    lowered = lower(gm, config or "fuse", example_inputs=example_inputs, repeats=repeats, progress_bar=progress_bar,
+                    decisions=decisions)
     records = {r.tensor_fqn: r for r in get_lowering(lowered)}
     _check_fused_names(lowered, [t for t in masked_targets(gm, nodes) if records[t.tensor_fqn].backend == "fuse"])
     changes = _replacements(source, lowered, by_module=not _exported(gm))

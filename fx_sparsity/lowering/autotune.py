@@ -5,7 +5,8 @@ this machine can run it (:func:`passes.lowering.rewrite.unsupported_reason`) and
 raises otherwise. For ``"auto"`` it times the fused dense op and every format
 the layer can take on the layer's own recorded input, interleaved (see
 :mod:`fx_sparsity.lowering.timing`), and keeps a sparse format only when it beats
-fused by :data:`AUTO_MIN_SPEEDUP`.
+fused by :data:`AUTO_MIN_SPEEDUP`. With a :class:`~fx_sparsity.lowering.decisions.Decisions` file, a layer
+of a kind decided before on this machine takes that pick instead of being timed against the others.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 from collections.abc import Mapping
 
 from fx_sparsity.lowering.backends import LayerRequest
+from fx_sparsity.lowering.decisions import Decisions, layer_key
 from fx_sparsity.lowering.timing import LayerTimer
 from passes.lowering import LAYOUTS, QUANT_LAYOUTS, SparseFormat, unsupported_reason
 
@@ -50,7 +52,7 @@ def _format(layout: str, blocksize: tuple[int, int] | None) -> SparseFormat:
 
 def resolve_layer(
     layer: LayerTimer, request: LayerRequest, blocksize: tuple[int, int] | None, blocker: str | None, timed: bool,
-    quantized: object | None = None, record_bits: int | None = None,
+    quantized: object | None = None, record_bits: int | None = None, decisions: Decisions | None = None,
 ) -> LayerChoice:
     """The format a layer gets (``None``: fuse), the note, and its times before/after when ``timed``.
 
@@ -58,7 +60,9 @@ def resolve_layer(
     (:func:`passes.lowering.lowering_blockers`), ``None`` when they can. ``quantized`` is the layer's
     quantized weight for a quantized layout; ``record_bits`` the bits of the weight's quantization record,
     with which ``auto`` also times the quantized layouts of those bits (without a record it stays with the
-    float formats: quantizing changes the numbers, so it is never chosen for the user).
+    float formats: quantizing changes the numbers, so it is never chosen for the user). ``decisions``: ``auto``'s
+    earlier picks on this machine (see :mod:`fx_sparsity.lowering.decisions`); a layer of a kind found there
+    gets that pick, timed against the masked form only for the report, and a new pick is added to it.
 
     Raises:
         ValueError: an explicitly requested backend cannot run this layer here.
@@ -97,6 +101,13 @@ def resolve_layer(
             continue
         formats[layout] = fmt
         variants[layout] = layer.sparse_fn(fmt, components)
+    key = layer_key(layer, formats, blocksize, record_bits) if decisions is not None else None
+    decided = decisions.get(key) if decisions is not None else None
+    if decided is not None and (decided == "fuse" or decided in formats):
+        times = layer.time({k: v for k, v in variants.items() if k in ("masked", decided)})
+        if times[decided] is not None:
+            note = f"auto: {decided}, decided before on this machine ({decisions.path.name})"
+            return formats.get(decided), note, times["masked"], times[decided]
     samples = layer.samples(variants)
     if samples["fuse"] is None:
         return None, "auto: the layer did not run on example_inputs; fused", None, None
@@ -104,5 +115,7 @@ def resolve_layer(
     # changes between runs (a co-tenant's bursts) still gets the same picks; the report keeps the medians.
     fastest = {k: min(s) for k, s in samples.items()}
     choice, note = choose_backend(fastest["fuse"], {k: fastest[k] for k in formats})
+    if decisions is not None:
+        decisions.put(key, choice, note)
     times = {k: statistics.median(s) for k, s in samples.items()}
     return formats.get(choice), note, times["masked"], times[choice]

@@ -31,6 +31,7 @@ weight; :func:`fx_sparsity.report.lowering_table` prints them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch import Tensor, fx
 
 from fx_sparsity.lowering.autotune import resolve_layer
 from fx_sparsity.lowering.backends import BACKENDS, MODEL_BACKENDS, BackendConfig, LayerRequest, parse_backends
+from fx_sparsity.lowering.decisions import Decisions
 from fx_sparsity.lowering.timing import LayerTimer, last_level_cache_bytes, record_op_calls, time_variants
 from fx_sparsity.meta import (
     QuantRecord,
@@ -179,6 +181,7 @@ def lower(
     example_inputs: Any = None,
     repeats: int = 7,
     progress_bar: bool = True,
+    decisions: str | os.PathLike[str] | None = None,
 ) -> fx.GraphModule:
     """Return a new module computing ``gm`` with no mask nodes or mask buffers.
 
@@ -195,6 +198,11 @@ def lower(
         repeats: timed rounds per layer (``auto`` compares each variant's fastest round; the report's times are
             medians).
         progress_bar: show a progress bar on stderr while layers are timed.
+        decisions: a JSON file keeping ``auto``'s picks per layer kind and machine (created if missing): a layer
+            of the same shape, dtypes, inputs, mask density (to 1%) and candidate formats as one decided before
+            on a machine with the same CPU, kernel ISA, threads and versions gets the same format without being
+            timed against the others, so that runs on a machine whose load changes lower alike; new picks are
+            added (see :mod:`fx_sparsity.lowering.decisions`). ``None``: every ``auto`` layer is timed.
 
     Returns:
         The lowered ``GraphModule``; :func:`get_lowering` gives its per-layer records.
@@ -216,6 +224,7 @@ def lower(
     """
     muls = _check_arguments(gm, repeats)
     inputs = _model_inputs(gm, example_inputs)
+    picks = Decisions(decisions) if decisions is not None else None
     if isinstance(backend, str) and backend in MODEL_BACKENDS:
         return _lower_shrink(gm, muls, inputs, repeats)
     requests = parse_backends(gm, backend, find_masked_weights(gm, muls))
@@ -236,7 +245,7 @@ def lower(
         record = records.get(target.tensor_fqn)
         q = _quantized_weight(target.tensor_fqn, request, layer, record)
         fmt, note, before, after = resolve_layer(layer, request, blocksize, blockers[target.tensor_fqn], timed, q,
-                                                 record.quantized.spec.bits if record is not None else None)
+                                                 record.quantized.spec.bits if record is not None else None, picks)
         if fmt is not None:
             formats[target.tensor_fqn] = fmt
             if fmt.quantized:
@@ -245,6 +254,8 @@ def lower(
 
     lowered = fuse_masks(lower_sparse(clone_without_sparsifier(gm), formats, quantized))
     set_lowering(lowered, [_record(*choice, lowered) for choice in choices])
+    if picks is not None:
+        picks.save()
     return lowered
 
 
