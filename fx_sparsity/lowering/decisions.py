@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,10 +54,9 @@ def machine_key() -> str:
         >>> f"threads={torch.get_num_threads()}" in machine_key()
         True
     """
-    from fx_sparsity import __version__
-
+    version = getattr(sys.modules.get("fx_sparsity"), "__version__", "unknown")  # the package imports this module
     return (f"{_cpu_model()} | isa={native_isa()} | threads={torch.get_num_threads()} | torch={torch.__version__} | "
-            f"fx_sparsity={__version__}")
+            f"fx_sparsity={version}")
 
 
 def _describe(value: Any) -> Any:
