@@ -87,6 +87,8 @@ using QuantCsrRowsFn = void (*)(const Dense&, const Csr&, const Quant&, int64_t,
 struct Bf16Kernels {
   BitmaskRowsFn bitmask_rows_1;  // batch 1
   BitmaskRowsFn bitmask_rows;    // batch > 1
+  // int4 codes (bitmask, N:M, dense) with bf16 inputs, batch 1; scale groups of a multiple of 32 columns
+  QuantBitmaskRowsFn quant_int4_rows_1;
 };
 
 struct KernelTable {

@@ -11,6 +11,9 @@
 // Batch 1 dots each decoded chunk with x right away (8 rows share each x load). Batch > 1
 // decodes 4 rows once into a per-thread scratch of dense bf16 rows, then multiplies it with
 // tiles of 6 batch rows (24 accumulators), so a weight is decoded once whatever the batch.
+//
+// int4 codes (bitmask, N:M or dense) with bf16 inputs at batch 1 run here too: the codes are
+// turned into exact bf16 integers with one vpermw table lookup per chunk (see the int4 section).
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -161,9 +164,107 @@ void bitmask_rows(const Dense& d, const Bitmask& w, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- int4 codes (Quant, kernels.h) with bf16 inputs, batch 1: bitmask, N:M and dense (mask null) ----
+//
+// A 32-column chunk of a row: its codes (16 bytes, shifted by a nibble where the chunk starts mid-byte:
+// vpshrdvq) are zero-extended to one byte per 32-bit lane and or-ed with themselves shifted by 12 bits, so
+// word 2j holds byte j (its low nibble in bits 0-3) and word 2j + 1 byte j's high nibble; vpermw then looks
+// each word up in a table of the 32 bf16 values (i % 16) - zero (vpermw reads an index's low 5 bits, and
+// the table repeats every 16, so bit 4 of word 2j does not matter): the chunk's weights, unscaled, in
+// column order, exact in bf16. A masked chunk moves them to its columns (vpexpandw, zeros elsewhere).
+// vdpbf16ps multiplies them into x (products exact in fp32) on two chains per scale group; a group's sum
+// is multiplied by its scale when it ends, as in quant_body.h. Scale groups must be whole chunks
+// (groups == 1 or group_size a multiple of 32): ops.cpp uses these kernels only then.
+
+// The 32 bf16 values (i % 16) - zero.
+inline __m512i code_table(int zero) {
+  const __m512 v = _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 _mm512_set1_ps(static_cast<float>(zero)));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);
+}
+
+// The 32 codes from nibble p of the stream at base (at most n of them are used) as 16 bytes, code k in the
+// low (k even) or high nibble of byte k / 2. SAFE reads only the bytes of those n codes (masked loads, which
+// do not fault on masked bytes); else bytes p / 2 .. p / 2 + 23.
+template <bool SAFE>
+inline __m128i code_bytes(const uint8_t* base, int64_t p, int n) {
+  const uint8_t* b = base + (p >> 1);
+  __m128i lo, hi;
+  if (SAFE) {
+    const int bytes = n > 0 ? static_cast<int>(((p + n - 1) >> 1) - (p >> 1) + 1) : 0;
+    lo = _mm_maskz_loadu_epi8(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, bytes < 16 ? bytes : 16)), b);
+    const int rest = bytes > 8 ? bytes - 8 : 0;
+    hi = _mm_maskz_loadu_epi8(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, rest)), b + 8);
+  } else {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8));
+  }
+  // (hi:lo) >> 4 in each 64-bit lane when p is odd: the window starts at the chunk's first nibble.
+  return _mm_shrdv_epi64(lo, hi, _mm_set1_epi64x(4 * (p & 1)));
+}
+
+inline __m512i decode_codes(__m128i bytes, __m512i table) {
+  __m512i d = _mm512_cvtepu8_epi32(bytes);
+  d = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
+  return _mm512_permutexvar_epi16(d, table);
+}
+
+template <bool MASKED, bool SAFE>
+inline void int4_row(const Dense& d, const Bitmask& w, const Quant& q, int64_t r, __m512i table) {
+  const int64_t chunks = (d.in_features + L - 1) / L;
+  const int64_t group_chunks = q.groups == 1 ? chunks : q.group_size / L;
+  const uint8_t* base = static_cast<const uint8_t*>(w.values);
+  const uint8_t* mrow = MASKED ? w.mask + r * w.mask_stride : nullptr;
+  int64_t p = w.offsets ? w.offsets[r] : r * w.row_stride;
+  auto step = [&](int64_t c, __m512 part) {
+    int n = static_cast<int>(min64(L, d.in_features - c * L));  // dense: lanes past in_features meet x's zeros
+    uint32_t m = 0;
+    if (MASKED) {
+      m = bits(mrow, c);
+      n = __builtin_popcount(m);
+    }
+    __m512i v = decode_codes(code_bytes<SAFE>(base, p, n), table);
+    if (MASKED) v = expand(v, m);
+    p += n;
+    return dot(part, v, _mm512_loadu_si512(d.xh + c * L));
+  };
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0, c = 0; g < q.groups; ++g) {
+    if (q.zeros) table = code_table(q.zeros[r * q.groups + g]);
+    const int64_t end = min64(chunks, c + group_chunks);
+    __m512 part0 = _mm512_setzero_ps(), part1 = _mm512_setzero_ps();
+    for (; c + 2 <= end; c += 2) {
+      part0 = step(c, part0);
+      part1 = step(c + 1, part1);
+    }
+    if (c < end) part0 = step(c++, part0);
+    acc = _mm512_fmadd_ps(_mm512_add_ps(part0, part1), _mm512_set1_ps(q.scales[r * q.groups + g]), acc);
+  }
+  d.out[r] = _mm512_reduce_add_ps(acc) + (d.bias ? d.bias[r] : 0.f);
+}
+
+template <bool MASKED>
+inline void int4_rows(const Dense& d, const Bitmask& w, const Quant& q, int64_t r0, int64_t r1, __m512i table) {
+  for (int64_t r = r0; r < r1; ++r) {
+    // Whole loads while the last chunk's 24 bytes (48 codes from its first code, at most in_features codes
+    // after the row's first) stay inside the stream; masked loads near its end.
+    if ((w.offsets ? w.offsets[r] : r * w.row_stride) + d.in_features + 48 <= q.total)
+      int4_row<MASKED, false>(d, w, q, r, table);
+    else
+      int4_row<MASKED, true>(d, w, q, r, table);
+  }
+}
+
+// One row at a time: sharing x's loads across 2 or 4 rows measured slower on Zen 4 (register pressure).
+void quant_int4_rows_1(const Dense& d, const Bitmask& w, const Quant& q, int64_t r0, int64_t r1) {
+  const __m512i table = code_table(q.zero);
+  if (w.mask) int4_rows<true>(d, w, q, r0, r1, table);
+  else int4_rows<false>(d, w, q, r0, r1, table);
+}
+
 }  // namespace
 
-const Bf16Kernels kernels{bitmask_rows_1, bitmask_rows};
+const Bf16Kernels kernels{bitmask_rows_1, bitmask_rows, quant_int4_rows_1};
 
 }  // namespace fxs::avx512bf16
 

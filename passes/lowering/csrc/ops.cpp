@@ -272,10 +272,15 @@ Quant quant_of(const at::Tensor& values, const at::Tensor& scales, const std::op
                int4 ? 8 : 0, values.numel() * (int4 ? 2 : 1)};
 }
 
+// int4 codes with bf16 x at batch 1 run on the bf16 dot-product kernels where the table has them (the
+// products are exact either way) and the scale groups are whole 32-column chunks.
 at::Tensor run_quant_bitmask(const at::Tensor& x, const Bitmask& w, const Quant& q, int64_t rows,
                              const std::optional<at::Tensor>& bias, const char* op) {
-  Call call(x, rows, bias, XLayout::rows, op);
-  const auto fn = active()->quant_bitmask_rows;
+  const Bf16Kernels* bf16 = active()->bf16;
+  const bool dot = bf16 && x.scalar_type() == at::kBFloat16 && q.type == QuantType::int4 &&
+                   x.numel() == x.size(-1) && (q.groups == 1 || q.group_size % 32 == 0);
+  Call call(x, rows, bias, dot ? XLayout::bf16_rows : XLayout::rows, op);
+  const auto fn = dot ? bf16->quant_int4_rows_1 : active()->quant_bitmask_rows;
   if (call.d.batch > 0) for_rows(rows, [&](int64_t r0, int64_t r1) { fn(call.d, w, q, r0, r1); });
   return call.result(x.scalar_type());
 }
