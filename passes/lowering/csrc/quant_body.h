@@ -15,8 +15,13 @@
 // Code streams: load (L codes from code k, may read up to 18 codes past k + L, see
 // Quant::total), tail (n < L + 1 codes, the lanes past n set to the code `fill`, reading
 // nothing past the n codes) and one (code k as a float).
+// Code streams are prefetched VALUE_PREFETCH bytes (kernel_body.h) ahead of each whole load (addr: the byte
+// holding code k). On Intel Sapphire Rapids (2 threads, 6 11008x4096 2:4 layers streaming, bf16 x, batch 1)
+// it took bitmask int8 from 3.13 to 1.89 ms per layer and N:M int8 from 3.79 to 1.88 ms.
+
 struct Int8Codes {
   static constexpr bool has_zero = false;
+  static const uint8_t* addr(const void* b, int64_t k) { return static_cast<const uint8_t*>(b) + k; }
   static R load(const void* b, int64_t k) { return V::vals(static_cast<const int8_t*>(b) + k); }
   static R tail(const void* b, int64_t k, int64_t n, int) { return vals_tail(static_cast<const int8_t*>(b) + k, n); }
   static float one(const void* b, int64_t k) { return static_cast<const int8_t*>(b)[k]; }
@@ -26,6 +31,7 @@ inline uint32_t nibble(const uint8_t* p, int64_t k) { return (p[k >> 1] >> ((k &
 
 struct Int4Codes {
   static constexpr bool has_zero = true;
+  static const uint8_t* addr(const void* b, int64_t k) { return static_cast<const uint8_t*>(b) + (k >> 1); }
   static R load(const void* b, int64_t k) { return V::nib(static_cast<const uint8_t*>(b), k); }
   static R tail(const void* b, int64_t k, int64_t n, int fill) {
     const uint8_t* p = static_cast<const uint8_t*>(b);
@@ -76,6 +82,7 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
       } else if (SAFE) {
         n = min64(V::L, d.in_features - c * V::L);
       }
+      if (!SAFE) __builtin_prefetch(C::addr(w.values, p) + VALUE_PREFETCH);
       R v = SAFE ? C::tail(w.values, p, n, zero) : C::load(w.values, p);
       if (C::has_zero) v = V::sub(v, zv);
       if (MASKED) v = V::expand(v, m);
