@@ -24,17 +24,28 @@ FIXTURES = pathlib.Path(__file__).with_name("fixtures") / "v0_1_0"
 # The expected outputs were computed by 0.1.0 on an AVX2 machine (AMD Zen 3). On a CPU with AVX-512, torch's LSTM
 # (oneDNN, MKL, ATen's vectorized kernels) and our kernels sum in other orders (outputs 1 ulp apart), so the
 # bit-for-bit tests run where torch is limited to AVX2 (read by those libraries when they start: a child
-# process) and our kernels are forced to avx2.
+# process) and our kernels are forced to avx2. That reproduces the recording on AMD CPUs only: on Intel
+# (Sapphire Rapids) MKL's and oneDNN's AVX2 paths still sum in other orders than on AMD (MKL_CBWR=AVX2 or
+# COMPATIBLE does not change it; largest relative difference 1.9e-7), so there the same tests compare at
+# float32's default tolerance, in this process, our kernels forced to avx2.
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 BIT_FOR_BIT = "compute_what_they_did or shrinks_as_it_did"
 
 
+def _amd() -> bool:
+    try:
+        return "AuthenticAMD" in pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+
 @pytest.fixture(scope="module")
 def avx2_child() -> dict[str, str] | None:
-    """None where this process computes as the recording machine did (torch at AVX2); else the outcome
-    (``PASSED``/``FAILED``/...) of each bit-for-bit test, by test name, run once in a child process limited to
-    AVX2, and its output."""
-    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+    """None where this process computes as the recording machine did (torch at AVX2) or cannot be made to (not
+    an AMD CPU); else the outcome (``PASSED``/``FAILED``/...) of each bit-for-bit test, by test name, run once
+    in a child process limited to AVX2, and its output."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" or not _amd():
         return None
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__, "-k", BIT_FOR_BIT],
@@ -49,8 +60,9 @@ def avx2_child() -> dict[str, str] | None:
 
 @pytest.fixture
 def as_recorded(request, avx2_child):
-    """Runs the test body here, with our kernels on avx2, where torch computes as the recording machine did;
-    elsewhere checks that the test passed in the AVX2 child process and skips the body (returns False)."""
+    """Runs the test body here, with our kernels on avx2, where torch computes as the recording machine did (or,
+    not on AMD, cannot: the body then compares at float32's tolerance, see AVX2_ENV); elsewhere checks that the
+    test passed in the AVX2 child process and skips the body (returns False)."""
     if avx2_child is not None:
         status = avx2_child["outcomes"].get(request.node.name)
         assert status == "PASSED", f"{request.node.name} in the AVX2 child process: {status}\n{avx2_child['output']}"
@@ -89,11 +101,17 @@ def expected() -> dict:
 ])
 def test_pickled_modules_compute_what_they_did(name, input_key, expected, as_recorded):
     """Each pickled module loads and gives, bit for bit, the outputs it gave when 0.1.0 saved it (on an AVX2
-    machine: see AVX2_ENV)."""
+    machine: see AVX2_ENV; on Intel CPUs within float32's tolerance)."""
     if not as_recorded:
         return
     gm = _load(f"{name}.pt")
-    torch.testing.assert_close(gm(expected[input_key]), expected[name], rtol=0, atol=0)
+    torch.testing.assert_close(gm(expected[input_key]), expected[name], **_as_recorded_tolerance())
+
+
+def _as_recorded_tolerance() -> dict:
+    """Bit for bit on AMD CPUs, where torch computes as the recording machine did; float32's default tolerance on
+    other vendors' (see AVX2_ENV)."""
+    return {"rtol": 0, "atol": 0} if _amd() else {}
 
 
 def test_loaded_prepared_module_steps_and_lowers(expected):
@@ -127,7 +145,7 @@ def test_loaded_lstm_pruner_shrinks_as_it_did(expected, as_recorded):
         return
     gm = _load("prepared_lstm_channels.pt")
     small = fx_sparsity.shrink(gm)
-    torch.testing.assert_close(small(expected["seq"]), expected["shrunk_lstm"], rtol=0, atol=0)
+    torch.testing.assert_close(small(expected["seq"]), expected["shrunk_lstm"], **_as_recorded_tolerance())
     saved = _load("shrunk_lstm.pt")
     assert fx_sparsity.shrink_report(saved).params_after == fx_sparsity.shrink_report(small).params_after
 
