@@ -222,6 +222,27 @@ def test_exported_llama_layer_statistics_equal_eager_model_with_earlier_layers_p
             torch.testing.assert_close(sparsifier.state[fqn]["input_hessian"], expected[fqn])
 
 
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+def test_released_statistics_prune_as_kept_ones(name):
+    """By default each statistic is released as its weight is stepped (SparseGPT: one weight of the block at a
+    time, its Hessian factorised in its own memory): masks and weights are bit for bit those of
+    keep_statistics=True, and no statistic is left in the state."""
+    model, batches = _gpt(), _batches()
+    states = []
+    for keep in (True, False):
+        sparsifier = SPARSIFIERS[name](0.5)
+        gm = prepare(model, sparsifier=sparsifier)
+        prune_sequential(gm, batches, keep_statistics=keep, progress_bar=False)
+        held = [g["tensor_fqn"] for g in sparsifier.groups if _key(sparsifier) in sparsifier.state.get(g["tensor_fqn"], {})]
+        assert len(held) == (len(sparsifier.groups) if keep else 0)
+        states.append(gm.state_dict())
+    kept, released = states
+    assert kept.keys() == released.keys()
+    for k, v in kept.items():
+        assert torch.equal(v, released[k]), k
+    assert any(not v.all() for k, v in released.items() if k.endswith("_mask"))
+
+
 def test_magnitude_masks_equal_whole_model_step():
     """Magnitude ignores statistics: pruning block by block gives the masks one step() gives."""
     model, batches = _gpt(), _batches()

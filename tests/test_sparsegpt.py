@@ -239,6 +239,57 @@ def test_sparsifier_equals_math_per_layer(nm):
     assert_snapshot_equal(snapshot(model), before)
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_step_releasing_statistics_holds_one_hessian_at_a_time(monkeypatch, quantization):
+    """step(release_statistics=True) prunes one weight at a time: each Hessian has left ``state`` when its weight
+    is pruned (and is factorised in its own memory), later ones are still there; masks, weights and quantization
+    records are bit for bit those of step()."""
+    from fx_sparsity.sparsifier.sparsegpt import sparsifier as module
+
+    torch.manual_seed(0)
+    model = ThreeLinear()
+    batches = [torch.randn(16, 24) for _ in range(3)]
+    results = []
+    for release in (False, True):
+        sparsifier = SparseGPTSparsifier(0.5, block_size=8, quantization=quantization)
+        gm = prepare(model, sparsifier=sparsifier)
+        calibrate(gm, batches, progress_bar=False)
+        held = []
+        real = module.sparsegpt_quantize if quantization else module.sparsegpt_prune
+
+        def spy(weight, hessian, *args, real=real, held=held, sparsifier=sparsifier, **kwargs):
+            held.append(sorted(f for f, s in sparsifier.state.items() if "input_hessian" in s))
+            return real(weight, hessian, *args, **kwargs)
+
+        monkeypatch.setattr(module, "sparsegpt_quantize" if quantization else "sparsegpt_prune", spy)
+        sparsifier.step(release_statistics=release)
+        monkeypatch.undo()
+        everything = ["a.weight", "b.weight", "c.weight"]
+        assert held == ([everything] * 3 if not release else [everything[1:], everything[2:], []])
+        assert not release or not any("input_hessian" in s for s in sparsifier.state.values())
+        records = {fqn: r.quantized.values for fqn, r in get_quantization(gm).items()}
+        results.append((gm.state_dict(), records))
+    (kept, kept_records), (released, released_records) = results
+    assert kept.keys() == released.keys() and kept_records.keys() == released_records.keys()
+    assert all(torch.equal(kept[k], released[k]) for k in kept)
+    assert all(torch.equal(kept_records[k], released_records[k]) for k in kept_records)
+    assert bool(quantization) == bool(kept_records)
+
+
+def test_inverse_hessian_factor_in_place_equals_copy():
+    """overwrite=True factorises the Hessian in its own memory: the same dead columns and factor, bit for bit."""
+    from fx_sparsity.quantization.gptq import inverse_hessian_factor
+
+    x = correlated_inputs(64, 12)
+    h = x.T.double() @ x.double()
+    h[3, :] = h[:, 3] = 0
+    dead, upper = inverse_hessian_factor(h, 0.01)
+    own = h.clone()
+    dead_own, upper_own = inverse_hessian_factor(own, 0.01, overwrite=True)
+    assert torch.equal(dead, dead_own) and torch.equal(upper, upper_own) and dead[3]
+    assert not torch.equal(own, h)  # its memory was used
+
+
 def assert_snapshot_equal(after, before):
     assert after["ids"] == before["ids"] and after["modules"] == before["modules"] and after["attrs"] == before["attrs"]
     for k, v in before["state"].items():

@@ -185,8 +185,11 @@ def prune_sequential(
     the run succeeds (the memory they take stays held during the run): if a
     stage fails (a batch the model cannot compute), ``sparsifier.state`` is as
     before the call, so ``step()`` still works. Masks (and SparseGPT's
-    weights) of the stages stepped before the failure keep their new values;
-    a batch the first stage cannot compute fails before any step.
+    weights) of the stages stepped before the failure keep their new values,
+    as do, without ``keep_statistics``, SparseGPT's weights stepped in the
+    failing stage before the error (each is pruned and written in turn, its
+    Hessian released, so that one Hessian is held at a time while a stage
+    steps); a batch the first stage cannot compute fails before any step.
 
     Args:
         gm: a module returned by ``prepare`` (masks in place); its masks and,
@@ -210,8 +213,9 @@ def prune_sequential(
             failed run puts ``gm``'s tensors back on the meta device and
             removes the shards it wrote (see :class:`SafetensorsWeights`).
         keep_statistics: leave every weight's statistic in ``sparsifier.state``
-            as ``calibrate`` does; by default each stage's are dropped after its
-            step, so that only one stage's are held.
+            as ``calibrate`` does; by default each weight's is released as it is
+            stepped (``step(release_statistics=True)``), so that at most one
+            stage's are held.
         token_mask: where a batch's ``[batch, seq]`` token mask comes from, as in
             :func:`fx_sparsity.calibrate`: padded positions enter no statistic.
         distributed: as in :func:`fx_sparsity.calibrate`: under an initialized
@@ -291,10 +295,8 @@ def prune_sequential(
                     for fqn, statistic in statistics.items():
                         sparsifier.state[fqn][key] = statistic
                     del statistics
-                    sparsifier.step(stage.tensor_fqns)
-                    if not keep_statistics:
-                        for fqn in stage.tensor_fqns:
-                            sparsifier.state[fqn].pop(key, None)
+                    # Without keep_statistics each statistic is released as soon as its weight is stepped.
+                    sparsifier.step(stage.tensor_fqns, release_statistics=not keep_statistics)
                 if index < len(stages) - 1:  # the last stage hands nothing on
                     for j, env in enumerate(carried):
                         carried[j] = runner.run(stage, env)

@@ -97,10 +97,14 @@ def rows_hessians(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_factor(
+    h: torch.Tensor, dampening: float, *, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dead columns (``H_ii == 0``) and the upper Cholesky factor of the damped ``H^-1`` (float64).
 
-    Dead columns get ``H_ii = 1``; the diagonal is raised by ``dampening * mean(diag H)``.
+    Dead columns get ``H_ii = 1``; the diagonal is raised by ``dampening * mean(diag H)``. With
+    ``overwrite``, ``h``'s own memory is damped and factorised (its values are lost: for a caller that
+    drops it afterwards), one ``[columns, columns]`` buffer fewer; the result is the same.
 
     Raises:
         ValueError: the damped Hessian is not positive definite.
@@ -112,11 +116,12 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Ten
         >>> dead.tolist(), upper.diagonal().tolist()
         ([False, True], [0.5, 1.0])
     """
-    h = h.clone()
+    if not overwrite:
+        h = h.clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(dampening * h.diagonal().mean())
-    # Two [columns, columns] buffers beside the caller's Hessian, each result written over the one it no longer needs:
+    # Two [columns, columns] buffers (h, or a copy, and one more), each result written over the one it no longer needs:
     # a 2752-wide float64 Hessian is 58 MiB, and a block streamed from disk holds a few of them.
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() == 0:
@@ -137,6 +142,8 @@ def gptq_quantize(
     mask: torch.Tensor | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    *,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``weight`` column by column, moving each column's error onto the later ones (GPTQ).
 
@@ -149,6 +156,8 @@ def gptq_quantize(
             (see the module docstring); the weight is taken as ``weight * mask``.
         block_size: columns per block of lazy updates (a multiple of the int4 group size).
         dampening: added to the Hessian's diagonal, as a fraction of its mean.
+        overwrite_hessian: factorise a float64 ``hessian`` in its own memory (its values are lost; the
+            result is the same): one ``[columns, columns]`` float64 buffer fewer, for a caller that drops it.
 
     Returns:
         The :class:`QuantizedWeight`; :func:`fx_sparsity.quantization.dequantize` gives the updated weight.
@@ -183,7 +192,7 @@ def gptq_quantize(
         for g in range(h.shape[0]):
             rows = slice(g * per_group, (g + 1) * per_group)
             kept = None if keep is None else keep[rows]
-            q, s, z = _quantize_rows(matrix[rows], h[g], kept, spec, block_size, dampening)
+            q, s, z = _quantize_rows(matrix[rows], h[g], kept, spec, block_size, dampening, overwrite_hessian)
             values[rows], scales[rows] = q.to(torch.int8), s
             if zeros is not None:
                 zeros[rows] = z
@@ -196,13 +205,19 @@ def gptq_quantize(
 
 
 def _quantize_rows(
-    w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, block_size: int, dampening: float
+    w: torch.Tensor,
+    h: torch.Tensor,
+    keep: torch.Tensor | None,
+    spec: QuantSpec,
+    block_size: int,
+    dampening: float,
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``fasterquant`` on one ``[rows, columns]`` matrix: grid values, scales and zero points (float32)."""
     w = w.float().clone()
     if keep is not None:
         w[~keep] = 0
-    dead, hinv = _factor(h, dampening)
+    dead, hinv = _factor(h, dampening, overwrite_hessian)
     w[:, dead] = 0
     rows, columns = w.shape
     size = spec.group_columns(columns)
@@ -246,6 +261,6 @@ def _quantize_rows(
     return q, scales, zeros
 
 
-def _factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    dead, upper = inverse_hessian_factor(h, dampening)
+def _factor(h: torch.Tensor, dampening: float, overwrite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dead, upper = inverse_hessian_factor(h, dampening, overwrite=overwrite)
     return dead, upper.float()

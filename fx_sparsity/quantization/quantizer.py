@@ -270,7 +270,9 @@ class _HessianRequest:
     def calibration_statistic(self, group: Any, observer: nn.Module) -> torch.Tensor:
         return observer.hessian()
 
-    def step(self, tensor_fqns: Iterable[str] | None = None) -> None:
+    def step(self, tensor_fqns: Iterable[str] | None = None, *, release_statistics: bool = False) -> None:
+        """GPTQ for each group (of ``tensor_fqns``); with ``release_statistics`` each Hessian leaves ``state``
+        as its group is quantized and is factorised in its own memory (as ``BaseSparsifier.step``)."""
         wanted = None if tensor_fqns is None else set(tensor_fqns)
         for group in self.groups:
             record = group.record
@@ -279,9 +281,12 @@ class _HessianRequest:
             module = self.view.get_submodule(record.module_fqn)
             weight, mask = _masked(module, record)
             hessian = self.state[record.tensor_fqn][_HESSIAN_KEY]
+            if release_statistics:
+                del self.state[record.tensor_fqn][_HESSIAN_KEY]
             try:
                 quantized = gptq_quantize(
-                    weight, hessian.to(weight.device), self.spec, mask, self.block_size, self.dampening
+                    weight, hessian.to(weight.device), self.spec, mask, self.block_size, self.dampening,
+                    overwrite_hessian=release_statistics,
                 )
             except ValueError as e:
                 raise ValueError(f"GPTQ cannot quantize {record.tensor_fqn}: {e}") from e

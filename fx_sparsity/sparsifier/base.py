@@ -103,6 +103,7 @@ class BaseSparsifier(abc.ABC):
     """
 
     steps = 0  # also for sparsifiers pickled by fx_sparsity 0.1.0, which had no such attribute
+    releasing_statistics = False  # set during step(release_statistics=True), for update_masks
 
     def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
         if defaults is not None and not isinstance(defaults, Mapping):
@@ -345,13 +346,19 @@ class BaseSparsifier(abc.ABC):
         return mask_captured(self, model, gm, rules, mask_dtype=mask_dtype)
 
     # ------------------------------------------------------------------ step
-    def step(self, tensor_fqns: Iterable[str] | None = None) -> None:
+    def step(self, tensor_fqns: Iterable[str] | None = None, *, release_statistics: bool = False) -> None:
         """Update the groups' masks (under ``no_grad``) when ``enable_mask_update`` is set.
 
         Args:
             tensor_fqns: step only the groups of these weights (``prune_sequential`` steps one block at a
                 time); ``None`` steps every group. While a subset steps, :attr:`groups` holds that subset,
                 so :meth:`update_masks` (of any subclass) sees only it; every group is validated either way.
+            release_statistics: the stepped groups' calibration statistics (``state[fqn][calibration_key]``)
+                are consumed: removed from :attr:`state` once used, and a sparsifier may reuse their memory
+                (``prune_sequential`` without ``keep_statistics``). ``SparseGPTSparsifier`` then prunes and
+                writes one weight at a time, releasing each Hessian as its weight is done and factorising it
+                in its own memory, so that one weight's Hessian is held while it steps instead of all of
+                them: an error then leaves the weights stepped before it with their new masks and weights.
 
         Raises:
             KeyError: ``tensor_fqns`` names a weight this sparsifier has no group for.
@@ -372,11 +379,17 @@ class BaseSparsifier(abc.ABC):
             if unknown:
                 raise KeyError(f"step() names {unknown}, which have no group; groups: {[r.tensor_fqn for r in self.records]}")
             self.groups = [v for v in views if v.record.tensor_fqn in wanted]
+        self.releasing_statistics = release_statistics
         try:
             with torch.no_grad():
                 self.update_masks()
+            if release_statistics:
+                key = getattr(self, "calibration_key", INPUT_NORM_KEY)  # as fx_sparsity.calibrate stores it
+                for group in self.groups:
+                    self.state.get(group["tensor_fqn"], {}).pop(key, None)
         finally:
             self.groups = views
+            self.releasing_statistics = False
         self.steps += 1
 
     # ----------------------------------------------------------- state dict

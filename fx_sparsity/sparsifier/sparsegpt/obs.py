@@ -67,6 +67,8 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    *,
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` and update the weights it keeps to preserve ``x W^T`` (SparseGPT).
 
@@ -79,6 +81,8 @@ def sparsegpt_prune(
             instead; then ``sparsity_level`` is not used.
         block_size: columns per block (a multiple of ``m`` for N:M).
         dampening: added to the Hessian's diagonal, as a fraction of its mean.
+        overwrite_hessian: factorise a float64 ``hessian`` in its own memory (its values are lost; the
+            result is the same): one ``[columns, columns]`` float64 buffer fewer, for a caller that drops it.
 
     Returns:
         ``(new_weight, keep)``: the updated weight (zeros where pruned, same
@@ -102,13 +106,13 @@ def sparsegpt_prune(
     per_group = out // h.shape[0]
     if h.shape[0] == 1:  # a Linear's: _prune_rows' own copy is the result (no third copy of the weight beside it)
         with torch.no_grad():
-            w, pruned, _ = _prune_rows(matrix, h[0], level, nm, block_size, dampening, None)
+            w, pruned, _ = _prune_rows(matrix, h[0], level, nm, block_size, dampening, None, overwrite_hessian)
         return w.to(matrix.dtype).reshape(weight.shape), (~pruned).reshape(weight.shape)
     new, keep = torch.empty_like(matrix), torch.empty(matrix.shape, dtype=torch.bool, device=matrix.device)
     with torch.no_grad():
         for g in range(h.shape[0]):
             rows = slice(g * per_group, (g + 1) * per_group)
-            w, pruned, _ = _prune_rows(matrix[rows], h[g], level, nm, block_size, dampening, None)
+            w, pruned, _ = _prune_rows(matrix[rows], h[g], level, nm, block_size, dampening, None, overwrite_hessian)
             new[rows], keep[rows] = w.to(matrix.dtype), ~pruned
     return new.reshape(weight.shape), keep.reshape(weight.shape)
 
@@ -121,6 +125,8 @@ def sparsegpt_quantize(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    *,
+    overwrite_hessian: bool = False,
 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """Prune and quantize ``weight`` in one pass over its columns (the SparseGPT paper's joint mode).
 
@@ -135,7 +141,7 @@ def sparsegpt_quantize(
     first ``m`` columns).
 
     Args:
-        weight, hessian, sparsity_level, nm, block_size, dampening: as :func:`sparsegpt_prune`;
+        weight, hessian, sparsity_level, nm, block_size, dampening, overwrite_hessian: as :func:`sparsegpt_prune`;
             ``block_size`` must also be a multiple of the int4 group size.
         spec: a :class:`~fx_sparsity.quantization.QuantSpec` or its name (``"int8"``, ``"int4-g128"``, ...).
 
@@ -172,7 +178,9 @@ def sparsegpt_quantize(
     with torch.no_grad():
         for g in range(h.shape[0]):
             rows = slice(g * per_group, (g + 1) * per_group)
-            _, pruned, (q, s, z) = _prune_rows(matrix[rows], h[g], level, nm, block_size, dampening, spec)
+            _, pruned, (q, s, z) = _prune_rows(
+                matrix[rows], h[g], level, nm, block_size, dampening, spec, overwrite_hessian
+            )
             values[rows], keep[rows], scales[rows] = q.to(torch.int8), ~pruned, s
             if zeros is not None:
                 zeros[rows] = z
@@ -203,11 +211,12 @@ def _prune_rows(
     block_size: int,
     dampening: float,
     spec: QuantSpec | None,
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """``fasterprune`` on one ``[rows, columns]`` matrix with its ``[columns, columns]`` Hessian: the float32
     weights, the pruned entries and, with a ``spec``, the grid values, scales and zero points."""
     w = w.float().clone()
-    dead, hinv = inverse_hessian_factor(h, dampening)
+    dead, hinv = inverse_hessian_factor(h, dampening, overwrite=overwrite_hessian)
     hinv = hinv.to(w.dtype)
     w[:, dead] = 0
     pruned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)

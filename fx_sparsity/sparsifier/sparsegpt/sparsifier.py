@@ -58,7 +58,9 @@ class SparseGPTSparsifier(BaseSparsifier):
     of it: both are checked at ``prepare``, naming the weight.
 
     Memory: a Hessian of ``columns^2`` float64 values per weight stays in
-    ``state`` (and in :meth:`state_dict`) until :meth:`step` runs again.
+    ``state`` (and in :meth:`state_dict`) until :meth:`step` runs again;
+    ``step(release_statistics=True)``, as ``prune_sequential`` runs it, releases
+    each one as its weight is pruned.
 
     Args:
         sparsity_level: fraction of each block to prune (unstructured).
@@ -150,25 +152,44 @@ class SparseGPTSparsifier(BaseSparsifier):
     def prune_and_quantize(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
         """``(new_weight, keep, quantized)`` of ``group`` from its Hessian (``quantized`` is ``None`` unless the
         group has a ``quantization``; then ``new_weight`` is its dequantized values); nothing is modified."""
+        return self._prune_and_quantize(group, consume=False)
+
+    def _prune_and_quantize(
+        self, group: dict[str, Any], consume: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
+        """:meth:`prune_and_quantize`; with ``consume`` the Hessian leaves ``state`` first and is factorised in
+        its own memory."""
         fqn = group["tensor_fqn"]
         hessian = self.state[fqn].get(INPUT_HESSIAN_KEY)
         if hessian is None:
             raise RuntimeError(f"no input Hessian for {fqn}: run fx_sparsity.calibrate(gm, batches) before step()")
+        if consume:
+            del self.state[fqn][INPUT_HESSIAN_KEY]
         weight = self.masked_tensor(group["module"], group["tensor_name"])
         nm = tuple(group["nm"]) if group["nm"] is not None else None
         args = (group["sparsity_level"], nm, group["block_size"], group["dampening"])
         spec = _spec(group)
+        hessian = hessian.to(weight.device)
         try:
             if spec is None:
-                return (*sparsegpt_prune(weight, hessian.to(weight.device), *args), None)
-            quantized, keep = sparsegpt_quantize(weight, hessian.to(weight.device), spec, *args)
+                return (*sparsegpt_prune(weight, hessian, *args, overwrite_hessian=consume), None)
+            quantized, keep = sparsegpt_quantize(weight, hessian, spec, *args, overwrite_hessian=consume)
         except ValueError as e:
             raise ValueError(f"SparseGPT cannot prune {fqn}: {e}") from e
         return dequantize(quantized), keep, quantized
 
     def update_masks(self) -> None:
-        """Prune every group first (any error leaves everything as it was), then write masks and weights."""
+        """Prune every group first (any error leaves everything as it was), then write masks and weights; under
+        ``step(release_statistics=True)`` one group at a time, each Hessian released as its weight is done."""
         model = self._require_model("step()")
+        if self.releasing_statistics:
+            every_aliases = [self._weight_aliases(model, group) for group in self.groups]  # refusals first
+            for group, aliases in zip(self.groups, every_aliases):
+                new_weight, keep, quantized = self._prune_and_quantize(group, consume=True)
+                self._write(model, group, aliases, new_weight, keep)
+                self._record(model, [(group, quantized)])
+                del new_weight, keep, quantized
+            return
         results = []
         for group in self.groups:
             aliases = self._weight_aliases(model, group)
