@@ -64,6 +64,10 @@ inline R chain_sum(const R* part) {
 // Sapphire Rapids (2 threads, 6 11008x4096 2:4 layers streaming, batch 1) the hardware prefetchers alone
 // left the bitmask and N:M kernels at 55-80% of the memory limit.
 constexpr int64_t VALUE_PREFETCH = 4096;
+// Chain a of NA prefetches when a % prefetch_every<bytes a whole chunk holds> == 0: about one prefetch per
+// 64-byte line, not one per chunk (on AVX2 bf16, decode-bound, one per 16-byte chunk cost 7%).
+template <int64_t BYTES>
+constexpr int prefetch_every = BYTES >= 64 ? 1 : static_cast<int>(64 / BYTES);
 
 // ---- bitmask and N:M: RB rows x BT batch columns, each weight vector decoded once ----
 
@@ -91,7 +95,8 @@ inline void bitmask_block(const Dense& d, const Bitmask& w, int64_t r, int64_t b
     for (int i = 0; i < RB; ++i) {
       const uint32_t m = V::bits(mrow[i], c);
       const int n = __builtin_popcount(m);
-      if (!SAFE) __builtin_prefetch(reinterpret_cast<const char*>(p[i]) + VALUE_PREFETCH);
+      if constexpr (!SAFE && a % prefetch_every<V::L * sizeof(T)> == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(p[i]) + VALUE_PREFETCH);
       const R v = V::expand(SAFE ? vals_tail(p[i], n) : V::vals(p[i]), m);
       p[i] += n;
       for (int j = 0; j < BT; ++j) acc[i][j][a] = V::fma(v, xv[j], acc[i][j][a]);

@@ -21,6 +21,7 @@
 
 struct Int8Codes {
   static constexpr bool has_zero = false;
+  static constexpr int64_t chunk_bytes = V::L;
   static const uint8_t* addr(const void* b, int64_t k) { return static_cast<const uint8_t*>(b) + k; }
   static R load(const void* b, int64_t k) { return V::vals(static_cast<const int8_t*>(b) + k); }
   static R tail(const void* b, int64_t k, int64_t n, int) { return vals_tail(static_cast<const int8_t*>(b) + k, n); }
@@ -31,6 +32,7 @@ inline uint32_t nibble(const uint8_t* p, int64_t k) { return (p[k >> 1] >> ((k &
 
 struct Int4Codes {
   static constexpr bool has_zero = true;
+  static constexpr int64_t chunk_bytes = (V::L + 1) / 2;
   static const uint8_t* addr(const void* b, int64_t k) { return static_cast<const uint8_t*>(b) + (k >> 1); }
   static R load(const void* b, int64_t k) { return V::nib(static_cast<const uint8_t*>(b), k); }
   static R tail(const void* b, int64_t k, int64_t n, int fill) {
@@ -82,7 +84,7 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
       } else if (SAFE) {
         n = min64(V::L, d.in_features - c * V::L);
       }
-      if (!SAFE) __builtin_prefetch(C::addr(w.values, p) + VALUE_PREFETCH);
+      if constexpr (!SAFE && a % prefetch_every<C::chunk_bytes> == 0) __builtin_prefetch(C::addr(w.values, p) + VALUE_PREFETCH);
       R v = SAFE ? C::tail(w.values, p, n, zero) : C::load(w.values, p);
       if (C::has_zero) v = V::sub(v, zv);
       if (MASKED) v = V::expand(v, m);
