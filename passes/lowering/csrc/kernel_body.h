@@ -60,7 +60,7 @@ inline R chain_sum(const R* part) {
   else return V::add(V::add(part[0], part[1]), V::add(part[2], part[3]));
 }
 
-// Value streams are prefetched this many bytes ahead of each whole load (quant_body.h's codes too): on Intel
+// Value streams are prefetched this many bytes ahead of the whole loads (quant_body.h's codes too): on Intel
 // Sapphire Rapids (2 threads, 6 11008x4096 2:4 layers streaming, batch 1) the hardware prefetchers alone
 // left the bitmask and N:M kernels at 55-80% of the memory limit.
 constexpr int64_t VALUE_PREFETCH = 4096;
