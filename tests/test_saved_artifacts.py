@@ -39,7 +39,6 @@ def _amd() -> bool:
         return False
 
 
-
 @pytest.fixture(scope="module")
 def avx2_child() -> dict[str, str] | None:
     """None where this process computes as the recording machine did (torch at AVX2) or cannot be made to (not

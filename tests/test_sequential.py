@@ -233,7 +233,8 @@ def test_released_statistics_prune_as_kept_ones(name):
         sparsifier = SPARSIFIERS[name](0.5)
         gm = prepare(model, sparsifier=sparsifier)
         prune_sequential(gm, batches, keep_statistics=keep, progress_bar=False)
-        held = [g["tensor_fqn"] for g in sparsifier.groups if _key(sparsifier) in sparsifier.state.get(g["tensor_fqn"], {})]
+        state = sparsifier.state
+        held = [g["tensor_fqn"] for g in sparsifier.groups if _key(sparsifier) in state.get(g["tensor_fqn"], {})]
         assert len(held) == (len(sparsifier.groups) if keep else 0)
         states.append(gm.state_dict())
     kept, released = states

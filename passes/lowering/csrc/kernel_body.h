@@ -60,11 +60,8 @@ inline R chain_sum(const R* part) {
   else return V::add(V::add(part[0], part[1]), V::add(part[2], part[3]));
 }
 
-// Value streams are prefetched this many bytes ahead of the whole loads (quant_body.h's codes too): on Intel
-// Sapphire Rapids (2 threads, 6 11008x4096 2:4 layers streaming, batch 1) the hardware prefetchers alone
-// left the bitmask and N:M kernels at 55-80% of the memory limit.
-constexpr int64_t VALUE_PREFETCH = 4096;
-// Chain a of NA prefetches when a % prefetch_every<bytes a whole chunk holds> == 0: about one prefetch per
+// Value streams are prefetched VALUE_PREFETCH bytes (kernels.h) ahead of the whole loads (quant_body.h's codes
+// too). Chain a of NA prefetches when a % prefetch_every<bytes a whole chunk holds> == 0: about one prefetch per
 // 64-byte line, not one per chunk (on AVX2 bf16, decode-bound, one per 16-byte chunk cost 7%).
 template <int64_t BYTES>
 constexpr int prefetch_every = BYTES >= 64 ? 1 : static_cast<int>(64 / BYTES);

@@ -78,6 +78,12 @@ struct Quant {
   int64_t total;
 };
 
+// Weight values and codes are prefetched this many bytes ahead of the kernels' whole loads (a SAFE read may end
+// its stream). On Intel Sapphire Rapids (2 threads, 6 11008x4096 layers streaming, batch 1) the hardware
+// prefetchers alone left the bitmask, N:M and quantized kernels at 44-80% of the memory limit; dense int4 on
+// bf16 dot products took 4.24 ms per layer without it, 1.86 / 1.53 ms 1 / 4 KiB ahead.
+constexpr int64_t VALUE_PREFETCH = 4096;
+
 using BitmaskRowsFn = void (*)(const Dense&, const Bitmask&, int64_t, int64_t);
 using CsrRowsFn = void (*)(const Dense&, const Csr&, int64_t, int64_t);
 using QuantBitmaskRowsFn = void (*)(const Dense&, const Bitmask&, const Quant&, int64_t, int64_t);

@@ -35,10 +35,6 @@ constexpr int BT = 6;  // batch rows per tile (RB * BT accumulators)
 // Rows sharing each x load at batch 1: on a warm 1024x4096 layer (1 thread) 8 gave 1.47x torch's
 // dense, 4 gave 1.33-1.41x and 12 1.41x.
 constexpr int RB1 = 8;
-// int4 codes are prefetched this many bytes ahead (whole loads only: a SAFE row may end its stream; the 8-row
-// bf16 kernel above gained nothing from it). On Intel Sapphire Rapids (2 threads, 6 11008x4096 layers streaming) dense int4 took 4.24 ms per layer without it,
-// 1.86 / 1.53 ms with 1024 / 4096 bytes; N:M and bitmask int4 2.5 / 2.2 ms without, 2.0 with 4096.
-constexpr int PREFETCH = 4096;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -193,7 +189,9 @@ inline __m512i code_table(int zero) {
 template <bool SAFE, bool EVEN>
 inline __m128i code_bytes(const uint8_t* base, int64_t p, int n) {
   const uint8_t* b = base + (p >> 1);
-  if (!SAFE) _mm_prefetch(reinterpret_cast<const char*>(b) + PREFETCH, _MM_HINT_T0);
+  // Every chunk's codes prefetched VALUE_PREFETCH (kernels.h) ahead: N:M and bitmask int4 2.5 / 2.2 ms per layer
+  // without, 2.0 with it (Sapphire Rapids). The 8-row bf16 kernel above gained nothing from a prefetch.
+  if (!SAFE) _mm_prefetch(reinterpret_cast<const char*>(b) + VALUE_PREFETCH, _MM_HINT_T0);
   if (EVEN) {  // a dense row starting on a byte: every chunk does, and its 16 bytes are its codes
     if (!SAFE) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
     return _mm_maskz_loadu_epi8(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, (n + 1) >> 1)), b);

@@ -15,9 +15,10 @@
 // Code streams: load (L codes from code k, may read up to 18 codes past k + L, see
 // Quant::total), tail (n < L + 1 codes, the lanes past n set to the code `fill`, reading
 // nothing past the n codes) and one (code k as a float).
-// Code streams are prefetched VALUE_PREFETCH bytes (kernel_body.h) ahead of the whole loads, about once per
-// line (addr: the byte holding code k; chunk_bytes: the bytes of a whole chunk's codes). On Intel Sapphire Rapids (2 threads, 6 11008x4096 2:4 layers streaming, bf16 x, batch 1)
-// it took bitmask int8 from 3.13 to 1.89 ms per layer and N:M int8 from 3.79 to 1.88 ms.
+// Code streams are prefetched VALUE_PREFETCH bytes (kernels.h) ahead of the whole loads, about once per line
+// (addr: the byte holding code k; chunk_bytes: the bytes of a whole chunk's codes). On Intel Sapphire Rapids
+// (2 threads, 6 11008x4096 2:4 layers streaming, bf16 x, batch 1) it took bitmask int8 from 3.13 to 1.89 ms
+// per layer and N:M int8 from 3.79 to 1.88 ms.
 
 struct Int8Codes {
   static constexpr bool has_zero = false;
@@ -84,7 +85,8 @@ inline void quant_block(const Dense& d, const Bitmask& w, const Quant& q, int64_
       } else if (SAFE) {
         n = min64(V::L, d.in_features - c * V::L);
       }
-      if constexpr (!SAFE && a % prefetch_every<C::chunk_bytes> == 0) __builtin_prefetch(C::addr(w.values, p) + VALUE_PREFETCH);
+      if constexpr (!SAFE && a % prefetch_every<C::chunk_bytes> == 0)
+        __builtin_prefetch(C::addr(w.values, p) + VALUE_PREFETCH);
       R v = SAFE ? C::tail(w.values, p, n, zero) : C::load(w.values, p);
       if (C::has_zero) v = V::sub(v, zv);
       if (MASKED) v = V::expand(v, m);
